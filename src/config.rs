@@ -1,0 +1,358 @@
+//! Configuration: one TOML file (or the embedded default), parsed with serde and validated once
+//! into typed values. Errors name the file, the line and the key; nothing downstream sees strings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The configuration used when no file is given: one loopback listener, loopback clients only.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[[listener]]
+name = "proxy"
+address = "127.0.0.1:8080"
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub addr: ListenAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub idle_keepalive: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub drain: Duration,
+    pub upgrade: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`None` for the embedded default).
+    pub source: Option<PathBuf>,
+    pub listeners: Vec<ListenerConfig>,
+    pub control_socket: PathBuf,
+    pub pid_file: Option<PathBuf>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub allow_clients: Vec<IpNet>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listener: Vec<toml::Spanned<RawListener>>,
+    control_socket: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    access: RawAccess,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    address: Option<SocketAddr>,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    #[serde(with = "humantime_serde")]
+    header_read: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_keepalive: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_connect: Duration,
+    #[serde(with = "humantime_serde")]
+    upstream_response: Duration,
+    #[serde(with = "humantime_serde")]
+    drain: Duration,
+    #[serde(with = "humantime_serde")]
+    upgrade: Duration,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            header_read: Duration::from_secs(10),
+            idle_keepalive: Duration::from_secs(60),
+            upstream_connect: Duration::from_secs(10),
+            upstream_response: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+            upgrade: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_connections: usize,
+    max_header_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccess {
+    allow_clients: Vec<IpNet>,
+}
+
+impl Default for RawAccess {
+    fn default() -> Self {
+        RawAccess {
+            allow_clients: vec![loopback_v4(), loopback_v6()],
+        }
+    }
+}
+
+fn loopback_v4() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).expect("8 is a valid prefix"))
+}
+
+fn loopback_v6() -> IpNet {
+    IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::LOCALHOST, 128).expect("128 is a valid prefix"))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: LogFormat,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::parse(EMBEDDED_DEFAULT, None),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Config::parse(&text, Some(p))
+            }
+        }
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors.
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let name = path.map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string());
+        let invalid = |message: String| ConfigError::Invalid {
+            path: name.clone(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
+
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for spanned in &raw.listener {
+            let line = line_of(text, spanned.span().start);
+            let l = spanned.get_ref();
+            let at = |msg: &str| invalid(format!("line {line}, key `listener` ({}): {msg}", l.name));
+            let addr = match (&l.address, &l.path) {
+                (Some(a), None) => ListenAddr::Tcp(*a),
+                (None, Some(p)) => ListenAddr::Unix(p.clone()),
+                _ => return Err(at("give exactly one of `address` (host:port) or `path` (unix socket)")),
+            };
+            if l.name.is_empty() || l.name.contains(':') || l.name == CONTROL_LISTENER {
+                return Err(at("`name` must be non-empty, without ':', and not \"control\""));
+            }
+            if listeners.iter().any(|o| o.name == l.name) {
+                return Err(at("duplicate listener name"));
+            }
+            if listeners.iter().any(|o| o.addr == addr) {
+                return Err(at("duplicate listener address"));
+            }
+            listeners.push(ListenerConfig {
+                name: l.name.clone(),
+                addr,
+            });
+        }
+        if listeners.is_empty() {
+            return Err(invalid("no [[listener]] configured".into()));
+        }
+        let t = raw.timeouts;
+        for (key, d) in [("timeouts.drain", t.drain), ("timeouts.upgrade", t.upgrade)] {
+            if d.is_zero() {
+                return Err(invalid(format!("key `{key}`: must be greater than zero")));
+            }
+        }
+        if raw.limits.max_connections == 0 {
+            return Err(invalid("key `limits.max_connections`: must be at least 1".into()));
+        }
+        if raw.limits.max_header_bytes < 8192 {
+            return Err(invalid("key `limits.max_header_bytes`: must be at least 8192".into()));
+        }
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            listeners,
+            control_socket: raw.control_socket.unwrap_or_else(default_control_socket),
+            pid_file: raw.pid_file,
+            timeouts: Timeouts {
+                header_read: t.header_read,
+                idle_keepalive: t.idle_keepalive,
+                upstream_connect: t.upstream_connect,
+                upstream_response: t.upstream_response,
+                drain: t.drain,
+                upgrade: t.upgrade,
+            },
+            limits: Limits {
+                max_connections: raw.limits.max_connections,
+                max_header_bytes: raw.limits.max_header_bytes,
+            },
+            allow_clients: raw.access.allow_clients,
+            log_format: raw.log.format,
+        })
+    }
+
+    /// Whether `ip` may use the proxy.
+    pub fn client_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_clients.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// The name the control socket carries when it is handed over with the listeners.
+pub const CONTROL_LISTENER: &str = "control";
+
+/// `$RUNTIME_DIRECTORY/control.sock` under systemd, else `$XDG_RUNTIME_DIR/baton.sock`, else
+/// `/tmp/baton-<uid>.sock`.
+fn default_control_socket() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        return PathBuf::from(dir).join("control.sock");
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("baton.sock");
+    }
+    PathBuf::from(format!("/tmp/baton-{}.sock", nix::unistd::getuid()))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// toml's message already says "line N, column M" and shows the key; keep it on one line.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let line = line_of(text, span.start);
+            let src = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line}: {msg} (at `{src}`)")
+        }
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_one_loopback_listener() {
+        let c = Config::load(None).expect("embedded default parses");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].name, "proxy");
+        assert_eq!(c.listeners[0].addr, ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
+        assert!(c.client_allowed("127.0.0.1".parse().unwrap()));
+        assert!(c.client_allowed("::1".parse().unwrap()));
+        assert!(!c.client_allowed("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n[timeouts]\ndrian = \"1s\"\n";
+        let err = Config::parse(text, Some(Path::new("x.toml"))).unwrap_err().to_string();
+        assert!(err.starts_with("x.toml: line 5"), "{err}");
+        assert!(err.contains("drian"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_names_line() {
+        let text = "[[listener]]\nname = \"p\"\naddress = \"nope\"\n";
+        let err = Config::parse(text, Some(Path::new("x.toml"))).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_rejected() {
+        let text = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:2\"\n";
+        let err = Config::parse(text, None).unwrap_err().to_string();
+        assert!(
+            err.contains("line 4") && err.contains("duplicate listener name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let text = "[[listener]]\nname = \"p\"\naddress = \"[::1]:1\"\n[timeouts]\ndrain = \"1500ms\"\n";
+        let c = Config::parse(text, None).unwrap();
+        assert_eq!(c.timeouts.drain, Duration::from_millis(1500));
+    }
+}

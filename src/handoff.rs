@@ -1,0 +1,521 @@
+//! The handoff, as a library that knows nothing about HTTP: inherit listeners from a
+//! predecessor (or systemd), spawn a successor with ours, wait for it to report ready, and
+//! roll back (kill and reap it) when it does not.
+//!
+//! Protocol (see DESIGN.md "Generations and the handoff"): the listening sockets go to the
+//! child as fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid,
+//! so any `sd_listen_fds` consumer accepts them; the write end of a readiness pipe goes as the
+//! next fd, its number in `BATON_READY_FD`. The child writes `ready <pid>\n` once it serves.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use crate::listeners::Socket;
+
+pub const READY_FD_ENV: &str = "BATON_READY_FD";
+pub const GENERATION_ENV: &str = "BATON_GENERATION";
+/// The program path the first generation resolved; every successor execs the same path.
+pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
+const FIRST_LISTEN_FD: RawFd = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("cannot execute {path}: {source}")]
+    NotExecutable { path: PathBuf, source: io::Error },
+    #[error("fork failed: {0}")]
+    Fork(nix::Error),
+    #[error("exec of {path} failed in the child: {errno}")]
+    Exec { path: PathBuf, errno: nix::Error },
+    #[error("new generation (pid {pid}) exited before it was ready: {status}")]
+    ChildExited { pid: u32, status: String },
+    #[error("new generation (pid {pid}) was not ready within {timeout:?}; killed")]
+    Timeout { pid: u32, timeout: Duration },
+    #[error("handoff i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What this process was handed at start: listening sockets (with their names), the
+/// readiness pipe of a predecessor, and the generation number.
+pub struct Inherited {
+    fds: listenfd::ListenFd,
+    names: Vec<String>,
+    taken: Vec<bool>,
+    pub ready: Option<ReadySignal>,
+    pub generation: u64,
+    pub program: Option<PathBuf>,
+}
+
+impl Inherited {
+    /// Reads the inheritance from the environment and removes the variables, so nothing of it
+    /// leaks further.
+    ///
+    /// # Safety
+    /// Changes the environment: call it before any other thread exists (before the runtime).
+    pub unsafe fn from_env() -> Inherited {
+        let fds = listenfd::ListenFd::from_env();
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        let ready = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<RawFd>().ok())
+            // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
+            .filter(|fd| *fd > 2 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+            // SAFETY: the predecessor passed this fd to us for our exclusive use, and we
+            // checked it is open; nothing else in this process refers to it.
+            .map(|fd| ReadySignal(unsafe { OwnedFd::from_raw_fd(fd) }));
+        if let Some(r) = &ready {
+            let _ = nix::fcntl::fcntl(&r.0, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        }
+        let generation = std::env::var(GENERATION_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe {
+            std::env::remove_var("LISTEN_FDNAMES");
+            std::env::remove_var("LISTEN_FDS_FIRST_FD");
+            std::env::remove_var(READY_FD_ENV);
+            std::env::remove_var(GENERATION_ENV);
+            std::env::remove_var(PROGRAM_ENV);
+        }
+        let taken = vec![false; fds.len()];
+        Inherited {
+            fds,
+            names,
+            taken,
+            ready,
+            generation,
+            program,
+        }
+    }
+
+    /// Nothing inherited (tests, or a library user that binds everything itself).
+    pub fn none() -> Inherited {
+        Inherited {
+            fds: listenfd::ListenFd::empty(),
+            names: Vec::new(),
+            taken: Vec::new(),
+            ready: None,
+            generation: 1,
+            program: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fds.len() == 0
+    }
+
+    pub fn position_by_name(&self, name: &str) -> Option<usize> {
+        (0..self.len()).find(|&i| !self.taken[i] && self.names.get(i).map(String::as_str) == Some(name))
+    }
+
+    /// The first untaken inherited socket for which `pred` holds.
+    pub fn position_by(&mut self, pred: impl Fn(&Socket) -> bool) -> Option<usize> {
+        (0..self.len()).find(|&i| {
+            if self.taken[i] {
+                return false;
+            }
+            // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
+            let fd = FIRST_LISTEN_FD + i as RawFd;
+            let Ok(dup) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
+                return false;
+            };
+            socket_from_owned(dup).map(|s| pred(&s)).unwrap_or(false)
+        })
+    }
+
+    /// Takes inherited socket `idx` as a TCP or Unix listener.
+    pub fn take(&mut self, idx: usize) -> io::Result<Socket> {
+        let fd = self
+            .fds
+            .take_raw_fd(idx)?
+            .ok_or_else(|| io::Error::other("inherited fd already taken"))?;
+        self.taken[idx] = true;
+        // SAFETY: listenfd hands each inherited fd out once; from here we own it.
+        socket_from_owned(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Takes every socket not adopted yet (they are then closed by the caller dropping them),
+    /// with its name, so the caller can log what configuration dropped.
+    pub fn take_rest(&mut self) -> Vec<(String, io::Result<Socket>)> {
+        (0..self.len())
+            .filter(|&i| !self.taken[i])
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|i| (self.names.get(i).cloned().unwrap_or_default(), self.take(i)))
+            .collect()
+    }
+}
+
+/// Marks every fd above stderr close-on-exec, so that whatever our own parent leaked to us
+/// (a shell's pipes, a supervisor's sockets) never reaches a successor: it gets exactly the
+/// listeners and the readiness pipe.
+pub fn close_on_exec_all() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD change only the fd's flag; an fd that closed meanwhile (the
+        // directory's own) just makes the call fail.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+fn socket_from_owned(fd: OwnedFd) -> io::Result<Socket> {
+    use nix::sys::socket::SockaddrLike;
+    let family = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+        .map_err(io::Error::from)?
+        .family();
+    let kind = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType).map_err(io::Error::from)?;
+    let listening =
+        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).map_err(io::Error::from)?;
+    if kind != nix::sys::socket::SockType::Stream || !listening {
+        return Err(io::Error::other("not a listening stream socket"));
+    }
+    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    if family == Some(nix::sys::socket::AddressFamily::Unix) {
+        let l = std::os::unix::net::UnixListener::from(fd);
+        l.set_nonblocking(true)?;
+        Ok(Socket::Unix(tokio::net::UnixListener::from_std(l)?))
+    } else {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true)?;
+        Ok(Socket::Tcp(tokio::net::TcpListener::from_std(l)?))
+    }
+}
+
+/// The write end of the readiness pipe, held by a new generation until it serves.
+pub struct ReadySignal(OwnedFd);
+
+impl ReadySignal {
+    /// Tells the predecessor we serve. Consumes the pipe: it closes after the line.
+    pub fn signal_ready(self) -> io::Result<()> {
+        let line = format!("ready {}\n", std::process::id());
+        let mut f = std::fs::File::from(self.0);
+        io::Write::write_all(&mut f, line.as_bytes())
+    }
+}
+
+/// What to start: a program (absolute path), its arguments, the listeners to pass.
+pub struct SuccessorSpec<'a> {
+    pub program: &'a Path,
+    pub args: &'a [OsString],
+    pub listeners: Vec<(&'a str, BorrowedFd<'a>)>,
+    pub generation: u64,
+}
+
+/// A spawned successor that has not reported ready yet.
+pub struct Successor {
+    pid: Pid,
+    program: PathBuf,
+    ready: OwnedFd,
+    exited: oneshot::Receiver<String>,
+    started: Instant,
+}
+
+/// A successor that reported ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub pid: u32,
+    pub after: Duration,
+}
+
+/// Prepared before fork: everything the child needs, so that between fork and exec it only
+/// makes async-signal-safe calls (dup2, getpid, write, execve, _exit) and never allocates.
+struct ExecImage {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL, filled in by the child.
+    listen_pid: Vec<u8>,
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const PID_DIGITS: usize = 20;
+
+impl ExecImage {
+    fn new(spec: &SuccessorSpec<'_>, ready_fd: RawFd) -> io::Result<ExecImage> {
+        let cstr =
+            |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::other("NUL byte in argument or environment"));
+        let program = cstr(spec.program.as_os_str())?;
+        let mut argv = vec![program.clone()];
+        for a in spec.args {
+            argv.push(cstr(a)?);
+        }
+        const OURS: [&str; 7] = [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "LISTEN_FDS_FIRST_FD",
+            READY_FD_ENV,
+            GENERATION_ENV,
+            PROGRAM_ENV,
+        ];
+        let mut envp = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if OURS.iter().any(|o| OsStr::new(o) == k) {
+                continue;
+            }
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(&v);
+            envp.push(cstr(&kv)?);
+        }
+        let names: Vec<&str> = spec.listeners.iter().map(|(n, _)| *n).collect();
+        envp.push(cstr(OsStr::new(&format!("LISTEN_FDS={}", names.len())))?);
+        envp.push(cstr(OsStr::new(&format!("LISTEN_FDNAMES={}", names.join(":"))))?);
+        envp.push(cstr(OsStr::new(&format!("{READY_FD_ENV}={ready_fd}")))?);
+        envp.push(cstr(OsStr::new(&format!("{GENERATION_ENV}={}", spec.generation)))?);
+        let mut program_env = OsString::from(format!("{PROGRAM_ENV}="));
+        program_env.push(spec.program.as_os_str());
+        envp.push(cstr(&program_env)?);
+        // Room for the pid, written in the child once it knows it.
+        let mut listen_pid = LISTEN_PID_PREFIX.to_vec();
+        listen_pid.extend(std::iter::repeat_n(0u8, PID_DIGITS + 1));
+        Ok(ExecImage {
+            program,
+            argv,
+            envp,
+            listen_pid,
+        })
+    }
+}
+
+/// Fork+execs the successor with our listeners as fds 3.. and a readiness pipe.
+pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffError> {
+    nix::unistd::access(spec.program, nix::unistd::AccessFlags::X_OK).map_err(|e| HandoffError::NotExecutable {
+        path: spec.program.to_path_buf(),
+        source: e.into(),
+    })?;
+    let n = spec.listeners.len() as RawFd;
+    let ready_target = FIRST_LISTEN_FD + n;
+    // Move every fd the child needs above the target range first, so the dup2 calls after
+    // fork can never overwrite a source that has not been moved yet.
+    let floor = ready_target + 1;
+    let mut sources = Vec::new();
+    for (_, fd) in &spec.listeners {
+        sources.push(dup_above(*fd, floor)?);
+    }
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let ready_w_high = dup_above(ready_w.as_fd(), floor)?;
+    drop(ready_w);
+
+    let mut image = ExecImage::new(spec, ready_target)?;
+    let argv: Vec<*const libc::c_char> = image
+        .argv
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let pid_slot = image.listen_pid.as_mut_ptr();
+    let envp: Vec<*const libc::c_char> = image
+        .envp
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain([pid_slot.cast_const().cast(), std::ptr::null()])
+        .collect();
+    let source_fds: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let ready_src = ready_w_high.as_raw_fd();
+
+    // SAFETY: after fork the child runs only `exec_child`, which makes async-signal-safe
+    // calls on memory prepared above (no allocation, no locks) and never returns.
+    let pid = match unsafe { nix::unistd::fork() }.map_err(HandoffError::Fork)? {
+        nix::unistd::ForkResult::Child => unsafe {
+            exec_child(
+                &source_fds,
+                ready_src,
+                ready_target,
+                pid_slot,
+                image.program.as_ptr(),
+                &argv,
+                &envp,
+            )
+        },
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(sources);
+    drop(ready_w_high);
+    drop(image);
+
+    let (tx, exited) = oneshot::channel();
+    // The successor is our child until we exit: reap it whenever it ends, so it never lingers
+    // as a zombie (a blocking waitpid per child; there is at most one spawn at a time).
+    std::thread::Builder::new().name(format!("reap-{pid}")).spawn(move || {
+        let status = loop {
+            match waitpid(pid, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(s) => break describe_status(s),
+                Err(e) => break format!("wait failed: {e}"),
+            }
+        };
+        let _ = tx.send(status);
+    })?;
+    Ok(Successor {
+        pid,
+        program: spec.program.to_path_buf(),
+        ready: ready_r,
+        exited,
+        started: Instant::now(),
+    })
+}
+
+fn dup_above(fd: BorrowedFd<'_>, floor: RawFd) -> io::Result<OwnedFd> {
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor)).map_err(io::Error::from)?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Runs in the forked child. Only async-signal-safe libc calls.
+///
+/// # Safety
+/// Must be called only in the child right after fork; all pointers point at memory that the
+/// parent prepared and the child's copy keeps alive.
+unsafe fn exec_child(
+    sources: &[RawFd],
+    ready_src: RawFd,
+    ready_target: RawFd,
+    pid_slot: *mut u8,
+    program: *const libc::c_char,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    unsafe {
+        // dup2 onto 3.. clears FD_CLOEXEC on the targets; every other fd stays close-on-exec.
+        for (i, &src) in sources.iter().enumerate() {
+            if libc::dup2(src, FIRST_LISTEN_FD + i as RawFd) < 0 {
+                libc::_exit(126);
+            }
+        }
+        if libc::dup2(ready_src, ready_target) < 0 {
+            libc::_exit(126);
+        }
+        // LISTEN_PID must be our own pid: write its digits and end the string there.
+        let mut pid = libc::getpid() as u64;
+        let mut digits = [0u8; PID_DIGITS];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let slot = pid_slot.add(LISTEN_PID_PREFIX.len());
+        for i in 0..len {
+            *slot.add(i) = digits[len - 1 - i];
+        }
+        *slot.add(len) = 0;
+        // A clean signal mask: the runtime's threads may have blocked some.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve(program, argv.as_ptr(), envp.as_ptr());
+        // exec failed: tell the parent why through the readiness pipe.
+        let errno = *libc::__errno_location();
+        let mut msg = *b"exec-error 0000\n";
+        let mut e = errno.clamp(0, 9999) as u32;
+        for i in (11..15).rev() {
+            msg[i] = b'0' + (e % 10) as u8;
+            e /= 10;
+        }
+        libc::write(ready_target, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127);
+    }
+}
+
+fn describe_status(s: WaitStatus) -> String {
+    match s {
+        WaitStatus::Exited(_, code) => format!("exit status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Successor {
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Waits for the readiness line. On exit, exec failure or timeout the child is killed and
+    /// reaped before this returns, and the error says why.
+    pub async fn await_ready(mut self, timeout: Duration) -> Result<Ready, HandoffError> {
+        let pid = self.pid();
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)?;
+        let read_line = async {
+            let mut buf = Vec::with_capacity(64);
+            let mut chunk = [0u8; 64];
+            loop {
+                let n = pipe.read(&mut chunk).await?;
+                if n == 0 || chunk[..n].contains(&b'\n') {
+                    buf.extend_from_slice(&chunk[..n]);
+                    return Ok::<_, io::Error>(String::from_utf8_lossy(&buf).trim().to_string());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 256 {
+                    return Ok(String::from_utf8_lossy(&buf).to_string());
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            line = read_line => Some(line?),
+            _ = tokio::time::sleep(timeout) => None,
+        };
+        let failure = match outcome {
+            Some(line) if line.starts_with("ready") => {
+                return Ok(Ready {
+                    pid,
+                    after: self.started.elapsed(),
+                });
+            }
+            Some(line) if line.starts_with("exec-error") => {
+                let errno = line.rsplit(' ').next().and_then(|e| e.parse().ok()).unwrap_or(0);
+                HandoffError::Exec {
+                    path: self.program.clone(),
+                    errno: nix::errno::Errno::from_raw(errno),
+                }
+            }
+            // EOF without a line: the child closed the pipe, which almost always means it is
+            // exiting; a child that closes it and lives on is killed at the timeout.
+            Some(_) => {
+                let left = timeout.saturating_sub(self.started.elapsed());
+                match tokio::time::timeout(left, &mut self.exited).await {
+                    Ok(status) => {
+                        let status = status.unwrap_or_else(|_| "unknown".into());
+                        return Err(HandoffError::ChildExited { pid, status });
+                    }
+                    Err(_) => HandoffError::Timeout { pid, timeout },
+                }
+            }
+            None => HandoffError::Timeout { pid, timeout },
+        };
+        let _ = kill(self.pid, Signal::SIGKILL);
+        let _ = self.exited.await;
+        Err(failure)
+    }
+}

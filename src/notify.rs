@@ -1,0 +1,59 @@
+//! systemd's notify protocol. Every call is a no-op without `NOTIFY_SOCKET`, so baton runs
+//! the same with or without systemd; a failed send is logged, never fatal.
+
+use sd_notify::NotifyState;
+use tracing::debug;
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        debug!("sd_notify failed: {e}");
+    }
+}
+
+/// The new generation serves: it becomes the unit's main process, then READY.
+/// MAINPID must come before the old generation exits (NotifyAccess=all), or systemd
+/// considers the service dead.
+pub fn ready(status: &str) {
+    send(&[
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
+}
+
+/// A handoff starts; `systemctl reload` waits for the next READY=1.
+pub fn reloading() {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status("handoff in progress")];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    send(&states);
+}
+
+/// A handoff failed: this generation serves on and must say READY again, or the unit
+/// would stay "reloading".
+pub fn rolled_back(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn stopping(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+/// Pings systemd's watchdog at half its interval, when `WATCHDOG_USEC` asks for it.
+pub fn spawn_watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval / 2);
+        loop {
+            tick.tick().await;
+            send(&[NotifyState::Watchdog]);
+        }
+    });
+}

@@ -1,0 +1,137 @@
+//! Accepting and serving connections: one accept loop per listener, one task per connection
+//! (HTTP/1.1 with upgrades for CONNECT), all registered with the generation's [`Drain`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::drain::Drain;
+use crate::listeners::{Peer, Socket, Stream};
+use crate::proxy::Proxy;
+
+/// Connection-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+}
+
+/// Everything an accept loop shares with its connections.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    drain: Drain,
+    http: http1::Builder,
+    slots: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn new(proxy: Arc<Proxy>, drain: Drain, settings: &ServerSettings) -> Arc<Server> {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes)
+            .keep_alive(true);
+        Arc::new(Server {
+            proxy,
+            drain,
+            http,
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+        })
+    }
+
+    /// Accepts on `socket` until draining starts; the socket is dropped (closed in this
+    /// process) when the loop ends.
+    pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>) {
+        let server = self.clone();
+        tokio::spawn(async move {
+            let draining = server.drain.draining();
+            loop {
+                let accepted = tokio::select! {
+                    biased;
+                    _ = draining.cancelled() => break,
+                    r = socket.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, peer)) => server.admit(stream, peer),
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning; the queue waits.
+                        warn!(listener = %name, "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            debug!(listener = %name, "stopped accepting");
+        });
+    }
+
+    fn admit(self: &Arc<Self>, stream: Stream, peer: Peer) {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            warn!(client = %peer, "connection limit reached: answering 503");
+            tokio::spawn(refuse_over_limit(stream));
+            return;
+        };
+        let server = self.clone();
+        self.drain.connections().spawn(async move {
+            match stream {
+                Stream::Tcp(s) => server.serve(s, peer).await,
+                Stream::Unix(s) => server.serve(s, peer).await,
+            }
+            drop(slot);
+        });
+    }
+
+    async fn serve<S>(&self, io: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.proxy.clone();
+        let svc = service_fn(move |req| proxy.clone().serve(peer, req));
+        let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        tokio::pin!(conn);
+        let draining = self.drain.draining();
+        let cut = self.drain.cut_token();
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = draining.cancelled() => {
+                // Finish the request in flight (its response says `Connection: close`), or
+                // close at once when idle.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = cut.cancelled() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            debug!(client = %peer, "connection ended: {e}");
+        }
+    }
+}
+
+async fn refuse_over_limit(stream: Stream) {
+    const BODY: &str = "connection limit reached, try again later\n";
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let write = async {
+        match stream {
+            Stream::Tcp(mut s) => {
+                s.write_all(resp.as_bytes()).await?;
+                s.shutdown().await
+            }
+            Stream::Unix(mut s) => {
+                s.write_all(resp.as_bytes()).await?;
+                s.shutdown().await
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+}
