@@ -1,0 +1,246 @@
+//! Shared helpers: start the real `baton` binary on an ephemeral loopback port with a config
+//! of the test's choosing, ask it for its status, wait for events with a deadline.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use baton::testkit;
+
+pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
+
+/// A running baton with its own temporary directory (config, control socket, pid file, log).
+pub struct Baton {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub proxy: SocketAddr,
+}
+
+/// A config with one proxy listener on an ephemeral port, plus `extra` TOML.
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    format!(
+        "control_socket = \"{}\"\npid_file = \"{}\"\n\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\n{extra}\n",
+        dir.join("control.sock").display(),
+        dir.join("baton.pid").display(),
+    )
+}
+
+impl Baton {
+    pub async fn start(extra: &str) -> Baton {
+        Baton::start_program(Path::new(BATON), extra, &[]).await
+    }
+
+    /// Starts `program run --config <dir>/baton.toml extra_args...`.
+    pub async fn start_program(program: &Path, extra: &str, extra_args: &[&str]) -> Baton {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Baton::start_in(dir, program, extra, extra_args).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, program: &Path, extra: &str, extra_args: &[&str]) -> Baton {
+        let config = dir.path().join("baton.toml");
+        std::fs::write(&config, config_text(dir.path(), extra)).expect("write config");
+        let log = std::fs::File::create(dir.path().join("baton.log")).expect("log file");
+        let child = Command::new(program)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(extra_args)
+            .env("BATON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn baton");
+        let control = dir.path().join("control.sock");
+        let mut b = Baton {
+            child,
+            dir,
+            config,
+            control,
+            proxy: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let status = b.wait_status(Duration::from_secs(10)).await;
+        b.proxy = listener_addr(&status, "proxy");
+        b
+    }
+
+    /// Polls the control socket until it answers or `timeout` passes (then panics with the log).
+    pub async fn wait_status(&mut self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = status(&self.control).await {
+                return s;
+            }
+            if let Ok(Some(code)) = self.child.try_wait() {
+                panic!("baton exited with {code} before serving:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "baton did not answer on its control socket:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        status(&self.control)
+            .await
+            .unwrap_or_else(|| panic!("no status:\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("baton.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `baton <args> --control <sock>`; returns (success, stdout+stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(BATON)
+            .args(args)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .expect("run baton cli");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    pub fn signal(&self, pid: u32, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("kill");
+    }
+
+    /// Waits for the first generation (our child) to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(code)) = self.child.try_wait() {
+                return code.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        // Every generation this test started: the pid file names the serving one.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("baton.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn status(control: &Path) -> Option<serde_json::Value> {
+    let mut out = None;
+    baton::control::request(control, "status", |v| out = Some(v))
+        .await
+        .ok()?;
+    out
+}
+
+pub fn listener_addr(status: &serde_json::Value, name: &str) -> SocketAddr {
+    status["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .and_then(|l| l["address"].as_str())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listener {name} in {status}"))
+}
+
+/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs curl with `args`; returns (exit success, stdout bytes, stderr).
+pub fn curl(args: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl must be installed");
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether `pid` is alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .map(|r| r.trim_start().chars().next() != Some('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Zombie children of `pid`.
+pub fn zombie_children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit(')').next()?.to_string();
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?.to_string();
+                    let ppid: u32 = f.next()?.parse().ok()?;
+                    Some(state == "Z" && ppid == pid)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A child process killed (and reaped) when the test ends, pass or fail.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
