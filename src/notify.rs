@@ -46,7 +46,7 @@ pub fn status(status: &str) {
 
 /// Pings systemd's watchdog at half its interval, when `WATCHDOG_USEC` asks for it.
 pub fn spawn_watchdog() {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
+    let Some(interval) = watchdog_interval() else {
         return;
     };
     tokio::spawn(async move {
@@ -56,4 +56,16 @@ pub fn spawn_watchdog() {
             send(&[NotifyState::Watchdog]);
         }
     });
+}
+
+/// `WATCHDOG_USEC`, when systemd asks for keep-alive pings. `WATCHDOG_PID` is deliberately
+/// not checked (unlike `sd_notify::watchdog_enabled`): it names the process systemd started,
+/// and every later generation inherits it unchanged, so the check would silence the watchdog
+/// after the first handoff and systemd would kill the unit at the next timeout. Each
+/// generation sends `MAINPID=<self>` (see [`ready`]) before it starts pinging, so the pings
+/// come from the unit's main process.
+fn watchdog_interval() -> Option<std::time::Duration> {
+    std::env::var_os("NOTIFY_SOCKET")?;
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
 }
