@@ -60,7 +60,12 @@ impl Drain {
         self.tunnels.len()
     }
 
-    /// Starts draining and waits until everything finished or `timeout` passed, then cuts
+    /// Stops accepting and tells connections to finish; `drain_until` waits for them.
+    pub fn begin(&self) {
+        self.draining.cancel();
+    }
+
+    /// Starts draining (if not begun yet) and waits until everything finished or `timeout` passed, then cuts
     /// the rest and waits (briefly) for the cut tasks to wind down.
     pub async fn drain_until(&self, timeout: Duration) -> DrainReport {
         let started = Instant::now();

@@ -324,10 +324,13 @@ impl Generation {
             draining_tunnels = report.draining_tunnels,
             "handoff complete: draining"
         );
+        // Stop accepting before anyone hears "done": a command sent right after must reach
+        // the new generation, never this one.
+        let drain = self.begin_drain();
         if let Some(r) = pending.reply {
             let _ = r.send(UpgradeEvent::Done(report)).await;
         }
-        Some(self.begin_drain())
+        Some(drain)
     }
 
     fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<UpgradeEvent>>) {
@@ -342,6 +345,7 @@ impl Generation {
     /// Stops accepting (our listener fds close; a successor keeps the sockets) and drains.
     fn begin_drain(&mut self) -> DrainFuture {
         self.state = State::Draining;
+        self.drain.begin();
         self.listeners.clear();
         let drain = self.drain.clone();
         let timeout = self.config.timeouts.drain;

@@ -484,6 +484,11 @@ impl Successor {
         };
         let outcome = tokio::select! {
             line = read_line => Some(line?),
+            // The child died while something it started still holds the pipe open.
+            status = &mut self.exited => {
+                let status = status.unwrap_or_else(|_| "unknown".into());
+                return Err(HandoffError::ChildExited { pid, status });
+            }
             _ = tokio::time::sleep(timeout) => None,
         };
         let failure = match outcome {

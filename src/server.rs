@@ -7,8 +7,9 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, warn};
 
 use crate::drain::Drain;
@@ -29,6 +30,7 @@ pub struct Server {
     drain: Drain,
     http: http1::Builder,
     slots: Arc<Semaphore>,
+    header_read_timeout: Duration,
 }
 
 impl Server {
@@ -43,6 +45,7 @@ impl Server {
             drain,
             http,
             slots: Arc::new(Semaphore::new(settings.max_connections)),
+            header_read_timeout: settings.header_read_timeout,
         })
     }
 
@@ -92,7 +95,12 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self.proxy.clone();
-        let svc = service_fn(move |req| proxy.clone().serve(peer, req));
+        let first_request = Arc::new(FirstRequest::default());
+        let seen = first_request.clone();
+        let svc = service_fn(move |req| {
+            seen.mark();
+            proxy.clone().serve(peer, req)
+        });
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
         let draining = self.drain.draining();
@@ -100,6 +108,17 @@ impl Server {
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = draining.cancelled() => {
+                // A connection accepted just before the drain has not sent its request yet;
+                // hyper would see it idle and close it, failing a client that did nothing
+                // wrong. Let it make its first request (bounded by the header read timeout).
+                if !first_request.seen() {
+                    tokio::select! {
+                        r = conn.as_mut() => return log_end(peer, r),
+                        _ = first_request.wait() => {}
+                        _ = tokio::time::sleep(self.header_read_timeout) => {}
+                        _ = cut.cancelled() => return,
+                    }
+                }
                 // Finish the request in flight (its response says `Connection: close`), or
                 // close at once when idle.
                 conn.as_mut().graceful_shutdown();
@@ -109,8 +128,38 @@ impl Server {
                 }
             }
         };
-        if let Err(e) = result {
-            debug!(client = %peer, "connection ended: {e}");
+        log_end(peer, result);
+    }
+}
+
+fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
+    if let Err(e) = result {
+        debug!(client = %peer, "connection ended: {e}");
+    }
+}
+
+/// Whether a connection has started its first request, and a way to wait for it.
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    notify: Notify,
+}
+
+impl FirstRequest {
+    fn mark(&self) {
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            // notify_one keeps a permit if nobody waits yet: no lost wake-up.
+            self.notify.notify_one();
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        if !self.seen() {
+            self.notify.notified().await;
         }
     }
 }

@@ -202,7 +202,7 @@ pub fn alive(pid: u32) -> bool {
         Ok(stat) => stat
             .rsplit(')')
             .next()
-            .map(|r| r.trim_start().chars().next() != Some('Z'))
+            .map(|r| !r.trim_start().starts_with('Z'))
             .unwrap_or(false),
         Err(_) => false,
     }
