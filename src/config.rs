@@ -48,7 +48,6 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone)]
 pub struct Timeouts {
     pub header_read: Duration,
-    pub idle_keepalive: Duration,
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub drain: Duration,
@@ -114,8 +113,6 @@ struct RawTimeouts {
     #[serde(with = "humantime_serde")]
     header_read: Duration,
     #[serde(with = "humantime_serde")]
-    idle_keepalive: Duration,
-    #[serde(with = "humantime_serde")]
     upstream_connect: Duration,
     #[serde(with = "humantime_serde")]
     upstream_response: Duration,
@@ -129,7 +126,6 @@ impl Default for RawTimeouts {
     fn default() -> Self {
         RawTimeouts {
             header_read: Duration::from_secs(10),
-            idle_keepalive: Duration::from_secs(60),
             upstream_connect: Duration::from_secs(10),
             upstream_response: Duration::from_secs(60),
             drain: Duration::from_secs(30),
@@ -252,7 +248,6 @@ impl Config {
             pid_file: raw.pid_file,
             timeouts: Timeouts {
                 header_read: t.header_read,
-                idle_keepalive: t.idle_keepalive,
                 upstream_connect: t.upstream_connect,
                 upstream_response: t.upstream_response,
                 drain: t.drain,
