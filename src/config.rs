@@ -48,6 +48,7 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone)]
 pub struct Timeouts {
     pub header_read: Duration,
+    pub tunnel_idle: Duration,
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub drain: Duration,
@@ -58,6 +59,21 @@ pub struct Timeouts {
 pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    /// `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Who may use the proxy and where it may go; see `policy.rs`.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub allow_clients: Vec<IpNet>,
+    pub htpasswd: Option<PathBuf>,
+    pub realm: String,
+    pub connect_ports: Vec<u16>,
+    pub deny_destinations: Vec<IpNet>,
+    pub allow_destinations: Vec<IpNet>,
+    pub deny_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -78,8 +94,34 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub limits: Limits,
-    pub allow_clients: Vec<IpNet>,
+    pub access: Access,
     pub log_format: LogFormat,
+    /// `[admin]`: the metrics/health/status listener, if configured.
+    pub admin: Option<AdminConfig>,
+    /// `[log] access`, `access_format`: where access lines go.
+    pub access_log: AccessLog,
+}
+
+/// `[admin]`: an HTTP listener for `/metrics`, `/healthz` and `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+/// Where the access log (target `baton::access`) goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessSink {
+    #[default]
+    Stderr,
+    /// Opened (append) by each generation at start, so a handoff after logrotate's rename
+    /// writes to the new file.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessLog {
+    pub sink: AccessSink,
+    pub format: LogFormat,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +139,13 @@ struct RawConfig {
     access: RawAccess,
     #[serde(default)]
     log: RawLog,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: SocketAddr,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +162,8 @@ struct RawTimeouts {
     #[serde(with = "humantime_serde")]
     header_read: Duration,
     #[serde(with = "humantime_serde")]
+    tunnel_idle: Duration,
+    #[serde(with = "humantime_serde")]
     upstream_connect: Duration,
     #[serde(with = "humantime_serde")]
     upstream_response: Duration,
@@ -126,6 +177,7 @@ impl Default for RawTimeouts {
     fn default() -> Self {
         RawTimeouts {
             header_read: Duration::from_secs(10),
+            tunnel_idle: Duration::from_secs(300),
             upstream_connect: Duration::from_secs(10),
             upstream_response: Duration::from_secs(60),
             drain: Duration::from_secs(30),
@@ -139,6 +191,8 @@ impl Default for RawTimeouts {
 struct RawLimits {
     max_connections: usize,
     max_header_bytes: usize,
+    max_uri_bytes: usize,
+    max_body_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -146,6 +200,8 @@ impl Default for RawLimits {
         RawLimits {
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8192,
+            max_body_bytes: 0,
         }
     }
 }
@@ -154,12 +210,25 @@ impl Default for RawLimits {
 #[serde(deny_unknown_fields, default)]
 struct RawAccess {
     allow_clients: Vec<IpNet>,
+    htpasswd: Option<PathBuf>,
+    realm: String,
+    connect_ports: Vec<u16>,
+    deny_destinations: Vec<IpNet>,
+    allow_destinations: Vec<IpNet>,
+    deny_hosts: Vec<String>,
 }
 
 impl Default for RawAccess {
     fn default() -> Self {
         RawAccess {
             allow_clients: vec![loopback_v4(), loopback_v6()],
+            htpasswd: None,
+            realm: "baton".into(),
+            // Squid's default: CONNECT is for TLS.
+            connect_ports: vec![443],
+            deny_destinations: Vec::new(),
+            allow_destinations: Vec::new(),
+            deny_hosts: Vec::new(),
         }
     }
 }
@@ -176,6 +245,10 @@ fn loopback_v6() -> IpNet {
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     format: LogFormat,
+    /// "stderr" or a file path (relative: to the configuration file's directory).
+    access: Option<String>,
+    /// Defaults to `format`.
+    access_format: Option<LogFormat>,
 }
 
 impl Config {
@@ -238,16 +311,52 @@ impl Config {
         if raw.limits.max_connections == 0 {
             return Err(invalid("key `limits.max_connections`: must be at least 1".into()));
         }
+        if raw.access.realm.contains('"') || raw.access.realm.chars().any(char::is_control) {
+            return Err(invalid("key `access.realm`: no quotes or control characters".into()));
+        }
+        if raw.limits.max_uri_bytes < 64 {
+            return Err(invalid("key `limits.max_uri_bytes`: must be at least 64".into()));
+        }
         if raw.limits.max_header_bytes < 8192 {
             return Err(invalid("key `limits.max_header_bytes`: must be at least 8192".into()));
         }
+        let admin = raw.admin.as_ref().map(|a| AdminConfig { addr: a.address });
+        if let Some(a) = &admin {
+            if listeners.iter().any(|l| l.name == crate::admin::ADMIN_LISTENER) {
+                return Err(invalid(
+                    "listener name \"admin\" is reserved when [admin] is configured".into(),
+                ));
+            }
+            if a.addr.port() != 0 && listeners.iter().any(|l| l.addr == ListenAddr::Tcp(a.addr)) {
+                return Err(invalid(
+                    "key `admin.address`: the same address as a [[listener]]".into(),
+                ));
+            }
+        }
+        let access_log = AccessLog {
+            sink: match raw.log.access.as_deref() {
+                None | Some("stderr") => AccessSink::Stderr,
+                Some("") => return Err(invalid("key `log.access`: \"stderr\" or a file path".into())),
+                Some(f) => {
+                    let f = Path::new(f);
+                    AccessSink::File(match path.and_then(Path::parent) {
+                        Some(dir) if f.is_relative() => dir.join(f),
+                        _ => f.to_path_buf(),
+                    })
+                }
+            },
+            format: raw.log.access_format.unwrap_or(raw.log.format),
+        };
         Ok(Config {
+            admin,
+            access_log,
             source: path.map(Path::to_path_buf),
             listeners,
             control_socket: raw.control_socket.unwrap_or_else(default_control_socket),
             pid_file: raw.pid_file,
             timeouts: Timeouts {
                 header_read: t.header_read,
+                tunnel_idle: t.tunnel_idle,
                 upstream_connect: t.upstream_connect,
                 upstream_response: t.upstream_response,
                 drain: t.drain,
@@ -256,8 +365,18 @@ impl Config {
             limits: Limits {
                 max_connections: raw.limits.max_connections,
                 max_header_bytes: raw.limits.max_header_bytes,
+                max_uri_bytes: raw.limits.max_uri_bytes,
+                max_body_bytes: (raw.limits.max_body_bytes > 0).then_some(raw.limits.max_body_bytes),
             },
-            allow_clients: raw.access.allow_clients,
+            access: Access {
+                allow_clients: raw.access.allow_clients,
+                htpasswd: raw.access.htpasswd,
+                realm: raw.access.realm,
+                connect_ports: raw.access.connect_ports,
+                deny_destinations: raw.access.deny_destinations,
+                allow_destinations: raw.access.allow_destinations,
+                deny_hosts: raw.access.deny_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            },
             log_format: raw.log.format,
         })
     }
@@ -268,7 +387,7 @@ impl Config {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         };
-        self.allow_clients.iter().any(|net| net.contains(&ip))
+        self.access.allow_clients.iter().any(|net| net.contains(&ip))
     }
 }
 

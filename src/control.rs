@@ -47,10 +47,23 @@ impl std::fmt::Display for Trigger {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum UpgradeEvent {
-    Spawned { pid: u32, generation: u64 },
+    Spawned {
+        pid: u32,
+        generation: u64,
+        #[serde(default)]
+        old_pid: u32,
+        #[serde(default)]
+        old_generation: u64,
+    },
     Done(UpgradeReport),
-    Failed { reason: String },
-    Refused { reason: String },
+    /// Only to `upgrade wait-drain`: the old generation finished draining.
+    Drained(DrainOutcome),
+    Failed {
+        reason: String,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// The outcome of a successful handoff.
@@ -63,6 +76,33 @@ pub struct UpgradeReport {
     pub ready_ms: u64,
     pub draining_connections: usize,
     pub draining_tunnels: usize,
+}
+
+/// How the old generation's drain ended (`baton upgrade --wait-drain`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainOutcome {
+    pub old_pid: u32,
+    /// Connections and tunnels open when the drain began.
+    pub connections: usize,
+    pub tunnels: usize,
+    /// Those that ended by themselves ...
+    pub finished: usize,
+    /// ... and those cut at the drain timeout.
+    pub cut: usize,
+    pub drain_ms: u64,
+}
+
+impl DrainOutcome {
+    pub fn from_report(old_pid: u32, r: &crate::drain::DrainReport) -> DrainOutcome {
+        DrainOutcome {
+            old_pid,
+            connections: r.connections,
+            tunnels: r.tunnels,
+            finished: (r.connections + r.tunnels).saturating_sub(r.cut),
+            cut: r.cut,
+            drain_ms: r.millis,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +125,9 @@ pub struct Status {
     pub active_tunnels: usize,
     pub handoff_in_progress: bool,
     pub config: Option<String>,
+    /// Older generations still draining (read from the state directory).
+    #[serde(default)]
+    pub draining: Vec<crate::state::DrainingGeneration>,
 }
 
 /// Serves the control socket until draining starts. Client tasks run on `clients`, so the
@@ -122,7 +165,8 @@ async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
         return;
     }
     match line.trim() {
-        "upgrade" => {
+        cmd @ ("upgrade" | "upgrade wait-drain") => {
+            let wait_drain = cmd == "upgrade wait-drain";
             let (tx, mut rx) = mpsc::channel(8);
             let cmd = Command::Upgrade {
                 trigger: Trigger::Control,
@@ -134,6 +178,10 @@ async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
             while let Some(ev) = rx.recv().await {
                 if write.write_all(json_line(&ev).as_bytes()).await.is_err() {
                     return;
+                }
+                // Without wait-drain the answer ends with the handoff's outcome.
+                if matches!(ev, UpgradeEvent::Done(_)) && !wait_drain {
+                    break;
                 }
             }
         }
@@ -151,7 +199,7 @@ async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
             let _ = write.write_all(b"{\"event\":\"stopping\"}\n").await;
         }
         other => {
-            let msg = serde_json::json!({"event": "error", "reason": format!("unknown command `{other}` (upgrade, status, stop)")});
+            let msg = serde_json::json!({"event": "error", "reason": format!("unknown command `{other}` (upgrade, upgrade wait-drain, status, stop)")});
             let _ = write.write_all(format!("{msg}\n").as_bytes()).await;
         }
     }

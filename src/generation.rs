@@ -23,14 +23,18 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, ADMIN_LISTENER, AdminContext};
 use crate::config::{CONTROL_LISTENER, Config, ListenAddr};
-use crate::control::{self, Command, ListenerStatus, Status, Trigger, UpgradeEvent, UpgradeReport};
+use crate::control::{self, Command, DrainOutcome, ListenerStatus, Status, Trigger, UpgradeEvent, UpgradeReport};
 use crate::drain::{Drain, DrainReport};
 use crate::handoff::{HandoffError, Inherited, Ready, SuccessorSpec, spawn_successor};
 use crate::listeners::{self, Listener};
 use crate::notify;
+use crate::policy::Policy;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{Server, ServerSettings};
+use crate::state::{DrainingFile, StateDir};
+use tokio_util::sync::CancellationToken;
 
 /// How this process was started: what a successor must exec.
 #[derive(Debug, Clone)]
@@ -91,6 +95,14 @@ pub struct Generation {
     commands: mpsc::Receiver<Command>,
     control_clients: TaskTracker,
     stop_requests: u32,
+    /// Shared with the other generations: draining counts and the metrics ledger.
+    shared: StateDir,
+    /// Cancelled when a handoff's drain begins: the admin listener then belongs to the successor.
+    admin_stop: CancellationToken,
+    /// While draining: this generation's remaining work, published for the serving one.
+    draining_file: Option<DrainingFile>,
+    /// `baton upgrade --wait-drain`: told how the drain ended.
+    drain_waiter: Option<mpsc::Sender<UpgradeEvent>>,
 }
 
 impl Generation {
@@ -100,11 +112,30 @@ impl Generation {
         let (commands_tx, commands) = mpsc::channel(64);
         spawn_signal_listener(commands_tx.clone())?;
         let drain = Drain::new();
+        // Open every listener first (connections queue meanwhile): the policy needs their
+        // addresses to refuse requests that would loop into the proxy itself.
+        let mut opened = Vec::new();
+        for l in &config.listeners {
+            opened.push(listeners::open(&mut inherited, &l.name, &l.addr).await?);
+        }
+        let policy = Arc::new(Policy::new(config.access.clone())?);
+        policy.set_own_addresses(
+            opened
+                .iter()
+                .filter_map(|l| match l.bound {
+                    ListenAddr::Tcp(a) => Some(a),
+                    ListenAddr::Unix(_) => None,
+                })
+                .collect(),
+        );
         let proxy = Arc::new(Proxy::new(
             ProxySettings {
                 upstream_connect: config.timeouts.upstream_connect,
                 upstream_response: config.timeouts.upstream_response,
-                allow_clients: config.allow_clients.clone(),
+                tunnel_idle: config.timeouts.tunnel_idle,
+                max_uri_bytes: config.limits.max_uri_bytes,
+                max_body_bytes: config.limits.max_body_bytes,
+                policy,
             },
             drain.clone(),
         ));
@@ -117,11 +148,8 @@ impl Generation {
                 max_connections: config.limits.max_connections,
             },
         );
-        let mut opened = Vec::new();
-        for l in &config.listeners {
-            let listener = listeners::open(&mut inherited, &l.name, &l.addr).await?;
+        for listener in &opened {
             server.spawn_accept_loop(listener.name.clone(), listener.socket.clone());
-            opened.push(listener);
         }
         let control_addr = ListenAddr::Unix(config.control_socket.clone());
         let control = open_control(&mut inherited, &control_addr).await?;
@@ -133,6 +161,25 @@ impl Generation {
             control_clients.clone(),
         );
         opened.push(control);
+        let shared = StateDir::for_control_socket(&config.control_socket);
+        if let Err(e) = shared.init(inherited.ready.is_none()) {
+            warn!(dir = %shared.path().display(), "cannot use the state directory (metrics of other generations unavailable): {e}");
+        }
+        let admin_stop = CancellationToken::new();
+        if let Some(a) = &config.admin {
+            let listener = open_admin(&mut inherited, &ListenAddr::Tcp(a.addr)).await?;
+            admin::spawn(
+                listener.socket.clone(),
+                AdminContext {
+                    drain: drain.clone(),
+                    commands: commands_tx.clone(),
+                    state: shared.clone(),
+                    generation: inherited.generation,
+                },
+                admin_stop.clone(),
+            );
+            opened.push(listener);
+        }
         for (name, sock) in inherited.take_rest() {
             match sock {
                 Ok(s) => {
@@ -154,6 +201,10 @@ impl Generation {
             control_clients,
             stop_requests: 0,
             config,
+            shared,
+            admin_stop,
+            draining_file: None,
+            drain_waiter: None,
         };
         generation.report_ready(inherited.ready.take())?;
         Ok(generation)
@@ -203,6 +254,7 @@ impl Generation {
                         self.stop_requests += 1;
                         if self.stop_requests > 1 {
                             warn!(%trigger, connections = self.drain.active_connections(), tunnels = self.drain.active_tunnels(), "second stop request: exiting now");
+                            self.draining_file = None;
                             return Exit::Forced;
                         }
                         if let Some(h) = handoff.take() {
@@ -228,6 +280,7 @@ impl Generation {
                 report = async { (&mut draining.as_mut().expect("guarded").0).await }, if draining.is_some() => {
                     let handed_off = draining.as_ref().is_some_and(|d| d.1);
                     info!(connections = report.connections, tunnels = report.tunnels, cut = report.cut, ms = report.millis, "drained; exiting");
+                    self.drain_finished(handed_off, &report).await;
                     // Let `baton upgrade` read its report before the process goes away.
                     self.control_clients.close();
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_clients.wait()).await;
@@ -251,7 +304,9 @@ impl Generation {
             _ => None,
         };
         if let Some(reason) = refusal {
-            warn!(%trigger, "handoff refused: {reason}");
+            warn!(%trigger, result = "refused", "handoff refused: {reason}");
+            self.shared
+                .record(|l| *l.handoffs.entry("refused".into()).or_default() += 1);
             if let Some(r) = reply {
                 let _ = r.try_send(UpgradeEvent::Refused { reason });
             }
@@ -282,6 +337,8 @@ impl Generation {
             let _ = r.try_send(UpgradeEvent::Spawned {
                 pid,
                 generation: self.number + 1,
+                old_pid: self.pid,
+                old_generation: self.number,
             });
         }
         self.state = State::HandingOff;
@@ -306,35 +363,48 @@ impl Generation {
                 return None;
             }
         };
+        // Stop accepting before anyone hears "done": a command sent right after must reach
+        // the new generation, never this one.
+        self.admin_stop.cancel();
+        let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
+        let drain = self.begin_drain();
         let report = UpgradeReport {
             old_pid: self.pid,
             new_pid: ready.pid,
             old_generation: self.number,
             new_generation: self.number + 1,
             ready_ms: ready.after.as_millis() as u64,
-            draining_connections: self.drain.active_connections(),
-            draining_tunnels: self.drain.active_tunnels(),
+            draining_connections: connections,
+            draining_tunnels: tunnels,
         };
+        self.shared.record(|l| {
+            *l.handoffs.entry("ok".into()).or_default() += 1;
+            l.spawn_to_ready.observe(ready.after.as_secs_f64());
+        });
         info!(
+            result = "ok",
             old_pid = report.old_pid,
             new_pid = report.new_pid,
+            old_generation = report.old_generation,
             new_generation = report.new_generation,
             ready_ms = report.ready_ms,
             draining_connections = report.draining_connections,
             draining_tunnels = report.draining_tunnels,
             "handoff complete: draining"
         );
-        // Stop accepting before anyone hears "done": a command sent right after must reach
-        // the new generation, never this one.
-        let drain = self.begin_drain();
         if let Some(r) = pending.reply {
             let _ = r.send(UpgradeEvent::Done(report)).await;
+            // Kept only if the client waits for the drain (else its reader is gone).
+            self.drain_waiter = Some(r);
         }
         Some(drain)
     }
 
     fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<UpgradeEvent>>) {
-        error!("handoff failed, serving on: {e}");
+        let result = handoff_result(e);
+        error!(result, "handoff failed, serving on: {e}");
+        self.shared
+            .record(|l| *l.handoffs.entry(result.into()).or_default() += 1);
         self.state = State::Serving;
         notify::rolled_back(&format!("serving (last handoff failed: {e})"));
         if let Some(r) = reply {
@@ -344,14 +414,39 @@ impl Generation {
 
     /// Stops accepting (our listener fds close; a successor keeps the sockets) and drains.
     fn begin_drain(&mut self) -> DrainFuture {
+        // What is handed to the drain, counted before it begins: an idle keep-alive connection
+        // closes at once and counts as finished.
+        let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         self.state = State::Draining;
         self.drain.begin();
         self.listeners.clear();
+        self.draining_file = Some(self.shared.publish_draining(self.number, self.drain.clone()));
         let drain = self.drain.clone();
         let timeout = self.config.timeouts.drain;
-        let left = self.drain.active_connections() + self.drain.active_tunnels();
-        notify::status(&format!("draining {left} connections"));
-        Box::pin(async move { drain.drain_until(timeout).await })
+        notify::status(&format!("draining {} connections", connections + tunnels));
+        Box::pin(async move {
+            let mut report = drain.drain_until(timeout).await;
+            report.connections = report.connections.max(connections);
+            report.tunnels = report.tunnels.max(tunnels);
+            report
+        })
+    }
+
+    /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
+    /// the draining file (the serving generation stops reporting us).
+    async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
+        let outcome = DrainOutcome::from_report(self.pid, report);
+        if handed_off {
+            self.shared.record(|l| {
+                l.drain.observe(report.millis as f64 / 1000.0);
+                l.drain_finished += outcome.finished as u64;
+                l.drain_cut += outcome.cut as u64;
+            });
+        }
+        self.draining_file = None;
+        if let Some(w) = self.drain_waiter.take() {
+            let _ = w.send(UpgradeEvent::Drained(outcome)).await;
+        }
     }
 
     fn status_line(&self) -> String {
@@ -383,6 +478,7 @@ impl Generation {
             active_tunnels: self.drain.active_tunnels(),
             handoff_in_progress: handoff_running,
             config: self.launch.config_path.as_ref().map(|p| p.display().to_string()),
+            draining: self.shared.draining(),
         }
     }
 
@@ -413,6 +509,47 @@ async fn open_control(inherited: &mut Inherited, addr: &ListenAddr) -> anyhow::R
         socket: Arc::new(sock),
         adopted: false,
     })
+}
+
+/// Adopts the inherited admin listener if it is still at the configured address (any port
+/// when the configured one is 0), else binds.
+async fn open_admin(inherited: &mut Inherited, addr: &ListenAddr) -> anyhow::Result<Listener> {
+    if let Some(idx) = inherited.position_by_name(ADMIN_LISTENER) {
+        let sock = inherited.take(idx)?;
+        let same = match (sock.local_addr().ok(), addr) {
+            (Some(ListenAddr::Tcp(got)), ListenAddr::Tcp(want)) => {
+                got == *want || (want.port() == 0 && got.ip() == want.ip())
+            }
+            _ => false,
+        };
+        if same {
+            let bound = sock.local_addr()?;
+            return Ok(Listener {
+                name: ADMIN_LISTENER.into(),
+                bound,
+                socket: Arc::new(sock),
+                adopted: true,
+            });
+        }
+        info!("admin listener moved: binding {addr}");
+    }
+    let sock = listeners::bind(ADMIN_LISTENER, addr).await?;
+    let bound = sock.local_addr()?;
+    Ok(Listener {
+        name: ADMIN_LISTENER.into(),
+        bound,
+        socket: Arc::new(sock),
+        adopted: false,
+    })
+}
+
+/// The `result` label of a failed handoff.
+fn handoff_result(e: &HandoffError) -> &'static str {
+    match e {
+        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => "child_exit",
+        HandoffError::Timeout { .. } => "timeout",
+        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => "spawn_error",
+    }
 }
 
 fn spawn_signal_listener(commands: mpsc::Sender<Command>) -> anyhow::Result<()> {

@@ -5,14 +5,20 @@
 //! be reused by any tokio server; [`proxy`] and [`server`] are the HTTP side; [`generation`]
 //! ties them into one process's lifecycle.
 
+pub mod admin;
 pub mod config;
+pub mod connector;
 pub mod control;
 pub mod drain;
 pub mod generation;
 pub mod handoff;
 pub mod listeners;
+pub mod metrics;
 pub mod notify;
+pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod state;
 pub mod telemetry;
 pub mod testkit;
+pub mod tunnel;

@@ -32,7 +32,7 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Hand over to a new generation (re-reads the binary and config) and wait for the outcome.
-    Upgrade(ClientArgs),
+    Upgrade(UpgradeArgs),
     /// Show the serving generation.
     Status(ClientArgs),
     /// Stop gracefully: drain, then exit.
@@ -61,6 +61,16 @@ struct ClientArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct UpgradeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Wait until the old generation has drained, then report how many connections finished
+    /// and how many were cut at the drain timeout.
+    #[arg(long)]
+    wait_drain: bool,
+}
+
 fn main() -> ExitCode {
     // SAFETY: first thing in main, before any thread exists: reading and removing the
     // inheritance variables cannot race with anything.
@@ -71,7 +81,7 @@ fn main() -> ExitCode {
         None => run(RunArgs::default(), inherited),
         Some(Cmd::Run(args)) => run(args, inherited),
         Some(Cmd::Check { config }) => check(config.as_deref()),
-        Some(Cmd::Upgrade(args)) => client(args, "upgrade"),
+        Some(Cmd::Upgrade(args)) => upgrade(args),
         Some(Cmd::Status(args)) => client(args, "status"),
         Some(Cmd::Stop(args)) => client(args, "stop"),
     };
@@ -102,7 +112,7 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 fn run(args: RunArgs, inherited: Inherited) -> anyhow::Result<ExitCode> {
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
-    baton::telemetry::init(config.log_format);
+    baton::telemetry::init_with_access(config.log_format, &config.access_log)?;
     let program = match inherited.program.clone() {
         Some(p) => p,
         None => resolve_program()?,
@@ -154,6 +164,12 @@ fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         println!("  listener {} on {}", l.name, l.addr);
     }
     println!("  control socket {}", config.control_socket.display());
+    if let Some(a) = &config.admin {
+        println!("  admin (metrics, healthz, status) on {}", a.addr);
+    }
+    if let baton::config::AccessSink::File(p) = &config.access_log.sink {
+        println!("  access log {}", p.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -181,6 +197,75 @@ fn client(args: ClientArgs, command: &str) -> anyhow::Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// `baton upgrade`: the phases as lines, or with `--json` one object at the end (the
+/// upgrade report: pids, generations, time to ready, connections handed to the drain, with
+/// `--wait-drain` how they ended, and the reason on failure).
+fn upgrade(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let command = if args.wait_drain {
+        "upgrade wait-drain"
+    } else {
+        "upgrade"
+    };
+    if !args.client.json {
+        return client(args.client, command);
+    }
+    let socket = match args.client.control {
+        Some(p) => p,
+        None => Config::load(args.client.config.as_deref())?.control_socket,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut report = serde_json::Map::new();
+    let mut result: Option<String> = None;
+    let mut drained = false;
+    let outcome = runtime.block_on(baton::control::request(&socket, command, |v| {
+        let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("").to_string();
+        let mut fields = v.as_object().cloned().unwrap_or_default();
+        fields.remove("event");
+        match event.as_str() {
+            "spawned" => {
+                for (k, x) in [("pid", "new_pid"), ("generation", "new_generation")] {
+                    if let Some(val) = fields.remove(k) {
+                        fields.insert(x.to_string(), val);
+                    }
+                }
+                report.extend(fields);
+            }
+            "done" => {
+                result = Some("ok".into());
+                report.extend(fields);
+            }
+            "drained" => {
+                drained = true;
+                fields.remove("old_pid");
+                report.insert("drain".into(), serde_json::Value::Object(fields));
+            }
+            other => {
+                result = Some(if other.is_empty() { "error".into() } else { other.into() });
+                report.extend(fields);
+            }
+        }
+    }));
+    if let Err(e) = outcome {
+        result = Some("error".into());
+        report.insert("reason".into(), e.to_string().into());
+    }
+    let result = result.unwrap_or_else(|| {
+        report.insert(
+            "reason".into(),
+            "the control connection closed before the outcome".into(),
+        );
+        "error".into()
+    });
+    if result == "ok" && args.wait_drain && !drained {
+        report.insert("drain".into(), serde_json::Value::Null);
+        eprintln!("baton: the old generation ended without reporting its drain");
+    }
+    let ok = result == "ok";
+    report.insert("result".into(), result.into());
+    println!("{}", serde_json::Value::Object(report));
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 fn print_human(v: &serde_json::Value) {
     let s = |k: &str| {
         v.get(k)
@@ -197,6 +282,13 @@ fn print_human(v: &serde_json::Value) {
             s("old_pid"),
             s("draining_connections"),
             s("draining_tunnels")
+        ),
+        Some("drained") => println!(
+            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
+            s("old_pid"),
+            s("drain_ms"),
+            s("finished"),
+            s("cut")
         ),
         Some("failed") => eprintln!("upgrade failed, old generation serves on: {}", s("reason")),
         Some("refused") => eprintln!("upgrade refused: {}", s("reason")),
@@ -226,6 +318,14 @@ fn print_human(v: &serde_json::Value) {
                     "none"
                 }
             );
+            if let Some(ds) = v.get("draining").and_then(|d| d.as_array()) {
+                for d in ds {
+                    println!(
+                        "draining    pid {} (generation {}): {} connections, {} tunnels",
+                        d["pid"], d["generation"], d["connections"], d["tunnels"]
+                    );
+                }
+            }
             if let Some(ls) = v.get("listeners").and_then(|l| l.as_array()) {
                 for l in ls {
                     println!(

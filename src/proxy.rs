@@ -4,7 +4,6 @@
 //! [`Drain`] to register tunnels with.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,26 +17,33 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
+use hyper_util::rt::TokioExecutor;
 use tracing::{info, warn};
 
+use crate::connector::{ConnectError, GuardedConnector, connect_checked};
 use crate::drain::Drain;
 use crate::listeners::Peer;
+use crate::policy::{Denial, Policy};
+use crate::tunnel::Relayed;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The request body on its way to the origin: the client's, counted and size-limited.
+type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Settings the proxy needs from the configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProxySettings {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
-    pub allow_clients: Vec<ipnet::IpNet>,
+    pub tunnel_idle: Duration,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: Option<u64>,
+    pub policy: Arc<Policy>,
 }
 
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: Client<GuardedConnector, UpstreamBody>,
     settings: ProxySettings,
     drain: Drain,
     via: HeaderValue,
@@ -57,14 +63,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 impl Proxy {
     pub fn new(settings: ProxySettings, drain: Drain) -> Proxy {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(settings.upstream_connect));
-        http.set_nodelay(true);
+        let connector = GuardedConnector {
+            policy: settings.policy.clone(),
+            timeout: settings.upstream_connect,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .timer(hyper_util::rt::TokioTimer::new())
-            .build(http);
+            .build(connector);
         Proxy {
             client,
             settings,
@@ -78,24 +85,32 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let target = req.uri().to_string();
+        let policy = &self.settings.policy;
         if let Peer::Ip(addr) = peer
-            && !self.client_allowed(addr)
+            && let Err(d) = policy.check_client(addr.ip())
         {
-            let reason = format!("client {} is not allowed to use this proxy", addr.ip());
-            return Ok(self.refuse(peer, &method, &target, started, StatusCode::FORBIDDEN, &reason));
+            return Ok(self.deny(peer, &method, &target, started, &d));
+        }
+        if let Err(d) = policy.check_auth(req.headers()).await {
+            return Ok(self.deny(peer, &method, &target, started, &d));
+        }
+        if target.len() > self.settings.max_uri_bytes {
+            let reason = format!("request target longer than {} bytes", self.settings.max_uri_bytes);
+            return Ok(self.refuse(peer, &method, &target, started, StatusCode::URI_TOO_LONG, &reason));
         }
         if method == Method::CONNECT {
             return Ok(self.connect(peer, req, started).await);
         }
-        Ok(self.forward(peer, req, started).await)
-    }
-
-    fn client_allowed(&self, addr: SocketAddr) -> bool {
-        let ip = match addr.ip() {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr.ip(), std::net::IpAddr::V4),
-            v4 => v4,
-        };
-        self.settings.allow_clients.iter().any(|n| n.contains(&ip))
+        // Any request framed by Transfer-Encoding closes its connection after the answer: a
+        // request that also carried Content-Length may be a smuggling attempt (RFC 9112 §6.1),
+        // and hyper drops that Content-Length before we could see it.
+        let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
+        let mut resp = self.forward(peer, req, started).await;
+        if close_after {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(resp)
     }
 
     async fn forward(&self, peer: Peer, req: Request<Incoming>, started: Instant) -> Response<Body> {
@@ -105,7 +120,16 @@ impl Proxy {
             Ok(a) => a,
             Err(reason) => return self.refuse(peer, &method, &target, started, StatusCode::BAD_REQUEST, reason),
         };
+        if let Some(max) = self.settings.max_body_bytes
+            && content_length(req.headers()).is_some_and(|n| n > max)
+        {
+            let reason = format!("request body larger than {max} bytes");
+            return self.refuse(peer, &method, &target, started, StatusCode::PAYLOAD_TOO_LARGE, &reason);
+        }
         let (mut parts, body) = req.into_parts();
+        if let Some(answer) = self.answer_max_forwards(&mut parts) {
+            return answer;
+        }
         strip_hop_by_hop(&mut parts.headers);
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
@@ -127,9 +151,12 @@ impl Proxy {
         }
         parts.headers.append(header::VIA, self.via.clone());
         let bytes_in = Arc::new(AtomicU64::new(0));
+        let body_fault = Arc::new(std::sync::OnceLock::new());
         let body = Counted {
-            inner: body.boxed(),
+            inner: body,
             count: bytes_in.clone(),
+            limit: self.settings.max_body_bytes,
+            fault: body_fault.clone(),
         }
         .boxed();
         let upstream = self.client.request(Request::from_parts(parts, body));
@@ -143,12 +170,27 @@ impl Proxy {
                 return self.refuse(peer, &method, &target, started, StatusCode::GATEWAY_TIMEOUT, &reason);
             }
             Ok(Err(e)) => {
+                // The client's own body was at fault (too large, bad chunking): its error.
+                if let Some(fault) = body_fault.get() {
+                    let mut resp = self.refuse(peer, &method, &target, started, fault.status(), &fault.to_string());
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return resp;
+                }
+                if let Some(ConnectError::Denied(d)) = find_source::<ConnectError>(&e) {
+                    return self.deny(peer, &method, &target, started, d);
+                }
                 let (status, reason) = classify_upstream_error(&authority, &e);
+                if e.is_connect() {
+                    crate::metrics::upstream_connect_error(status == StatusCode::GATEWAY_TIMEOUT);
+                }
                 return self.refuse(peer, &method, &target, started, status, &reason);
             }
             Ok(Ok(resp)) => resp,
         };
         let (mut parts, body) = resp.into_parts();
+        // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's.
+        parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.append(header::VIA, self.via.clone());
         let logged = AccessLogged {
@@ -178,19 +220,17 @@ impl Proxy {
                 "CONNECT needs a host:port target",
             );
         };
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
         let port = authority.port_u16().unwrap_or(443);
-        let dial = TcpStream::connect((host.as_str(), port));
-        let origin = match tokio::time::timeout(self.settings.upstream_connect, dial).await {
-            Err(_) => {
-                let reason = format!(
-                    "connect to {authority} timed out after {:?}",
-                    self.settings.upstream_connect
-                );
+        let policy = &self.settings.policy;
+        if let Err(d) = policy.check_connect_port(port) {
+            return self.deny(peer, &Method::CONNECT, &target, started, &d);
+        }
+        let origin = match connect_checked(policy, authority.host(), port, self.settings.upstream_connect).await {
+            Ok(s) => s,
+            Err(ConnectError::Denied(d)) => return self.deny(peer, &Method::CONNECT, &target, started, &d),
+            Err(ConnectError::TimedOut(t)) => {
+                crate::metrics::upstream_connect_error(true);
+                let reason = format!("connect to {authority} timed out after {t:?}");
                 return self.refuse(
                     peer,
                     &Method::CONNECT,
@@ -200,7 +240,8 @@ impl Proxy {
                     &reason,
                 );
             }
-            Ok(Err(e)) => {
+            Err(e) => {
+                crate::metrics::upstream_connect_error(false);
                 let reason = format!("cannot connect to {authority}: {e}");
                 return self.refuse(
                     peer,
@@ -211,9 +252,8 @@ impl Proxy {
                     &reason,
                 );
             }
-            Ok(Ok(s)) => s,
         };
-        let _ = origin.set_nodelay(true);
+        let idle = self.settings.tunnel_idle;
         let cut = self.drain.cut_token();
         self.drain.tunnels().spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
@@ -223,16 +263,7 @@ impl Proxy {
                     return;
                 }
             };
-            let mut client = TokioIo::new(upgraded);
-            let mut origin = origin;
-            let (outcome, up, down) = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut origin) => match r {
-                    Ok((up, down)) => ("closed", up, down),
-                    Err(e) if is_reset(&e) => ("reset", 0, 0),
-                    Err(_) => ("error", 0, 0),
-                },
-                _ = cut.cancelled() => ("cut at drain timeout", 0, 0),
-            };
+            let Relayed { outcome, up, down } = crate::tunnel::relay(upgraded, origin, idle, cut).await;
             info!(
                 target: "baton::access",
                 client = %peer,
@@ -245,8 +276,72 @@ impl Proxy {
                 outcome,
                 "tunnel"
             );
+            crate::metrics::request_done(&Method::CONNECT, StatusCode::OK, started, up, down, true);
         });
         Response::new(empty())
+    }
+
+    /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
+    /// authentication challenge on a 407.
+    fn deny(&self, peer: Peer, method: &Method, target: &str, started: Instant, d: &Denial) -> Response<Body> {
+        warn!(target: "baton::access", client = %peer, method = %method, target = %target, status = d.status.as_u16(), rule = d.rule, reason = %d.reason, ms = started.elapsed().as_millis() as u64, "denied");
+        crate::metrics::request_done(method, d.status, started, 0, d.reason.len() as u64 + 1, false);
+        let mut resp = error_response(d.status, &d.reason);
+        // A client that may not use the proxy at all gets nothing more on this connection.
+        if d.rule == "allow_clients" {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if d.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            && let Some(c) = self
+                .settings
+                .policy
+                .challenge()
+                .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            resp.headers_mut().insert(header::PROXY_AUTHENTICATE, c);
+        }
+        resp
+    }
+
+    /// `Max-Forwards` on OPTIONS and TRACE (RFC 9110 §7.6.2): at 0 the proxy answers itself,
+    /// else it forwards the value decremented.
+    fn answer_max_forwards(&self, parts: &mut http::request::Parts) -> Option<Response<Body>> {
+        if parts.method != Method::OPTIONS && parts.method != Method::TRACE {
+            return None;
+        }
+        let mf_name = HeaderName::from_static("max-forwards");
+        let value: u64 = parts.headers.get(&mf_name)?.to_str().ok()?.trim().parse().ok()?;
+        if value > 0 {
+            parts
+                .headers
+                .insert(mf_name, HeaderValue::from((value - 1).min(u64::from(u32::MAX)) as u32));
+            return None;
+        }
+        let mut resp = if parts.method == Method::TRACE {
+            let mut echo = format!("TRACE {} HTTP/1.1\r\n", parts.uri);
+            for (k, v) in &parts.headers {
+                if matches!(k.as_str(), "cookie" | "authorization" | "proxy-authorization") {
+                    continue;
+                }
+                echo.push_str(&format!("{k}: {}\r\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            let mut r = Response::new(full(echo));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("message/http"));
+            r
+        } else {
+            let mut r = Response::new(empty());
+            r.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"),
+            );
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            r
+        };
+        resp.headers_mut().append(header::VIA, self.via.clone());
+        Some(resp)
     }
 
     fn refuse(
@@ -270,6 +365,7 @@ impl Proxy {
             reason,
             "refused"
         );
+        crate::metrics::request_done(method, status, started, 0, reason.len() as u64 + 1, false);
         error_response(status, reason)
     }
 }
@@ -356,31 +452,74 @@ fn classify_upstream_error(authority: &str, e: &hyper_util::client::legacy::Erro
     }
 }
 
-fn is_reset(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-    )
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Counts the request body's bytes as they stream to the origin.
+/// The first error of type `T` in `e`'s source chain.
+fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// What was wrong with a client's request body, found while streaming it.
+#[derive(Debug, thiserror::Error)]
+enum BodyFault {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("invalid request body: {0}")]
+    Invalid(String),
+}
+
+impl BodyFault {
+    fn status(&self) -> StatusCode {
+        match self {
+            BodyFault::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyFault::Invalid(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The client's request body on its way to the origin: counted, limited, and its faults
+/// recorded so the answer blames the client (413/400), not the origin (502).
 struct Counted {
-    inner: BoxBody<Bytes, hyper::Error>,
+    inner: Incoming,
     count: Arc<AtomicU64>,
+    limit: Option<u64>,
+    fault: Arc<std::sync::OnceLock<BodyFault>>,
 }
 
 impl HttpBody for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = self.count.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    if let Some(max) = self.limit
+                        && total > max
+                    {
+                        let _ = self.fault.set(BodyFault::TooLarge(max));
+                        return Poll::Ready(Some(Err(BodyFault::TooLarge(max).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.fault.set(BodyFault::Invalid(e.to_string()));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -448,6 +587,8 @@ impl Drop for AccessLogged {
                 complete,
                 "request"
             );
+            let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+            crate::metrics::request_done(&r.method, r.status, r.started, bytes_in, self.bytes_out, false);
         }
     }
 }

@@ -272,7 +272,11 @@ fn socket_inodes(pid: u32) -> Vec<(i32, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn successor_inherits_only_the_listeners() {
     let echo = testkit::start_echo().await.unwrap();
-    let baton = Baton::start("[timeouts]\ndrain = \"20s\"\n").await;
+    let baton = Baton::start(&format!(
+        "{}[timeouts]\ndrain = \"20s\"\n",
+        common::connect_ports(&[echo.port()])
+    ))
+    .await;
     let old = baton.pid();
     // An open tunnel gives the old generation sockets that must not leak into the new one.
     let _tunnel = testkit::open_tunnel(baton.proxy, echo).await.unwrap();

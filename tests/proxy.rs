@@ -166,7 +166,7 @@ async fn expect_100_continue_upload_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connect_tunnel_carries_echo_both_ways_with_half_close() {
     let echo = testkit::start_echo().await.unwrap();
-    let baton = Baton::start("").await;
+    let baton = Baton::start(&common::connect_ports(&[echo.port()])).await;
     let mut tunnel = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
     let payload = testkit::pattern(256 * 1024);
     let (mut r, mut w) = tunnel.split();
@@ -195,13 +195,17 @@ async fn raw_exchange(proxy: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn errors_are_answers_with_reasons() {
     let origin = testkit::start_origin().await.unwrap();
-    let baton = Baton::start("[timeouts]\nupstream_response = \"1s\"\n").await;
-    let proxy = format!("http://{}", baton.proxy);
     // A port nothing listens on: bind and drop to find one.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
+    let extra = format!(
+        "{}[timeouts]\nupstream_response = \"1s\"\n",
+        common::connect_ports(&[closed.port()])
+    );
+    let baton = Baton::start(&extra).await;
+    let proxy = format!("http://{}", baton.proxy);
 
     let (_, out, _) = curl(&["-x", &proxy, "-w", "\n%{http_code}", &format!("http://{closed}/")]);
     let text = String::from_utf8_lossy(&out);
@@ -271,7 +275,11 @@ async fn sigterm_finishes_slow_request_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_open_tunnel_cuts_it_at_drain_timeout() {
     let echo = testkit::start_echo().await.unwrap();
-    let mut baton = Baton::start("[timeouts]\ndrain = \"1s\"\n").await;
+    let mut baton = Baton::start(&format!(
+        "{}[timeouts]\ndrain = \"1s\"\n",
+        common::connect_ports(&[echo.port()])
+    ))
+    .await;
     let mut tunnel = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
     tunnel.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];

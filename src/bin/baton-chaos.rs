@@ -115,9 +115,10 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     std::fs::write(
         &config,
         format!(
-            "control_socket = \"{}\"\npid_file = \"{}\"\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n[timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n",
+            "control_socket = \"{}\"\npid_file = \"{}\"\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n[timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n[access]\nconnect_ports = [{}]\n",
             control.display(),
-            dir.join("baton.pid").display()
+            dir.join("baton.pid").display(),
+            echo.port()
         ),
     )?;
     let log = std::fs::File::create(dir.join("baton.log"))?;

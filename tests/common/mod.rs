@@ -166,6 +166,12 @@ pub fn listener_addr(status: &serde_json::Value, name: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no listener {name} in {status}"))
 }
 
+/// An `[access]` section that allows CONNECT to `ports` (the default is 443 only).
+pub fn connect_ports(ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!("[access]\nconnect_ports = [{}]\n", list.join(", "))
+}
+
 /// Polls `check` every 20 ms until it returns Some or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

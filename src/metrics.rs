@@ -1,0 +1,147 @@
+//! Prometheus metrics (through `prometheus-client`). Counters the proxy moves live in one
+//! process-wide [`Metrics`]; what belongs to the whole chain of generations (handoff results,
+//! phase durations, drains) lives in the [`crate::state`] ledger, and what is read at scrape
+//! time (active connections, draining generations) is a [`Collector`] in `admin.rs`.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use http::{Method, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `http` (forwarded requests and refusals) or `tunnel` (CONNECT).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `timeout` or `error`.
+    pub reason: &'static str,
+}
+
+/// The counters of this process (one generation).
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Histogram,
+    pub bytes_received: Family<KindLabels, Counter>,
+    pub bytes_sent: Family<KindLabels, Counter>,
+    pub upstream_connect_errors: Family<ReasonLabels, Counter>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    requests: Family::default(),
+    // 1 ms .. ~65 s
+    request_duration: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+    bytes_received: Family::default(),
+    bytes_sent: Family::default(),
+    upstream_connect_errors: Family::default(),
+});
+
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    /// Registers this process's metrics (clones share the values) under `baton_`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "requests",
+            "Requests answered (CONNECT counted when the tunnel ends), by method and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body (CONNECT tunnels excluded)",
+            self.request_duration.clone(),
+        );
+        registry.register(
+            "client_received_bytes",
+            "Bytes received from clients (request bodies, tunnel upstream)",
+            self.bytes_received.clone(),
+        );
+        registry.register(
+            "client_sent_bytes",
+            "Bytes sent to clients (response bodies, tunnel downstream)",
+            self.bytes_sent.clone(),
+        );
+        registry.register(
+            "upstream_connect_errors",
+            "Failed connects to origins and CONNECT targets",
+            self.upstream_connect_errors.clone(),
+        );
+    }
+}
+
+/// A method label with bounded cardinality.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+pub fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Records one answered request (or a finished tunnel, `tunnel = true`).
+pub fn request_done(
+    method: &Method,
+    status: StatusCode,
+    started: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    tunnel: bool,
+) {
+    let m = get();
+    m.requests
+        .get_or_create(&RequestLabels {
+            method: method_label(method),
+            status_class: status_class(status),
+        })
+        .inc();
+    let kind = KindLabels {
+        kind: if tunnel { "tunnel" } else { "http" },
+    };
+    m.bytes_received.get_or_create(&kind).inc_by(bytes_in);
+    m.bytes_sent.get_or_create(&kind).inc_by(bytes_out);
+    if !tunnel {
+        m.request_duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Records a failed connect to an origin or CONNECT target.
+pub fn upstream_connect_error(timeout: bool) {
+    get()
+        .upstream_connect_errors
+        .get_or_create(&ReasonLabels {
+            reason: if timeout { "timeout" } else { "error" },
+        })
+        .inc();
+}

@@ -1,0 +1,287 @@
+//! State shared by the generations of one baton through a small directory next to the
+//! control socket (`<control socket>.d/`, mode 0700):
+//!
+//! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels,
+//!   rewritten atomically (write + rename) every 250 ms and removed when it exits, so the
+//!   serving generation can report them (files of dead pids are ignored and removed);
+//! - `ledger.json` (+ `ledger.lock`): what outlives a generation — handoffs by result, the
+//!   spawn→ready and drain durations, connections that finished or were cut in drains —
+//!   updated under an exclusive `flock` by whichever generation saw the event. A generation
+//!   started without a predecessor starts a new ledger.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+use crate::drain::Drain;
+
+/// Upper bounds (seconds) of the handoff phase histograms; the last bucket is +Inf.
+pub const PHASE_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Handoff results, in the order they are exported.
+pub const HANDOFF_RESULTS: [&str; 5] = ["ok", "child_exit", "timeout", "spawn_error", "refused"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseHistogram {
+    pub sum: f64,
+    pub count: u64,
+    /// Per-bucket (not cumulative) counts: one per [`PHASE_BUCKETS`] bound, then +Inf.
+    pub buckets: Vec<u64>,
+}
+
+impl PhaseHistogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if self.buckets.len() != PHASE_BUCKETS.len() + 1 {
+            self.buckets = vec![0; PHASE_BUCKETS.len() + 1];
+        }
+        let idx = PHASE_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(PHASE_BUCKETS.len());
+        self.buckets[idx] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// `(upper bound, count)` pairs as `prometheus-client` encodes them.
+    pub fn pairs(&self) -> Vec<(f64, u64)> {
+        PHASE_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .enumerate()
+            .map(|(i, b)| (b, self.buckets.get(i).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// What outlives a generation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Ledger {
+    pub handoffs: BTreeMap<String, u64>,
+    pub spawn_to_ready: PhaseHistogram,
+    pub drain: PhaseHistogram,
+    /// Connections and tunnels handed to drains that ended by themselves.
+    pub drain_finished: u64,
+    /// ... and those cut at the drain timeout.
+    pub drain_cut: u64,
+}
+
+/// A draining generation's remaining work, as the serving generation reads it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainingGeneration {
+    pub pid: u32,
+    pub generation: u64,
+    pub connections: usize,
+    pub tunnels: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The state directory belonging to `control_socket`.
+    pub fn for_control_socket(control_socket: &Path) -> StateDir {
+        let mut name = control_socket.as_os_str().to_owned();
+        name.push(".d");
+        StateDir {
+            dir: PathBuf::from(name),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn draining_dir(&self) -> PathBuf {
+        self.dir.join("draining")
+    }
+
+    /// Creates the directory; `fresh` (no predecessor) starts a new ledger and removes
+    /// leftovers of dead processes.
+    pub fn init(&self, fresh: bool) -> std::io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.draining_dir())?;
+        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        if fresh {
+            self.update_ledger(|l| *l = Ledger::default())?;
+        }
+        let _ = self.draining();
+        Ok(())
+    }
+
+    /// Reads the ledger (empty if none).
+    pub fn ledger(&self) -> Ledger {
+        std::fs::read(self.dir.join("ledger.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Read-modify-write of the ledger under an exclusive lock.
+    pub fn update_ledger(&self, f: impl FnOnce(&mut Ledger)) -> std::io::Result<()> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("ledger.lock"))?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))?;
+        let mut ledger = self.ledger();
+        f(&mut ledger);
+        let text = serde_json::to_vec(&ledger).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir.join("ledger.json"), &text)
+    }
+
+    /// Like [`StateDir::update_ledger`], logging instead of failing: metrics never stop baton.
+    pub fn record(&self, f: impl FnOnce(&mut Ledger)) {
+        if let Err(e) = self.update_ledger(f) {
+            debug!(dir = %self.dir.display(), "cannot update the metrics ledger: {e}");
+        }
+    }
+
+    /// The draining generations other than this process, alive; files of dead ones are removed.
+    pub fn draining(&self) -> Vec<DrainingGeneration> {
+        let Ok(entries) = std::fs::read_dir(self.draining_dir()) else {
+            return Vec::new();
+        };
+        let me = std::process::id();
+        let mut out: Vec<DrainingGeneration> = entries
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let pid: u32 = path.file_stem()?.to_str()?.parse().ok()?;
+                if path.extension().and_then(|x| x.to_str()) != Some("json") || pid == me {
+                    return None;
+                }
+                if !alive(pid) {
+                    let _ = std::fs::remove_file(&path);
+                    return None;
+                }
+                let d: DrainingGeneration = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                (d.pid == pid).then_some(d)
+            })
+            .collect();
+        out.sort_by_key(|d| d.generation);
+        out
+    }
+
+    /// Starts publishing this generation's remaining work every 250 ms until the returned
+    /// guard is finished (or dropped), which removes the file.
+    pub fn publish_draining(&self, generation: u64, drain: Drain) -> DrainingFile {
+        let path = self.draining_dir().join(format!("{}.json", std::process::id()));
+        let stopped = Arc::new(Mutex::new(false));
+        let file = DrainingFile {
+            path: path.clone(),
+            stopped: stopped.clone(),
+        };
+        let write = move || {
+            let d = DrainingGeneration {
+                pid: std::process::id(),
+                generation,
+                connections: drain.active_connections(),
+                tunnels: drain.active_tunnels(),
+            };
+            let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
+            if *guard {
+                return false;
+            }
+            if let Ok(text) = serde_json::to_vec(&d) {
+                let _ = write_atomically(&path, &text);
+            }
+            true
+        };
+        write();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if !write() {
+                    break;
+                }
+            }
+        });
+        file
+    }
+}
+
+/// Removes the draining file (and stops its writer) when dropped.
+pub struct DrainingFile {
+    path: PathBuf,
+    stopped: Arc<Mutex<bool>>,
+}
+
+impl Drop for DrainingFile {
+    fn drop(&mut self) {
+        let mut guard = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        *guard = true;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Whether `pid` is alive and not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_round_trip_and_histogram() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
+        s.init(true).unwrap();
+        s.record(|l| {
+            *l.handoffs.entry("ok".into()).or_default() += 1;
+            l.spawn_to_ready.observe(0.007);
+            l.spawn_to_ready.observe(1000.0);
+        });
+        let l = s.ledger();
+        assert_eq!(l.handoffs["ok"], 1);
+        assert_eq!(l.spawn_to_ready.count, 2);
+        let pairs = l.spawn_to_ready.pairs();
+        assert_eq!(pairs[1], (0.01, 1));
+        assert_eq!(pairs.last().unwrap().1, 1);
+        s.init(true).unwrap();
+        assert_eq!(s.ledger(), Ledger::default());
+    }
+
+    #[test]
+    fn dead_pids_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
+        s.init(true).unwrap();
+        let stale = s.draining_dir().join("999999999.json");
+        std::fs::write(
+            &stale,
+            r#"{"pid":999999999,"generation":1,"connections":1,"tunnels":0}"#,
+        )
+        .unwrap();
+        assert!(s.draining().is_empty());
+        assert!(!stale.exists());
+    }
+}
