@@ -220,7 +220,7 @@ async fn errors_are_answers_with_reasons() {
 
     let resp = raw_exchange(
         baton.proxy,
-        format!("CONNECT {closed} HTTP/1.1\r\nHost: {closed}\r\n\r\n").as_bytes(),
+        format!("CONNECT {closed} HTTP/1.1\r\nHost: {closed}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
@@ -236,7 +236,11 @@ async fn errors_are_answers_with_reasons() {
         "{resp}"
     );
 
-    let resp = raw_exchange(baton.proxy, b"CONNECT nowhere HTTP/1.1\r\nHost: nowhere\r\n\r\n").await;
+    let resp = raw_exchange(
+        baton.proxy,
+        b"CONNECT nowhere HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 
     let resp = raw_exchange(baton.proxy, b"THIS IS NOT HTTP\r\n\r\n").await;
