@@ -408,21 +408,32 @@ fn check_target(uri: &Uri) -> Result<String, &'static str> {
     if authority.host().is_empty() {
         return Err("empty host in request target");
     }
-    Ok(match authority.port() {
-        Some(p) => format!("{}:{}", authority.host(), p.as_str()),
-        None => authority.host().to_string(),
-    })
+    // `host[:port]`, without any `user@` part.
+    Ok(authority.as_str().rsplit('@').next().unwrap_or_default().to_string())
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One pass over the fields finds what to remove; most messages carry at most
+    // `Connection: keep-alive`, and removing only what is present saves a hash lookup per name.
+    let mut present: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if HOP_BY_HOP.contains(name) {
+            present.push(name.clone());
+        }
+        if name != header::CONNECTION {
+            continue;
+        }
+        for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+            // `close` names no field; `keep-alive` is in HOP_BY_HOP already.
+            if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                present.push(n);
+            }
+        }
+    }
+    for name in present {
         headers.remove(name);
     }
 }
