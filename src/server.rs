@@ -7,7 +7,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, warn};
@@ -95,10 +95,10 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self.proxy.clone();
-        let first_request = Arc::new(FirstRequest::default());
-        let seen = first_request.clone();
+        let requests = Arc::new(RequestSignal::default());
+        let started = requests.clone();
         let svc = service_fn(move |req| {
-            seen.mark();
+            started.mark();
             proxy.clone().serve(peer, req)
         });
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
@@ -108,19 +108,19 @@ impl Server {
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = draining.cancelled() => {
-                // A connection accepted just before the drain has not sent its request yet;
-                // hyper would see it idle and close it, failing a client that did nothing
-                // wrong. Let it make its first request (bounded by the header read timeout).
-                if !first_request.seen() {
-                    tokio::select! {
-                        r = conn.as_mut() => return log_end(peer, r),
-                        _ = first_request.wait() => {}
-                        _ = tokio::time::sleep(self.header_read_timeout) => {}
-                        _ = cut.cancelled() => return,
-                    }
+                // hyper's graceful shutdown closes a connection it sees idle at once. A client
+                // may be sending its next request at that very moment (or, on a connection
+                // accepted just before the drain, its first), and would see the connection
+                // close unanswered. So wait until the client starts a request (then hyper
+                // finishes it with `Connection: close`) or stays quiet for a grace period.
+                let seen = requests.count();
+                let grace = if seen == 0 { self.header_read_timeout } else { IDLE_GRACE };
+                tokio::select! {
+                    r = conn.as_mut() => return log_end(peer, r),
+                    _ = requests.wait_beyond(seen) => {}
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = cut.cancelled() => return,
                 }
-                // Finish the request in flight (its response says `Connection: close`), or
-                // close at once when idle.
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
                     r = conn.as_mut() => r,
@@ -132,33 +132,36 @@ impl Server {
     }
 }
 
+/// How long a draining generation keeps an idle keep-alive connection open for the client's
+/// next request (answered with `Connection: close`) before closing it.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
 fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         debug!(client = %peer, "connection ended: {e}");
     }
 }
 
-/// Whether a connection has started its first request, and a way to wait for it.
+/// Counts the requests a connection started, and lets the drain wait for the next one.
 #[derive(Default)]
-struct FirstRequest {
-    seen: AtomicBool,
+struct RequestSignal {
+    started: AtomicU64,
     notify: Notify,
 }
 
-impl FirstRequest {
+impl RequestSignal {
     fn mark(&self) {
-        if !self.seen.swap(true, Ordering::AcqRel) {
-            // notify_one keeps a permit if nobody waits yet: no lost wake-up.
-            self.notify.notify_one();
-        }
+        self.started.fetch_add(1, Ordering::AcqRel);
+        // notify_one keeps a permit if nobody waits yet: no lost wake-up.
+        self.notify.notify_one();
     }
 
-    fn seen(&self) -> bool {
-        self.seen.load(Ordering::Acquire)
+    fn count(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
     }
 
-    async fn wait(&self) {
-        if !self.seen() {
+    async fn wait_beyond(&self, seen: u64) {
+        while self.count() <= seen {
             self.notify.notified().await;
         }
     }

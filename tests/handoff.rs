@@ -22,6 +22,10 @@ fn upgrade_under_load_loses_nothing() {
     let s: serde_json::Value = serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(s["failures"], 0, "client-visible failures: {s}");
+    assert_eq!(
+        s["keepalive_retries"], 0,
+        "keep-alive requests met a closing connection: {s}"
+    );
     assert_eq!(s["handoffs_ok"], 20, "{s}");
     assert_eq!(s["pids_distinct"], true, "{s}");
     assert_eq!(
