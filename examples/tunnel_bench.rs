@@ -1,0 +1,342 @@
+//! Load tool for scripts/bench: what wrk cannot measure.
+//!
+//!   tunnel_bench open --proxy HOST:PORT [--conns 32] [--secs 5]
+//!       CONNECT tunnels opened per second: each worker loops CONNECT → 200 → read one byte
+//!       from the target through the tunnel → close. The target is a server inside this tool.
+//!   tunnel_bench bulk (--proxy HOST:PORT | --direct) [--tunnels 1] [--secs 5]
+//!       Bulk bytes/s through N tunnels (target writes as fast as it can, we read and count);
+//!       --direct reads from the target without a proxy (the loopback ceiling).
+//!   tunnel_bench http --proxy HOST:PORT --url http://origin/path [--conns 32] [--secs 8]
+//!       [--out FILE]
+//!       Keep-alive GETs (absolute form) through the proxy, closed loop; writes one line per
+//!       request to FILE: start offset in µs since the start, latency in µs, 1 ok / 0 failed.
+//!       A failed request (reset, EOF mid-response, non-2xx) is counted, the worker reconnects.
+//!
+//! open and bulk take --target-port N: the target listens on 127.0.0.1:N instead of a free
+//! port (for proxies that tunnel only to listed ports).
+//!
+//! Each mode prints one JSON line on stdout. Build: cargo build --release --example tunnel_bench
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Args {
+    mode: String,
+    proxy: Option<SocketAddr>,
+    direct: bool,
+    conns: usize,
+    secs: f64,
+    url: String,
+    out: Option<String>,
+    target_port: u16,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let mode = it.next().context("usage: tunnel_bench open|bulk|http [options]")?;
+    let mut a = Args {
+        mode,
+        proxy: None,
+        direct: false,
+        conns: 0,
+        secs: 5.0,
+        url: String::new(),
+        out: None,
+        target_port: 0,
+    };
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--proxy" => a.proxy = Some(val()?.parse().context("--proxy HOST:PORT")?),
+            "--direct" => a.direct = true,
+            "--conns" | "--tunnels" => a.conns = val()?.parse()?,
+            "--secs" => a.secs = val()?.parse()?,
+            "--url" => a.url = val()?,
+            "--out" => a.out = Some(val()?),
+            "--target-port" => a.target_port = val()?.parse()?,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    // One thread: the load generator is pinned to one core by scripts/bench.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.mode.as_str() {
+            "open" => open(&args).await,
+            "bulk" => bulk(&args).await,
+            "http" => http(&args).await,
+            m => bail!("unknown mode {m} (open, bulk, http)"),
+        }
+    })
+}
+
+/// Sends CONNECT for `target` on a fresh connection to `proxy` and reads the response head.
+async fn tunnel(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<BufReader<TcpStream>> {
+    let s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    let mut s = BufReader::new(s);
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    s.get_mut().write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    s.read_line(&mut line).await?;
+    if !(line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200")) {
+        bail!("CONNECT refused: {}", line.trim());
+    }
+    loop {
+        line.clear();
+        if s.read_line(&mut line).await? == 0 {
+            bail!("EOF in CONNECT response");
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    Ok(s)
+}
+
+async fn open(a: &Args) -> anyhow::Result<()> {
+    let proxy = a.proxy.context("--proxy needed")?;
+    // The target: writes one byte and closes.
+    let l = TcpListener::bind(("127.0.0.1", a.target_port)).await?;
+    let target = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"x").await;
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b).await; // wait for the client's close
+            });
+        }
+    });
+    let conns = a.conns.max(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    let mut t = tunnel(proxy, target).await?;
+                    let mut b = [0u8; 1];
+                    t.read_exact(&mut b).await?;
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), r).await {
+                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
+    let n = done.load(Ordering::Relaxed);
+    let el = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    println!(
+        "{{\"mode\":\"open\",\"conns\":{conns},\"tunnels\":{n},\"per_sec\":{:.1},\"errors\":{}}}",
+        n as f64 / el,
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+async fn bulk(a: &Args) -> anyhow::Result<()> {
+    if a.proxy.is_none() && !a.direct {
+        bail!("--proxy or --direct needed");
+    }
+    // The target: writes 256 KiB chunks as fast as the reader takes them.
+    let l = TcpListener::bind(("127.0.0.1", a.target_port)).await?;
+    let target = l.local_addr()?;
+    tokio::spawn(async move {
+        let chunk: Arc<Vec<u8>> = Arc::new(vec![0x5a; 256 * 1024]);
+        while let Ok((mut s, _)) = l.accept().await {
+            let chunk = chunk.clone();
+            tokio::spawn(async move { while s.write_all(&chunk).await.is_ok() {} });
+        }
+    });
+    let n = a.conns.max(1);
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let s = match a.proxy {
+            Some(p) if !a.direct => tunnel(p, target).await?,
+            _ => BufReader::new(TcpStream::connect(target).await?),
+        };
+        streams.push(s);
+    }
+    let mut tasks = Vec::new();
+    for mut s in streams {
+        let bytes = bytes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => bytes.fetch_add(k as u64, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // Warm up a little, then measure.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b0 = bytes.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
+    let b = bytes.load(Ordering::Relaxed) - b0;
+    let el = t0.elapsed().as_secs_f64();
+    for t in tasks {
+        t.abort();
+    }
+    println!(
+        "{{\"mode\":\"bulk\",\"tunnels\":{n},\"bytes\":{b},\"bytes_per_sec\":{:.0}}}",
+        b as f64 / el
+    );
+    Ok(())
+}
+
+/// One GET over `conn` (absolute form); returns Ok(true) if the connection stays usable.
+async fn get_once(conn: &mut BufReader<TcpStream>, req: &[u8]) -> anyhow::Result<bool> {
+    conn.get_mut().write_all(req).await?;
+    let mut line = String::new();
+    if conn.read_line(&mut line).await? == 0 {
+        bail!("EOF before response");
+    }
+    let ok = line.starts_with("HTTP/1.1 2") || line.starts_with("HTTP/1.0 2");
+    let mut len: Option<usize> = None;
+    let mut keep = line.starts_with("HTTP/1.1");
+    loop {
+        line.clear();
+        if conn.read_line(&mut line).await? == 0 {
+            bail!("EOF in response head");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = Some(v.trim().parse()?);
+        } else if lower.starts_with("connection:") && lower.contains("close") {
+            keep = false;
+        }
+    }
+    let Some(mut left) = len else {
+        bail!("no content-length")
+    };
+    let mut buf = [0u8; 16 * 1024];
+    while left > 0 {
+        let k = conn.read(&mut buf[..left.min(16 * 1024)]).await?;
+        if k == 0 {
+            bail!("EOF in body");
+        }
+        left -= k;
+    }
+    if !ok {
+        bail!("non-2xx status");
+    }
+    Ok(keep)
+}
+
+async fn http(a: &Args) -> anyhow::Result<()> {
+    let proxy = a.proxy.context("--proxy needed")?;
+    let host = a
+        .url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .context("--url http://host/path")?
+        .to_string();
+    let req: Arc<Vec<u8>> = Arc::new(format!("GET {} HTTP/1.1\r\nHost: {host}\r\n\r\n", a.url).into_bytes());
+    let conns = a.conns.max(1);
+    let t0 = Instant::now();
+    let epoch = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let deadline = t0 + Duration::from_secs_f64(a.secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples: Vec<(u32, u32, bool)> = Vec::with_capacity(1 << 16);
+            let mut reconnects = 0u64;
+            let mut kinds: Vec<String> = Vec::new();
+            let mut conn: Option<BufReader<TcpStream>> = None;
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                let reused = conn.is_some();
+                let r = async {
+                    if conn.is_none() {
+                        let s = TcpStream::connect(proxy).await?;
+                        s.set_nodelay(true)?;
+                        conn = Some(BufReader::new(s));
+                        reconnects += 1;
+                    }
+                    get_once(conn.as_mut().expect("set"), &req).await
+                };
+                let ok = match tokio::time::timeout(Duration::from_secs(5), r).await {
+                    Ok(Ok(keep)) => {
+                        if !keep {
+                            conn = None;
+                        }
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        conn = None;
+                        let what = e
+                            .downcast_ref::<std::io::Error>()
+                            .map_or_else(|| e.to_string(), |io| format!("{:?}", io.kind()));
+                        kinds.push(format!("{}{what}", if reused { "reused conn: " } else { "new conn: " }));
+                        false
+                    }
+                    Err(_) => {
+                        conn = None;
+                        kinds.push("timeout".into());
+                        false
+                    }
+                };
+                let off = start.duration_since(t0).as_micros() as u32;
+                samples.push((off, start.elapsed().as_micros() as u32, ok));
+            }
+            (samples, reconnects, kinds)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut reconnects = 0;
+    let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+    for t in tasks {
+        let (s, r, k) = t.await?;
+        all.extend(s);
+        reconnects += r;
+        for k in k {
+            *kinds.entry(k).or_default() += 1;
+        }
+    }
+    all.sort_unstable();
+    let failed = all.iter().filter(|s| !s.2).count();
+    if let Some(path) = &a.out {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (off, lat, ok) in &all {
+            writeln!(w, "{off} {lat} {}", *ok as u8)?;
+        }
+        w.flush()?;
+    }
+    println!(
+        "{{\"mode\":\"http\",\"start_epoch\":{epoch:.6},\"requests\":{},\"failed\":{failed},\"connections\":{reconnects},\"failures\":{}}}",
+        all.len(),
+        serde_json::to_string(&kinds)?
+    );
+    Ok(())
+}
