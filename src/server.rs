@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::drain::Drain;
 use crate::listeners::{Peer, Socket, Stream};
@@ -136,8 +136,17 @@ impl Server {
 /// next request (answered with `Connection: close`) before closing it.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 
+/// hyper answers unparsable input itself (400, or 431 for an oversized head) and closes; the
+/// reason goes to the access log here. Other endings (resets, a vanished peer) are routine.
 fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
-    if let Err(e) = result {
+    let Err(e) = result else { return };
+    if e.is_parse_too_large() {
+        warn!(target: "baton::access", client = %peer, status = 431, reason = %e, "refused");
+    } else if e.is_parse() {
+        warn!(target: "baton::access", client = %peer, status = 400, reason = %e, "refused");
+    } else if e.is_timeout() {
+        info!(target: "baton::access", client = %peer, reason = "request head not received within header_read", "closed");
+    } else {
         debug!(client = %peer, "connection ended: {e}");
     }
 }
