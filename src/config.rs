@@ -49,6 +49,7 @@ pub struct ListenerConfig {
 pub struct Timeouts {
     pub header_read: Duration,
     pub tunnel_idle: Duration,
+    pub upstream_idle: Duration,
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub drain: Duration,
@@ -164,6 +165,8 @@ struct RawTimeouts {
     #[serde(with = "humantime_serde")]
     tunnel_idle: Duration,
     #[serde(with = "humantime_serde")]
+    upstream_idle: Duration,
+    #[serde(with = "humantime_serde")]
     upstream_connect: Duration,
     #[serde(with = "humantime_serde")]
     upstream_response: Duration,
@@ -178,6 +181,7 @@ impl Default for RawTimeouts {
         RawTimeouts {
             header_read: Duration::from_secs(10),
             tunnel_idle: Duration::from_secs(300),
+            upstream_idle: Duration::from_secs(30),
             upstream_connect: Duration::from_secs(10),
             upstream_response: Duration::from_secs(60),
             drain: Duration::from_secs(30),
@@ -357,6 +361,7 @@ impl Config {
             timeouts: Timeouts {
                 header_read: t.header_read,
                 tunnel_idle: t.tunnel_idle,
+                upstream_idle: t.upstream_idle,
                 upstream_connect: t.upstream_connect,
                 upstream_response: t.upstream_response,
                 drain: t.drain,

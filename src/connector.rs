@@ -1,14 +1,8 @@
-//! The origin connector behind the pooled HTTP client: resolves the origin, checks every
-//! address against the [`Policy`] and connects only to addresses it approved.
+//! Connecting to origins and CONNECT targets: resolve, check every address against the
+//! [`Policy`], connect only to addresses it approved.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::policy::{Denial, Policy, ResolveError};
@@ -60,30 +54,4 @@ pub async fn connect_checked(
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| ConnectError::TimedOut(timeout))?
-}
-
-#[derive(Clone)]
-pub struct GuardedConnector {
-    pub policy: Arc<Policy>,
-    pub timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for GuardedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let policy = self.policy.clone();
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default().to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            connect_checked(&policy, &host, port, timeout).await.map(TokioIo::new)
-        })
-    }
 }

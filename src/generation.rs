@@ -133,6 +133,7 @@ impl Generation {
                 upstream_connect: config.timeouts.upstream_connect,
                 upstream_response: config.timeouts.upstream_response,
                 tunnel_idle: config.timeouts.tunnel_idle,
+                upstream_idle: config.timeouts.upstream_idle,
                 max_uri_bytes: config.limits.max_uri_bytes,
                 max_body_bytes: config.limits.max_body_bytes,
                 policy,

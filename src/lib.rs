@@ -22,3 +22,4 @@ pub mod state;
 pub mod telemetry;
 pub mod testkit;
 pub mod tunnel;
+pub mod upstream;

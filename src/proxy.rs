@@ -16,20 +16,16 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tracing::{info, warn};
 
-use crate::connector::{ConnectError, GuardedConnector, connect_checked};
+use crate::connector::{ConnectError, connect_checked};
 use crate::drain::Drain;
 use crate::listeners::Peer;
 use crate::policy::{Denial, Policy};
 use crate::tunnel::Relayed;
+use crate::upstream::{Affinity, BoxError, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The request body on its way to the origin: the client's, counted and size-limited.
-type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Settings the proxy needs from the configuration.
 #[derive(Clone)]
@@ -37,13 +33,14 @@ pub struct ProxySettings {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub tunnel_idle: Duration,
+    pub upstream_idle: Duration,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
     pub policy: Arc<Policy>,
 }
 
 pub struct Proxy {
-    client: Client<GuardedConnector, UpstreamBody>,
+    upstream: Arc<Upstream>,
     settings: ProxySettings,
     drain: Drain,
     via: HeaderValue,
@@ -63,17 +60,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 impl Proxy {
     pub fn new(settings: ProxySettings, drain: Drain) -> Proxy {
-        let connector = GuardedConnector {
-            policy: settings.policy.clone(),
-            timeout: settings.upstream_connect,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+        let upstream = Upstream::new(
+            settings.policy.clone(),
+            settings.upstream_connect,
+            settings.upstream_idle,
+        );
         Proxy {
-            client,
+            upstream,
             settings,
             drain,
             via: HeaderValue::from_static("1.1 baton"),
@@ -81,7 +74,18 @@ impl Proxy {
     }
 
     /// Serves one request from `peer`.
-    pub async fn serve(self: Arc<Self>, peer: Peer, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// The origin connection pool, for the per-connection [`Affinity`].
+    pub fn upstream(&self) -> Arc<Upstream> {
+        self.upstream.clone()
+    }
+
+    /// Serves one request from `peer`; `affinity` is the client connection's origin connection.
+    pub async fn serve(
+        self: Arc<Self>,
+        peer: Peer,
+        affinity: Arc<Affinity>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let method = req.method().clone();
         let target = req.uri().to_string();
@@ -105,7 +109,7 @@ impl Proxy {
         // request that also carried Content-Length may be a smuggling attempt (RFC 9112 §6.1),
         // and hyper drops that Content-Length before we could see it.
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
-        let mut resp = self.forward(peer, req, started).await;
+        let mut resp = self.forward(peer, &affinity, req, started).await;
         if close_after {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -113,9 +117,17 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn forward(&self, peer: Peer, req: Request<Incoming>, started: Instant) -> Response<Body> {
+    async fn forward(
+        &self,
+        peer: Peer,
+        affinity: &Affinity,
+        req: Request<Incoming>,
+        started: Instant,
+    ) -> Response<Body> {
         let method = req.method().clone();
         let target = req.uri().to_string();
+        let host = req.uri().host().unwrap_or_default().to_string();
+        let port = req.uri().port_u16().unwrap_or(80);
         let authority = match check_target(req.uri()) {
             Ok(a) => a,
             Err(reason) => return self.refuse(peer, &method, &target, started, StatusCode::BAD_REQUEST, reason),
@@ -150,6 +162,11 @@ impl Proxy {
             }
         }
         parts.headers.append(header::VIA, self.via.clone());
+        // The origin gets the origin-form target (RFC 9112 §3.2.1).
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
         let bytes_in = Arc::new(AtomicU64::new(0));
         let body_fault = Arc::new(std::sync::OnceLock::new());
         let body = Counted {
@@ -159,7 +176,7 @@ impl Proxy {
             fault: body_fault.clone(),
         }
         .boxed();
-        let upstream = self.client.request(Request::from_parts(parts, body));
+        let upstream = affinity.send(&authority, &host, port, Request::from_parts(parts, body));
         let result = tokio::time::timeout(self.settings.upstream_response, upstream).await;
         let resp = match result {
             Err(_) => {
@@ -177,13 +194,24 @@ impl Proxy {
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     return resp;
                 }
-                if let Some(ConnectError::Denied(d)) = find_source::<ConnectError>(&e) {
-                    return self.deny(peer, &method, &target, started, d);
-                }
-                let (status, reason) = classify_upstream_error(&authority, &e);
-                if e.is_connect() {
-                    crate::metrics::upstream_connect_error(status == StatusCode::GATEWAY_TIMEOUT);
-                }
+                let (status, reason) = match &e {
+                    UpstreamError::Connect(ConnectError::Denied(d)) => {
+                        return self.deny(peer, &method, &target, started, d);
+                    }
+                    UpstreamError::Connect(ConnectError::TimedOut(t)) => {
+                        crate::metrics::upstream_connect_error(true);
+                        let reason = format!("connect to origin {authority} timed out after {t:?}");
+                        (StatusCode::GATEWAY_TIMEOUT, reason)
+                    }
+                    UpstreamError::Connect(c) => {
+                        crate::metrics::upstream_connect_error(false);
+                        (
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot connect to origin {authority}: {c}"),
+                        )
+                    }
+                    UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("origin {authority} failed: {h}")),
+                };
                 return self.refuse(peer, &method, &target, started, status, &reason);
             }
             Ok(Ok(resp)) => resp,
@@ -438,45 +466,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn classify_upstream_error(authority: &str, e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    let mut detail = String::new();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("connect to origin {authority} timed out"),
-            );
-        }
-        detail = s.to_string();
-        source = s.source();
-    }
-    if e.is_connect() {
-        (
-            StatusCode::BAD_GATEWAY,
-            format!("cannot connect to origin {authority}: {detail}"),
-        )
-    } else {
-        (StatusCode::BAD_GATEWAY, format!("origin {authority} failed: {detail}"))
-    }
-}
-
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// The first error of type `T` in `e`'s source chain.
-fn find_source<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(t) = err.downcast_ref::<T>() {
-            return Some(t);
-        }
-        cur = err.source();
-    }
-    None
 }
 
 /// What was wrong with a client's request body, found while streaming it.

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::drain::Drain;
 use crate::listeners::{Peer, Socket, Stream};
 use crate::proxy::Proxy;
+use crate::upstream::Affinity;
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -97,9 +98,10 @@ impl Server {
         let proxy = self.proxy.clone();
         let requests = Arc::new(RequestSignal::default());
         let started = requests.clone();
+        let affinity = Arc::new(Affinity::new(self.proxy.upstream()));
         let svc = service_fn(move |req| {
             started.mark();
-            proxy.clone().serve(peer, req)
+            proxy.clone().serve(peer, affinity.clone(), req)
         });
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);

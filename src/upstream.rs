@@ -1,0 +1,180 @@
+//! Connections to origins. Each client connection keeps the origin connection its last
+//! request used (a keep-alive client usually asks the same origin again: no pool lookup, no
+//! lock, no hand-off to another task); when the client connection ends, that origin
+//! connection goes back to a shared pool, where the next client connection to the same
+//! origin finds it. Connects go through the [`Policy`] (see [`connect_checked`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+
+use crate::connector::{ConnectError, connect_checked};
+use crate::policy::Policy;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type UpstreamBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+type Sender = SendRequest<UpstreamBody>;
+
+/// Idle origin connections kept per origin.
+const POOL_PER_ORIGIN: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The shared pool of idle origin connections, keyed by `host:port`.
+pub struct Upstream {
+    policy: Arc<Policy>,
+    connect_timeout: Duration,
+    /// How long an idle origin connection is kept (`timeouts.upstream_idle`; keep it below
+    /// the origins' own keep-alive timeout, commonly 60-75 s).
+    max_idle: Duration,
+    idle: Mutex<HashMap<String, Vec<(Instant, Sender)>>>,
+}
+
+impl Upstream {
+    /// Also starts the sweeper that closes idle connections past `max_idle`; it stops when
+    /// the `Upstream` is dropped.
+    pub fn new(policy: Arc<Policy>, connect_timeout: Duration, max_idle: Duration) -> Arc<Upstream> {
+        let upstream = Arc::new(Upstream {
+            policy,
+            connect_timeout,
+            max_idle,
+            idle: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&upstream);
+        let period = (max_idle / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(upstream) = weak.upgrade() else { break };
+                upstream.sweep();
+            }
+        });
+        upstream
+    }
+
+    /// Drops idle connections past `max_idle` or closed by their origin.
+    fn sweep(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|_, list| {
+                list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
+                !list.is_empty()
+            });
+        }
+    }
+
+    fn checkout(&self, origin: &str) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(origin)?;
+        while let Some((since, sender)) = list.pop() {
+            if since.elapsed() < self.max_idle && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, origin: String, sender: Sender) {
+        if !sender.is_ready() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(origin).or_default();
+            list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
+            if list.len() < POOL_PER_ORIGIN {
+                list.push((Instant::now(), sender));
+            }
+        }
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> Result<Sender, UpstreamError> {
+        let stream = connect_checked(&self.policy, host, port, self.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // Ends when the origin closes, or when the last sender is dropped while idle.
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// One client connection's origin connection, returned to the pool when the client leaves.
+pub struct Affinity {
+    upstream: Arc<Upstream>,
+    current: Mutex<Option<(String, Sender)>>,
+}
+
+impl Affinity {
+    pub fn new(upstream: Arc<Upstream>) -> Affinity {
+        Affinity {
+            upstream,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// This connection's origin connection to `origin` if it is free, else a pooled one.
+    fn take(&self, origin: &str) -> Option<Sender> {
+        let mine = self.current.lock().ok().and_then(|mut c| c.take());
+        match mine {
+            // Its previous response may be finishing this very moment: `send` waits for it.
+            Some((o, s)) if o == origin && !s.is_closed() => return Some(s),
+            Some((o, s)) => self.upstream.checkin(o, s),
+            None => {}
+        }
+        self.upstream.checkout(origin)
+    }
+
+    /// Sends `req` to `origin` (`host:port`). A reused connection that turns out closed
+    /// before the request was written is replaced by a new one, once.
+    pub async fn send(
+        &self,
+        origin: &str,
+        host: &str,
+        port: u16,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = req;
+        let mut reused = self.take(origin);
+        loop {
+            let fresh = reused.is_none();
+            let mut sender = match reused.take() {
+                Some(mut s) => match s.ready().await {
+                    Ok(()) => s,
+                    Err(_) => continue,
+                },
+                None => self.upstream.connect(host, port).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    if let Ok(mut c) = self.current.lock() {
+                        *c = Some((origin.to_string(), sender));
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        if let Some((origin, sender)) = self.current.get_mut().ok().and_then(Option::take) {
+            self.upstream.checkin(origin, sender);
+        }
+    }
+}
