@@ -215,8 +215,8 @@ fn json_line<T: Serialize>(v: &T) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach baton's control socket {path}: {source} (is baton running with this configuration?)")]
-    Connect { path: String, source: std::io::Error },
+    #[error("cannot reach baton's control socket {path}: {cause} (is baton running with this configuration?)")]
+    Connect { path: String, cause: std::io::Error },
     #[error("control socket i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("unexpected answer from baton: {0}")]
@@ -229,9 +229,9 @@ pub async fn request(
     command: &str,
     mut on_line: impl FnMut(serde_json::Value),
 ) -> Result<(), ClientError> {
-    let stream = UnixStream::connect(path).await.map_err(|source| ClientError::Connect {
+    let stream = UnixStream::connect(path).await.map_err(|cause| ClientError::Connect {
         path: path.display().to_string(),
-        source,
+        cause,
     })?;
     let (read, mut write) = stream.into_split();
     write.write_all(format!("{command}\n").as_bytes()).await?;
