@@ -127,16 +127,30 @@ fn run(args: RunArgs, inherited: Inherited) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    let pid_file = config.pid_file.clone();
     let exit = runtime.block_on(async move {
         let generation = Generation::start(launch, config, inherited).await?;
         Ok::<_, anyhow::Error>(generation.run().await)
     })?;
     // Tasks still parked (reapers, cut tunnels) must not hold the exit up.
     runtime.shutdown_background();
+    if !matches!(exit, Exit::HandedOff(_)) {
+        remove_own_pid_file(pid_file.as_deref());
+    }
     Ok(match exit {
         Exit::HandedOff(_) | Exit::Stopped(_) => ExitCode::SUCCESS,
         Exit::Forced => ExitCode::from(1),
     })
+}
+
+/// A stopped baton removes its pid file, unless it names another process by now (a
+/// generation that handed off leaves it to its successor, which wrote its own pid there).
+fn remove_own_pid_file(path: Option<&Path>) {
+    let Some(path) = path else { return };
+    let own = std::fs::read_to_string(path).is_ok_and(|p| p.trim() == std::process::id().to_string());
+    if own {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The absolute path this binary was started as (never /proc/self/exe, which names the old

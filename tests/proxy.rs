@@ -274,6 +274,10 @@ async fn sigterm_finishes_slow_request_then_exits_zero() {
     assert!(ok, "slow request failed during stop: {err}");
     assert_eq!(out, testkit::pattern(100000), "slow response truncated");
     assert_eq!(code, Some(0), "{}", baton.log());
+    assert!(
+        !baton.dir.path().join("baton.pid").exists(),
+        "a stopped baton removes its pid file"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
