@@ -103,13 +103,13 @@ impl Proxy {
             return Ok(self.refuse(peer, &method, &target, started, StatusCode::URI_TOO_LONG, &reason));
         }
         if method == Method::CONNECT {
-            return Ok(self.connect(peer, req, started).await);
+            return Ok(self.connect(peer, req, target, started).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer: a
         // request that also carried Content-Length may be a smuggling attempt (RFC 9112 §6.1),
         // and hyper drops that Content-Length before we could see it.
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
-        let mut resp = self.forward(peer, &affinity, req, started).await;
+        let mut resp = self.forward(peer, &affinity, req, target, started).await;
         if close_after {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -122,10 +122,10 @@ impl Proxy {
         peer: Peer,
         affinity: &Affinity,
         req: Request<Incoming>,
+        target: String,
         started: Instant,
     ) -> Response<Body> {
         let method = req.method().clone();
-        let target = req.uri().to_string();
         let host = req.uri().host().unwrap_or_default().to_string();
         let port = req.uri().port_u16().unwrap_or(80);
         let authority = match check_target(req.uri()) {
@@ -236,8 +236,7 @@ impl Proxy {
         Response::from_parts(parts, logged.boxed())
     }
 
-    async fn connect(&self, peer: Peer, req: Request<Incoming>, started: Instant) -> Response<Body> {
-        let target = req.uri().to_string();
+    async fn connect(&self, peer: Peer, req: Request<Incoming>, target: String, started: Instant) -> Response<Body> {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(
                 peer,
