@@ -435,9 +435,22 @@ unsafe fn exec_child(
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        libc::execve(program, argv.as_ptr(), envp.as_ptr());
+        // ETXTBSY: the new binary is still open for writing somewhere (an installer, or a
+        // process that forked while it was being written); that passes within moments.
+        let mut errno = 0;
+        for _ in 0..50 {
+            libc::execve(program, argv.as_ptr(), envp.as_ptr());
+            errno = *libc::__errno_location();
+            if errno != libc::ETXTBSY {
+                break;
+            }
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 20_000_000,
+            };
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
         // exec failed: tell the parent why through the readiness pipe.
-        let errno = *libc::__errno_location();
         let mut msg = *b"exec-error 0000\n";
         let mut e = errno.clamp(0, 9999) as u32;
         for i in (11..15).rev() {

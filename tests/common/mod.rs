@@ -44,17 +44,18 @@ impl Baton {
         let config = dir.path().join("baton.toml");
         std::fs::write(&config, config_text(dir.path(), extra)).expect("write config");
         let log = std::fs::File::create(dir.path().join("baton.log")).expect("log file");
-        let child = Command::new(program)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .args(extra_args)
-            .env("BATON_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn baton");
+        let child = spawn_retrying_etxtbsy(|| {
+            Command::new(program)
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .args(extra_args)
+                .env("BATON_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().expect("log fd"))
+                .spawn()
+        });
         let control = dir.path().join("control.sock");
         let mut b = Baton {
             child,
@@ -147,6 +148,18 @@ impl Drop for Baton {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A test that just wrote a binary can fail to exec it with ETXTBSY: a child forked meanwhile
+/// by another test thread holds the write fd until its own exec. Retries, bounded.
+fn spawn_retrying_etxtbsy(mut spawn: impl FnMut() -> std::io::Result<Child>) -> Child {
+    for _ in 0..50 {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => std::thread::sleep(Duration::from_millis(20)),
+            other => return other.expect("spawn baton"),
+        }
+    }
+    panic!("binary stayed busy (ETXTBSY) for 1 s");
 }
 
 pub async fn status(control: &Path) -> Option<serde_json::Value> {
