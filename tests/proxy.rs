@@ -343,6 +343,11 @@ async fn adopts_socket_passed_by_systemd_socket_activate() {
         .spawn()
         .expect("systemd-socket-activate (from systemd) must be installed");
     let _guard = common::KillOnDrop(child);
+    // Wait until systemd-socket-activate listens (without connecting: that would activate).
+    wait_for(Duration::from_secs(10), "systemd-socket-activate to listen", || async {
+        common::tcp_listening(port).then_some(())
+    })
+    .await;
     // The first connection makes systemd-socket-activate exec baton with the listening socket
     // as fd 3; baton then accepts that very connection from the socket's queue.
     let proxy_url = format!("http://127.0.0.1:{port}");

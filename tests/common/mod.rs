@@ -254,6 +254,17 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Whether some socket listens on 127.0.0.1:`port` (from /proc/net/tcp, without connecting).
+pub fn tcp_listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
+    })
+}
+
 /// A child process killed (and reaped) when the test ends, pass or fail.
 pub struct KillOnDrop(pub Child);
 
