@@ -91,7 +91,6 @@ pub struct Generation {
     state: State,
     listeners: Vec<Listener>,
     drain: Drain,
-    commands_tx: mpsc::Sender<Command>,
     commands: mpsc::Receiver<Command>,
     control_clients: TaskTracker,
     stop_requests: u32,
@@ -197,7 +196,6 @@ impl Generation {
             state: State::Serving,
             listeners: opened,
             drain,
-            commands_tx,
             commands,
             control_clients,
             stop_requests: 0,
@@ -481,11 +479,6 @@ impl Generation {
             config: self.launch.config_path.as_ref().map(|p| p.display().to_string()),
             draining: self.shared.draining(),
         }
-    }
-
-    /// A sender for commands, for embedding (tests, other front ends).
-    pub fn commands(&self) -> mpsc::Sender<Command> {
-        self.commands_tx.clone()
     }
 }
 
