@@ -238,7 +238,11 @@ impl Default for RawAccess {
 }
 
 fn loopback_v4() -> IpNet {
-    IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).expect("8 is a valid prefix"))
+    IpNet::V4(
+        ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8)
+            .expect("8 is a valid prefix")
+            .trunc(),
+    )
 }
 
 fn loopback_v6() -> IpNet {
