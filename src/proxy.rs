@@ -167,13 +167,11 @@ impl Proxy {
             .uri
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        let body_fault = Arc::new(std::sync::OnceLock::new());
+        let stats = Arc::new(BodyStats::default());
         let body = Counted {
             inner: body,
-            count: bytes_in.clone(),
+            stats: stats.clone(),
             limit: self.settings.max_body_bytes,
-            fault: body_fault.clone(),
         }
         .boxed();
         let upstream = affinity.send(&authority, &host, port, Request::from_parts(parts, body));
@@ -188,7 +186,7 @@ impl Proxy {
             }
             Ok(Err(e)) => {
                 // The client's own body was at fault (too large, bad chunking): its error.
-                if let Some(fault) = body_fault.get() {
+                if let Some(fault) = stats.fault.get() {
                     let mut resp = self.refuse(peer, &method, &target, started, fault.status(), &fault.to_string());
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -222,9 +220,9 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.append(header::VIA, self.via.clone());
         let logged = AccessLogged {
-            inner: body.boxed(),
+            inner: body,
             bytes_out: 0,
-            bytes_in,
+            request_body: stats,
             record: Some(AccessRecord {
                 peer,
                 method,
@@ -491,9 +489,15 @@ impl BodyFault {
 /// recorded so the answer blames the client (413/400), not the origin (502).
 struct Counted {
     inner: Incoming,
-    count: Arc<AtomicU64>,
+    stats: Arc<BodyStats>,
     limit: Option<u64>,
-    fault: Arc<std::sync::OnceLock<BodyFault>>,
+}
+
+/// What streaming the request body found: its size so far, and its fault if any.
+#[derive(Default)]
+struct BodyStats {
+    bytes: AtomicU64,
+    fault: std::sync::OnceLock<BodyFault>,
 }
 
 impl HttpBody for Counted {
@@ -504,18 +508,18 @@ impl HttpBody for Counted {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let total = self.count.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    let total = self.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                     if let Some(max) = self.limit
                         && total > max
                     {
-                        let _ = self.fault.set(BodyFault::TooLarge(max));
+                        let _ = self.stats.fault.set(BodyFault::TooLarge(max));
                         return Poll::Ready(Some(Err(BodyFault::TooLarge(max).into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let _ = self.fault.set(BodyFault::Invalid(e.to_string()));
+                let _ = self.stats.fault.set(BodyFault::Invalid(e.to_string()));
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -543,9 +547,9 @@ struct AccessRecord {
 /// The response body on its way to the client; writes the access line when it is done (or
 /// dropped, when the client went away).
 struct AccessLogged {
-    inner: BoxBody<Bytes, hyper::Error>,
+    inner: Incoming,
     bytes_out: u64,
-    bytes_in: Arc<AtomicU64>,
+    request_body: Arc<BodyStats>,
     record: Option<AccessRecord>,
 }
 
@@ -582,13 +586,13 @@ impl Drop for AccessLogged {
                 method = %r.method,
                 target = %r.target,
                 status = r.status.as_u16(),
-                bytes_in = self.bytes_in.load(Ordering::Relaxed),
+                bytes_in = self.request_body.bytes.load(Ordering::Relaxed),
                 bytes_out = self.bytes_out,
                 ms = r.started.elapsed().as_millis() as u64,
                 complete,
                 "request"
             );
-            let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+            let bytes_in = self.request_body.bytes.load(Ordering::Relaxed);
             crate::metrics::request_done(&r.method, r.status, r.started, bytes_in, self.bytes_out, false);
         }
     }
