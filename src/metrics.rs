@@ -3,7 +3,7 @@
 //! phase durations, drains) lives in the [`crate::state`] ledger, and what is read at scrape
 //! time (active connections, draining generations) is a [`Collector`] in `admin.rs`.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Instant;
 
 use http::{Method, StatusCode};
@@ -38,6 +38,10 @@ pub struct Metrics {
     pub bytes_received: Family<KindLabels, Counter>,
     pub bytes_sent: Family<KindLabels, Counter>,
     pub upstream_connect_errors: Family<ReasonLabels, Counter>,
+    /// Counter handles resolved once per label set, so that a request does not pay the
+    /// family's lock and label hashing: [method][status class], and [http, tunnel].
+    request_handles: [[OnceLock<Counter>; 5]; 10],
+    byte_handles: [OnceLock<(Counter, Counter)>; 2],
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -47,6 +51,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     bytes_received: Family::default(),
     bytes_sent: Family::default(),
     upstream_connect_errors: Family::default(),
+    request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+    byte_handles: std::array::from_fn(|_| OnceLock::new()),
 });
 
 pub fn get() -> &'static Metrics {
@@ -84,30 +90,43 @@ impl Metrics {
     }
 }
 
-/// A method label with bounded cardinality.
-pub fn method_label(m: &Method) -> &'static str {
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_slot(m: &Method) -> usize {
     match *m {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::CONNECT => "CONNECT",
-        Method::OPTIONS => "OPTIONS",
-        Method::TRACE => "TRACE",
-        Method::PATCH => "PATCH",
-        _ => "other",
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::CONNECT => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::PATCH => 8,
+        _ => 9,
     }
 }
 
-pub fn status_class(s: StatusCode) -> &'static str {
+fn class_slot(s: StatusCode) -> usize {
     match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
+}
+
+/// A method label with bounded cardinality.
+pub fn method_label(m: &Method) -> &'static str {
+    METHODS[method_slot(m)]
+}
+
+pub fn status_class(s: StatusCode) -> &'static str {
+    CLASSES[class_slot(s)]
 }
 
 /// Records one answered request (or a finished tunnel, `tunnel = true`).
@@ -120,17 +139,27 @@ pub fn request_done(
     tunnel: bool,
 ) {
     let m = get();
-    m.requests
-        .get_or_create(&RequestLabels {
-            method: method_label(method),
-            status_class: status_class(status),
+    let (mi, ci) = (method_slot(method), class_slot(status));
+    m.request_handles[mi][ci]
+        .get_or_init(|| {
+            let labels = RequestLabels {
+                method: METHODS[mi],
+                status_class: CLASSES[ci],
+            };
+            Counter::clone(&m.requests.get_or_create(&labels))
         })
         .inc();
-    let kind = KindLabels {
-        kind: if tunnel { "tunnel" } else { "http" },
-    };
-    m.bytes_received.get_or_create(&kind).inc_by(bytes_in);
-    m.bytes_sent.get_or_create(&kind).inc_by(bytes_out);
+    let (received, sent) = m.byte_handles[usize::from(tunnel)].get_or_init(|| {
+        let kind = KindLabels {
+            kind: if tunnel { "tunnel" } else { "http" },
+        };
+        (
+            Counter::clone(&m.bytes_received.get_or_create(&kind)),
+            Counter::clone(&m.bytes_sent.get_or_create(&kind)),
+        )
+    });
+    received.inc_by(bytes_in);
+    sent.inc_by(bytes_out);
     if !tunnel {
         m.request_duration.observe(started.elapsed().as_secs_f64());
     }
