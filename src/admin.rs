@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::control::Command;
 use crate::drain::Drain;
@@ -56,26 +56,16 @@ pub fn spawn(socket: Arc<Socket>, ctx: AdminContext, stop: CancellationToken) {
     registry.register_collector(Box::new(Live { ctx: ctx.clone() }));
     let admin = Arc::new(Admin { ctx, registry });
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                r = socket.accept() => r,
-            };
-            match accepted {
-                Ok((Stream::Tcp(s), _)) => {
-                    tokio::spawn(admin.clone().serve(s, stop.clone()));
-                }
-                Ok((Stream::Unix(s), _)) => {
-                    tokio::spawn(admin.clone().serve(s, stop.clone()));
-                }
-                Err(e) => {
-                    warn!(listener = ADMIN_LISTENER, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let serving = stop.clone();
+        crate::listeners::accept_until(socket, ADMIN_LISTENER, stop, |stream, _| match stream {
+            Stream::Tcp(s) => {
+                tokio::spawn(admin.clone().serve(s, serving.clone()));
             }
-        }
-        debug!(listener = ADMIN_LISTENER, "stopped accepting");
+            Stream::Unix(s) => {
+                tokio::spawn(admin.clone().serve(s, serving.clone()));
+            }
+        })
+        .await;
     });
 }
 

@@ -135,23 +135,13 @@ pub struct Status {
 pub fn spawn_control_loop(socket: Arc<Socket>, drain: &Drain, commands: mpsc::Sender<Command>, clients: TaskTracker) {
     let draining = drain.draining();
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = draining.cancelled() => break,
-                r = socket.accept() => r,
-            };
-            match accepted {
-                Ok((Stream::Unix(s), _)) => {
-                    clients.spawn(serve_client(s, commands.clone()));
-                }
-                Ok((Stream::Tcp(_), _)) => warn!("control socket must be a Unix socket"),
-                Err(e) => {
-                    warn!("control accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        crate::listeners::accept_until(socket, "control", draining, |stream, _| match stream {
+            Stream::Unix(s) => {
+                clients.spawn(serve_client(s, commands.clone()));
             }
-        }
+            Stream::Tcp(_) => warn!("control socket must be a Unix socket"),
+        })
+        .await;
     });
 }
 

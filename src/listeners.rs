@@ -92,6 +92,33 @@ impl Socket {
     }
 }
 
+/// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
+/// Accept errors (EMFILE and friends) back off instead of spinning: the kernel queue waits.
+/// The socket is dropped, closing this process's fd, when the loop ends; a successor that
+/// inherited it keeps accepting from the same queue.
+pub async fn accept_until(
+    socket: Arc<Socket>,
+    name: &str,
+    stop: tokio_util::sync::CancellationToken,
+    mut on_accept: impl FnMut(Stream, Peer),
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => on_accept(stream, peer),
+            Err(e) => {
+                tracing::warn!(listener = %name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = %name, "stopped accepting");
+}
+
 /// A named listening socket of this generation.
 #[derive(Debug)]
 pub struct Listener {

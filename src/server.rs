@@ -13,7 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::drain::Drain;
-use crate::listeners::{Peer, Socket, Stream};
+use crate::listeners::{self, Peer, Socket, Stream};
 use crate::proxy::Proxy;
 use crate::upstream::Affinity;
 
@@ -54,24 +54,9 @@ impl Server {
     /// process) when the loop ends.
     pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>) {
         let server = self.clone();
+        let draining = self.drain.draining();
         tokio::spawn(async move {
-            let draining = server.drain.draining();
-            loop {
-                let accepted = tokio::select! {
-                    biased;
-                    _ = draining.cancelled() => break,
-                    r = socket.accept() => r,
-                };
-                match accepted {
-                    Ok((stream, peer)) => server.admit(stream, peer),
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning; the queue waits.
-                        warn!(listener = %name, "accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-            debug!(listener = %name, "stopped accepting");
+            listeners::accept_until(socket, &name, draining, |stream, peer| server.admit(stream, peer)).await;
         });
     }
 
