@@ -93,6 +93,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub control_socket: PathBuf,
     pub pid_file: Option<PathBuf>,
+    /// `workers`: runtime worker threads; `None` (0 in the file): one per CPU this process may
+    /// run on. One worker means tokio's single-threaded scheduler (see `main.rs`).
+    pub workers: Option<usize>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access: Access,
@@ -132,6 +135,8 @@ struct RawConfig {
     listener: Vec<toml::Spanned<RawListener>>,
     control_socket: Option<PathBuf>,
     pid_file: Option<PathBuf>,
+    #[serde(default)]
+    workers: usize,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -316,6 +321,9 @@ impl Config {
                 return Err(invalid(format!("key `{key}`: must be greater than zero")));
             }
         }
+        if raw.workers > 1024 {
+            return Err(invalid("key `workers`: at most 1024 (0: one per CPU)".into()));
+        }
         if raw.limits.max_connections == 0 {
             return Err(invalid("key `limits.max_connections`: must be at least 1".into()));
         }
@@ -362,6 +370,7 @@ impl Config {
             listeners,
             control_socket: raw.control_socket.unwrap_or_else(default_control_socket),
             pid_file: raw.pid_file,
+            workers: (raw.workers > 0).then_some(raw.workers),
             timeouts: Timeouts {
                 header_read: t.header_read,
                 tunnel_idle: t.tunnel_idle,
@@ -467,5 +476,21 @@ mod tests {
         let text = "[[listener]]\nname = \"p\"\naddress = \"[::1]:1\"\n[timeouts]\ndrain = \"1500ms\"\n";
         let c = Config::parse(text, None).unwrap();
         assert_eq!(c.timeouts.drain, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn workers_zero_means_auto_and_is_bounded() {
+        let listener = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n";
+        assert_eq!(Config::parse(listener, None).unwrap().workers, None);
+        let c = Config::parse(&format!("workers = 1\n{listener}"), None).unwrap();
+        assert_eq!(c.workers, Some(1));
+        let err = Config::parse(&format!("workers = 5000\n{listener}"), Some(Path::new("x.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml") && err.contains("workers"), "{err}");
+        let err = Config::parse(&format!("workers = -1\n{listener}"), Some(Path::new("x.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("workers"), "{err}");
     }
 }

@@ -120,6 +120,9 @@ pub struct Status {
     pub generation: u64,
     pub started_unix: u64,
     pub state: String,
+    /// Runtime worker threads (1: the single-threaded scheduler).
+    #[serde(default)]
+    pub workers: usize,
     pub listeners: Vec<ListenerStatus>,
     pub active_connections: usize,
     pub active_tunnels: usize,

@@ -464,6 +464,7 @@ impl Generation {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             state: self.state.name().to_string(),
+            workers: tokio::runtime::Handle::current().metrics().num_workers(),
             listeners: self
                 .listeners
                 .iter()

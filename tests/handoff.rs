@@ -14,8 +14,30 @@ use nix::sys::signal::Signal;
 
 #[test]
 fn upgrade_under_load_loses_nothing() {
+    chaos(20, 6, 0);
+}
+
+/// The same with `workers = 1`: tokio's single-threaded scheduler, the one baton picks when it
+/// may run on one CPU only.
+#[test]
+fn upgrade_under_load_loses_nothing_single_threaded() {
+    chaos(10, 4, 1);
+}
+
+fn chaos(handoffs: u32, seconds: u32, workers: u32) {
+    let (h, secs, w) = (handoffs.to_string(), seconds.to_string(), workers.to_string());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton-chaos"))
-        .args(["--baton", BATON, "--handoffs", "20", "--seconds", "6", "--json"])
+        .args([
+            "--baton",
+            BATON,
+            "--handoffs",
+            &h,
+            "--seconds",
+            &secs,
+            "--baton-workers",
+            &w,
+            "--json",
+        ])
         .output()
         .expect("run baton-chaos");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -26,13 +48,18 @@ fn upgrade_under_load_loses_nothing() {
         s["keepalive_retries"], 0,
         "keep-alive requests met a closing connection: {s}"
     );
-    assert_eq!(s["handoffs_ok"], 20, "{s}");
+    assert_eq!(s["handoffs_ok"], handoffs, "{s}");
     assert_eq!(s["pids_distinct"], true, "{s}");
     assert_eq!(
-        s["old_generations_exited_zero"], 20,
+        s["old_generations_exited_zero"], handoffs,
         "old generations must all exit 0: {s}"
     );
-    assert_eq!(s["final_generation"], 21, "{s}");
+    assert_eq!(s["final_generation"], handoffs + 1, "{s}");
+    if workers > 0 {
+        assert_eq!(s["final_workers"], workers, "{s}");
+    } else {
+        assert!(s["final_workers"].as_u64().unwrap_or(0) >= 1, "{s}");
+    }
     for k in ["requests_ok", "slow_ok", "tunnels_ok", "tunnel_bytes"] {
         assert!(s[k].as_u64().unwrap_or(0) > 0, "no {k} traffic: {s}");
     }

@@ -30,6 +30,9 @@ struct Args {
     /// Workers of each kind (keep-alive, new connection, slow, tunnel).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// baton's `workers` setting (0: one per CPU; 1: the single-threaded scheduler).
+    #[arg(long, default_value_t = 0)]
+    baton_workers: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -76,6 +79,8 @@ struct Summary {
     /// Old generations that did not exit 0 in time, and how they ended.
     old_generation_problems: Vec<String>,
     final_generation: u64,
+    /// The last generation's runtime worker threads (`baton status`).
+    final_workers: u64,
     /// Kept when something failed: config and baton's log.
     workdir: Option<String>,
 }
@@ -118,9 +123,10 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     std::fs::write(
         &config,
         format!(
-            "control_socket = \"{}\"\npid_file = \"{}\"\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n[timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n[access]\nconnect_ports = [{}]\n",
+            "control_socket = \"{}\"\npid_file = \"{}\"\nworkers = {}\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n[timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n[access]\nconnect_ports = [{}]\n",
             control.display(),
             dir.join("baton.pid").display(),
+            args.baton_workers,
             echo.port()
         ),
     )?;
@@ -227,6 +233,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         old_generations_exited_zero: exited_zero,
         old_generation_problems: old_problems,
         final_generation: final_status["generation"].as_u64().unwrap_or(0),
+        final_workers: final_status["workers"].as_u64().unwrap_or(0),
         workdir,
     })
 }
