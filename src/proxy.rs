@@ -46,18 +46,6 @@ pub struct Proxy {
     via: HeaderValue,
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-];
-
 impl Proxy {
     pub fn new(settings: ProxySettings, drain: Drain) -> Proxy {
         let upstream = Upstream::new(
@@ -88,7 +76,9 @@ impl Proxy {
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let method = req.method().clone();
-        let target = req.uri().to_string();
+        // The target as the client sent it, for the access log (cloning a `Uri` only bumps
+        // reference counts; formatting it is left to the log line, if one is written).
+        let target = req.uri().clone();
         let policy = &self.settings.policy;
         if let Peer::Ip(addr) = peer
             && let Err(d) = policy.check_client(addr.ip())
@@ -98,7 +88,7 @@ impl Proxy {
         if let Err(d) = policy.check_auth(req.headers()).await {
             return Ok(self.deny(peer, &method, &target, started, &d));
         }
-        if target.len() > self.settings.max_uri_bytes {
+        if target_len(&target) > self.settings.max_uri_bytes {
             let reason = format!("request target longer than {} bytes", self.settings.max_uri_bytes);
             return Ok(self.refuse(peer, &method, &target, started, StatusCode::URI_TOO_LONG, &reason));
         }
@@ -122,13 +112,12 @@ impl Proxy {
         peer: Peer,
         affinity: &Affinity,
         req: Request<Incoming>,
-        target: String,
+        target: Uri,
         started: Instant,
     ) -> Response<Body> {
         let method = req.method().clone();
-        let host = req.uri().host().unwrap_or_default().to_string();
-        let port = req.uri().port_u16().unwrap_or(80);
-        let authority = match check_target(req.uri()) {
+        let port = target.port_u16().unwrap_or(80);
+        let authority = match check_target(&target) {
             Ok(a) => a,
             Err(reason) => return self.refuse(peer, &method, &target, started, StatusCode::BAD_REQUEST, reason),
         };
@@ -146,19 +135,24 @@ impl Proxy {
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
         parts.headers.remove(header::EXPECT);
-        match HeaderValue::from_str(&authority) {
-            Ok(host) => {
-                parts.headers.insert(header::HOST, host);
-            }
-            Err(_) => {
-                return self.refuse(
-                    peer,
-                    &method,
-                    &target,
-                    started,
-                    StatusCode::BAD_REQUEST,
-                    "invalid host in request target",
-                );
+        // Host is the target's authority. Clients mostly send exactly that: keep their field.
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let sent_as_is = hosts.next().is_some_and(|h| h.as_bytes() == authority.as_bytes()) && hosts.next().is_none();
+        if !sent_as_is {
+            match HeaderValue::from_str(authority) {
+                Ok(host) => {
+                    parts.headers.insert(header::HOST, host);
+                }
+                Err(_) => {
+                    return self.refuse(
+                        peer,
+                        &method,
+                        &target,
+                        started,
+                        StatusCode::BAD_REQUEST,
+                        "invalid host in request target",
+                    );
+                }
             }
         }
         parts.headers.append(header::VIA, self.via.clone());
@@ -174,7 +168,8 @@ impl Proxy {
             limit: self.settings.max_body_bytes,
         }
         .boxed();
-        let upstream = affinity.send(&authority, &host, port, Request::from_parts(parts, body));
+        let host = target.host().unwrap_or_default();
+        let upstream = affinity.send(authority, host, port, Request::from_parts(parts, body));
         let result = tokio::time::timeout(self.settings.upstream_response, upstream).await;
         let resp = match result {
             Err(_) => {
@@ -234,7 +229,7 @@ impl Proxy {
         Response::from_parts(parts, logged.boxed())
     }
 
-    async fn connect(&self, peer: Peer, req: Request<Incoming>, target: String, started: Instant) -> Response<Body> {
+    async fn connect(&self, peer: Peer, req: Request<Incoming>, target: Uri, started: Instant) -> Response<Body> {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(
                 peer,
@@ -308,7 +303,7 @@ impl Proxy {
 
     /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
     /// authentication challenge on a 407.
-    fn deny(&self, peer: Peer, method: &Method, target: &str, started: Instant, d: &Denial) -> Response<Body> {
+    fn deny(&self, peer: Peer, method: &Method, target: &Uri, started: Instant, d: &Denial) -> Response<Body> {
         warn!(target: "baton::access", client = %peer, method = %method, target = %target, status = d.status.as_u16(), rule = d.rule, reason = %d.reason, ms = started.elapsed().as_millis() as u64, "denied");
         crate::metrics::request_done(method, d.status, started, 0, d.reason.len() as u64 + 1, false);
         let mut resp = error_response(d.status, &d.reason);
@@ -373,7 +368,7 @@ impl Proxy {
         &self,
         peer: Peer,
         method: &Method,
-        target: &str,
+        target: &Uri,
         started: Instant,
         status: StatusCode,
         reason: &str,
@@ -419,7 +414,7 @@ fn empty() -> Body {
 }
 
 /// The origin's `host[:port]` for an absolute-form `http://` target, or why it is refused.
-fn check_target(uri: &Uri) -> Result<String, &'static str> {
+fn check_target(uri: &Uri) -> Result<&str, &'static str> {
     let Some(authority) = uri.authority() else {
         return Err(
             "origin-form request sent to a forward proxy: use an absolute URI (http://host/path), e.g. curl -x",
@@ -434,33 +429,70 @@ fn check_target(uri: &Uri) -> Result<String, &'static str> {
         return Err("empty host in request target");
     }
     // `host[:port]`, without any `user@` part.
-    Ok(authority.as_str().rsplit('@').next().unwrap_or_default().to_string())
+    Ok(authority.as_str().rsplit('@').next().unwrap_or_default())
+}
+
+/// The request target's length as the client sent it (`Uri`'s display form), without
+/// formatting it.
+fn target_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len())
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the fields finds what to remove; most messages carry at most
-    // `Connection: keep-alive`, and removing only what is present saves a hash lookup per name.
-    let mut present: Vec<HeaderName> = Vec::new();
+    // `Connection: keep-alive`, and removing only what is present saves a hash lookup per
+    // name. The first few names found stay on the stack.
+    let mut found: [Option<HeaderName>; 4] = Default::default();
+    let mut count = 0;
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut note = |name: HeaderName| {
+        if let Some(slot) = found.get_mut(count) {
+            *slot = Some(name);
+            count += 1;
+        } else {
+            more.push(name);
+        }
+    };
     for (name, value) in headers.iter() {
-        if HOP_BY_HOP.contains(name) {
-            present.push(name.clone());
+        if is_hop_by_hop(name) {
+            note(name.clone());
         }
         if name != header::CONNECTION {
             continue;
         }
         for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
-            // `close` names no field; `keep-alive` is in HOP_BY_HOP already.
+            // `close` names no field; `keep-alive` is hop-by-hop already.
             if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
                 continue;
             }
             if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                present.push(n);
+                note(n);
             }
         }
     }
-    for name in present {
+    for name in found.into_iter().flatten().chain(more) {
         headers.remove(name);
     }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials. A `static`, not
+/// a `const`: a const array would be built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Standard names compare as one byte each, so this is a handful of instructions per field.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -539,7 +571,7 @@ impl HttpBody for Counted {
 struct AccessRecord {
     peer: Peer,
     method: Method,
-    target: String,
+    target: Uri,
     status: StatusCode,
     started: Instant,
 }
@@ -608,6 +640,20 @@ mod tests {
         assert!(check_target(&"https://a/".parse().unwrap()).is_err());
         assert_eq!(check_target(&"http://a:81/x".parse().unwrap()).unwrap(), "a:81");
         assert_eq!(check_target(&"http://a/x".parse().unwrap()).unwrap(), "a");
+    }
+
+    #[test]
+    fn target_len_is_the_display_length() {
+        for t in [
+            "http://example.com/a/b?c=d",
+            "http://user@example.com:8080/",
+            "http://[::1]:80/x",
+            "example.com:443",
+            "/origin/form?x",
+        ] {
+            let uri: Uri = t.parse().unwrap();
+            assert_eq!(target_len(&uri), uri.to_string().len(), "{t}");
+        }
     }
 
     #[test]

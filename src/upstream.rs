@@ -123,16 +123,18 @@ impl Affinity {
         }
     }
 
-    /// This connection's origin connection to `origin` if it is free, else a pooled one.
-    fn take(&self, origin: &str) -> Option<Sender> {
+    /// This connection's origin connection to `origin` if it is free, else a pooled one;
+    /// with the `origin` key's allocation when it is the same origin as last time.
+    fn take(&self, origin: &str) -> (Option<Sender>, Option<String>) {
         let mine = self.current.lock().ok().and_then(|mut c| c.take());
         match mine {
             // Its previous response may be finishing this very moment: `send` waits for it.
-            Some((o, s)) if o == origin && !s.is_closed() => return Some(s),
+            Some((o, s)) if o == origin && !s.is_closed() => return (Some(s), Some(o)),
+            Some((o, _closed)) if o == origin => return (self.upstream.checkout(origin), Some(o)),
             Some((o, s)) => self.upstream.checkin(o, s),
             None => {}
         }
-        self.upstream.checkout(origin)
+        (self.upstream.checkout(origin), None)
     }
 
     /// Sends `req` to `origin` (`host:port`). A reused connection that turns out closed
@@ -145,7 +147,7 @@ impl Affinity {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut req = req;
-        let mut reused = self.take(origin);
+        let (mut reused, key) = self.take(origin);
         loop {
             let fresh = reused.is_none();
             let mut sender = match reused.take() {
@@ -158,7 +160,7 @@ impl Affinity {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     if let Ok(mut c) = self.current.lock() {
-                        *c = Some((origin.to_string(), sender));
+                        *c = Some((key.unwrap_or_else(|| origin.to_string()), sender));
                     }
                     return Ok(resp);
                 }

@@ -541,6 +541,16 @@ fn host_from_uri(r: &Resp) -> Result<(), String> {
     Ok(())
 }
 
+/// The origin saw exactly one Host field, the URI's.
+fn one_host_from_uri(r: &Resp) -> Result<(), String> {
+    host_from_uri(r)?;
+    let hosts = r.text().to_ascii_lowercase().matches("host: ").count();
+    if hosts != 1 {
+        return Err(format!("origin saw {hosts} Host fields"));
+    }
+    Ok(())
+}
+
 fn five_bytes(r: &Resp) -> Result<(), String> {
     if r.body.len() == 5 {
         Ok(())
@@ -695,6 +705,22 @@ async fn framing_and_smuggling() {
         Status(&[200]),
         KeepsOpen,
         host_from_uri,
+    )
+    .await;
+    s.case(
+        "two Host fields, the first matching the URI: origin sees one Host, from the URI",
+        format!("GET http://{o}/headers HTTP/1.1\r\nHost: {o}\r\nHost: evil.example\r\n\r\n").as_bytes(),
+        Status(&[200]),
+        KeepsOpen,
+        one_host_from_uri,
+    )
+    .await;
+    s.case(
+        "Host equal to the URI's authority: origin sees it once",
+        format!("GET http://{o}/headers HTTP/1.1\r\nHost: {o}\r\n\r\n").as_bytes(),
+        Status(&[200]),
+        KeepsOpen,
+        one_host_from_uri,
     )
     .await;
     s.case(
