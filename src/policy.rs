@@ -82,6 +82,11 @@ impl Policy {
         ))
     }
 
+    /// Whether requests need `Proxy-Authorization` (an htpasswd file is configured).
+    pub fn requires_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
     /// Checks `Proxy-Authorization` when authentication is configured. Returns the user.
     pub async fn check_auth(&self, headers: &HeaderMap) -> Result<Option<String>, Denial> {
         let Some(auth) = &self.auth else {

@@ -85,7 +85,11 @@ impl Proxy {
         {
             return Ok(self.deny(peer, &method, &target, started, &d));
         }
-        if let Err(d) = policy.check_auth(req.headers()).await {
+        // The rarer and larger futures (authentication, CONNECT) are boxed: this future is
+        // moved whole at every request, and its size is that of its largest state.
+        if policy.requires_auth()
+            && let Err(d) = Box::pin(policy.check_auth(req.headers())).await
+        {
             return Ok(self.deny(peer, &method, &target, started, &d));
         }
         if target_len(&target) > self.settings.max_uri_bytes {
@@ -93,7 +97,7 @@ impl Proxy {
             return Ok(self.refuse(peer, &method, &target, started, StatusCode::URI_TOO_LONG, &reason));
         }
         if method == Method::CONNECT {
-            return Ok(self.connect(peer, req, target, started).await);
+            return Ok(Box::pin(self.connect(peer, req, target, started)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer: a
         // request that also carried Content-Length may be a smuggling attempt (RFC 9112 §6.1),
@@ -116,8 +120,7 @@ impl Proxy {
         started: Instant,
     ) -> Response<Body> {
         let method = req.method().clone();
-        let port = target.port_u16().unwrap_or(80);
-        let authority = match check_target(&target) {
+        let (authority, host, port) = match check_target(&target) {
             Ok(a) => a,
             Err(reason) => return self.refuse(peer, &method, &target, started, StatusCode::BAD_REQUEST, reason),
         };
@@ -168,7 +171,6 @@ impl Proxy {
             limit: self.settings.max_body_bytes,
         }
         .boxed();
-        let host = target.host().unwrap_or_default();
         let upstream = affinity.send(authority, host, port, Request::from_parts(parts, body));
         let result = tokio::time::timeout(self.settings.upstream_response, upstream).await;
         let resp = match result {
@@ -413,8 +415,10 @@ fn empty() -> Body {
         .boxed()
 }
 
-/// The origin's `host[:port]` for an absolute-form `http://` target, or why it is refused.
-fn check_target(uri: &Uri) -> Result<&str, &'static str> {
+/// The origin's `host[:port]` and `host` for an absolute-form `http://` target, or why it is
+/// refused. Byte scans rather than `str::rsplit`: these strings are a few bytes long, and the
+/// general searchers cost hundreds of instructions per request here.
+fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
     let Some(authority) = uri.authority() else {
         return Err(
             "origin-form request sent to a forward proxy: use an absolute URI (http://host/path), e.g. curl -x",
@@ -425,11 +429,31 @@ fn check_target(uri: &Uri) -> Result<&str, &'static str> {
         Some("https") => return Err("https:// targets go through CONNECT, not a plain proxy request"),
         _ => return Err("unsupported scheme in request target (only http:// is proxied)"),
     }
-    if authority.host().is_empty() {
+    // `host[:port]`, without any `user@` part.
+    let full = authority.as_str();
+    let host_port = match full.bytes().rposition(|b| b == b'@') {
+        Some(at) => &full[at + 1..],
+        None => full,
+    };
+    // As `Authority::host`: an IPv6 literal keeps its brackets.
+    let host_end = if host_port.starts_with('[') {
+        host_port
+            .bytes()
+            .position(|b| b == b']')
+            .map_or(host_port.len(), |end| end + 1)
+    } else {
+        host_port.bytes().position(|b| b == b':').unwrap_or(host_port.len())
+    };
+    let (host, port) = host_port.split_at(host_end);
+    if host.is_empty() {
         return Err("empty host in request target");
     }
-    // `host[:port]`, without any `user@` part.
-    Ok(authority.as_str().rsplit('@').next().unwrap_or_default())
+    // No port, or an empty one (RFC 3986 §3.2.3): 80.
+    let port = match port.strip_prefix(':') {
+        None | Some("") => 80,
+        Some(p) => p.parse().map_err(|_| "invalid port in request target")?,
+    };
+    Ok((host_port, host, port))
 }
 
 /// The request target's length as the client sent it (`Uri`'s display form), without
@@ -441,44 +465,39 @@ fn target_len(uri: &Uri) -> usize {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the fields finds what to remove; most messages carry at most
-    // `Connection: keep-alive`, and removing only what is present saves a hash lookup per
-    // name. The first few names found stay on the stack.
-    let mut found: [Option<HeaderName>; 4] = Default::default();
-    let mut count = 0;
-    let mut more: Vec<HeaderName> = Vec::new();
-    let mut note = |name: HeaderName| {
-        if let Some(slot) = found.get_mut(count) {
-            *slot = Some(name);
-            count += 1;
-        } else {
-            more.push(name);
-        }
-    };
-    for (name, value) in headers.iter() {
-        if is_hop_by_hop(name) {
-            note(name.clone());
-        }
-        if name != header::CONNECTION {
-            continue;
-        }
-        for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
-            // `close` names no field; `keep-alive` is hop-by-hop already.
-            if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
-                continue;
+    // One pass over the distinct names notes which hop-by-hop fields are present (most
+    // messages carry at most `Connection`); only those are then removed.
+    let seen = headers.keys().fold(0u8, |seen, name| seen | hop_by_hop_bit(name));
+    if seen == 0 {
+        return;
+    }
+    if seen & 1 != 0 {
+        // Fields the Connection header names are hop-by-hop too.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+                // `close` names no field; `keep-alive` is hop-by-hop already.
+                if token.is_empty() || token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
             }
-            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                note(n);
-            }
+        }
+        for name in named {
+            headers.remove(name);
         }
     }
-    for name in found.into_iter().flatten().chain(more) {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if seen & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials. A `static`, not
-/// a `const`: a const array would be built and dropped at every use.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials; `Connection`
+/// first. A `static`: a `const` array would be built and dropped at every use.
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -490,9 +509,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Standard names compare as one byte each, so this is a handful of instructions per field.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|h| h == name)
+/// `1 << i` when `name` is `HOP_BY_HOP[i]`, else 0. Names are lowercase in a `HeaderName`;
+/// the length alone rules out almost every other field.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    let s = name.as_str().as_bytes();
+    let i = match (s.len(), s) {
+        (10, b"connection") => 0,
+        (10, b"keep-alive") => 1,
+        (2, b"te") => 2,
+        (7, b"trailer") => 3,
+        (17, b"transfer-encoding") => 4,
+        (7, b"upgrade") => 5,
+        (19, b"proxy-authorization") => 6,
+        (16, b"proxy-connection") => 7,
+        _ => return 0,
+    };
+    1 << i
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -638,8 +670,23 @@ mod tests {
     fn origin_form_is_refused() {
         assert!(check_target(&"/index.html".parse().unwrap()).is_err());
         assert!(check_target(&"https://a/".parse().unwrap()).is_err());
-        assert_eq!(check_target(&"http://a:81/x".parse().unwrap()).unwrap(), "a:81");
-        assert_eq!(check_target(&"http://a/x".parse().unwrap()).unwrap(), "a");
+        assert!(check_target(&"http://a:99999/".parse().unwrap()).is_err());
+        assert_eq!(check_target(&"http://a:/".parse().unwrap()).unwrap().2, 80);
+        for t in [
+            "http://a:81/x",
+            "http://a/x",
+            "http://u:p@a:81/",
+            "http://[::1]:8080/",
+            "http://[::1]/",
+            "http://1.2.3.4/",
+        ] {
+            let uri: Uri = t.parse().unwrap();
+            let (authority, host, port) = check_target(&uri).unwrap();
+            assert_eq!(port, uri.port_u16().unwrap_or(80), "{t}");
+            let expected = uri.authority().unwrap().as_str().rsplit('@').next().unwrap();
+            assert_eq!(authority, expected, "{t}");
+            assert_eq!(host, uri.host().unwrap(), "{t}");
+        }
     }
 
     #[test]
@@ -653,6 +700,20 @@ mod tests {
         ] {
             let uri: Uri = t.parse().unwrap();
             assert_eq!(target_len(&uri), uri.to_string().len(), "{t}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_bits_match_the_table() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
+        }
+        for other in [
+            header::CONTENT_LENGTH,
+            header::HOST,
+            HeaderName::from_static("x-upgrade"),
+        ] {
+            assert_eq!(hop_by_hop_bit(&other), 0, "{other}");
         }
     }
 

@@ -155,7 +155,9 @@ impl Affinity {
                     Ok(()) => s,
                     Err(_) => continue,
                 },
-                None => self.upstream.connect(host, port).await?,
+                // Boxed: connecting (DNS, TCP, handshake) is a large future that most
+                // requests, on a kept connection, never run.
+                None => Box::pin(self.upstream.connect(host, port)).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {

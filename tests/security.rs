@@ -551,6 +551,14 @@ fn one_host_from_uri(r: &Resp) -> Result<(), String> {
     Ok(())
 }
 
+fn says_invalid_port(r: &Resp) -> Result<(), String> {
+    if r.text().contains("invalid port") {
+        Ok(())
+    } else {
+        Err("the reason does not name the port".into())
+    }
+}
+
 fn five_bytes(r: &Resp) -> Result<(), String> {
     if r.body.len() == 5 {
         Ok(())
@@ -729,6 +737,14 @@ async fn framing_and_smuggling() {
         Status(&[400]),
         KeepsOpen,
         no_check,
+    )
+    .await;
+    s.case(
+        "port out of range in the target: 400, not a request to port 80",
+        b"GET http://127.0.0.1:99999/ HTTP/1.1\r\nHost: 127.0.0.1:99999\r\n\r\n",
+        Status(&[400]),
+        KeepsOpen,
+        says_invalid_port,
     )
     .await;
 
