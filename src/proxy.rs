@@ -169,8 +169,7 @@ impl Proxy {
             inner: body,
             stats: stats.clone(),
             limit: self.settings.max_body_bytes,
-        }
-        .boxed();
+        };
         let upstream = affinity.send(authority, host, port, Request::from_parts(parts, body));
         let result = tokio::time::timeout(self.settings.upstream_response, upstream).await;
         let resp = match result {
@@ -551,7 +550,7 @@ impl BodyFault {
 
 /// The client's request body on its way to the origin: counted, limited, and its faults
 /// recorded so the answer blames the client (413/400), not the origin (502).
-struct Counted {
+pub struct Counted {
     inner: Incoming,
     stats: Arc<BodyStats>,
     limit: Option<u64>,
@@ -559,7 +558,7 @@ struct Counted {
 
 /// What streaming the request body found: its size so far, and its fault if any.
 #[derive(Default)]
-struct BodyStats {
+pub struct BodyStats {
     bytes: AtomicU64,
     fault: std::sync::OnceLock<BodyFault>,
 }

@@ -17,7 +17,9 @@ use crate::connector::{ConnectError, connect_checked};
 use crate::policy::Policy;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type UpstreamBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+/// The body of a request to an origin: the client's body, counted and limited (not boxed:
+/// it is the only kind sent).
+pub type UpstreamBody = crate::proxy::Counted;
 type Sender = SendRequest<UpstreamBody>;
 
 /// Idle origin connections kept per origin.
