@@ -140,8 +140,6 @@ fn run(args: RunArgs, inherited: Inherited) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// A stopped baton removes its pid file, unless it names another process by now (a
-/// generation that handed off leaves it to its successor, which wrote its own pid there).
 /// The runtime for `workers` threads (`None`: one per CPU this process may run on, which
 /// honours `taskset`, CPUAffinity= and cgroup CPU quotas). One worker gets tokio's
 /// single-threaded scheduler: it serves the same connections without the work-stealing
@@ -162,6 +160,8 @@ fn build_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runti
     Ok(runtime)
 }
 
+/// A stopped baton removes its pid file, unless it names another process by now (a
+/// generation that handed off leaves it to its successor, which wrote its own pid there).
 fn remove_own_pid_file(path: Option<&Path>) {
     let Some(path) = path else { return };
     let own = std::fs::read_to_string(path).is_ok_and(|p| p.trim() == std::process::id().to_string());

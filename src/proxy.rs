@@ -508,19 +508,18 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// `1 << i` when `name` is `HOP_BY_HOP[i]`, else 0. Names are lowercase in a `HeaderName`;
-/// the length alone rules out almost every other field.
+/// `1 << i` when `name` is `HOP_BY_HOP[i]`, else 0. Names are lowercase in a `HeaderName`,
+/// so one match on the bytes decides (their lengths rule out almost every other field).
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
-    let s = name.as_str().as_bytes();
-    let i = match (s.len(), s) {
-        (10, b"connection") => 0,
-        (10, b"keep-alive") => 1,
-        (2, b"te") => 2,
-        (7, b"trailer") => 3,
-        (17, b"transfer-encoding") => 4,
-        (7, b"upgrade") => 5,
-        (19, b"proxy-authorization") => 6,
-        (16, b"proxy-connection") => 7,
+    let i = match name.as_str().as_bytes() {
+        b"connection" => 0,
+        b"keep-alive" => 1,
+        b"te" => 2,
+        b"trailer" => 3,
+        b"transfer-encoding" => 4,
+        b"upgrade" => 5,
+        b"proxy-authorization" => 6,
+        b"proxy-connection" => 7,
         _ => return 0,
     };
     1 << i
