@@ -7,7 +7,7 @@
 //!       Bulk bytes/s through N tunnels (target writes as fast as it can, we read and count);
 //!       --direct reads from the target without a proxy (the loopback ceiling). The reader
 //!       discards with recv(MSG_TRUNC) (no copy) unless --copy: with copying, this tool's core
-//!       is the limit and every proxy measures the same.
+//!       is the limit and every proxy that splices measures about the same.
 //!   tunnel_bench http --proxy HOST:PORT --url http://origin/path [--conns 32] [--secs 8]
 //!       [--out FILE]
 //!       Keep-alive GETs (absolute form) through the proxy, closed loop; writes one line per
@@ -179,8 +179,8 @@ async fn bulk(a: &Args) -> anyhow::Result<()> {
         }
     });
     // The reader discards what it receives with recv(MSG_TRUNC): TCP drops the bytes without
-    // copying them to user space, so the tool's core (which also runs the target) is not what
-    // limits the figure. --copy reads into a buffer like an ordinary client.
+    // copying them to user space, which takes that work off the tool's core (it also runs the
+    // target). --copy reads into a buffer like an ordinary client.
     let copy = a.copy;
     let n = a.conns.max(1);
     let bytes = Arc::new(AtomicU64::new(0));
