@@ -284,65 +284,20 @@ async fn http(a: &Args) -> anyhow::Result<()> {
         .context("--url http://host/path")?
         .to_string();
     let req: Arc<Vec<u8>> = Arc::new(format!("GET {} HTTP/1.1\r\nHost: {host}\r\n\r\n", a.url).into_bytes());
-    let conns = a.conns.max(1);
     let t0 = Instant::now();
     let epoch = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     let deadline = t0 + Duration::from_secs_f64(a.secs);
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let req = req.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut samples: Vec<(u32, u32, bool)> = Vec::with_capacity(1 << 16);
-            let mut reconnects = 0u64;
-            let mut kinds: Vec<String> = Vec::new();
-            let mut conn: Option<BufReader<TcpStream>> = None;
-            while Instant::now() < deadline {
-                let start = Instant::now();
-                let reused = conn.is_some();
-                let r = async {
-                    if conn.is_none() {
-                        let s = TcpStream::connect(proxy).await?;
-                        s.set_nodelay(true)?;
-                        conn = Some(BufReader::new(s));
-                        reconnects += 1;
-                    }
-                    get_once(conn.as_mut().expect("set"), &req).await
-                };
-                let ok = match tokio::time::timeout(Duration::from_secs(5), r).await {
-                    Ok(Ok(keep)) => {
-                        if !keep {
-                            conn = None;
-                        }
-                        true
-                    }
-                    Ok(Err(e)) => {
-                        conn = None;
-                        let what = e
-                            .downcast_ref::<std::io::Error>()
-                            .map_or_else(|| e.to_string(), |io| format!("{:?}", io.kind()));
-                        kinds.push(format!("{}{what}", if reused { "reused conn: " } else { "new conn: " }));
-                        false
-                    }
-                    Err(_) => {
-                        conn = None;
-                        kinds.push("timeout".into());
-                        false
-                    }
-                };
-                let off = start.duration_since(t0).as_micros() as u32;
-                samples.push((off, start.elapsed().as_micros() as u32, ok));
-            }
-            (samples, reconnects, kinds)
-        }));
-    }
+    let tasks: Vec<_> = (0..a.conns.max(1))
+        .map(|_| tokio::spawn(http_worker(proxy, req.clone(), t0, deadline)))
+        .collect();
     let mut all = Vec::new();
     let mut reconnects = 0;
     let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
     for t in tasks {
-        let (s, r, k) = t.await?;
-        all.extend(s);
-        reconnects += r;
-        for k in k {
+        let w = t.await?;
+        all.extend(w.samples);
+        reconnects += w.reconnects;
+        for k in w.kinds {
             *kinds.entry(k).or_default() += 1;
         }
     }
@@ -361,4 +316,59 @@ async fn http(a: &Args) -> anyhow::Result<()> {
         serde_json::to_string(&kinds)?
     );
     Ok(())
+}
+
+/// What one closed-loop keep-alive worker saw: (offset µs, latency µs, ok) per request,
+/// the connections it opened, and what each failure was.
+struct HttpWorker {
+    samples: Vec<(u32, u32, bool)>,
+    reconnects: u64,
+    kinds: Vec<String>,
+}
+
+async fn http_worker(proxy: SocketAddr, req: Arc<Vec<u8>>, t0: Instant, deadline: Instant) -> HttpWorker {
+    let mut w = HttpWorker {
+        samples: Vec::with_capacity(1 << 16),
+        reconnects: 0,
+        kinds: Vec::new(),
+    };
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        let reused = conn.is_some();
+        let r = async {
+            if conn.is_none() {
+                let s = TcpStream::connect(proxy).await?;
+                s.set_nodelay(true)?;
+                conn = Some(BufReader::new(s));
+                w.reconnects += 1;
+            }
+            get_once(conn.as_mut().expect("set"), &req).await
+        };
+        let ok = match tokio::time::timeout(Duration::from_secs(5), r).await {
+            Ok(Ok(keep)) => {
+                if !keep {
+                    conn = None;
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                conn = None;
+                let what = e
+                    .downcast_ref::<std::io::Error>()
+                    .map_or_else(|| e.to_string(), |io| format!("{:?}", io.kind()));
+                w.kinds
+                    .push(format!("{}{what}", if reused { "reused conn: " } else { "new conn: " }));
+                false
+            }
+            Err(_) => {
+                conn = None;
+                w.kinds.push("timeout".into());
+                false
+            }
+        };
+        let off = start.duration_since(t0).as_micros() as u32;
+        w.samples.push((off, start.elapsed().as_micros() as u32, ok));
+    }
+    w
 }

@@ -17,27 +17,22 @@ address = "127.0.0.1:8080"
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("{path}: cannot read")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
 
-/// Where a listener accepts connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
+pub use baton_handoff::ListenAddr;
 
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+/// The name the control socket carries when it is handed over with the listeners.
+pub const CONTROL_LISTENER: &str = "control";
+/// The name the admin listener carries across handoffs.
+pub const ADMIN_LISTENER: &str = "admin";
 
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -287,82 +282,10 @@ impl Config {
             message,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
-
-        let mut listeners: Vec<ListenerConfig> = Vec::new();
-        for spanned in &raw.listener {
-            let line = line_of(text, spanned.span().start);
-            let l = spanned.get_ref();
-            let at = |msg: &str| invalid(format!("line {line}, key `listener` ({}): {msg}", l.name));
-            let addr = match (&l.address, &l.path) {
-                (Some(a), None) => ListenAddr::Tcp(*a),
-                (None, Some(p)) => ListenAddr::Unix(p.clone()),
-                _ => return Err(at("give exactly one of `address` (host:port) or `path` (unix socket)")),
-            };
-            if l.name.is_empty() || l.name.contains(':') || l.name == CONTROL_LISTENER {
-                return Err(at("`name` must be non-empty, without ':', and not \"control\""));
-            }
-            if listeners.iter().any(|o| o.name == l.name) {
-                return Err(at("duplicate listener name"));
-            }
-            if listeners.iter().any(|o| o.addr == addr) {
-                return Err(at("duplicate listener address"));
-            }
-            listeners.push(ListenerConfig {
-                name: l.name.clone(),
-                addr,
-            });
-        }
-        if listeners.is_empty() {
-            return Err(invalid("no [[listener]] configured".into()));
-        }
-        let t = raw.timeouts;
-        for (key, d) in [("timeouts.drain", t.drain), ("timeouts.upgrade", t.upgrade)] {
-            if d.is_zero() {
-                return Err(invalid(format!("key `{key}`: must be greater than zero")));
-            }
-        }
-        if raw.workers > 1024 {
-            return Err(invalid("key `workers`: at most 1024 (0: one per CPU)".into()));
-        }
-        if raw.limits.max_connections == 0 {
-            return Err(invalid("key `limits.max_connections`: must be at least 1".into()));
-        }
-        if raw.access.realm.contains('"') || raw.access.realm.chars().any(char::is_control) {
-            return Err(invalid("key `access.realm`: no quotes or control characters".into()));
-        }
-        if raw.limits.max_uri_bytes < 64 {
-            return Err(invalid("key `limits.max_uri_bytes`: must be at least 64".into()));
-        }
-        if raw.limits.max_header_bytes < 8192 {
-            return Err(invalid("key `limits.max_header_bytes`: must be at least 8192".into()));
-        }
-        let admin = raw.admin.as_ref().map(|a| AdminConfig { addr: a.address });
-        if let Some(a) = &admin {
-            if listeners.iter().any(|l| l.name == crate::admin::ADMIN_LISTENER) {
-                return Err(invalid(
-                    "listener name \"admin\" is reserved when [admin] is configured".into(),
-                ));
-            }
-            if a.addr.port() != 0 && listeners.iter().any(|l| l.addr == ListenAddr::Tcp(a.addr)) {
-                return Err(invalid(
-                    "key `admin.address`: the same address as a [[listener]]".into(),
-                ));
-            }
-        }
-        let access_log = AccessLog {
-            sink: match raw.log.access.as_deref() {
-                None | Some("stderr") => AccessSink::Stderr,
-                Some("") => return Err(invalid("key `log.access`: \"stderr\" or a file path".into())),
-                Some(f) => {
-                    let f = Path::new(f);
-                    AccessSink::File(match path.and_then(Path::parent) {
-                        Some(dir) if f.is_relative() => dir.join(f),
-                        _ => f.to_path_buf(),
-                    })
-                }
-            },
-            format: raw.log.access_format.unwrap_or(raw.log.format),
-        };
+        let listeners = listeners(text, &raw.listener).map_err(&invalid)?;
+        check_values(&raw).map_err(&invalid)?;
+        let admin = admin(raw.admin.as_ref(), &listeners).map_err(&invalid)?;
+        let access_log = access_log(&raw.log, path).map_err(&invalid)?;
         Ok(Config {
             admin,
             access_log,
@@ -371,37 +294,147 @@ impl Config {
             control_socket: raw.control_socket.unwrap_or_else(default_control_socket),
             pid_file: raw.pid_file,
             workers: (raw.workers > 0).then_some(raw.workers),
-            timeouts: Timeouts {
-                header_read: t.header_read,
-                tunnel_idle: t.tunnel_idle,
-                upstream_idle: t.upstream_idle,
-                upstream_connect: t.upstream_connect,
-                upstream_response: t.upstream_response,
-                drain: t.drain,
-                upgrade: t.upgrade,
-            },
-            limits: Limits {
-                max_connections: raw.limits.max_connections,
-                max_header_bytes: raw.limits.max_header_bytes,
-                max_uri_bytes: raw.limits.max_uri_bytes,
-                max_body_bytes: (raw.limits.max_body_bytes > 0).then_some(raw.limits.max_body_bytes),
-            },
-            access: Access {
-                allow_clients: raw.access.allow_clients,
-                htpasswd: raw.access.htpasswd,
-                realm: raw.access.realm,
-                connect_ports: raw.access.connect_ports,
-                deny_destinations: raw.access.deny_destinations,
-                allow_destinations: raw.access.allow_destinations,
-                deny_hosts: raw.access.deny_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            },
+            timeouts: Timeouts::from(raw.timeouts),
+            limits: Limits::from(raw.limits),
+            access: Access::from(raw.access),
             log_format: raw.log.format,
         })
     }
 }
 
-/// The name the control socket carries when it is handed over with the listeners.
-pub const CONTROL_LISTENER: &str = "control";
+/// The `[[listener]]` tables, each checked; errors name the line.
+fn listeners(text: &str, raw: &[toml::Spanned<RawListener>]) -> Result<Vec<ListenerConfig>, String> {
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    for spanned in raw {
+        let line = line_of(text, spanned.span().start);
+        let l = spanned.get_ref();
+        let at = |msg: &str| format!("line {line}, key `listener` ({}): {msg}", l.name);
+        let addr = match (&l.address, &l.path) {
+            (Some(a), None) => ListenAddr::Tcp(*a),
+            (None, Some(p)) => ListenAddr::Unix(p.clone()),
+            _ => return Err(at("give exactly one of `address` (host:port) or `path` (unix socket)")),
+        };
+        if l.name.is_empty() || l.name.contains(':') || l.name == CONTROL_LISTENER {
+            return Err(at("`name` must be non-empty, without ':', and not \"control\""));
+        }
+        if listeners.iter().any(|o| o.name == l.name) {
+            return Err(at("duplicate listener name"));
+        }
+        if listeners.iter().any(|o| o.addr == addr) {
+            return Err(at("duplicate listener address"));
+        }
+        listeners.push(ListenerConfig {
+            name: l.name.clone(),
+            addr,
+        });
+    }
+    if listeners.is_empty() {
+        return Err("no [[listener]] configured".into());
+    }
+    Ok(listeners)
+}
+
+/// Values serde cannot check by their type alone.
+fn check_values(raw: &RawConfig) -> Result<(), String> {
+    let t = &raw.timeouts;
+    for (key, d) in [("timeouts.drain", t.drain), ("timeouts.upgrade", t.upgrade)] {
+        if d.is_zero() {
+            return Err(format!("key `{key}`: must be greater than zero"));
+        }
+    }
+    let rules = [
+        (raw.workers > 1024, "key `workers`: at most 1024 (0: one per CPU)"),
+        (
+            raw.limits.max_connections == 0,
+            "key `limits.max_connections`: must be at least 1",
+        ),
+        (
+            raw.access.realm.contains('"') || raw.access.realm.chars().any(char::is_control),
+            "key `access.realm`: no quotes or control characters",
+        ),
+        (
+            raw.limits.max_uri_bytes < 64,
+            "key `limits.max_uri_bytes`: must be at least 64",
+        ),
+        (
+            raw.limits.max_header_bytes < 8192,
+            "key `limits.max_header_bytes`: must be at least 8192",
+        ),
+    ];
+    match rules.iter().find(|(broken, _)| *broken) {
+        Some((_, message)) => Err(message.to_string()),
+        None => Ok(()),
+    }
+}
+
+fn admin(raw: Option<&RawAdmin>, listeners: &[ListenerConfig]) -> Result<Option<AdminConfig>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    if listeners.iter().any(|l| l.name == ADMIN_LISTENER) {
+        return Err("listener name \"admin\" is reserved when [admin] is configured".into());
+    }
+    if raw.address.port() != 0 && listeners.iter().any(|l| l.addr == ListenAddr::Tcp(raw.address)) {
+        return Err("key `admin.address`: the same address as a [[listener]]".into());
+    }
+    Ok(Some(AdminConfig { addr: raw.address }))
+}
+
+/// `[log] access`: a relative file is relative to the configuration file's directory.
+fn access_log(raw: &RawLog, path: Option<&Path>) -> Result<AccessLog, String> {
+    let sink = match raw.access.as_deref() {
+        None | Some("stderr") => AccessSink::Stderr,
+        Some("") => return Err("key `log.access`: \"stderr\" or a file path".into()),
+        Some(f) => {
+            let f = Path::new(f);
+            AccessSink::File(match path.and_then(Path::parent) {
+                Some(dir) if f.is_relative() => dir.join(f),
+                _ => f.to_path_buf(),
+            })
+        }
+    };
+    Ok(AccessLog {
+        sink,
+        format: raw.access_format.unwrap_or(raw.format),
+    })
+}
+
+impl From<RawTimeouts> for Timeouts {
+    fn from(t: RawTimeouts) -> Timeouts {
+        Timeouts {
+            header_read: t.header_read,
+            tunnel_idle: t.tunnel_idle,
+            upstream_idle: t.upstream_idle,
+            upstream_connect: t.upstream_connect,
+            upstream_response: t.upstream_response,
+            drain: t.drain,
+            upgrade: t.upgrade,
+        }
+    }
+}
+
+impl From<RawLimits> for Limits {
+    fn from(l: RawLimits) -> Limits {
+        Limits {
+            max_connections: l.max_connections,
+            max_header_bytes: l.max_header_bytes,
+            max_uri_bytes: l.max_uri_bytes,
+            max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
+        }
+    }
+}
+
+impl From<RawAccess> for Access {
+    fn from(a: RawAccess) -> Access {
+        Access {
+            allow_clients: a.allow_clients,
+            htpasswd: a.htpasswd,
+            realm: a.realm,
+            connect_ports: a.connect_ports,
+            deny_destinations: a.deny_destinations,
+            allow_destinations: a.allow_destinations,
+            deny_hosts: a.deny_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        }
+    }
+}
 
 /// `$RUNTIME_DIRECTORY/control.sock` under systemd, else `$XDG_RUNTIME_DIR/baton.sock`, else
 /// `/tmp/baton-<uid>.sock`.

@@ -1,52 +1,68 @@
-//! The control socket (Unix, 0600): `baton upgrade`, `baton status` and `baton stop` talk to
-//! the serving generation through it. One request line per connection; answers are JSON
-//! lines, streamed as a handoff moves through its phases. The socket is a listener like the
-//! others and is handed over with them.
+//! The control protocol between the CLI (`baton upgrade`, `status`, `stop`) and the serving
+//! generation, over its control socket, and the typed client the CLI uses. The daemon's side
+//! is `daemon::control_server`; both use the types here, so they cannot drift apart.
+//!
+//! A client sends one request line ([`Request`]); the daemon answers with JSON lines: one
+//! [`Status`], or a stream of [`Event`]s as a handoff moves through its phases.
+//!
+//! Compatibility across one version either way matters because `systemctl reload` runs the
+//! *new* CLI against the *old* daemon, and an old CLI may talk to a new daemon:
+//! - request lines are the same since version 1 (0.1.0);
+//! - every answer carries the protocol version as `"v"` (absent: version 1);
+//! - both sides ignore fields they do not know, and a client ignores events it does not know
+//!   ([`Event::Unknown`]). `tests/control_compat.rs` replays version 1's recorded messages.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
+use baton_handoff::ListenAddr;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::task::TaskTracker;
-use tracing::warn;
 
-use crate::drain::Drain;
-use crate::listeners::{Socket, Stream};
+/// The version this build speaks; version 1 (0.1.0) answered without `"v"`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// A request the control socket (or a signal) hands to the generation's controller.
-pub enum Command {
-    Upgrade {
-        trigger: Trigger,
-        reply: Option<mpsc::Sender<UpgradeEvent>>,
-    },
-    Status(oneshot::Sender<Status>),
-    Stop(Trigger),
-}
-
-/// What asked for a handoff or a stop.
+/// What a client asks; one line each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    Signal(&'static str),
-    Control,
+pub enum Request {
+    /// Hand off; with `wait_drain`, also report how the old generation's drain ended.
+    Upgrade {
+        wait_drain: bool,
+    },
+    Status,
+    Stop,
 }
 
-impl std::fmt::Display for Trigger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Request {
+    /// The request line, without its newline.
+    pub fn line(self) -> &'static str {
         match self {
-            Trigger::Signal(s) => write!(f, "{s}"),
-            Trigger::Control => write!(f, "control socket"),
+            Request::Upgrade { wait_drain: false } => "upgrade",
+            Request::Upgrade { wait_drain: true } => "upgrade wait-drain",
+            Request::Status => "status",
+            Request::Stop => "stop",
+        }
+    }
+
+    /// Reads a request line; the error is the answer's reason.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        match line.trim() {
+            "upgrade" => Ok(Request::Upgrade { wait_drain: false }),
+            "upgrade wait-drain" => Ok(Request::Upgrade { wait_drain: true }),
+            "status" => Ok(Request::Status),
+            "stop" => Ok(Request::Stop),
+            other => Err(format!(
+                "unknown command `{other}` (upgrade, upgrade wait-drain, status, stop)"
+            )),
         }
     }
 }
 
-/// The phases of a handoff as `baton upgrade` sees them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An answer line other than a status: the phases of a handoff, and one-line outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum UpgradeEvent {
+pub enum Event {
     Spawned {
         pid: u32,
         generation: u64,
@@ -64,10 +80,26 @@ pub enum UpgradeEvent {
     Refused {
         reason: String,
     },
+    /// The answer to `stop`.
+    Stopping,
+    /// A request the daemon could not take.
+    Error {
+        reason: String,
+    },
+    /// An event of a newer daemon: ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Event {
+    /// Whether this event ends the request unsuccessfully.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Event::Failed { .. } | Event::Refused { .. } | Event::Error { .. })
+    }
 }
 
 /// The outcome of a successful handoff.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpgradeReport {
     pub old_pid: u32,
     pub new_pid: u32,
@@ -79,7 +111,7 @@ pub struct UpgradeReport {
 }
 
 /// How the old generation's drain ended (`baton upgrade --wait-drain`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrainOutcome {
     pub old_pid: u32,
     /// Connections and tunnels open when the drain began.
@@ -93,7 +125,7 @@ pub struct DrainOutcome {
 }
 
 impl DrainOutcome {
-    pub fn from_report(old_pid: u32, r: &crate::drain::DrainReport) -> DrainOutcome {
+    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport) -> DrainOutcome {
         DrainOutcome {
             old_pid,
             connections: r.connections,
@@ -105,14 +137,25 @@ impl DrainOutcome {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListenerStatus {
     pub name: String,
+    /// As [`ListenAddr`] displays it: `host:port` or `unix:/path`.
     pub address: String,
     pub adopted: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A draining generation's remaining work, as the serving generation reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainingGeneration {
+    pub pid: u32,
+    pub generation: u64,
+    pub connections: usize,
+    pub tunnels: usize,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
     pub tag: Option<String>,
@@ -128,110 +171,144 @@ pub struct Status {
     pub active_tunnels: usize,
     pub handoff_in_progress: bool,
     pub config: Option<String>,
-    /// Older generations still draining (read from the state directory).
+    /// Older generations still draining.
     #[serde(default)]
-    pub draining: Vec<crate::state::DrainingGeneration>,
+    pub draining: Vec<DrainingGeneration>,
 }
 
-/// Serves the control socket until draining starts. Client tasks run on `clients`, so the
-/// generation can let the last answers (the handoff report) reach their reader before exiting.
-pub fn spawn_control_loop(socket: Arc<Socket>, drain: &Drain, commands: mpsc::Sender<Command>, clients: TaskTracker) {
-    let draining = drain.draining();
-    tokio::spawn(async move {
-        crate::listeners::accept_until(socket, "control", draining, |stream, _| match stream {
-            Stream::Unix(s) => {
-                clients.spawn(serve_client(s, commands.clone()));
-            }
-            Stream::Tcp(_) => warn!("control socket must be a Unix socket"),
-        })
-        .await;
-    });
-}
-
-async fn serve_client(stream: UnixStream, commands: mpsc::Sender<Command>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    // One short line is all a client may send.
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 256));
-    let got = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
-    if !matches!(got, Ok(Ok(n)) if n > 0) {
-        return;
+impl Status {
+    /// The address of the listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<ListenAddr> {
+        let l = self.listeners.iter().find(|l| l.name == name)?;
+        l.address.parse().ok()
     }
-    match line.trim() {
-        cmd @ ("upgrade" | "upgrade wait-drain") => {
-            let wait_drain = cmd == "upgrade wait-drain";
-            let (tx, mut rx) = mpsc::channel(8);
-            let cmd = Command::Upgrade {
-                trigger: Trigger::Control,
-                reply: Some(tx),
-            };
-            if commands.send(cmd).await.is_err() {
-                return;
-            }
-            while let Some(ev) = rx.recv().await {
-                if write.write_all(json_line(&ev).as_bytes()).await.is_err() {
-                    return;
-                }
-                // Without wait-drain the answer ends with the handoff's outcome.
-                if matches!(ev, UpgradeEvent::Done(_)) && !wait_drain {
-                    break;
-                }
-            }
-        }
-        "status" => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Status(tx)).await.is_err() {
-                return;
-            }
-            if let Ok(st) = rx.await {
-                let _ = write.write_all(json_line(&st).as_bytes()).await;
-            }
-        }
-        "stop" => {
-            let _ = commands.send(Command::Stop(Trigger::Control)).await;
-            let _ = write.write_all(b"{\"event\":\"stopping\"}\n").await;
-        }
-        other => {
-            let msg = serde_json::json!({"event": "error", "reason": format!("unknown command `{other}` (upgrade, upgrade wait-drain, status, stop)")});
-            let _ = write.write_all(format!("{msg}\n").as_bytes()).await;
+
+    /// The TCP address of the listener called `name`.
+    pub fn tcp_listener(&self, name: &str) -> Option<SocketAddr> {
+        match self.listener(name)? {
+            ListenAddr::Tcp(a) => Some(a),
+            ListenAddr::Unix(_) => None,
         }
     }
-    let _ = write.shutdown().await;
 }
 
-fn json_line<T: Serialize>(v: &T) -> String {
-    match serde_json::to_string(v) {
+/// One answer line as sent: the message with the protocol version beside its fields.
+#[derive(Serialize)]
+struct Versioned<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    message: &'a T,
+}
+
+/// `message` as an answer line (with its newline).
+pub fn answer_line<T: Serialize>(message: &T) -> String {
+    let versioned = Versioned {
+        v: PROTOCOL_VERSION,
+        message,
+    };
+    match serde_json::to_string(&versioned) {
         Ok(s) => s + "\n",
-        Err(e) => format!("{}\n", serde_json::json!({"event": "error", "reason": e.to_string()})),
+        Err(e) => answer_line(&Event::Error { reason: e.to_string() }),
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach baton's control socket {path}: {cause} (is baton running with this configuration?)")]
-    Connect { path: String, cause: std::io::Error },
-    #[error("control socket i/o: {0}")]
+    #[error("cannot reach baton's control socket {path} (is baton running with this configuration?)")]
+    Connect {
+        path: String,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("control socket i/o")]
     Io(#[from] std::io::Error),
     #[error("unexpected answer from baton: {0}")]
     Protocol(String),
+    #[error("the control connection closed before the answer")]
+    NoAnswer,
 }
 
-/// Client side: sends `command` and calls `on_line` for each JSON line of the answer.
-pub async fn request(
-    path: &Path,
-    command: &str,
-    mut on_line: impl FnMut(serde_json::Value),
-) -> Result<(), ClientError> {
+/// Sends `request` to the control socket at `path`; calls `on_line` with each answer line.
+pub async fn send(path: &Path, request: Request, mut on_line: impl FnMut(&str)) -> Result<(), ClientError> {
     let stream = UnixStream::connect(path).await.map_err(|cause| ClientError::Connect {
         path: path.display().to_string(),
         cause,
     })?;
     let (read, mut write) = stream.into_split();
-    write.write_all(format!("{command}\n").as_bytes()).await?;
+    write.write_all(format!("{}\n", request.line()).as_bytes()).await?;
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
-        let v = serde_json::from_str(&line).map_err(|_| ClientError::Protocol(line.clone()))?;
-        on_line(v);
+        on_line(&line);
     }
     Ok(())
+}
+
+/// Asks for the status; returns it with the line as sent (for `--json`).
+pub async fn status(path: &Path) -> Result<(Status, String), ClientError> {
+    let mut answer = None;
+    send(path, Request::Status, |line| {
+        answer.get_or_insert_with(|| line.to_string());
+    })
+    .await?;
+    let line = answer.ok_or(ClientError::NoAnswer)?;
+    match serde_json::from_str::<Status>(&line) {
+        Ok(status) => Ok((status, line)),
+        Err(_) => Err(ClientError::Protocol(parse_event(&line).map_or(line, describe_failure))),
+    }
+}
+
+/// Sends `request` and calls `on_event` with each event of the answer.
+pub async fn events(path: &Path, request: Request, mut on_event: impl FnMut(Event)) -> Result<(), ClientError> {
+    let mut bad = None;
+    send(path, request, |line| match parse_event(line) {
+        Ok(ev) => on_event(ev),
+        Err(_) => {
+            bad.get_or_insert_with(|| line.to_string());
+        }
+    })
+    .await?;
+    bad.map_or(Ok(()), |line| Err(ClientError::Protocol(line)))
+}
+
+fn parse_event(line: &str) -> Result<Event, String> {
+    serde_json::from_str(line).map_err(|_| line.to_string())
+}
+
+fn describe_failure(ev: Event) -> String {
+    match ev {
+        Event::Failed { reason } | Event::Refused { reason } | Event::Error { reason } => reason,
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_round_trip() {
+        for r in [
+            Request::Upgrade { wait_drain: false },
+            Request::Upgrade { wait_drain: true },
+            Request::Status,
+            Request::Stop,
+        ] {
+            assert_eq!(Request::parse(r.line()), Ok(r));
+        }
+        assert!(
+            Request::parse("reload")
+                .unwrap_err()
+                .contains("unknown command `reload`")
+        );
+    }
+
+    #[test]
+    fn answers_carry_the_version_and_unknown_events_are_ignored() {
+        let line = answer_line(&Event::Stopping);
+        assert_eq!(line, "{\"v\":2,\"event\":\"stopping\"}\n");
+        let ev: Event = serde_json::from_str(r#"{"v":3,"event":"canary_passed","ms":5}"#).unwrap();
+        assert_eq!(ev, Event::Unknown);
+        let ev: Event = serde_json::from_str(r#"{"v":3,"event":"failed","reason":"x","extra":1}"#).unwrap();
+        assert_eq!(ev, Event::Failed { reason: "x".into() });
+    }
 }

@@ -1,25 +1,20 @@
 //! baton: an HTTP forward proxy that hands its listening sockets to a new binary (or a new
 //! configuration) without refusing, resetting or truncating a connection.
 //!
-//! The handoff itself ([`handoff`], [`listeners`], [`drain`]) knows nothing about HTTP and can
-//! be reused by any tokio server; [`proxy`] and [`server`] are the HTTP side; [`generation`]
-//! ties them into one process's lifecycle.
+//! The layers, bottom to top (a module uses only those below it):
+//!
+//! - the `baton-handoff` crate: inheriting listeners, spawning a successor, readiness,
+//!   rollback, the accept loop and the drain; it knows nothing about HTTP;
+//! - [`config`]: the TOML configuration, validated once into typed values;
+//! - [`control`]: the control protocol's messages and the typed client the CLI uses;
+//! - [`proxy`]: the HTTP side (serving client connections, forwarding, CONNECT tunnels,
+//!   policy, origin connections, access lines and request metrics);
+//! - [`daemon`]: one process's lifecycle (a generation), the control socket's server, the
+//!   admin listener, the state shared between generations, systemd notify and logging.
+//!
+//! `docs/design.md` opens with the module map.
 
-pub mod admin;
 pub mod config;
-pub mod connector;
 pub mod control;
-pub mod drain;
-pub mod generation;
-pub mod handoff;
-pub mod listeners;
-pub mod metrics;
-pub mod notify;
-pub mod policy;
+pub mod daemon;
 pub mod proxy;
-pub mod server;
-pub mod state;
-pub mod telemetry;
-pub mod testkit;
-pub mod tunnel;
-pub mod upstream;

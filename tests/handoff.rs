@@ -1,118 +1,18 @@
-//! The handoff through the real binary: under load, under faults, under a signal storm, and
-//! with a binary installed in place.
+//! The handoff through the real binary: under faults with clients running, under a signal
+//! storm, fd hygiene, and with a binary installed in place. The handoff under heavy load is
+//! `baton-chaos`, run by `crates/baton-testkit/tests/chaos.rs`.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use baton::control::{self, Event, Request};
+use common::testkit::{Load, LoadSpec};
 use common::{BATON, Baton, alive, fd_count, testkit, wait_for, zombie_children};
 use nix::sys::signal::Signal;
-
-#[test]
-fn upgrade_under_load_loses_nothing() {
-    chaos(20, 6, 0);
-}
-
-/// The same with `workers = 1`: tokio's single-threaded scheduler, the one baton picks when it
-/// may run on one CPU only.
-#[test]
-fn upgrade_under_load_loses_nothing_single_threaded() {
-    chaos(10, 4, 1);
-}
-
-fn chaos(handoffs: u32, seconds: u32, workers: u32) {
-    let (h, secs, w) = (handoffs.to_string(), seconds.to_string(), workers.to_string());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton-chaos"))
-        .args([
-            "--baton",
-            BATON,
-            "--handoffs",
-            &h,
-            "--seconds",
-            &secs,
-            "--baton-workers",
-            &w,
-            "--json",
-        ])
-        .output()
-        .expect("run baton-chaos");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let s: serde_json::Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(s["failures"], 0, "client-visible failures: {s}");
-    assert_eq!(
-        s["keepalive_retries"], 0,
-        "keep-alive requests met a closing connection: {s}"
-    );
-    assert_eq!(s["handoffs_ok"], handoffs, "{s}");
-    assert_eq!(s["pids_distinct"], true, "{s}");
-    assert_eq!(
-        s["old_generations_exited_zero"], handoffs,
-        "old generations must all exit 0: {s}"
-    );
-    assert_eq!(s["final_generation"], handoffs + 1, "{s}");
-    if workers > 0 {
-        assert_eq!(s["final_workers"], workers, "{s}");
-    } else {
-        assert!(s["final_workers"].as_u64().unwrap_or(0) >= 1, "{s}");
-    }
-    for k in ["requests_ok", "slow_ok", "tunnels_ok", "tunnel_bytes"] {
-        assert!(s[k].as_u64().unwrap_or(0) > 0, "no {k} traffic: {s}");
-    }
-    assert!(out.status.success(), "{s}");
-}
-
-/// A client pool running in the background; counts failures until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
-
-impl Load {
-    fn start(proxy: std::net::SocketAddr, origin: std::net::SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let task = tokio::spawn(async move {
-            let mut errors = Vec::new();
-            let url = format!("http://{origin}/bytes?n=2048");
-            while !s.load(Ordering::Relaxed) {
-                let result = async {
-                    let mut c = testkit::ProxyConnection::open(proxy).await?;
-                    c.get(&url).await
-                };
-                match tokio::time::timeout(Duration::from_secs(10), result).await {
-                    Ok(Ok((st, body))) if st == 200 && body.len() == 2048 => {
-                        o.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                        errors.push(format!("{other:?}"));
-                    }
-                }
-            }
-            errors
-        });
-        Load { stop, ok, failed, task }
-    }
-
-    async fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = self.task.await.unwrap_or_default();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
 
 /// Replaces `path` the way `install` does: a new inode renamed over the old name.
 fn install_script(path: &Path, body: &str) {
@@ -145,62 +45,25 @@ fn assert_rolled_back(baton: &Baton, pid: u32, why: &str) {
     assert!(alive(pid), "{why}: old generation died:\n{}", baton.log());
 }
 
+/// Clients through the proxy during the faulty handoffs: a keep-alive connection and a new
+/// connection per request.
+fn start_load(proxy: SocketAddr, origin: SocketAddr) -> Load {
+    Load::start(
+        proxy,
+        LoadSpec::new(format!("http://{origin}/bytes?n=2048")).body_len(2048),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broken_successors_roll_back() {
     let origin = testkit::start_origin().await.unwrap();
     let (baton, program) = baton_from_copy("[timeouts]\nupgrade = \"1s\"\n").await;
     let pid = baton.pid();
-    let load = Load::start(baton.proxy, origin);
+    let load = start_load(baton.proxy, origin);
 
-    // (a) nothing at the binary path.
-    std::fs::remove_file(&program).unwrap();
-    let (ok, out) = baton.cli(&["upgrade"]);
-    assert!(!ok && out.contains("cannot execute"), "{out}");
-    assert_rolled_back(&baton, pid, "missing binary");
-
-    // (b) a program that exits 1.
-    install_script(&program, "#!/bin/sh\nexit 1\n");
-    let (ok, out) = baton.cli(&["upgrade"]);
-    assert!(!ok && out.contains("exit status 1"), "{out}");
-    assert_rolled_back(&baton, pid, "exit 1");
-
-    // (c) a program that never becomes ready (upgrade timeout 1 s).
-    install_script(&program, "#!/bin/sh\nexec sleep 30\n");
-    let (ok, out) = baton.cli(&["upgrade"]);
-    assert!(!ok && out.contains("not ready within"), "{out}");
-    assert_rolled_back(&baton, pid, "never ready");
-
-    // (d) the real binary with a broken configuration.
-    install_copy(Path::new(BATON), &program);
-    let good_config = std::fs::read_to_string(&baton.config).unwrap();
-    std::fs::write(&baton.config, format!("{good_config}\nthis is = = not toml\n")).unwrap();
-    let (ok, out) = baton.cli(&["upgrade"]);
-    assert!(!ok && out.contains("exit status 1"), "{out}");
-    assert!(
-        baton.log().contains("baton.toml: line"),
-        "the child says why on stderr:\n{}",
-        baton.log()
-    );
-    assert_rolled_back(&baton, pid, "broken config");
-    std::fs::write(&baton.config, &good_config).unwrap();
-
-    // (e) a child killed with SIGKILL before it is ready.
-    install_script(&program, &format!("#!/bin/sh\nsleep 30\nexec {BATON} \"$@\"\n"));
-    let mut events = Vec::new();
-    baton::control::request(&baton.control, "upgrade", |v| {
-        if v["event"] == "spawned" {
-            let child = v["pid"].as_i64().unwrap() as i32;
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).unwrap();
-        }
-        events.push(v);
-    })
-    .await
-    .unwrap();
-    let last = events.last().unwrap();
-    assert_eq!(last["event"], "failed", "{events:?}");
-    assert!(last["reason"].as_str().unwrap().contains("SIGKILL"), "{last}");
-    assert_rolled_back(&baton, pid, "SIGKILL");
-
+    upgrade_to_programs_that_never_serve(&baton, &program, pid);
+    upgrade_with_a_broken_configuration(&baton, &program, pid);
+    upgrade_to_a_successor_killed_before_ready(&baton, &program, pid).await;
     let status = baton.status().await;
     assert_eq!(status["generation"], 1);
     assert_eq!(status["pid"], pid);
@@ -214,9 +77,64 @@ async fn broken_successors_roll_back() {
     assert_eq!(status["generation"], 2, "{status}");
     assert_ne!(status["pid"], pid);
 
-    let (served, failed, errors) = load.finish().await;
-    assert_eq!(failed, 0, "requests failed during faulty upgrades: {errors:?}");
-    assert!(served > 0);
+    let report = load.finish().await;
+    assert!(report.is_clean(), "requests failed during faulty upgrades: {report}");
+    assert!(report.ok > 0, "{report}");
+}
+
+/// Nothing at the binary path, a program that exits 1, one that never becomes ready (the
+/// upgrade timeout is 1 s): each handoff fails with its reason and generation 1 serves on.
+fn upgrade_to_programs_that_never_serve(baton: &Baton, program: &Path, pid: u32) {
+    std::fs::remove_file(program).unwrap();
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(!ok && out.contains("cannot execute"), "{out}");
+    assert_rolled_back(baton, pid, "missing binary");
+
+    install_script(program, "#!/bin/sh\nexit 1\n");
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(!ok && out.contains("exit status 1"), "{out}");
+    assert_rolled_back(baton, pid, "exit 1");
+
+    install_script(program, "#!/bin/sh\nexec sleep 30\n");
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(!ok && out.contains("not ready within"), "{out}");
+    assert_rolled_back(baton, pid, "never ready");
+}
+
+/// The real binary with a configuration that does not parse: it says why on stderr and exits
+/// 1; the configuration is restored afterwards.
+fn upgrade_with_a_broken_configuration(baton: &Baton, program: &Path, pid: u32) {
+    install_copy(Path::new(BATON), program);
+    let good_config = std::fs::read_to_string(&baton.config).unwrap();
+    std::fs::write(&baton.config, format!("{good_config}\nthis is = = not toml\n")).unwrap();
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(!ok && out.contains("exit status 1"), "{out}");
+    assert!(
+        baton.log().contains("baton.toml: line"),
+        "the child says why on stderr:\n{}",
+        baton.log()
+    );
+    assert_rolled_back(baton, pid, "broken config");
+    std::fs::write(&baton.config, &good_config).unwrap();
+}
+
+/// A successor killed with SIGKILL as soon as it is spawned: the handoff fails naming it.
+async fn upgrade_to_a_successor_killed_before_ready(baton: &Baton, program: &Path, pid: u32) {
+    install_script(program, &format!("#!/bin/sh\nsleep 30\nexec {BATON} \"$@\"\n"));
+    let mut events = Vec::new();
+    control::events(&baton.control, Request::Upgrade { wait_drain: false }, |ev| {
+        if let Event::Spawned { pid: child, .. } = ev {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), Signal::SIGKILL).unwrap();
+        }
+        events.push(ev);
+    })
+    .await
+    .unwrap();
+    match events.last() {
+        Some(Event::Failed { reason }) => assert!(reason.contains("SIGKILL"), "{reason}"),
+        _ => panic!("the handoff must end failed: {events:?}"),
+    }
+    assert_rolled_back(baton, pid, "SIGKILL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -377,7 +295,7 @@ async fn triggers_are_refused_while_a_handoff_runs() {
     let control = baton.control.clone();
     let first = tokio::spawn(async move {
         let mut events = Vec::new();
-        baton::control::request(&control, "upgrade", |v| events.push(v))
+        control::events(&control, Request::Upgrade { wait_drain: false }, |ev| events.push(ev))
             .await
             .unwrap();
         events
@@ -389,5 +307,8 @@ async fn triggers_are_refused_while_a_handoff_runs() {
     let (ok, out) = baton.cli(&["upgrade"]);
     assert!(!ok && out.contains("already in progress"), "{out}");
     let events = first.await.unwrap();
-    assert_eq!(events.last().unwrap()["event"], "failed");
+    assert!(
+        matches!(events.last(), Some(Event::Failed { .. })),
+        "the refused trigger must not end the first handoff: {events:?}"
+    );
 }

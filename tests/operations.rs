@@ -4,12 +4,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::testkit::{Load, LoadSpec};
 use common::{Baton, alive, listener_addr, testkit, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n";
 
@@ -98,62 +98,16 @@ fn parse_report(out: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("upgrade --json must print one JSON object ({e}): {out}"))
 }
 
-/// Clients in the background: one keep-alive connection and a new connection per request,
-/// both fetching from `origin` until stopped. Counts failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+/// Clients in the background: a keep-alive connection and a new connection per request, both
+/// fetching from `origin` until finished, a short pause between requests.
+fn start_load(proxy: SocketAddr, origin: SocketAddr) -> Load {
+    let spec = LoadSpec::new(format!("http://{origin}/bytes?n=2048"))
+        .body_len(2048)
+        .pause(Duration::from_millis(2));
+    Load::start(proxy, spec)
 }
 
-impl Load {
-    fn start(proxy: SocketAddr, origin: SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let url = format!("http://{origin}/bytes?n=2048");
-        let mut tasks = Vec::new();
-        for keep_alive in [false, true] {
-            let (stop, ok, url) = (stop.clone(), ok.clone(), url.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut errors = Vec::new();
-                let mut conn: Option<testkit::ProxyConnection> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    let reuse = keep_alive && conn.as_ref().is_some_and(|c| !c.is_closed());
-                    let result = tokio::time::timeout(Duration::from_secs(10), async {
-                        if !reuse {
-                            conn = Some(testkit::ProxyConnection::open(proxy).await?);
-                        }
-                        conn.as_mut().expect("opened").get(&url).await
-                    })
-                    .await;
-                    match result {
-                        Ok(Ok((st, body))) if st == 200 && body.len() == 2048 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // RFC 9112 §9.3.1: a keep-alive connection closed by a draining
-                        // generation while idle may fail the next request; clients retry.
-                        Ok(Err(e)) if reuse && e.is_closed_before_response() => conn = None,
-                        other => errors.push(format!("{other:?}")),
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                errors
-            }));
-        }
-        Load { stop, ok, tasks }
-    }
-
-    async fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for t in self.tasks {
-            errors.extend(t.await.unwrap_or_default());
-        }
-        (self.ok.load(Ordering::Relaxed), errors)
-    }
-}
-
-async fn echo_through(tunnel: &mut tokio::net::TcpStream, msg: &[u8]) {
+async fn echo_through(tunnel: &mut TcpStream, msg: &[u8]) {
     tunnel.write_all(msg).await.unwrap();
     let mut buf = vec![0u8; msg.len()];
     tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut buf))
@@ -162,6 +116,19 @@ async fn echo_through(tunnel: &mut tokio::net::TcpStream, msg: &[u8]) {
         .unwrap();
     assert_eq!(buf, msg);
 }
+
+/// `n` tunnels to `echo`, each checked with one message.
+async fn open_tunnels(proxy: SocketAddr, echo: SocketAddr, n: usize, msg: &[u8]) -> Vec<TcpStream> {
+    let mut tunnels = Vec::new();
+    for _ in 0..n {
+        let mut t = testkit::open_tunnel(proxy, echo).await.unwrap();
+        echo_through(&mut t, msg).await;
+        tunnels.push(t);
+    }
+    tunnels
+}
+
+const GET_2XX: [&str; 2] = ["method=\"GET\"", "status_class=\"2xx\""];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_follow_a_handoff_under_load() {
@@ -174,20 +141,43 @@ async fn metrics_follow_a_handoff_under_load() {
     .await;
     let old = baton.pid();
     let admin = listener_addr(&baton.status().await, "admin");
-    let load = Load::start(baton.proxy, origin);
-
+    let load = start_load(baton.proxy, origin);
     // Three tunnels held open across the handoff.
-    let mut tunnels = Vec::new();
-    for _ in 0..3 {
-        let mut t = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
-        echo_through(&mut t, b"before").await;
-        tunnels.push(t);
-    }
+    let tunnels = open_tunnels(baton.proxy, echo, 3, b"before").await;
+    generation_one_counts_requests_and_tunnels(admin).await;
 
-    // Generation 1 counts requests and sees its tunnels.
+    let (ok, out) = cli(&baton, &["upgrade", "--json"]).await;
+    assert!(ok, "{out}");
+    let report = parse_report(&out);
+    assert_eq!(report["result"], "ok", "{report}");
+    assert_eq!(report["draining_tunnels"], 3, "{report}");
+    let new = report["new_pid"].as_u64().unwrap() as u32;
+
+    // The scrape now reaches generation 2, which reports generation 1 draining its tunnels.
+    let series = format!("baton_draining_tunnels{{pid=\"{old}\",generation=\"1\"}}");
+    generation_two_reports_the_drain(admin, &series).await;
+    let status = baton.status().await;
+    assert_eq!(status["pid"], new);
+    assert_eq!(status["draining"][0]["pid"], old, "{status}");
+    assert_eq!(status["draining"][0]["tunnels"], 3, "{status}");
+
+    close_tunnels_one_by_one(admin, tunnels, &series).await;
+    wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+        (!alive(old)).then_some(())
+    })
+    .await;
+    drain_is_recorded(admin, &series).await;
+
+    let report = load.finish().await;
+    assert!(report.is_clean(), "client failures during the handoff: {report}");
+    assert!(report.ok > 20, "{report}");
+}
+
+/// Generation 1 counts requests and sees its three tunnels; `/healthz` says it serves.
+async fn generation_one_counts_requests_and_tunnels(admin: SocketAddr) {
     let m = wait_for(Duration::from_secs(10), "requests counted by generation 1", || async {
         let m = scrape(admin).await;
-        (sum(&m, "baton_requests_total", &["method=\"GET\"", "status_class=\"2xx\""]) >= 10.0).then_some(m)
+        (sum(&m, "baton_requests_total", &GET_2XX) >= 10.0).then_some(m)
     })
     .await;
     assert_eq!(value(&m, "baton_generation"), Some(1.0), "{m}");
@@ -200,24 +190,17 @@ async fn metrics_follow_a_handoff_under_load() {
     assert!(m.contains("baton_request_duration_seconds_bucket"), "{m}");
     let (code, body) = admin_get(admin, "/healthz").await;
     assert_eq!((code, body.trim()), (200, "serving"));
+}
 
-    let (ok, out) = cli(&baton, &["upgrade", "--json"]).await;
-    assert!(ok, "{out}");
-    let report = parse_report(&out);
-    assert_eq!(report["result"], "ok", "{report}");
-    assert_eq!(report["draining_tunnels"], 3, "{report}");
-    let new = report["new_pid"].as_u64().unwrap() as u32;
-
-    // The scrape now reaches generation 2, which reports generation 1 draining its tunnels.
-    let series = format!("baton_draining_tunnels{{pid=\"{old}\",generation=\"1\"}}");
+/// Generation 2 serves the scrape, counts its own requests, and reports generation 1 (its
+/// `series`) draining three tunnels.
+async fn generation_two_reports_the_drain(admin: SocketAddr, series: &str) {
     let m = wait_for(Duration::from_secs(10), "generation 2 counting requests", || async {
         let m = scrape(admin).await;
-        (value(&m, "baton_generation") == Some(2.0)
-            && sum(&m, "baton_requests_total", &["method=\"GET\"", "status_class=\"2xx\""]) >= 10.0)
-            .then_some(m)
+        (value(&m, "baton_generation") == Some(2.0) && sum(&m, "baton_requests_total", &GET_2XX) >= 10.0).then_some(m)
     })
     .await;
-    assert_eq!(value(&m, &series), Some(3.0), "{m}");
+    assert_eq!(value(&m, series), Some(3.0), "{m}");
     assert_eq!(value(&m, "baton_draining_generations"), Some(1.0), "{m}");
     assert_eq!(value(&m, "baton_tunnels"), Some(0.0), "{m}");
     assert_eq!(value(&m, "baton_handoffs_total{result=\"ok\"}"), Some(1.0), "{m}");
@@ -226,38 +209,37 @@ async fn metrics_follow_a_handoff_under_load() {
         Some(1.0),
         "{m}"
     );
-    let status = baton.status().await;
-    assert_eq!(status["pid"], new);
-    assert_eq!(status["draining"][0]["pid"], old, "{status}");
-    assert_eq!(status["draining"][0]["tunnels"], 3, "{status}");
+}
 
-    // The old generation's tunnels still work; as they close, its count falls to zero.
+/// The old generation's tunnels still work; as they close, its count falls to zero.
+async fn close_tunnels_one_by_one(admin: SocketAddr, tunnels: Vec<TcpStream>, series: &str) {
+    let n = tunnels.len();
     for (i, mut t) in tunnels.into_iter().enumerate() {
         echo_through(&mut t, b"after").await;
         drop(t);
-        let left = 2 - i;
+        let left = n - 1 - i;
         wait_for(
             Duration::from_secs(10),
             &format!("{left} draining tunnels reported"),
             || async {
                 let m = scrape(admin).await;
-                let v = value(&m, &series);
+                let v = value(&m, series);
                 (v == Some(left as f64) || (left == 0 && v.is_none())).then_some(())
             },
         )
         .await;
     }
-    wait_for(Duration::from_secs(10), "the old generation to exit", || async {
-        (!alive(old)).then_some(())
-    })
-    .await;
+}
+
+/// After the old generation exited: its drain is counted, nothing was cut.
+async fn drain_is_recorded(admin: SocketAddr, series: &str) {
     let m = wait_for(Duration::from_secs(10), "the drain to be recorded", || async {
         let m = scrape(admin).await;
         (value(&m, "baton_handoff_phase_seconds_count{phase=\"drain\"}") == Some(1.0)).then_some(m)
     })
     .await;
     assert_eq!(value(&m, "baton_draining_generations"), Some(0.0), "{m}");
-    assert!(value(&m, &series).is_none(), "{m}");
+    assert!(value(&m, series).is_none(), "{m}");
     assert_eq!(
         value(&m, "baton_drained_connections_total{outcome=\"cut\"}"),
         Some(0.0),
@@ -267,10 +249,6 @@ async fn metrics_follow_a_handoff_under_load() {
         value(&m, "baton_drained_connections_total{outcome=\"finished\"}").unwrap() >= 3.0,
         "{m}"
     );
-
-    let (served, errors) = load.finish().await;
-    assert!(errors.is_empty(), "client failures during the handoff: {errors:?}");
-    assert!(served > 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -289,27 +267,13 @@ async fn upgrade_report_matches_what_clients_did() {
     let mut idle = testkit::ProxyConnection::open(baton.proxy).await.unwrap();
     let (st, _) = idle.get(&format!("http://{origin}/bytes?n=10")).await.unwrap();
     assert_eq!(st, 200);
-    let mut tunnels = Vec::new();
-    for _ in 0..3 {
-        let mut t = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
-        echo_through(&mut t, b"x").await;
-        tunnels.push(t);
-    }
+    let mut tunnels = open_tunnels(baton.proxy, echo, 3, b"x").await;
     wait_for(Duration::from_secs(5), "the tunnels to be counted", || async {
         (baton.status().await["active_tunnels"] == 3).then_some(())
     })
     .await;
 
-    let upgrade = {
-        let control = baton.control.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(common::BATON)
-                .args(["upgrade", "--json", "--wait-drain", "--control"])
-                .arg(&control)
-                .output()
-                .expect("run baton upgrade")
-        })
-    };
+    let upgrade = spawn_upgrade_wait_drain(&baton);
     // Once the new generation serves, one tunnel ends by itself; two stay until the cut.
     wait_for(Duration::from_secs(10), "the new generation", || async {
         (baton.status().await["pid"] != old).then_some(())
@@ -322,7 +286,28 @@ async fn upgrade_report_matches_what_clients_did() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let r = parse_report(&text);
+    assert_wait_drain_report(&parse_report(&text), old);
+
+    cut_tunnels_are_closed_and_counted(admin, tunnels).await;
+    upgrade_reports_without_waiting_for_the_drain(&baton).await;
+    failed_upgrade_reports_why(&baton, admin).await;
+}
+
+/// `baton upgrade --json --wait-drain`, run in the background.
+fn spawn_upgrade_wait_drain(baton: &Baton) -> tokio::task::JoinHandle<std::process::Output> {
+    let control = baton.control.clone();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::BATON)
+            .args(["upgrade", "--json", "--wait-drain", "--control"])
+            .arg(&control)
+            .output()
+            .expect("run baton upgrade")
+    })
+}
+
+/// The report of generation 1 → 2 with one idle connection and three tunnels, one of which
+/// closed during the drain and two cut at its 1.5 s timeout.
+fn assert_wait_drain_report(r: &serde_json::Value, old: u32) {
     assert_eq!(r["result"], "ok", "{r}");
     assert_eq!(r["old_pid"], old, "{r}");
     assert_eq!(r["old_generation"], 1, "{r}");
@@ -337,8 +322,10 @@ async fn upgrade_report_matches_what_clients_did() {
     assert_eq!(d["finished"], 2, "idle connection and the closed tunnel: {r}");
     assert_eq!(d["cut"], 2, "the two tunnels left at the drain timeout: {r}");
     assert!(d["drain_ms"].as_u64().unwrap() >= 1400, "{r}");
+}
 
-    // The cut tunnels are closed; the new generation's metrics agree.
+/// The cut tunnels are closed; the new generation's metrics agree with the report.
+async fn cut_tunnels_are_closed_and_counted(admin: SocketAddr, tunnels: Vec<TcpStream>) {
     for mut t in tunnels {
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut buf))
@@ -357,19 +344,24 @@ async fn upgrade_report_matches_what_clients_did() {
         Some(2.0),
         "{m}"
     );
+}
 
-    // Without --wait-drain the report comes as soon as the new generation serves.
-    let (ok, out) = cli(&baton, &["upgrade", "--json"]).await;
+/// Without --wait-drain the report comes as soon as the new generation serves.
+async fn upgrade_reports_without_waiting_for_the_drain(baton: &Baton) {
+    let (ok, out) = cli(baton, &["upgrade", "--json"]).await;
     assert!(ok, "{out}");
     let r = parse_report(&out);
     assert_eq!(r["result"], "ok", "{r}");
     assert_eq!(r["new_generation"], 3, "{r}");
     assert!(r.get("drain").is_none(), "{r}");
+}
 
-    // A failing handoff: the report says why, the counter says which kind.
+/// A failing handoff (a broken configuration): the report says why, the counter says which
+/// kind. The configuration is restored afterwards.
+async fn failed_upgrade_reports_why(baton: &Baton, admin: SocketAddr) {
     let good = std::fs::read_to_string(&baton.config).unwrap();
     std::fs::write(&baton.config, format!("{good}\nnot = = toml\n")).unwrap();
-    let (ok, out) = cli(&baton, &["upgrade", "--json"]).await;
+    let (ok, out) = cli(baton, &["upgrade", "--json"]).await;
     std::fs::write(&baton.config, &good).unwrap();
     assert!(!ok, "{out}");
     let r = parse_report(&out);

@@ -96,47 +96,11 @@ impl Conn {
     async fn response(&mut self, head_only: bool) -> Result<Resp, String> {
         let deadline = Instant::now() + READ_WAIT;
         loop {
-            let end = loop {
-                if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                if self.buf.len() > 64 * 1024 {
-                    return Err("response head over 64 KiB".into());
-                }
-                match self.fill(deadline).await {
-                    Fill::Data => {}
-                    Fill::Eof if self.buf.is_empty() => return Err(CLOSED_NO_RESPONSE.into()),
-                    Fill::Eof => {
-                        return Err(format!(
-                            "closed in the middle of a response head: {:?}",
-                            String::from_utf8_lossy(&self.buf)
-                        ));
-                    }
-                    Fill::Timeout => return Err(format!("no response within {READ_WAIT:?}")),
-                    Fill::Error(e) if self.buf.is_empty() => {
-                        return Err(format!("{CLOSED_NO_RESPONSE} ({e})"));
-                    }
-                    Fill::Error(e) => return Err(format!("read: {e}")),
-                }
-            };
-            let head: Vec<u8> = self.buf.drain(..end).collect();
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let mut lines = head.split("\r\n");
-            let status = lines.next().unwrap_or("").to_string();
-            let headers: Vec<(String, String)> = lines
-                .filter_map(|l| l.split_once(':'))
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-                .collect();
-            let code: u16 = status.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let mut resp = self.head(deadline).await?;
+            let code = resp.code();
             if (100..200).contains(&code) {
                 continue;
             }
-            let mut resp = Resp {
-                status,
-                headers,
-                body: Vec::new(),
-                eof: false,
-            };
             if head_only || code == 204 || code == 304 {
                 return Ok(resp);
             }
@@ -144,35 +108,83 @@ impl Conn {
                 .header("transfer-encoding")
                 .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
             {
-                loop {
-                    let size_line = self.line(deadline).await?;
-                    let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                        .map_err(|_| format!("bad chunk size from the proxy: {size_line:?}"))?;
-                    if size == 0 {
-                        while !self.line(deadline).await?.is_empty() {}
-                        break;
-                    }
-                    self.need(size + 2, deadline).await?;
-                    resp.body.extend(self.buf.drain(..size));
-                    self.buf.drain(..2);
-                }
+                resp.body = self.chunked_body(deadline).await?;
             } else if let Some(len) = resp.header("content-length") {
                 let len: usize = len.parse().map_err(|_| format!("bad content-length {len:?}"))?;
                 self.need(len, deadline).await?;
                 resp.body = self.buf.drain(..len).collect();
             } else {
-                // Delimited by close.
-                loop {
-                    match self.fill(deadline).await {
-                        Fill::Data => {}
-                        Fill::Eof | Fill::Error(_) => break,
-                        Fill::Timeout => return Err("close-delimited body did not end".into()),
-                    }
-                }
-                resp.body = std::mem::take(&mut self.buf);
+                resp.body = self.body_to_close(deadline).await?;
                 resp.eof = true;
             }
             return Ok(resp);
+        }
+    }
+
+    /// Reads a response head: the status line and the header fields, without a body yet.
+    async fn head(&mut self, deadline: Instant) -> Result<Resp, String> {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err("response head over 64 KiB".into());
+            }
+            match self.fill(deadline).await {
+                Fill::Data => {}
+                Fill::Eof if self.buf.is_empty() => return Err(CLOSED_NO_RESPONSE.into()),
+                Fill::Eof => {
+                    return Err(format!(
+                        "closed in the middle of a response head: {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    ));
+                }
+                Fill::Timeout => return Err(format!("no response within {READ_WAIT:?}")),
+                Fill::Error(e) if self.buf.is_empty() => return Err(format!("{CLOSED_NO_RESPONSE} ({e})")),
+                Fill::Error(e) => return Err(format!("read: {e}")),
+            }
+        };
+        let head: Vec<u8> = self.buf.drain(..end).collect();
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("").to_string();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok(Resp {
+            status,
+            headers,
+            body: Vec::new(),
+            eof: false,
+        })
+    }
+
+    /// Reads a chunked body to its last chunk and trailers; returns the data.
+    async fn chunked_body(&mut self, deadline: Instant) -> Result<Vec<u8>, String> {
+        let mut body = Vec::new();
+        loop {
+            let size_line = self.line(deadline).await?;
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| format!("bad chunk size from the proxy: {size_line:?}"))?;
+            if size == 0 {
+                while !self.line(deadline).await?.is_empty() {}
+                return Ok(body);
+            }
+            self.need(size + 2, deadline).await?;
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
+    /// Reads a body delimited by the close of the connection.
+    async fn body_to_close(&mut self, deadline: Instant) -> Result<Vec<u8>, String> {
+        loop {
+            match self.fill(deadline).await {
+                Fill::Data => {}
+                Fill::Eof | Fill::Error(_) => return Ok(std::mem::take(&mut self.buf)),
+                Fill::Timeout => return Err("close-delimited body did not end".into()),
+            }
         }
     }
 
@@ -569,9 +581,6 @@ fn five_bytes(r: &Resp) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn framing_and_smuggling() {
-    use After::{Closes, KeepsOpen};
-    use Expect::{NotSuccess, Status};
-
     let origin = testkit::start_origin().await.unwrap();
     let baton = Baton::start(&short_pool("")).await;
     let normal = get(&format!("http://{origin}/bytes?n=3"));
@@ -579,6 +588,25 @@ async fn framing_and_smuggling() {
     let mut s = Suite::new("framing", baton.proxy, normal.clone());
     let o = origin;
     let closed = free_port();
+
+    cl_and_te(&mut s, o).await;
+    invalid_content_lengths(&mut s, o).await;
+    invalid_transfer_codings(&mut s, o).await;
+    invalid_chunked_bodies(&mut s, o).await;
+    header_syntax(&mut s, o).await;
+    request_targets_and_hosts(&mut s, o).await;
+    max_forwards(&mut s, o, closed).await;
+    connect_targets(&mut s, baton.proxy, closed).await;
+
+    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
+    s.finish();
+}
+
+/// Content-Length together with Transfer-Encoding: the body is framed by chunked, the
+/// Content-Length is not forwarded, the connection closes afterwards (no smuggling).
+async fn cl_and_te(s: &mut Suite, o: SocketAddr) {
+    use After::Closes;
+    use Expect::Status;
 
     // Content-Length + Transfer-Encoding: framed by chunked, CL dropped, connection closed.
     s.case(
@@ -625,6 +653,12 @@ async fn framing_and_smuggling() {
         body_is_hello_sha,
     )
     .await;
+}
+
+/// Duplicate and invalid Content-Length values: 400, then close.
+async fn invalid_content_lengths(s: &mut Suite, o: SocketAddr) {
+    use After::Closes;
+    use Expect::Status;
 
     // Content-Length: duplicates and invalid values.
     let post_cl = |cl: &str| format!("POST http://{o}/sha256 HTTP/1.1\r\nHost: {o}\r\n{cl}\r\n\r\nhello!");
@@ -646,6 +680,12 @@ async fn framing_and_smuggling() {
         s.case(name, post_cl(cl).as_bytes(), Status(&[400]), Closes, no_check)
             .await;
     }
+}
+
+/// Transfer codings other than a final chunked: 400, then close.
+async fn invalid_transfer_codings(s: &mut Suite, o: SocketAddr) {
+    use After::Closes;
+    use Expect::Status;
 
     // Transfer codings other than a final chunked.
     let post_te =
@@ -662,6 +702,12 @@ async fn framing_and_smuggling() {
         s.case(name, post_te(te).as_bytes(), Status(&[400]), Closes, no_check)
             .await;
     }
+}
+
+/// Invalid chunked bodies: never a 2xx, then close.
+async fn invalid_chunked_bodies(s: &mut Suite, o: SocketAddr) {
+    use After::Closes;
+    use Expect::NotSuccess;
 
     // Invalid chunked bodies: never a 2xx, connection closed.
     let post_body = |body: &str| {
@@ -676,6 +722,13 @@ async fn framing_and_smuggling() {
         s.case(name, post_body(body).as_bytes(), NotSuccess, Closes, no_check)
             .await;
     }
+}
+
+/// Header and request-line syntax: obs-fold, control bytes, spaces (400, close); bare LF
+/// line endings are accepted.
+async fn header_syntax(s: &mut Suite, o: SocketAddr) {
+    use After::{Closes, KeepsOpen};
+    use Expect::Status;
 
     // Header syntax.
     let get_with = |line: &str| format!("GET http://{o}/bytes?n=5 HTTP/1.1\r\nHost: {o}\r\n{line}\r\n\r\n");
@@ -707,6 +760,14 @@ async fn framing_and_smuggling() {
         five_bytes,
     )
     .await;
+}
+
+/// The request target decides the origin and its Host; origin-form and a port out of range
+/// are refused (400) without closing.
+async fn request_targets_and_hosts(s: &mut Suite, o: SocketAddr) {
+    use After::KeepsOpen;
+    use Expect::Status;
+
     s.case(
         "absolute-form with a mismatched Host: origin sees Host from the URI",
         format!("GET http://{o}/headers HTTP/1.1\r\nHost: evil.example\r\n\r\n").as_bytes(),
@@ -747,6 +808,13 @@ async fn framing_and_smuggling() {
         says_invalid_port,
     )
     .await;
+}
+
+/// Max-Forwards (RFC 9110 §7.6.2): at 0 the proxy answers OPTIONS and TRACE itself, above
+/// it forwards the value less one.
+async fn max_forwards(s: &mut Suite, o: SocketAddr, closed: u16) {
+    use After::KeepsOpen;
+    use Expect::Status;
 
     // Max-Forwards (RFC 9110 §7.6.2); `closed` has no listener, so a forwarded request would be 502.
     s.case(
@@ -785,6 +853,12 @@ async fn framing_and_smuggling() {
         max_forwards_0,
     )
     .await;
+}
+
+/// CONNECT targets without a port or to a port not allowed, and a GET to the proxy itself.
+async fn connect_targets(s: &mut Suite, proxy: SocketAddr, closed: u16) {
+    use After::KeepsOpen;
+    use Expect::Status;
 
     // CONNECT request-target.
     s.case(
@@ -813,15 +887,12 @@ async fn framing_and_smuggling() {
     .await;
     s.case(
         "GET to the proxy itself (loop)",
-        get(&format!("http://{}/", baton.proxy)).as_bytes(),
+        get(&format!("http://{}/", proxy)).as_bytes(),
         Status(&[403]),
         KeepsOpen,
         no_check,
     )
     .await;
-
-    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
-    s.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -874,11 +945,26 @@ fn no_proxy_authorization(r: &Resp) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxy_authentication() {
-    use After::KeepsOpen;
-    use Expect::Status;
-
     let origin = testkit::start_origin().await.unwrap();
     let echo = testkit::start_echo().await.unwrap();
+    let baton = start_with_htpasswd(echo).await;
+    let o = origin;
+    let good = format!("Proxy-Authorization: Basic {}\r\n", basic("alice", "secret"));
+    let normal = format!("GET http://{o}/bytes?n=3 HTTP/1.1\r\nHost: {o}\r\n{good}\r\n");
+    let base = baseline(baton.proxy, baton.pid(), Some(&normal)).await;
+    let mut s = Suite::new("auth", baton.proxy, normal.clone());
+
+    missing_or_wrong_credentials(&mut s, o).await;
+    correct_credentials(&mut s, o, &good).await;
+    connect_with_credentials(&mut s, echo, &good).await;
+
+    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
+    s.finish();
+}
+
+/// baton with an htpasswd file (alice with a `$2y$` hash, bob with `$2b$` and a password with
+/// a colon and a space), realm "baton", CONNECT allowed to `echo`.
+async fn start_with_htpasswd(echo: SocketAddr) -> Baton {
     let dir = tempfile::tempdir().unwrap();
     let alice = bcrypt::hash("secret", 4).unwrap().replacen("$2b$", "$2y$", 1);
     let bob = bcrypt::hash("pa:ss word", 4).unwrap();
@@ -889,23 +975,22 @@ async fn proxy_authentication() {
         htpasswd.display(),
         echo.port()
     );
-    let baton = Baton::start_in(dir, Path::new(BATON), &short_pool(&extra), &[]).await;
-    let o = origin;
-    let good = format!("Proxy-Authorization: Basic {}\r\n", basic("alice", "secret"));
-    let normal = format!("GET http://{o}/bytes?n=3 HTTP/1.1\r\nHost: {o}\r\n{good}\r\n");
-    let base = baseline(baton.proxy, baton.pid(), Some(&normal)).await;
-    let mut s = Suite::new("auth", baton.proxy, normal.clone());
+    Baton::start_in(dir, Path::new(BATON), &short_pool(&extra), &[]).await
+}
 
-    let get_auth = |auth: &str| format!("GET http://{o}/headers HTTP/1.1\r\nHost: {o}\r\n{auth}\r\n");
-    s.case(
-        "missing credentials: 407 with Proxy-Authenticate",
-        get_auth("").as_bytes(),
-        Status(&[407]),
-        KeepsOpen,
-        challenges,
-    )
-    .await;
-    let wrong = [
+/// A GET of the origin's `/headers` with `auth` (header lines, each ending in CRLF).
+fn get_auth(o: SocketAddr, auth: &str) -> String {
+    format!("GET http://{o}/headers HTTP/1.1\r\nHost: {o}\r\n{auth}\r\n")
+}
+
+/// A CONNECT to `echo` with `auth`.
+fn connect_with(echo: SocketAddr, auth: &str) -> String {
+    format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n{auth}\r\n")
+}
+
+/// Credentials that must not let a request through, each with its case name.
+fn wrong_credentials() -> [(&'static str, String); 7] {
+    [
         (
             "wrong password",
             format!("Proxy-Authorization: Basic {}\r\n", basic("alice", "Secret")),
@@ -931,14 +1016,42 @@ async fn proxy_authentication() {
             "Authorization instead of Proxy-Authorization",
             format!("Authorization: Basic {}\r\n", basic("alice", "secret")),
         ),
-    ];
-    for (name, auth) in &wrong {
-        s.case(name, get_auth(auth).as_bytes(), Status(&[407]), KeepsOpen, challenges)
-            .await;
+    ]
+}
+
+/// No credentials, or wrong ones: 407 with the challenge, connection kept.
+async fn missing_or_wrong_credentials(s: &mut Suite, o: SocketAddr) {
+    use After::KeepsOpen;
+    use Expect::Status;
+
+    s.case(
+        "missing credentials: 407 with Proxy-Authenticate",
+        get_auth(o, "").as_bytes(),
+        Status(&[407]),
+        KeepsOpen,
+        challenges,
+    )
+    .await;
+    for (name, auth) in &wrong_credentials() {
+        s.case(
+            name,
+            get_auth(o, auth).as_bytes(),
+            Status(&[407]),
+            KeepsOpen,
+            challenges,
+        )
+        .await;
     }
+}
+
+/// Correct credentials (`good` for alice): served, and Proxy-Authorization not forwarded.
+async fn correct_credentials(s: &mut Suite, o: SocketAddr, good: &str) {
+    use After::KeepsOpen;
+    use Expect::Status;
+
     s.case(
         "correct credentials ($2y$ hash): 200, Proxy-Authorization not forwarded",
-        get_auth(&good).as_bytes(),
+        get_auth(o, good).as_bytes(),
         Status(&[200]),
         KeepsOpen,
         no_proxy_authorization,
@@ -946,10 +1059,10 @@ async fn proxy_authentication() {
     .await;
     s.case(
         "correct credentials ($2b$ hash, password with colon and space)",
-        get_auth(&format!(
-            "Proxy-Authorization: Basic {}\r\n",
-            basic("bob", "pa:ss word")
-        ))
+        get_auth(
+            o,
+            &format!("Proxy-Authorization: Basic {}\r\n", basic("bob", "pa:ss word")),
+        )
         .as_bytes(),
         Status(&[200]),
         KeepsOpen,
@@ -958,18 +1071,26 @@ async fn proxy_authentication() {
     .await;
     s.case(
         "auth scheme is case-insensitive (\"basic\")",
-        get_auth(&format!("Proxy-Authorization: basic {}\r\n", basic("alice", "secret"))).as_bytes(),
+        get_auth(
+            o,
+            &format!("Proxy-Authorization: basic {}\r\n", basic("alice", "secret")),
+        )
+        .as_bytes(),
         Status(&[200]),
         KeepsOpen,
         no_proxy_authorization,
     )
     .await;
+}
 
-    // CONNECT: 407 before the tunnel opens.
-    let connect = |auth: &str| format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n{auth}\r\n");
+/// CONNECT: 407 before the tunnel opens, a working tunnel with `good` credentials.
+async fn connect_with_credentials(s: &mut Suite, echo: SocketAddr, good: &str) {
+    use After::KeepsOpen;
+    use Expect::Status;
+
     s.case(
         "CONNECT without credentials: 407",
-        connect("").as_bytes(),
+        connect_with(echo, "").as_bytes(),
         Status(&[407]),
         KeepsOpen,
         challenges,
@@ -977,15 +1098,15 @@ async fn proxy_authentication() {
     .await;
     s.case(
         "CONNECT with a wrong password: 407",
-        connect(&wrong[0].1).as_bytes(),
+        connect_with(echo, &wrong_credentials()[0].1).as_bytes(),
         Status(&[407]),
         KeepsOpen,
         challenges,
     )
     .await;
     let result = async {
-        let mut c = Conn::open(baton.proxy).await;
-        c.send(connect(&good).as_bytes()).await?;
+        let mut c = Conn::open(s.proxy).await;
+        c.send(connect_with(echo, good).as_bytes()).await?;
         let r = c.response(true).await?;
         if r.code() != 200 {
             return Err(format!("got {:?}", r.status));
@@ -999,9 +1120,6 @@ async fn proxy_authentication() {
     }
     .await;
     s.record("CONNECT with correct credentials: tunnel works", result);
-
-    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
-    s.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1023,20 +1141,38 @@ async fn destination_rules() {
     let normal = get(&format!("http://{other}/"));
     let base = baseline(baton.proxy, baton.pid(), Some(&normal)).await;
     let mut s = Suite::new("destinations", baton.proxy, normal.clone());
-    let (op, ep) = (origin.port(), echo.port());
 
-    let connect = |t: &str| format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n");
-    for (name, req) in [
+    for (name, req) in denied_targets(origin.port(), echo.port()) {
+        s.case(name, req.as_bytes(), Status(&[403]), KeepsOpen, no_check).await;
+    }
+    // Numeric spellings of 127.0.0.1: resolved, then denied (403), or refused as malformed (400).
+    for (name, req) in numeric_spellings_of_loopback(origin.port()) {
+        s.case(name, req.as_bytes(), Status(&[403, 400]), KeepsOpen, no_check)
+            .await;
+    }
+
+    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
+    s.finish();
+}
+
+fn connect_to(target: &str) -> String {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")
+}
+
+/// Requests to what `deny_destinations` and `deny_hosts` refuse: the origin (port
+/// `op`) and echo (port `ep`) on 127.0.0.1 through every spelling, and denied host names.
+fn denied_targets(op: u16, ep: u16) -> Vec<(&'static str, String)> {
+    vec![
         (
             "CONNECT to a denied address through a name (localhost)",
-            connect(&format!("localhost:{ep}")),
+            connect_to(&format!("localhost:{ep}")),
         ),
-        ("CONNECT to a denied address", connect(&format!("127.0.0.1:{ep}"))),
+        ("CONNECT to a denied address", connect_to(&format!("127.0.0.1:{ep}"))),
         (
             "CONNECT to a denied address as IPv4-mapped IPv6",
-            connect(&format!("[::ffff:127.0.0.1]:{ep}")),
+            connect_to(&format!("[::ffff:127.0.0.1]:{ep}")),
         ),
-        ("CONNECT to a denied IPv6 address", connect(&format!("[::1]:{ep}"))),
+        ("CONNECT to a denied IPv6 address", connect_to(&format!("[::1]:{ep}"))),
         (
             "GET to a denied address through a name (localhost)",
             get(&format!("http://localhost:{op}/bytes?n=5")),
@@ -1062,12 +1198,13 @@ async fn destination_rules() {
             "GET to a denied host suffix in upper case",
             get("http://WWW.EVIL.EXAMPLE/"),
         ),
-        ("CONNECT to a denied host name", connect("blocked.example:443")),
-    ] {
-        s.case(name, req.as_bytes(), Status(&[403]), KeepsOpen, no_check).await;
-    }
-    // Numeric spellings of 127.0.0.1: resolved, then denied (403), or refused as malformed (400).
-    for (name, req) in [
+        ("CONNECT to a denied host name", connect_to("blocked.example:443")),
+    ]
+}
+
+/// 127.0.0.1:`op` in numeric spellings other than dotted quad.
+fn numeric_spellings_of_loopback(op: u16) -> Vec<(&'static str, String)> {
+    vec![
         (
             "GET to a denied address spelled as a decimal integer",
             get(&format!("http://2130706433:{op}/bytes?n=5")),
@@ -1076,13 +1213,7 @@ async fn destination_rules() {
             "GET to a denied address spelled 127.1",
             get(&format!("http://127.1:{op}/bytes?n=5")),
         ),
-    ] {
-        s.case(name, req.as_bytes(), Status(&[403, 400]), KeepsOpen, no_check)
-            .await;
-    }
-
-    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
-    s.finish();
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1246,9 +1377,6 @@ async fn slow_client(proxy: SocketAddr, head: &[u8], drip: &[u8], within: Durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_and_timeouts() {
-    use After::{Closes, KeepsOpen};
-    use Expect::Status;
-
     let origin = testkit::start_origin().await.unwrap();
     let baton = Baton::start(&short_pool(
         "[timeouts]\nheader_read = \"1s\"\n\n[limits]\nmax_header_bytes = 16384\nmax_uri_bytes = 1024\nmax_body_bytes = 100\n",
@@ -1258,6 +1386,22 @@ async fn limits_and_timeouts() {
     let normal = get(&format!("http://{o}/bytes?n=3"));
     let base = baseline(baton.proxy, baton.pid(), Some(&normal)).await;
     let mut s = Suite::new("limits", baton.proxy, normal.clone());
+
+    header_and_uri_limits(&mut s, o).await;
+    body_limits(&mut s, o).await;
+    slow_clients(&mut s, baton.proxy, o).await;
+    let r = idle_keep_alive_is_closed(baton.proxy, &normal).await;
+    s.record("idle keep-alive connection closed within 3 s (header_read 1s)", r);
+
+    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
+    s.finish();
+}
+
+/// Header section and URI over their limits: 431 and 414, then close; a URI just under its
+/// limit is forwarded.
+async fn header_and_uri_limits(s: &mut Suite, o: SocketAddr) {
+    use After::{Closes, KeepsOpen};
+    use Expect::Status;
 
     let big = "a".repeat(20_000);
     s.case(
@@ -1294,6 +1438,14 @@ async fn limits_and_timeouts() {
         five_bytes,
     )
     .await;
+}
+
+/// Bodies over `max_body_bytes` (by Content-Length or chunked): 413, then close; one at the
+/// limit is forwarded.
+async fn body_limits(s: &mut Suite, o: SocketAddr) {
+    use After::{Closes, KeepsOpen};
+    use Expect::Status;
+
     s.case(
         "Content-Length over max_body_bytes: 413 (body not read)",
         format!(
@@ -1336,45 +1488,45 @@ async fn limits_and_timeouts() {
         no_check,
     )
     .await;
+}
 
+/// Slowloris and silent connections are closed within 3 s (`header_read` is 1 s).
+async fn slow_clients(s: &mut Suite, proxy: SocketAddr, o: SocketAddr) {
     let partial = format!("GET http://{o}/bytes?n=5 HTTP/1.1\r\nHost: {o}\r\n");
-    let r = slow_client(baton.proxy, partial.as_bytes(), b"", Duration::from_secs(3)).await;
+    let r = slow_client(proxy, partial.as_bytes(), b"", Duration::from_secs(3)).await;
     s.record(
         "slowloris: partial head then silence, closed within 3 s (header_read 1s)",
         r,
     );
     let r = slow_client(
-        baton.proxy,
+        proxy,
         format!("GET http://{o}/bytes?n=5 HTTP/1.1\r\n").as_bytes(),
         b"X-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         Duration::from_secs(3),
     )
     .await;
     s.record("slowloris: head dripped a byte per 200 ms, closed within 3 s", r);
-    let r = slow_client(baton.proxy, b"", b"", Duration::from_secs(3)).await;
+    let r = slow_client(proxy, b"", b"", Duration::from_secs(3)).await;
     s.record("connection opened and silent: closed within 3 s", r);
-    let r = async {
-        let mut c = Conn::open(baton.proxy).await;
-        c.send(normal.as_bytes()).await?;
-        let r = c.response(false).await?;
-        if r.code() != 200 {
-            return Err(format!("got {:?}", r.status));
-        }
-        let start = Instant::now();
-        match c.fill(Instant::now() + Duration::from_secs(3)).await {
-            Fill::Eof | Fill::Error(_) => {
-                eprintln!("    idle keep-alive closed after {:?}", start.elapsed());
-                Ok(())
-            }
-            Fill::Data => Err(format!("unexpected bytes {:?}", String::from_utf8_lossy(&c.buf))),
-            Fill::Timeout => Err("idle keep-alive connection still open after 3 s".into()),
-        }
-    }
-    .await;
-    s.record("idle keep-alive connection closed within 3 s (header_read 1s)", r);
+}
 
-    assert_healthy(&mut s, baton.pid(), base, Some(&normal)).await;
-    s.finish();
+/// An idle keep-alive connection, after one `normal` request, is closed within 3 s.
+async fn idle_keep_alive_is_closed(proxy: SocketAddr, normal: &str) -> Result<(), String> {
+    let mut c = Conn::open(proxy).await;
+    c.send(normal.as_bytes()).await?;
+    let r = c.response(false).await?;
+    if r.code() != 200 {
+        return Err(format!("got {:?}", r.status));
+    }
+    let start = Instant::now();
+    match c.fill(Instant::now() + Duration::from_secs(3)).await {
+        Fill::Eof | Fill::Error(_) => {
+            eprintln!("    idle keep-alive closed after {:?}", start.elapsed());
+            Ok(())
+        }
+        Fill::Data => Err(format!("unexpected bytes {:?}", String::from_utf8_lossy(&c.buf))),
+        Fill::Timeout => Err("idle keep-alive connection still open after 3 s".into()),
+    }
 }
 
 /// Polls (every 100 ms, for at most `within`) until a new connection gets `request` answered 200.

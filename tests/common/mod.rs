@@ -7,7 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use baton::testkit;
+use baton::control::Status;
+use serde::Deserialize;
+
+// Not every test file uses every helper.
+#[allow(unused_imports)]
+pub use baton_handoff::process::alive;
+#[allow(unused_imports)]
+pub use baton_testkit as testkit;
 
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
@@ -162,21 +169,18 @@ fn spawn_retrying_etxtbsy(mut spawn: impl FnMut() -> std::io::Result<Child>) -> 
     panic!("binary stayed busy (ETXTBSY) for 1 s");
 }
 
+/// The status as JSON (for tests that index it), from the typed client's answer line.
 pub async fn status(control: &Path) -> Option<serde_json::Value> {
-    let mut out = None;
-    baton::control::request(control, "status", |v| out = Some(v))
-        .await
-        .ok()?;
-    out
+    let (_, line) = baton::control::status(control).await.ok()?;
+    serde_json::from_str(&line).ok()
 }
 
+/// The TCP address of listener `name` in a status, read through the typed [`Status`].
 pub fn listener_addr(status: &serde_json::Value, name: &str) -> SocketAddr {
-    status["listeners"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
-        .and_then(|l| l["address"].as_str())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no listener {name} in {status}"))
+    let typed = Status::deserialize(status).unwrap_or_else(|e| panic!("not a status ({e}): {status}"));
+    typed
+        .tcp_listener(name)
+        .unwrap_or_else(|| panic!("no TCP listener {name} in {status}"))
 }
 
 /// An `[access]` section that allows CONNECT to `ports` (the default is 443 only).
@@ -213,18 +217,6 @@ pub fn curl(args: &[&str]) -> (bool, Vec<u8>, String) {
         out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Whether `pid` is alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|r| !r.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
 }
 
 /// Zombie children of `pid`.

@@ -1,7 +1,7 @@
 //! Relaying a CONNECT tunnel. When both ends are TCP sockets (the usual case) the bytes move
-//! with splice(2) through a pipe per direction, never copied into user space (measured on
-//! loopback: 2.0 GB/s through one tunnel against 1.6 GB/s for a 64 KiB buffered copy; it costs
-//! four pipe fds per tunnel); otherwise a buffered copy. Either way: half-close is passed on, an idle tunnel ends after `idle`, and
+//! with splice(2) through a pipe per direction, never copied into user space (faster than a
+//! buffered copy, docs/benchmarks.md; it costs four pipe fds per tunnel); otherwise a
+//! buffered copy. Either way: half-close is passed on, an idle tunnel ends after `idle`, and
 //! a drain deadline (`cut`) ends it at once.
 
 use std::io;
@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use baton_handoff::Stream;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -36,18 +37,21 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
     let moving = async {
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        // The client connection is the accepted `Stream` that hyper upgraded.
+        match upgraded.downcast::<TokioIo<Stream>>() {
             Ok(parts) => {
-                let client = parts.io.into_inner();
                 let mut origin = origin;
                 // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say).
                 if !parts.read_buf.is_empty() {
                     origin.write_all(&parts.read_buf).await?;
                     up.fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
                 }
-                splice_both(&client, &origin, &activity, &up, &down).await
+                match parts.io.into_inner() {
+                    Stream::Tcp(client) => splice_both(&client, &origin, &activity, &up, &down).await,
+                    Stream::Unix(client) => copy_both(client, origin, &activity, &up, &down).await,
+                }
             }
-            Err(upgraded) => copy_both(upgraded, origin, &activity, &up, &down).await,
+            Err(upgraded) => copy_both(TokioIo::new(upgraded), origin, &activity, &up, &down).await,
         }
     };
     let outcome = tokio::select! {
@@ -117,18 +121,16 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64, 
 }
 
 /// The fallback for non-TCP clients (a Unix listener): a buffered copy.
-async fn copy_both(
-    upgraded: Upgraded,
-    origin: TcpStream,
+async fn copy_both<C: AsyncRead + AsyncWrite + Unpin>(
+    mut client: C,
+    mut origin: TcpStream,
     activity: &AtomicU64,
     up: &AtomicU64,
     down: &AtomicU64,
 ) -> io::Result<()> {
-    let mut client = TokioIo::new(upgraded);
-    let mut origin = origin;
     let (u, d) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut origin, CHUNK, CHUNK).await?;
-    up.store(u, Ordering::Relaxed);
-    down.store(d, Ordering::Relaxed);
+    up.fetch_add(u, Ordering::Relaxed);
+    down.fetch_add(d, Ordering::Relaxed);
     activity.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

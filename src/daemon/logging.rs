@@ -19,26 +19,11 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{AccessLog, AccessSink, LogFormat};
-
-/// The target of access lines.
-pub const ACCESS_TARGET: &str = "baton::access";
-
-/// Logs to stderr; access lines too, in the same format.
-pub fn init(format: LogFormat) {
-    if let Err(e) = init_with_access(
-        format,
-        &AccessLog {
-            sink: AccessSink::Stderr,
-            format,
-        },
-    ) {
-        eprintln!("baton: {e:#}");
-    }
-}
+use crate::proxy::access::ACCESS_TARGET;
 
 /// Logs to stderr in `format`, access lines to `access`. Fails if the access file cannot be
 /// opened (a new generation then exits before it is ready, and the handoff rolls back).
-pub fn init_with_access(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
+pub fn init(format: LogFormat, access: &AccessLog) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = !under_journald && std::io::stderr().is_terminal();

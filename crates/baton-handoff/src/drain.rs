@@ -1,6 +1,9 @@
-//! Draining: stop accepting, let requests in flight finish (HTTP/1.1 connections close after
-//! their current response; idle ones at once), let tunnels run until they end or the drain
-//! timeout passes, then cut what is left. One `Drain` per generation, shared by every task.
+//! Draining: stop accepting, let the work in flight finish, then cut what is left at the
+//! deadline. One `Drain` per generation, shared by every task. It tracks two kinds of work,
+//! connections and tunnels (long-lived streams), and signals twice: `draining` when work
+//! should wind down (how is the server's choice: an HTTP server finishes the request in
+//! flight and closes, perhaps after a grace period for an idle client), and `cut` when the
+//! deadline passed and whatever still runs must end.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +21,7 @@ pub struct Drain {
 }
 
 /// What a drain found and how it ended.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainReport {
     pub connections: usize,
     pub tunnels: usize,
@@ -65,18 +68,20 @@ impl Drain {
         self.draining.cancel();
     }
 
-    /// Starts draining (if not begun yet) and waits until everything finished or `timeout` passed, then cuts
-    /// the rest and waits (briefly) for the cut tasks to wind down.
+    /// Starts draining (if not begun yet) and waits until everything finished or `timeout`
+    /// passed, then cuts the rest and waits (at most 5 s) for the cut tasks to wind down.
     pub async fn drain_until(&self, timeout: Duration) -> DrainReport {
         let started = Instant::now();
-        self.draining.cancel();
-        self.connections.close();
-        self.tunnels.close();
+        // Counted before the signal: work that ends as soon as it hears it (an idle
+        // connection) was still handed to the drain.
         let mut report = DrainReport {
             connections: self.connections.len(),
             tunnels: self.tunnels.len(),
             ..DrainReport::default()
         };
+        self.draining.cancel();
+        self.connections.close();
+        self.tunnels.close();
         let all_done = async {
             self.connections.wait().await;
             self.tunnels.wait().await;
@@ -92,5 +97,23 @@ impl Drain {
         }
         report.millis = started.elapsed().as_millis() as u64;
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_work_is_not_cut_and_stuck_work_is() {
+        let drain = Drain::new();
+        let draining = drain.draining();
+        drain.connections().spawn(async move { draining.cancelled().await });
+        let cut = drain.cut_token();
+        drain.tunnels().spawn(async move { cut.cancelled().await });
+        let report = drain.drain_until(Duration::from_millis(50)).await;
+        assert_eq!((report.connections, report.tunnels, report.cut), (1, 1, 1));
+        assert!(drain.is_draining());
+        assert_eq!(drain.active_connections() + drain.active_tunnels(), 0);
     }
 }

@@ -1,32 +1,47 @@
-//! Accepting and serving connections: one accept loop per listener, one task per connection
-//! (HTTP/1.1 with upgrades for CONNECT), all registered with the generation's [`Drain`].
+//! A client connection from accept to close: admission (the connection limit), one task
+//! per connection serving HTTP/1.1 (with upgrades for CONNECT) through the [`Proxy`], and
+//! how it winds down when the generation drains (the grace period for an idle client). All
+//! connections are registered with the generation's [`Drain`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use baton_handoff::{Drain, Peer, Socket, Stream};
+use http::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::drain::Drain;
-use crate::listeners::{self, Peer, Socket, Stream};
-use crate::proxy::Proxy;
-use crate::upstream::Affinity;
+use crate::config::Config;
+use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::service::Proxy;
+use crate::proxy::upstream::OriginLease;
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
-pub struct ServerSettings {
+pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
 }
 
+impl From<&Config> for ConnectionSettings {
+    fn from(c: &Config) -> ConnectionSettings {
+        ConnectionSettings {
+            header_read_timeout: c.timeouts.header_read,
+            max_header_bytes: c.limits.max_header_bytes,
+            max_connections: c.limits.max_connections,
+        }
+    }
+}
+
 /// Everything an accept loop shares with its connections.
-pub struct Server {
+pub struct Connections {
     proxy: Arc<Proxy>,
     drain: Drain,
     http: http1::Builder,
@@ -34,14 +49,14 @@ pub struct Server {
     header_read_timeout: Duration,
 }
 
-impl Server {
-    pub fn new(proxy: Arc<Proxy>, drain: Drain, settings: &ServerSettings) -> Arc<Server> {
+impl Connections {
+    pub fn new(proxy: Arc<Proxy>, drain: Drain, settings: &ConnectionSettings) -> Arc<Connections> {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes)
             .keep_alive(true);
-        Arc::new(Server {
+        Arc::new(Connections {
             proxy,
             drain,
             http,
@@ -53,10 +68,10 @@ impl Server {
     /// Accepts on `socket` until draining starts; the socket is dropped (closed in this
     /// process) when the loop ends.
     pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>) {
-        let server = self.clone();
+        let connections = self.clone();
         let draining = self.drain.draining();
         tokio::spawn(async move {
-            listeners::accept_until(socket, &name, draining, |stream, peer| server.admit(stream, peer)).await;
+            baton_handoff::accept_until(socket, &name, draining, |stream, peer| connections.admit(stream, peer)).await;
         });
     }
 
@@ -66,27 +81,21 @@ impl Server {
             tokio::spawn(refuse_over_limit(stream));
             return;
         };
-        let server = self.clone();
+        let connections = self.clone();
         self.drain.connections().spawn(async move {
-            match stream {
-                Stream::Tcp(s) => server.serve(s, peer).await,
-                Stream::Unix(s) => server.serve(s, peer).await,
-            }
+            connections.serve(stream, peer).await;
             drop(slot);
         });
     }
 
-    async fn serve<S>(&self, io: S, peer: Peer)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn serve(&self, io: Stream, peer: Peer) {
         let proxy = self.proxy.clone();
         let requests = Arc::new(RequestSignal::default());
         let started = requests.clone();
-        let affinity = Arc::new(Affinity::new(self.proxy.upstream()));
+        let lease = Arc::new(OriginLease::new(self.proxy.upstream()));
         let svc = service_fn(move |req| {
             started.mark();
-            proxy.clone().serve(peer, affinity.clone(), req)
+            proxy.clone().serve(peer, lease.clone(), req)
         });
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
@@ -127,15 +136,21 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// reason goes to the access log here. Other endings (resets, a vanished peer) are routine.
 fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
     let Err(e) = result else { return };
-    if e.is_parse_too_large() {
-        warn!(target: "baton::access", client = %peer, status = 431, reason = %e, "refused");
+    let status = if e.is_parse_too_large() {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
     } else if e.is_parse() {
-        warn!(target: "baton::access", client = %peer, status = 400, reason = %e, "refused");
+        StatusCode::BAD_REQUEST
     } else if e.is_timeout() {
-        info!(target: "baton::access", client = %peer, reason = "request head not received within header_read", "closed");
+        let reason = "request head not received within header_read";
+        return AccessLine::new(Kind::Closed, peer).reason(reason).write();
     } else {
-        debug!(client = %peer, "connection ended: {e}");
-    }
+        return debug!(client = %peer, "connection ended: {e}");
+    };
+    let reason = e.to_string();
+    AccessLine::new(Kind::Refused, peer)
+        .status(status)
+        .reason(&reason)
+        .write();
 }
 
 /// Counts the requests a connection started, and lets the drain wait for the next one.
@@ -163,23 +178,15 @@ impl RequestSignal {
     }
 }
 
-async fn refuse_over_limit(stream: Stream) {
+async fn refuse_over_limit(mut stream: Stream) {
     const BODY: &str = "connection limit reached, try again later\n";
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
     );
     let write = async {
-        match stream {
-            Stream::Tcp(mut s) => {
-                s.write_all(resp.as_bytes()).await?;
-                s.shutdown().await
-            }
-            Stream::Unix(mut s) => {
-                s.write_all(resp.as_bytes()).await?;
-                s.shutdown().await
-            }
-        }
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
 }

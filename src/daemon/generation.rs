@@ -9,41 +9,33 @@
 //! Serving ──SIGTERM──▶ Draining (a second SIGTERM exits at once)
 //! ```
 
-use std::ffi::OsString;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
+use baton_handoff::{
+    Drain, DrainReport, HandoffError, Inherited, ListenAddr, Listener, PassedListener, Ready, ReadySignal,
+    SuccessorSpec, open_listener, spawn_successor,
+};
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, ADMIN_LISTENER, AdminContext};
-use crate::config::{CONTROL_LISTENER, Config, ListenAddr};
-use crate::control::{self, Command, DrainOutcome, ListenerStatus, Status, Trigger, UpgradeEvent, UpgradeReport};
-use crate::drain::{Drain, DrainReport};
-use crate::handoff::{HandoffError, Inherited, Ready, SuccessorSpec, spawn_successor};
-use crate::listeners::{self, Listener};
-use crate::notify;
-use crate::policy::Policy;
-use crate::proxy::{Proxy, ProxySettings};
-use crate::server::{Server, ServerSettings};
-use crate::state::{DrainingFile, StateDir};
-use tokio_util::sync::CancellationToken;
-
-/// How this process was started: what a successor must exec.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    pub program: PathBuf,
-    pub args: Vec<OsString>,
-    pub config_path: Option<PathBuf>,
-    pub tag: Option<String>,
-}
+use crate::config::{ADMIN_LISTENER, CONTROL_LISTENER, Config};
+use crate::control::{DrainOutcome, Event, ListenerStatus, Status, UpgradeReport};
+use crate::daemon::admin::{self, AdminContext};
+use crate::daemon::control_server::{self, Command, Trigger};
+use crate::daemon::files::write_pid_file;
+use crate::daemon::launch::Launch;
+use crate::daemon::notify;
+use crate::daemon::state_dir::{DrainingFile, HandoffResult, StateDir};
+use crate::proxy::policy::Policy;
+use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -78,7 +70,7 @@ type DrainFuture = Pin<Box<dyn Future<Output = DrainReport> + Send>>;
 
 struct PendingHandoff {
     pid: u32,
-    reply: Option<mpsc::Sender<UpgradeEvent>>,
+    reply: Option<mpsc::Sender<Event>>,
     future: HandoffFuture,
 }
 
@@ -101,7 +93,7 @@ pub struct Generation {
     /// While draining: this generation's remaining work, published for the serving one.
     draining_file: Option<DrainingFile>,
     /// `baton upgrade --wait-drain`: told how the drain ended.
-    drain_waiter: Option<mpsc::Sender<UpgradeEvent>>,
+    drain_waiter: Option<mpsc::Sender<Event>>,
 }
 
 impl Generation {
@@ -111,50 +103,15 @@ impl Generation {
         let (commands_tx, commands) = mpsc::channel(64);
         spawn_signal_listener(commands_tx.clone())?;
         let drain = Drain::new();
-        // Open every listener first (connections queue meanwhile): the policy needs their
-        // addresses to refuse requests that would loop into the proxy itself.
-        let mut opened = Vec::new();
-        for l in &config.listeners {
-            opened.push(listeners::open(&mut inherited, &l.name, &l.addr).await?);
-        }
-        let policy = Arc::new(Policy::new(config.access.clone())?);
-        policy.set_own_addresses(
-            opened
-                .iter()
-                .filter_map(|l| match l.bound {
-                    ListenAddr::Tcp(a) => Some(a),
-                    ListenAddr::Unix(_) => None,
-                })
-                .collect(),
-        );
-        let proxy = Arc::new(Proxy::new(
-            ProxySettings {
-                upstream_connect: config.timeouts.upstream_connect,
-                upstream_response: config.timeouts.upstream_response,
-                tunnel_idle: config.timeouts.tunnel_idle,
-                upstream_idle: config.timeouts.upstream_idle,
-                max_uri_bytes: config.limits.max_uri_bytes,
-                max_body_bytes: config.limits.max_body_bytes,
-                policy,
-            },
-            drain.clone(),
-        ));
-        let server = Server::new(
-            proxy,
-            drain.clone(),
-            &ServerSettings {
-                header_read_timeout: config.timeouts.header_read,
-                max_header_bytes: config.limits.max_header_bytes,
-                max_connections: config.limits.max_connections,
-            },
-        );
-        for listener in &opened {
-            server.spawn_accept_loop(listener.name.clone(), listener.socket.clone());
-        }
-        let control_addr = ListenAddr::Unix(config.control_socket.clone());
-        let control = open_control(&mut inherited, &control_addr).await?;
+        let mut opened = serve_proxy(&config, &mut inherited, &drain).await?;
+        let control = open_listener(
+            &mut inherited,
+            CONTROL_LISTENER,
+            &ListenAddr::Unix(config.control_socket.clone()),
+        )
+        .await?;
         let control_clients = TaskTracker::new();
-        control::spawn_control_loop(
+        control_server::spawn_control_loop(
             control.socket.clone(),
             &drain,
             commands_tx.clone(),
@@ -167,27 +124,17 @@ impl Generation {
         }
         let admin_stop = CancellationToken::new();
         if let Some(a) = &config.admin {
-            let listener = open_admin(&mut inherited, &ListenAddr::Tcp(a.addr)).await?;
-            admin::spawn(
-                listener.socket.clone(),
-                AdminContext {
-                    drain: drain.clone(),
-                    commands: commands_tx.clone(),
-                    state: shared.clone(),
-                    generation: inherited.generation,
-                },
-                admin_stop.clone(),
-            );
+            let listener = open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?;
+            let ctx = AdminContext {
+                drain: drain.clone(),
+                commands: commands_tx.clone(),
+                state: shared.clone(),
+                generation: inherited.generation,
+            };
+            admin::spawn(listener.socket.clone(), ctx, admin_stop.clone());
             opened.push(listener);
         }
-        for (name, sock) in inherited.take_rest() {
-            match sock {
-                Ok(s) => {
-                    info!(listener = %name, address = %s.local_addr().map(|a| a.to_string()).unwrap_or_default(), "closing inherited listener the configuration no longer has")
-                }
-                Err(e) => warn!(listener = %name, "closing inherited fd that is not a listening socket: {e}"),
-            }
-        }
+        close_unused(&mut inherited);
         let generation = Generation {
             launch,
             number: inherited.generation,
@@ -209,7 +156,7 @@ impl Generation {
         Ok(generation)
     }
 
-    fn report_ready(&self, ready: Option<crate::handoff::ReadySignal>) -> anyhow::Result<()> {
+    fn report_ready(&self, ready: Option<ReadySignal>) -> anyhow::Result<()> {
         notify::ready(&self.status_line());
         notify::spawn_watchdog();
         if let Some(path) = &self.config.pid_file {
@@ -218,7 +165,14 @@ impl Generation {
         let addrs: Vec<String> = self
             .listeners
             .iter()
-            .map(|l| format!("{}={}{}", l.name, l.bound, if l.adopted { " (inherited)" } else { "" }))
+            .map(|l| {
+                format!(
+                    "{}={}{}",
+                    l.name,
+                    l.bound,
+                    if l.opened.is_adopted() { " (inherited)" } else { "" }
+                )
+            })
             .collect();
         info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -260,7 +214,7 @@ impl Generation {
                             warn!(pid = h.pid, "stop requested during a handoff: killing the new generation");
                             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), nix::sys::signal::Signal::SIGKILL);
                             if let Some(r) = h.reply {
-                                let _ = r.send(UpgradeEvent::Failed { reason: "baton is stopping".into() }).await;
+                                let _ = r.send(Event::Failed { reason: "baton is stopping".into() }).await;
                             }
                         }
                         if draining.is_none() {
@@ -292,7 +246,7 @@ impl Generation {
     fn begin_handoff(
         &mut self,
         trigger: Trigger,
-        reply: Option<mpsc::Sender<UpgradeEvent>>,
+        reply: Option<mpsc::Sender<Event>>,
         running: Option<u32>,
     ) -> Option<PendingHandoff> {
         let refusal = match (self.state, running) {
@@ -303,11 +257,10 @@ impl Generation {
             _ => None,
         };
         if let Some(reason) = refusal {
-            warn!(%trigger, result = "refused", "handoff refused: {reason}");
-            self.shared
-                .record(|l| *l.handoffs.entry("refused".into()).or_default() += 1);
+            warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
+            self.shared.count_handoff(HandoffResult::Refused);
             if let Some(r) = reply {
-                let _ = r.try_send(UpgradeEvent::Refused { reason });
+                let _ = r.try_send(Event::Refused { reason });
             }
             return None;
         }
@@ -316,7 +269,11 @@ impl Generation {
         let listeners = self
             .listeners
             .iter()
-            .map(|l| (l.name.as_str(), l.socket.as_fd()))
+            .map(|l| PassedListener {
+                name: &l.name,
+                fd: l.socket.as_fd(),
+                origin: l.origin,
+            })
             .collect();
         let spec = SuccessorSpec {
             program: &self.launch.program,
@@ -333,7 +290,7 @@ impl Generation {
         };
         let pid = successor.pid();
         if let Some(r) = &reply {
-            let _ = r.try_send(UpgradeEvent::Spawned {
+            let _ = r.try_send(Event::Spawned {
                 pid,
                 generation: self.number + 1,
                 old_pid: self.pid,
@@ -376,10 +333,9 @@ impl Generation {
             draining_connections: connections,
             draining_tunnels: tunnels,
         };
-        self.shared.record(|l| {
-            *l.handoffs.entry("ok".into()).or_default() += 1;
-            l.spawn_to_ready.observe(ready.after.as_secs_f64());
-        });
+        self.shared.count_handoff(HandoffResult::Ok);
+        self.shared
+            .record(|l| l.spawn_to_ready.observe(ready.after.as_secs_f64()));
         info!(
             result = "ok",
             old_pid = report.old_pid,
@@ -392,22 +348,23 @@ impl Generation {
             "handoff complete: draining"
         );
         if let Some(r) = pending.reply {
-            let _ = r.send(UpgradeEvent::Done(report)).await;
-            // Kept only if the client waits for the drain (else its reader is gone).
+            let _ = r.send(Event::Done(report)).await;
+            // Told how the drain ends. Without `--wait-drain` the client stopped reading at
+            // `done`, and that later send fails harmlessly.
             self.drain_waiter = Some(r);
         }
         Some(drain)
     }
 
-    fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<UpgradeEvent>>) {
+    fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>) {
         let result = handoff_result(e);
-        error!(result, "handoff failed, serving on: {e}");
-        self.shared
-            .record(|l| *l.handoffs.entry(result.into()).or_default() += 1);
+        let reason = describe(e);
+        error!(result = result.as_str(), "handoff failed, serving on: {reason}");
+        self.shared.count_handoff(result);
         self.state = State::Serving;
-        notify::rolled_back(&format!("serving (last handoff failed: {e})"));
+        notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
         if let Some(r) = reply {
-            let _ = r.try_send(UpgradeEvent::Failed { reason: e.to_string() });
+            let _ = r.try_send(Event::Failed { reason });
         }
     }
 
@@ -444,7 +401,7 @@ impl Generation {
         }
         self.draining_file = None;
         if let Some(w) = self.drain_waiter.take() {
-            let _ = w.send(UpgradeEvent::Drained(outcome)).await;
+            let _ = w.send(Event::Drained(outcome)).await;
         }
     }
 
@@ -471,7 +428,7 @@ impl Generation {
                 .map(|l| ListenerStatus {
                     name: l.name.clone(),
                     address: l.bound.to_string(),
-                    adopted: l.adopted,
+                    adopted: l.opened.is_adopted(),
                 })
                 .collect(),
             active_connections: self.drain.active_connections(),
@@ -483,67 +440,59 @@ impl Generation {
     }
 }
 
-async fn open_control(inherited: &mut Inherited, addr: &ListenAddr) -> anyhow::Result<Listener> {
-    // Adopt the inherited control socket only if it is still at the configured path.
-    if let Some(idx) = inherited.position_by_name(CONTROL_LISTENER) {
-        let sock = inherited.take(idx)?;
-        if sock.local_addr().ok().as_ref() == Some(addr) {
-            return Ok(Listener {
-                name: CONTROL_LISTENER.into(),
-                bound: addr.clone(),
-                socket: Arc::new(sock),
-                adopted: true,
-            });
-        }
-        info!("control socket moved: binding {addr}");
+/// Opens the proxy listeners, then starts the proxy on them. They open first (connections
+/// queue meanwhile) because the policy needs their addresses to refuse requests that would
+/// loop into the proxy itself.
+async fn serve_proxy(config: &Config, inherited: &mut Inherited, drain: &Drain) -> anyhow::Result<Vec<Listener>> {
+    let mut opened = Vec::new();
+    for l in &config.listeners {
+        opened.push(open_listener(inherited, &l.name, &l.addr).await?);
     }
-    let sock = listeners::bind(CONTROL_LISTENER, addr).await?;
-    Ok(Listener {
-        name: CONTROL_LISTENER.into(),
-        bound: addr.clone(),
-        socket: Arc::new(sock),
-        adopted: false,
-    })
+    let policy = Arc::new(Policy::new(config.access.clone())?);
+    let own = opened.iter().filter_map(|l| match l.bound {
+        ListenAddr::Tcp(a) => Some(a),
+        ListenAddr::Unix(_) => None,
+    });
+    policy.set_own_addresses(own.collect());
+    let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, drain.clone()));
+    let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
+    for listener in &opened {
+        connections.spawn_accept_loop(listener.name.clone(), listener.socket.clone());
+    }
+    Ok(opened)
 }
 
-/// Adopts the inherited admin listener if it is still at the configured address (any port
-/// when the configured one is 0), else binds.
-async fn open_admin(inherited: &mut Inherited, addr: &ListenAddr) -> anyhow::Result<Listener> {
-    if let Some(idx) = inherited.position_by_name(ADMIN_LISTENER) {
-        let sock = inherited.take(idx)?;
-        let same = match (sock.local_addr().ok(), addr) {
-            (Some(ListenAddr::Tcp(got)), ListenAddr::Tcp(want)) => {
-                got == *want || (want.port() == 0 && got.ip() == want.ip())
+/// Closes the inherited sockets the configuration no longer has, saying which.
+fn close_unused(inherited: &mut Inherited) {
+    for (name, sock) in inherited.take_rest() {
+        match sock {
+            Ok(s) => {
+                let address = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                info!(listener = %name, %address, "closing inherited listener the configuration no longer has");
             }
-            _ => false,
-        };
-        if same {
-            let bound = sock.local_addr()?;
-            return Ok(Listener {
-                name: ADMIN_LISTENER.into(),
-                bound,
-                socket: Arc::new(sock),
-                adopted: true,
-            });
+            Err(e) => warn!(listener = %name, "closing inherited fd that is not a listening socket: {e}"),
         }
-        info!("admin listener moved: binding {addr}");
     }
-    let sock = listeners::bind(ADMIN_LISTENER, addr).await?;
-    let bound = sock.local_addr()?;
-    Ok(Listener {
-        name: ADMIN_LISTENER.into(),
-        bound,
-        socket: Arc::new(sock),
-        adopted: false,
-    })
 }
 
-/// The `result` label of a failed handoff.
-fn handoff_result(e: &HandoffError) -> &'static str {
+/// An error with its causes, on one line: what a log line and `baton upgrade` show.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// How a failed handoff is counted.
+fn handoff_result(e: &HandoffError) -> HandoffResult {
     match e {
-        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => "child_exit",
-        HandoffError::Timeout { .. } => "timeout",
-        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => "spawn_error",
+        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => HandoffResult::ChildExit,
+        HandoffError::Timeout { .. } => HandoffResult::Timeout,
+        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
     }
 }
 
@@ -570,11 +519,4 @@ fn spawn_signal_listener(commands: mpsc::Sender<Command>) -> anyhow::Result<()> 
         }
     });
     Ok(())
-}
-
-/// Writes the pid file atomically: a reader sees the old pid or the new one, never a torn file.
-fn write_pid_file(path: &Path) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
-    std::fs::rename(&tmp, path)
 }

@@ -1,11 +1,11 @@
-//! Connections to origins. Each client connection keeps the origin connection its last
-//! request used (a keep-alive client usually asks the same origin again: no pool lookup, no
-//! lock, no hand-off to another task); when the client connection ends, that origin
-//! connection goes back to a shared pool, where the next client connection to the same
-//! origin finds it. Connects go through the [`Policy`] (see [`connect_checked`]).
+//! Connections to origins. Each client connection holds a lease ([`OriginLease`]) on the
+//! origin connection its last request used (a keep-alive client usually asks the same
+//! origin again: no pool lookup, no lock contention, no hand-off to another task); when the
+//! client connection ends, that origin connection goes back to a shared pool, where the next
+//! client connection to the same origin finds it. Connects go through the [`Policy`] (see [`connect_checked`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -13,13 +13,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use crate::connector::{ConnectError, connect_checked};
-use crate::policy::Policy;
+use crate::proxy::body::Counted;
+use crate::proxy::connector::{ConnectError, connect_checked};
+use crate::proxy::policy::Policy;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of a request to an origin: the client's body, counted and limited (not boxed:
 /// it is the only kind sent).
-pub type UpstreamBody = crate::proxy::Counted;
+pub type UpstreamBody = Counted;
 type Sender = SendRequest<UpstreamBody>;
 
 /// Idle origin connections kept per origin.
@@ -27,9 +27,9 @@ const POOL_PER_ORIGIN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("{0}")]
+    #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("{0}")]
+    #[error(transparent)]
     Http(#[from] hyper::Error),
 }
 
@@ -68,16 +68,14 @@ impl Upstream {
 
     /// Drops idle connections past `max_idle` or closed by their origin.
     fn sweep(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|_, list| {
-                list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
-                !list.is_empty()
-            });
-        }
+        lock(&self.idle).retain(|_, list| {
+            list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
+            !list.is_empty()
+        });
     }
 
     fn checkout(&self, origin: &str) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = lock(&self.idle);
         let list = idle.get_mut(origin)?;
         while let Some((since, sender)) = list.pop() {
             if since.elapsed() < self.max_idle && sender.is_ready() {
@@ -91,12 +89,11 @@ impl Upstream {
         if !sender.is_ready() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(origin).or_default();
-            list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
-            if list.len() < POOL_PER_ORIGIN {
-                list.push((Instant::now(), sender));
-            }
+        let mut idle = lock(&self.idle);
+        let list = idle.entry(origin).or_default();
+        list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
+        if list.len() < POOL_PER_ORIGIN {
+            list.push((Instant::now(), sender));
         }
     }
 
@@ -111,15 +108,22 @@ impl Upstream {
     }
 }
 
+/// The pool and the leases hold plain data (senders and their keys) that a panic elsewhere
+/// cannot leave half-updated: a poisoned lock is taken over, never skipped (skipping would
+/// leak every origin connection checked in afterwards).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// One client connection's origin connection, returned to the pool when the client leaves.
-pub struct Affinity {
+pub struct OriginLease {
     upstream: Arc<Upstream>,
     current: Mutex<Option<(String, Sender)>>,
 }
 
-impl Affinity {
-    pub fn new(upstream: Arc<Upstream>) -> Affinity {
-        Affinity {
+impl OriginLease {
+    pub fn new(upstream: Arc<Upstream>) -> OriginLease {
+        OriginLease {
             upstream,
             current: Mutex::new(None),
         }
@@ -128,7 +132,7 @@ impl Affinity {
     /// This connection's origin connection to `origin` if it is free, else a pooled one;
     /// with the `origin` key's allocation when it is the same origin as last time.
     fn take(&self, origin: &str) -> (Option<Sender>, Option<String>) {
-        let mine = self.current.lock().ok().and_then(|mut c| c.take());
+        let mine = lock(&self.current).take();
         match mine {
             // Its previous response may be finishing this very moment: `send` waits for it.
             Some((o, s)) if o == origin && !s.is_closed() => return (Some(s), Some(o)),
@@ -163,9 +167,7 @@ impl Affinity {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    if let Ok(mut c) = self.current.lock() {
-                        *c = Some((key.unwrap_or_else(|| origin.to_string()), sender));
-                    }
+                    *lock(&self.current) = Some((key.unwrap_or_else(|| origin.to_string()), sender));
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -177,9 +179,10 @@ impl Affinity {
     }
 }
 
-impl Drop for Affinity {
+impl Drop for OriginLease {
     fn drop(&mut self) {
-        if let Some((origin, sender)) = self.current.get_mut().ok().and_then(Option::take) {
+        let current = self.current.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some((origin, sender)) = current.take() {
             self.upstream.checkin(origin, sender);
         }
     }

@@ -1,7 +1,7 @@
-//! Prometheus metrics (through `prometheus-client`). Counters the proxy moves live in one
-//! process-wide [`Metrics`]; what belongs to the whole chain of generations (handoff results,
-//! phase durations, drains) lives in the [`crate::state`] ledger, and what is read at scrape
-//! time (active connections, draining generations) is a [`Collector`] in `admin.rs`.
+//! The proxy's request metrics (through `prometheus-client`): counters the proxy moves, in
+//! one process-wide [`Metrics`]. The daemon exports them with what belongs to the whole chain
+//! of generations (handoff results, phase durations, drains) and what is read at scrape time
+//! (`daemon::exporter`).
 
 use std::sync::{LazyLock, OnceLock};
 use std::time::Instant;

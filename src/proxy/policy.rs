@@ -20,11 +20,44 @@ use crate::config::{Access, ConfigError};
 pub struct Denial {
     pub status: StatusCode,
     pub reason: String,
-    pub rule: &'static str,
+    pub rule: Rule,
 }
 
-fn deny(status: StatusCode, rule: &'static str, reason: String) -> Denial {
+/// The configuration rule that decided a refusal; `as_str` is its key, as logged (`rule=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    AllowClients,
+    Htpasswd,
+    ConnectPorts,
+    DenyHosts,
+    DenyDestinations,
+    AllowDestinations,
+    /// The destination is one of the proxy's own listeners.
+    Loop,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::AllowClients => "allow_clients",
+            Rule::Htpasswd => "htpasswd",
+            Rule::ConnectPorts => "connect_ports",
+            Rule::DenyHosts => "deny_hosts",
+            Rule::DenyDestinations => "deny_destinations",
+            Rule::AllowDestinations => "allow_destinations",
+            Rule::Loop => "loop",
+        }
+    }
+}
+
+fn deny(status: StatusCode, rule: Rule, reason: String) -> Denial {
     Denial { status, reason, rule }
+}
+
+/// The cache stays consistent whatever panicked while holding it (a set of hashes): a
+/// poisoned lock is taken over, not skipped.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A bcrypt hash verified for unknown users, so that the time taken does not tell whether a
@@ -77,7 +110,7 @@ impl Policy {
         }
         Err(deny(
             StatusCode::FORBIDDEN,
-            "allow_clients",
+            Rule::AllowClients,
             format!("client {ip} is not allowed to use this proxy"),
         ))
     }
@@ -92,14 +125,20 @@ impl Policy {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        let missing = |why: &str| deny(StatusCode::PROXY_AUTHENTICATION_REQUIRED, "htpasswd", why.to_string());
+        let missing = |why: &str| {
+            deny(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                Rule::Htpasswd,
+                why.to_string(),
+            )
+        };
         let value = headers
             .get(http::header::PROXY_AUTHORIZATION)
             .ok_or_else(|| missing("proxy authentication required"))?;
         let (user, password) =
             parse_basic(value.as_bytes()).ok_or_else(|| missing("malformed Proxy-Authorization (Basic expected)"))?;
         let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-        if auth.verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+        if lock(&auth.verified).contains(&key) {
             return Ok(Some(user));
         }
         let hash = auth.users.get(&user).cloned();
@@ -112,12 +151,11 @@ impl Policy {
         if !(ok && known) {
             return Err(missing("invalid proxy credentials"));
         }
-        if let Ok(mut v) = auth.verified.lock() {
-            if v.len() >= VERIFIED_CACHE {
-                v.clear();
-            }
-            v.insert(key);
+        let mut verified = lock(&auth.verified);
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
         }
+        verified.insert(key);
         Ok(Some(user))
     }
 
@@ -132,7 +170,7 @@ impl Policy {
         }
         Err(deny(
             StatusCode::FORBIDDEN,
-            "connect_ports",
+            Rule::ConnectPorts,
             format!("CONNECT to port {port} is not allowed"),
         ))
     }
@@ -147,7 +185,7 @@ impl Policy {
             if hit {
                 return Err(deny(
                     StatusCode::FORBIDDEN,
-                    "deny_hosts",
+                    Rule::DenyHosts,
                     format!("host {host} is denied ({pattern})"),
                 ));
             }
@@ -165,14 +203,14 @@ impl Policy {
         if is_self {
             return Err(deny(
                 StatusCode::FORBIDDEN,
-                "loop",
+                Rule::Loop,
                 format!("destination {addr} is this proxy"),
             ));
         }
         if let Some(net) = self.access.deny_destinations.iter().find(|n| n.contains(&ip)) {
             return Err(deny(
                 StatusCode::FORBIDDEN,
-                "deny_destinations",
+                Rule::DenyDestinations,
                 format!("destination {ip} is denied ({net})"),
             ));
         }
@@ -180,7 +218,7 @@ impl Policy {
         {
             return Err(deny(
                 StatusCode::FORBIDDEN,
-                "allow_destinations",
+                Rule::AllowDestinations,
                 format!("destination {ip} is not in allow_destinations"),
             ));
         }
@@ -277,7 +315,7 @@ mod tests {
         let p = policy(|a| a.deny_destinations = vec!["127.0.0.0/8".parse().unwrap()]);
         let err = p.resolve_checked("localhost", 80).await.unwrap_err();
         assert!(
-            matches!(err, ResolveError::Denied(d) if d.rule == "deny_destinations" || d.rule == "allow_destinations")
+            matches!(err, ResolveError::Denied(d) if d.rule == Rule::DenyDestinations || d.rule == Rule::AllowDestinations)
         );
     }
 
@@ -286,7 +324,7 @@ mod tests {
         let p = policy(|_| {});
         p.set_own_addresses(vec!["127.0.0.1:3128".parse().unwrap()]);
         let err = p.resolve_checked("127.0.0.1", 3128).await.unwrap_err();
-        assert!(matches!(err, ResolveError::Denied(d) if d.rule == "loop"));
+        assert!(matches!(err, ResolveError::Denied(d) if d.rule == Rule::Loop));
         assert!(p.resolve_checked("127.0.0.1", 3129).await.is_ok());
     }
 

@@ -1,11 +1,11 @@
-//! The handoff, as a library that knows nothing about HTTP: inherit listeners from a
-//! predecessor (or systemd), spawn a successor with ours, wait for it to report ready, and
-//! roll back (kill and reap it) when it does not.
+//! Spawning the next generation, waiting for it to report ready, and rolling back (kill and
+//! reap it) when it does not.
 //!
-//! Protocol (see DESIGN.md "Generations and the handoff"): the listening sockets go to the
-//! child as fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid,
-//! so any `sd_listen_fds` consumer accepts them; the write end of a readiness pipe goes as the
-//! next fd, its number in `BATON_READY_FD`. The child writes `ready <pid>\n` once it serves.
+//! Protocol: the listening sockets go to the child as fds 3.. with `LISTEN_FDS`,
+//! `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid, so any `sd_listen_fds` consumer
+//! accepts them; where each came from goes in `BATON_LISTEN_ORIGINS`; the write end of a
+//! readiness pipe goes as the next fd, its number in `BATON_READY_FD`. The child writes
+//! `ready <pid>\n` once it serves, or the exec failure's errno as `exec-error NNNN\n`.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -20,212 +20,45 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
-use crate::listeners::Socket;
-
-pub const READY_FD_ENV: &str = "BATON_READY_FD";
-pub const GENERATION_ENV: &str = "BATON_GENERATION";
-/// The program path the first generation resolved; every successor execs the same path.
-pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
-const FIRST_LISTEN_FD: RawFd = 3;
+use crate::inherit::{FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV, READY_FD_ENV};
+use crate::listener::Origin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
-    #[error("cannot execute {path}: {source}")]
-    NotExecutable { path: PathBuf, source: io::Error },
-    #[error("fork failed: {0}")]
-    Fork(nix::Error),
-    #[error("exec of {path} failed in the child: {errno}")]
-    Exec { path: PathBuf, errno: nix::Error },
+    #[error("cannot execute {path}")]
+    NotExecutable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fork failed")]
+    Fork(#[source] nix::Error),
+    #[error("exec of {path} failed in the child")]
+    Exec {
+        path: PathBuf,
+        #[source]
+        errno: nix::Error,
+    },
     #[error("new generation (pid {pid}) exited before it was ready: {status}")]
     ChildExited { pid: u32, status: String },
     #[error("new generation (pid {pid}) was not ready within {timeout:?}; killed")]
     Timeout { pid: u32, timeout: Duration },
-    #[error("handoff i/o: {0}")]
+    #[error("handoff i/o")]
     Io(#[from] io::Error),
 }
 
-/// What this process was handed at start: listening sockets (with their names), the
-/// readiness pipe of a predecessor, and the generation number.
-pub struct Inherited {
-    fds: listenfd::ListenFd,
-    names: Vec<String>,
-    taken: Vec<bool>,
-    pub ready: Option<ReadySignal>,
-    pub generation: u64,
-    pub program: Option<PathBuf>,
-}
-
-impl Inherited {
-    /// Reads the inheritance from the environment and removes the variables, so nothing of it
-    /// leaks further.
-    ///
-    /// # Safety
-    /// Changes the environment: call it before any other thread exists (before the runtime).
-    pub unsafe fn from_env() -> Inherited {
-        let fds = listenfd::ListenFd::from_env();
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-            .map(|v| v.split(':').map(str::to_string).collect())
-            .unwrap_or_default();
-        let ready = std::env::var(READY_FD_ENV)
-            .ok()
-            .and_then(|v| v.parse::<RawFd>().ok())
-            // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
-            .filter(|fd| *fd > 2 && unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
-            // SAFETY: the predecessor passed this fd to us for our exclusive use, and we
-            // checked it is open; nothing else in this process refers to it.
-            .map(|fd| ReadySignal(unsafe { OwnedFd::from_raw_fd(fd) }));
-        if let Some(r) = &ready {
-            let _ = nix::fcntl::fcntl(&r.0, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        }
-        let generation = std::env::var(GENERATION_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
-        // SAFETY: the caller guarantees no other thread runs yet.
-        unsafe {
-            std::env::remove_var("LISTEN_FDNAMES");
-            std::env::remove_var("LISTEN_FDS_FIRST_FD");
-            std::env::remove_var(READY_FD_ENV);
-            std::env::remove_var(GENERATION_ENV);
-            std::env::remove_var(PROGRAM_ENV);
-        }
-        let taken = vec![false; fds.len()];
-        Inherited {
-            fds,
-            names,
-            taken,
-            ready,
-            generation,
-            program,
-        }
-    }
-
-    /// Nothing inherited (tests, or a library user that binds everything itself).
-    pub fn none() -> Inherited {
-        Inherited {
-            fds: listenfd::ListenFd::empty(),
-            names: Vec::new(),
-            taken: Vec::new(),
-            ready: None,
-            generation: 1,
-            program: None,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.fds.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.fds.len() == 0
-    }
-
-    pub fn position_by_name(&self, name: &str) -> Option<usize> {
-        (0..self.len()).find(|&i| !self.taken[i] && self.names.get(i).map(String::as_str) == Some(name))
-    }
-
-    /// The first untaken inherited socket for which `pred` holds.
-    pub fn position_by(&mut self, pred: impl Fn(&Socket) -> bool) -> Option<usize> {
-        (0..self.len()).find(|&i| {
-            if self.taken[i] {
-                return false;
-            }
-            // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
-            let fd = FIRST_LISTEN_FD + i as RawFd;
-            let Ok(dup) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
-                return false;
-            };
-            socket_from_owned(dup).map(|s| pred(&s)).unwrap_or(false)
-        })
-    }
-
-    /// Takes inherited socket `idx` as a TCP or Unix listener.
-    pub fn take(&mut self, idx: usize) -> io::Result<Socket> {
-        let fd = self
-            .fds
-            .take_raw_fd(idx)?
-            .ok_or_else(|| io::Error::other("inherited fd already taken"))?;
-        self.taken[idx] = true;
-        // SAFETY: listenfd hands each inherited fd out once; from here we own it.
-        socket_from_owned(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    /// Takes every socket not adopted yet (they are then closed by the caller dropping them),
-    /// with its name, so the caller can log what configuration dropped.
-    pub fn take_rest(&mut self) -> Vec<(String, io::Result<Socket>)> {
-        (0..self.len())
-            .filter(|&i| !self.taken[i])
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|i| (self.names.get(i).cloned().unwrap_or_default(), self.take(i)))
-            .collect()
-    }
-}
-
-/// Marks every fd above stderr close-on-exec, so that whatever our own parent leaked to us
-/// (a shell's pipes, a supervisor's sockets) never reaches a successor: it gets exactly the
-/// listeners and the readiness pipe.
-pub fn close_on_exec_all() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<RawFd> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        // SAFETY: F_GETFD/F_SETFD change only the fd's flag; an fd that closed meanwhile (the
-        // directory's own) just makes the call fail.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
-}
-
-fn socket_from_owned(fd: OwnedFd) -> io::Result<Socket> {
-    use nix::sys::socket::SockaddrLike;
-    let family = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-        .map_err(io::Error::from)?
-        .family();
-    let kind = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType).map_err(io::Error::from)?;
-    let listening =
-        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).map_err(io::Error::from)?;
-    if kind != nix::sys::socket::SockType::Stream || !listening {
-        return Err(io::Error::other("not a listening stream socket"));
-    }
-    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-    if family == Some(nix::sys::socket::AddressFamily::Unix) {
-        let l = std::os::unix::net::UnixListener::from(fd);
-        l.set_nonblocking(true)?;
-        Ok(Socket::Unix(tokio::net::UnixListener::from_std(l)?))
-    } else {
-        let l = std::net::TcpListener::from(fd);
-        l.set_nonblocking(true)?;
-        Ok(Socket::Tcp(tokio::net::TcpListener::from_std(l)?))
-    }
-}
-
-/// The write end of the readiness pipe, held by a new generation until it serves.
-pub struct ReadySignal(OwnedFd);
-
-impl ReadySignal {
-    /// Tells the predecessor we serve. Consumes the pipe: it closes after the line.
-    pub fn signal_ready(self) -> io::Result<()> {
-        let line = format!("ready {}\n", std::process::id());
-        let mut f = std::fs::File::from(self.0);
-        io::Write::write_all(&mut f, line.as_bytes())
-    }
+/// A listening socket to pass, with its name and origin (see [`Origin`]).
+pub struct PassedListener<'a> {
+    pub name: &'a str,
+    pub fd: BorrowedFd<'a>,
+    pub origin: Origin,
 }
 
 /// What to start: a program (absolute path), its arguments, the listeners to pass.
 pub struct SuccessorSpec<'a> {
     pub program: &'a Path,
     pub args: &'a [OsString],
-    pub listeners: Vec<(&'a str, BorrowedFd<'a>)>,
+    pub listeners: Vec<PassedListener<'a>>,
     pub generation: u64,
 }
 
@@ -256,6 +89,8 @@ struct ExecImage {
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Linux's signals are 1..=64; a constant, so the child needs no libc lookup after fork.
+const LINUX_NSIG: libc::c_int = 65;
 const PID_DIGITS: usize = 20;
 
 impl ExecImage {
@@ -267,18 +102,9 @@ impl ExecImage {
         for a in spec.args {
             argv.push(cstr(a)?);
         }
-        const OURS: [&str; 7] = [
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "LISTEN_FDS_FIRST_FD",
-            READY_FD_ENV,
-            GENERATION_ENV,
-            PROGRAM_ENV,
-        ];
         let mut envp = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if OURS.iter().any(|o| OsStr::new(o) == k) {
+            if PROTOCOL_ENV.iter().any(|o| OsStr::new(o) == k) {
                 continue;
             }
             let mut kv = k.clone();
@@ -286,9 +112,11 @@ impl ExecImage {
             kv.push(&v);
             envp.push(cstr(&kv)?);
         }
-        let names: Vec<&str> = spec.listeners.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = spec.listeners.iter().map(|l| l.name).collect();
+        let origins: Vec<&str> = spec.listeners.iter().map(|l| l.origin.as_str()).collect();
         envp.push(cstr(OsStr::new(&format!("LISTEN_FDS={}", names.len())))?);
         envp.push(cstr(OsStr::new(&format!("LISTEN_FDNAMES={}", names.join(":"))))?);
+        envp.push(cstr(OsStr::new(&format!("{ORIGINS_ENV}={}", origins.join(":"))))?);
         envp.push(cstr(OsStr::new(&format!("{READY_FD_ENV}={ready_fd}")))?);
         envp.push(cstr(OsStr::new(&format!("{GENERATION_ENV}={}", spec.generation)))?);
         let mut program_env = OsString::from(format!("{PROGRAM_ENV}="));
@@ -318,8 +146,8 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     // fork can never overwrite a source that has not been moved yet.
     let floor = ready_target + 1;
     let mut sources = Vec::new();
-    for (_, fd) in &spec.listeners {
-        sources.push(dup_above(*fd, floor)?);
+    for l in &spec.listeners {
+        sources.push(dup_above(l.fd, floor)?);
     }
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let ready_w_high = dup_above(ready_w.as_fd(), floor)?;
@@ -362,9 +190,21 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     drop(ready_w_high);
     drop(image);
 
+    let exited = spawn_reaper(pid)?;
+    Ok(Successor {
+        pid,
+        program: spec.program.to_path_buf(),
+        ready: ready_r,
+        exited,
+        started: Instant::now(),
+    })
+}
+
+/// The successor is our child until we exit: reap it whenever it ends, so it never lingers
+/// as a zombie (a blocking waitpid per child; there is at most one spawn at a time). The
+/// receiver gets how it ended.
+fn spawn_reaper(pid: Pid) -> io::Result<oneshot::Receiver<String>> {
     let (tx, exited) = oneshot::channel();
-    // The successor is our child until we exit: reap it whenever it ends, so it never lingers
-    // as a zombie (a blocking waitpid per child; there is at most one spawn at a time).
     std::thread::Builder::new().name(format!("reap-{pid}")).spawn(move || {
         let status = loop {
             match waitpid(pid, None) {
@@ -375,13 +215,7 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         };
         let _ = tx.send(status);
     })?;
-    Ok(Successor {
-        pid,
-        program: spec.program.to_path_buf(),
-        ready: ready_r,
-        exited,
-        started: Instant::now(),
-    })
+    Ok(exited)
 }
 
 fn dup_above(fd: BorrowedFd<'_>, floor: RawFd) -> io::Result<OwnedFd> {
@@ -431,7 +265,11 @@ unsafe fn exec_child(
             *slot.add(i) = digits[len - 1 - i];
         }
         *slot.add(len) = 0;
-        // A clean signal mask: the runtime's threads may have blocked some.
+        // Default dispositions and a clean mask, as a new program expects (the parent's
+        // runtime may ignore SIGPIPE or block signals); exec keeps ignored signals ignored.
+        for sig in 1..LINUX_NSIG {
+            libc::signal(sig, libc::SIG_DFL);
+        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -496,6 +334,9 @@ impl Successor {
             }
         };
         let outcome = tokio::select! {
+            // The pipe first: a failed exec writes its errno there and then exits, and the
+            // errno says more than the exit status.
+            biased;
             line = read_line => Some(line?),
             // The child died while something it started still holds the pipe open.
             status = &mut self.exited => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::policy::{Denial, Policy, ResolveError};
+use crate::proxy::policy::{Denial, Policy, ResolveError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -15,7 +15,7 @@ pub enum ConnectError {
     Resolve(String),
     #[error("connect timed out after {0:?}")]
     TimedOut(Duration),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -18,15 +18,50 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::drain::Drain;
+use baton_handoff::Drain;
+
+use crate::control::DrainingGeneration;
+use crate::daemon::files::write_atomically;
 
 /// Upper bounds (seconds) of the handoff phase histograms; the last bucket is +Inf.
 pub const PHASE_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-/// Handoff results, in the order they are exported.
-pub const HANDOFF_RESULTS: [&str; 5] = ["ok", "child_exit", "timeout", "spawn_error", "refused"];
+/// How a handoff ended: the ledger's keys and the `result` label of the metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffResult {
+    Ok,
+    /// The successor exited (or its exec failed) before it was ready.
+    ChildExit,
+    /// The successor was not ready within `timeouts.upgrade`.
+    Timeout,
+    /// The successor could not be started (not executable, fork failed).
+    SpawnError,
+    /// The trigger was refused (a handoff in progress, or a draining generation).
+    Refused,
+}
+
+impl HandoffResult {
+    /// Every result, in the order they are exported.
+    pub const ALL: [HandoffResult; 5] = [
+        HandoffResult::Ok,
+        HandoffResult::ChildExit,
+        HandoffResult::Timeout,
+        HandoffResult::SpawnError,
+        HandoffResult::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoffResult::Ok => "ok",
+            HandoffResult::ChildExit => "child_exit",
+            HandoffResult::Timeout => "timeout",
+            HandoffResult::SpawnError => "spawn_error",
+            HandoffResult::Refused => "refused",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PhaseHistogram {
@@ -66,6 +101,8 @@ impl PhaseHistogram {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Ledger {
+    /// Keyed by [`HandoffResult::as_str`]: the file is shared with generations of other
+    /// versions, which may know other results.
     pub handoffs: BTreeMap<String, u64>,
     pub spawn_to_ready: PhaseHistogram,
     pub drain: PhaseHistogram,
@@ -73,15 +110,6 @@ pub struct Ledger {
     pub drain_finished: u64,
     /// ... and those cut at the drain timeout.
     pub drain_cut: u64,
-}
-
-/// A draining generation's remaining work, as the serving generation reads it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DrainingGeneration {
-    pub pid: u32,
-    pub generation: u64,
-    pub connections: usize,
-    pub tunnels: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +142,9 @@ impl StateDir {
             .recursive(true)
             .mode(0o700)
             .create(self.draining_dir())?;
-        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        // The directory may predate this process (created with a wider umask, or by an older
+        // version): what it holds is ours alone.
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
         if fresh {
             self.update_ledger(|l| *l = Ledger::default())?;
         }
@@ -145,6 +175,11 @@ impl StateDir {
         write_atomically(&self.dir.join("ledger.json"), &text)
     }
 
+    /// Counts one handoff that ended with `result`.
+    pub fn count_handoff(&self, result: HandoffResult) {
+        self.record(|l| *l.handoffs.entry(result.as_str().into()).or_default() += 1);
+    }
+
     /// Like [`StateDir::update_ledger`], logging instead of failing: metrics never stop baton.
     pub fn record(&self, f: impl FnOnce(&mut Ledger)) {
         if let Err(e) = self.update_ledger(f) {
@@ -165,7 +200,7 @@ impl StateDir {
                 if path.extension().and_then(|x| x.to_str()) != Some("json") || pid == me {
                     return None;
                 }
-                if !alive(pid) {
+                if !baton_handoff::process::alive(pid) {
                     let _ = std::fs::remove_file(&path);
                     return None;
                 }
@@ -229,23 +264,6 @@ impl Drop for DrainingFile {
     }
 }
 
-fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Whether `pid` is alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,7 +274,7 @@ mod tests {
         let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
         s.init(true).unwrap();
         s.record(|l| {
-            *l.handoffs.entry("ok".into()).or_default() += 1;
+            *l.handoffs.entry(HandoffResult::Ok.as_str().into()).or_default() += 1;
             l.spawn_to_ready.observe(0.007);
             l.spawn_to_ready.observe(1000.0);
         });

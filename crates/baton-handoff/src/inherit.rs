@@ -1,0 +1,200 @@
+//! What a process was handed at start: listening sockets with their names and origins, the
+//! readiness pipe of a predecessor, and its generation number. Everything is read from the
+//! environment once, and the variables are removed so that none of it leaks further.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use crate::listener::{Origin, Socket};
+
+/// The readiness pipe's fd number in a successor.
+pub const READY_FD_ENV: &str = "BATON_READY_FD";
+/// The successor's generation number (the first process is generation 1).
+pub const GENERATION_ENV: &str = "BATON_GENERATION";
+/// The program path the first generation resolved; every successor execs the same path.
+pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
+/// Where each passed socket came from, `:`-separated like `LISTEN_FDNAMES`: `supervisor`
+/// (systemd passed it to the first generation) or `bound` (a generation bound it).
+pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
+/// Every variable of the protocol: read and removed by a successor, replaced for its own.
+pub(crate) const PROTOCOL_ENV: [&str; 8] = [
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_FDS_FIRST_FD",
+    READY_FD_ENV,
+    GENERATION_ENV,
+    PROGRAM_ENV,
+    ORIGINS_ENV,
+];
+/// The first passed fd, as `sd_listen_fds(3)` defines it.
+pub(crate) const FIRST_LISTEN_FD: RawFd = 3;
+
+/// What this process was handed at start.
+pub struct Inherited {
+    fds: listenfd::ListenFd,
+    /// The fd number of the first passed socket (`LISTEN_FDS_FIRST_FD`, else 3), as
+    /// `listenfd` reads it too.
+    first_fd: RawFd,
+    names: Vec<String>,
+    origins: Vec<Origin>,
+    taken: Vec<bool>,
+    /// The predecessor's readiness pipe; `None` for a first generation.
+    pub ready: Option<ReadySignal>,
+    pub generation: u64,
+    /// The program the first generation resolved, for successors to exec.
+    pub program: Option<PathBuf>,
+}
+
+impl Inherited {
+    /// Reads the inheritance from the environment and removes the variables.
+    ///
+    /// # Safety
+    /// Changes the environment: call it before any other thread exists (before the runtime).
+    pub unsafe fn from_env() -> io::Result<Inherited> {
+        let fds = listenfd::ListenFd::from_env();
+        let first_fd = std::env::var("LISTEN_FDS_FIRST_FD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(FIRST_LISTEN_FD);
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        let ready = ready_signal_from_env()?;
+        let origins = origins_from_env(fds.len(), ready.is_some());
+        let generation = std::env::var(GENERATION_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
+        // SAFETY: the caller guarantees no other thread runs yet.
+        unsafe {
+            for var in PROTOCOL_ENV {
+                std::env::remove_var(var);
+            }
+        }
+        let taken = vec![false; fds.len()];
+        Ok(Inherited {
+            fds,
+            first_fd,
+            names,
+            origins,
+            taken,
+            ready,
+            generation,
+            program,
+        })
+    }
+
+    /// Nothing inherited (tests, or a server that binds everything itself).
+    pub fn none() -> Inherited {
+        Inherited {
+            fds: listenfd::ListenFd::empty(),
+            first_fd: FIRST_LISTEN_FD,
+            names: Vec::new(),
+            origins: Vec::new(),
+            taken: Vec::new(),
+            ready: None,
+            generation: 1,
+            program: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fds.len() == 0
+    }
+
+    /// The first untaken socket called `name`.
+    pub fn position_by_name(&self, name: &str) -> Option<usize> {
+        (0..self.len()).find(|&i| !self.taken[i] && self.names.get(i).map(String::as_str) == Some(name))
+    }
+
+    /// The first untaken inherited socket for which `pred` holds. Like [`Inherited::take`],
+    /// call it inside a tokio runtime (the sockets are registered with its reactor).
+    pub fn position_by(&self, pred: impl Fn(&Socket) -> bool) -> Option<usize> {
+        (0..self.len()).find(|&i| {
+            if self.taken[i] {
+                return false;
+            }
+            // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
+            let fd = unsafe { BorrowedFd::borrow_raw(self.first_fd + i as RawFd) };
+            let Ok(dup) = fd.try_clone_to_owned() else {
+                return false;
+            };
+            Socket::from_listening_fd(dup).is_ok_and(|s| pred(&s))
+        })
+    }
+
+    /// Takes inherited socket `idx` as a TCP or Unix listener, with where it came from.
+    /// Call it inside a tokio runtime: the socket is registered with its reactor.
+    pub fn take(&mut self, idx: usize) -> io::Result<(Socket, Origin)> {
+        let fd = self
+            .fds
+            .take_raw_fd(idx)?
+            .ok_or_else(|| io::Error::other("inherited fd already taken"))?;
+        self.taken[idx] = true;
+        let origin = self.origins.get(idx).copied().unwrap_or(Origin::Bound);
+        // SAFETY: listenfd hands each inherited fd out once; from here we own it.
+        let socket = Socket::from_listening_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
+        Ok((socket, origin))
+    }
+
+    /// Takes every socket not adopted yet, with its name, so the caller can log what the
+    /// configuration dropped before it closes them.
+    pub fn take_rest(&mut self) -> Vec<(String, io::Result<Socket>)> {
+        let rest: Vec<usize> = (0..self.len()).filter(|&i| !self.taken[i]).collect();
+        rest.into_iter()
+            .map(|i| {
+                let name = self.names.get(i).cloned().unwrap_or_default();
+                (name, self.take(i).map(|(s, _)| s))
+            })
+            .collect()
+    }
+}
+
+/// `BATON_READY_FD`, when it names an open fd above stderr.
+fn ready_signal_from_env() -> io::Result<Option<ReadySignal>> {
+    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
+        return Ok(None);
+    };
+    // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
+    if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Ok(None);
+    }
+    // SAFETY: the predecessor passed this fd to us for our exclusive use, and it is open;
+    // nothing else in this process refers to it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Our own successor must not inherit the pipe: it would hold our predecessor's wait open.
+    crate::process::set_cloexec(owned.as_raw_fd())?;
+    Ok(Some(ReadySignal(owned)))
+}
+
+/// Each socket's origin. A first generation (no readiness pipe) got its sockets from the
+/// service manager; a successor reads what its predecessor wrote. A predecessor too old to
+/// say counts as having bound them.
+fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
+    if !from_predecessor {
+        return vec![Origin::Supervisor; count];
+    }
+    let listed = std::env::var(ORIGINS_ENV).unwrap_or_default();
+    let mut origins: Vec<Origin> = listed.split(':').filter_map(Origin::parse).collect();
+    origins.resize(count, Origin::Bound);
+    origins
+}
+
+/// The write end of the readiness pipe, held by a new generation until it serves.
+pub struct ReadySignal(OwnedFd);
+
+impl ReadySignal {
+    /// Tells the predecessor we serve. Consumes the pipe: it closes after the line.
+    pub fn signal_ready(self) -> io::Result<()> {
+        let line = format!("ready {}\n", std::process::id());
+        let mut f = std::fs::File::from(self.0);
+        io::Write::write_all(&mut f, line.as_bytes())
+    }
+}

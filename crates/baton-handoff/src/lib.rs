@@ -1,0 +1,36 @@
+//! Zero-downtime binary upgrades for tokio servers.
+//!
+//! A running process is a *generation*. On a trigger it fork+execs its successor and passes
+//! it its listening sockets with systemd's protocol (`LISTEN_FDS`, `LISTEN_FDNAMES`,
+//! `LISTEN_PID`), plus the write end of a readiness pipe. The successor adopts the sockets,
+//! starts serving, and reports ready. Only then does the old generation stop accepting and
+//! drain. If the successor exits or is not ready in time, it is killed and reaped, and the
+//! old generation serves on. One listening socket (one open file description) lives across
+//! generations, so the kernel's accept queue is never dropped and no connection is refused.
+//!
+//! The crate knows nothing about HTTP or any configuration format; it works with names,
+//! addresses and durations:
+//!
+//! - [`inherit`]: what a process was handed at start ([`Inherited`]), and the readiness
+//!   signal it owes its predecessor ([`ReadySignal`]);
+//! - [`listener`]: listening sockets, the one rule that adopts or binds them
+//!   ([`open_listener`]), and the accept loop ([`accept_until`]);
+//! - [`successor`]: spawning the next generation ([`spawn_successor`]), waiting for it
+//!   ([`Successor::await_ready`]), and rolling back when it fails;
+//! - [`drain`]: stopping gracefully ([`Drain`]);
+//! - [`process`]: fd and process hygiene around fork.
+//!
+//! `examples/hello.rs` is a complete server that upgrades on SIGUSR2 in about 50 lines.
+
+pub mod drain;
+pub mod inherit;
+pub mod listener;
+pub mod process;
+pub mod successor;
+
+pub use drain::{Drain, DrainReport};
+pub use inherit::{Inherited, ReadySignal};
+pub use listener::{
+    ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind, open_listener,
+};
+pub use successor::{HandoffError, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};

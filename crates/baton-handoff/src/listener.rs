@@ -1,0 +1,409 @@
+//! Listening sockets: bound from configuration or adopted from fds a predecessor (or the
+//! service manager) passed, by one rule for every listener ([`open_listener`]). A socket kept
+//! across generations keeps its kernel accept queue, so no connection waiting in it is lost.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use crate::inherit::Inherited;
+
+/// Kernel backlog for sockets bound here (systemd's default is 4096 too).
+const BACKLOG: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("listener `{name}`: cannot bind {addr}")]
+    Bind {
+        name: String,
+        addr: ListenAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listener `{name}`: {path} is in use by a running process")]
+    InUse { name: String, path: PathBuf },
+    #[error("listener `{name}`: cannot adopt the inherited socket")]
+    Adopt {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Whether a socket bound at `actual` serves this configured address: the same address,
+    /// or, for a configured port 0 (any free port), the same IP at any port.
+    pub fn is_served_by(&self, actual: &ListenAddr) -> bool {
+        match (self, actual) {
+            (ListenAddr::Tcp(want), ListenAddr::Tcp(got)) => want == got || (want.port() == 0 && want.ip() == got.ip()),
+            (ListenAddr::Unix(want), ListenAddr::Unix(got)) => want == got,
+            _ => false,
+        }
+    }
+
+    fn is_ephemeral(&self) -> bool {
+        matches!(self, ListenAddr::Tcp(a) if a.port() == 0)
+    }
+}
+
+/// `host:port`, or `unix:` and a path; [`std::str::FromStr`] reads it back.
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<ListenAddr, Self::Err> {
+        match s.strip_prefix("unix:") {
+            Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+            None => s.parse().map(ListenAddr::Tcp),
+        }
+    }
+}
+
+/// Where an inherited socket came from; it decides who wins when the configuration moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Passed by the service manager (systemd's socket units): it owns the address.
+    Supervisor,
+    /// Bound by a generation from its configuration.
+    Bound,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Supervisor => "supervisor",
+            Origin::Bound => "bound",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Origin> {
+        match s {
+            "supervisor" => Some(Origin::Supervisor),
+            "bound" => Some(Origin::Bound),
+            _ => None,
+        }
+    }
+}
+
+/// A listening socket, TCP or Unix.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Socket {
+    /// Wraps an fd that must be a listening stream socket (TCP or Unix), close-on-exec.
+    pub fn from_listening_fd(fd: OwnedFd) -> io::Result<Socket> {
+        use nix::sys::socket::{
+            AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+        };
+        let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())?.family();
+        let kind = getsockopt(&fd, sockopt::SockType)?;
+        let listening = getsockopt(&fd, sockopt::AcceptConn)?;
+        if kind != SockType::Stream || !listening {
+            return Err(io::Error::other("not a listening stream socket"));
+        }
+        crate::process::set_cloexec(fd.as_raw_fd())?;
+        if family == Some(AddressFamily::Unix) {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Socket::Unix(UnixListener::from_std(l)?))
+        } else {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Socket::Tcp(TcpListener::from_std(l)?))
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Socket::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                // Small answers must not wait for Nagle's timer. This fails only on a
+                // connection already gone, which its first read reports anyway.
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), Peer::Ip(a)))
+            }
+            Socket::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), Peer::Local))
+            }
+        }
+    }
+
+    /// The address the socket is bound to, as the kernel reports it.
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Socket::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Socket::Unix(l) => {
+                let a = l.local_addr()?;
+                Ok(ListenAddr::Unix(
+                    a.as_pathname().map(Path::to_path_buf).unwrap_or_default(),
+                ))
+            }
+        }
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(l) => l.as_fd(),
+            Socket::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+/// An accepted connection, TCP or Unix; reads and writes go to whichever it is.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Who is on the other end of an accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Ip(SocketAddr),
+    Local,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Ip(a) => write!(f, "{a}"),
+            Peer::Local => write!(f, "unix"),
+        }
+    }
+}
+
+/// A named listening socket of this generation.
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    /// The address the kernel reports (for a configured port 0, the real port).
+    pub bound: ListenAddr,
+    pub socket: Arc<Socket>,
+    pub origin: Origin,
+    pub opened: Opened,
+}
+
+/// How [`open_listener`] got the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// Inherited, at the configured address.
+    Adopted,
+    /// Inherited from the service manager at another address than configured: the service
+    /// manager's socket wins.
+    AdoptedElsewhere { configured: ListenAddr },
+    /// Bound here (nothing inherited matched).
+    Bound,
+    /// Bound here because the configuration moved it; the inherited socket was closed.
+    Moved { from: ListenAddr },
+}
+
+impl Opened {
+    pub fn is_adopted(&self) -> bool {
+        matches!(self, Opened::Adopted | Opened::AdoptedElsewhere { .. })
+    }
+}
+
+/// Opens the listener `name` at `addr` by the one rule for every listener:
+///
+/// 1. An inherited socket of the same name at the configured address is adopted.
+/// 2. An inherited socket of the same name elsewhere: the service manager's wins over the
+///    configuration (with a warning naming both); one a generation bound is closed and the
+///    configured address is bound anew (the configuration moved it).
+/// 3. Otherwise an inherited socket at exactly the configured address is adopted whatever its
+///    name (an unnamed socket-activated fd, or a renamed listener: binding would collide).
+/// 4. Otherwise the address is bound.
+pub async fn open_listener(inherited: &mut Inherited, name: &str, addr: &ListenAddr) -> Result<Listener, ListenError> {
+    let adopt_err = |source| ListenError::Adopt {
+        name: name.to_string(),
+        source,
+    };
+    if let Some(idx) = inherited.position_by_name(name) {
+        let (socket, origin) = inherited.take(idx).map_err(adopt_err)?;
+        let actual = socket.local_addr().map_err(adopt_err)?;
+        if addr.is_served_by(&actual) {
+            return Ok(listener(name, socket, actual, origin, Opened::Adopted));
+        }
+        if origin == Origin::Supervisor {
+            warn!(listener = name, configured = %addr, passed = %actual, "the service manager passed this listener at another address than the configuration: serving on the passed one");
+            let opened = Opened::AdoptedElsewhere {
+                configured: addr.clone(),
+            };
+            return Ok(listener(name, socket, actual, origin, opened));
+        }
+        info!(listener = name, from = %actual, to = %addr, "listener moved: binding the new address, closing the old one");
+        drop(socket);
+        let socket = bind(name, addr).await?;
+        let bound = socket.local_addr().map_err(adopt_err)?;
+        return Ok(listener(
+            name,
+            socket,
+            bound,
+            Origin::Bound,
+            Opened::Moved { from: actual },
+        ));
+    }
+    let same_address = inherited.position_by(|s| s.local_addr().is_ok_and(|a| a == *addr));
+    if let Some(idx) = same_address.filter(|_| !addr.is_ephemeral()) {
+        let (socket, origin) = inherited.take(idx).map_err(adopt_err)?;
+        return Ok(listener(name, socket, addr.clone(), origin, Opened::Adopted));
+    }
+    let socket = bind(name, addr).await?;
+    let bound = socket.local_addr().map_err(adopt_err)?;
+    Ok(listener(name, socket, bound, Origin::Bound, Opened::Bound))
+}
+
+fn listener(name: &str, socket: Socket, bound: ListenAddr, origin: Origin, opened: Opened) -> Listener {
+    Listener {
+        name: name.to_string(),
+        bound,
+        socket: Arc::new(socket),
+        origin,
+        opened,
+    }
+}
+
+/// Binds a fresh socket. A Unix path left behind by a dead process is replaced; one that a
+/// live process answers on is an error, never stolen; anything there that is not a socket
+/// is left alone.
+pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> {
+    let bind_err = |source| ListenError::Bind {
+        name: name.to_string(),
+        addr: addr.clone(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let sock = if a.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+            .map_err(bind_err)?;
+            sock.set_reuseaddr(true).map_err(bind_err)?;
+            sock.bind(*a).map_err(bind_err)?;
+            Ok(Socket::Tcp(sock.listen(BACKLOG).map_err(bind_err)?))
+        }
+        ListenAddr::Unix(p) => {
+            if let Ok(meta) = std::fs::symlink_metadata(p) {
+                if !meta.file_type().is_socket() {
+                    return Err(bind_err(io::Error::from(io::ErrorKind::AlreadyExists)));
+                }
+                if UnixStream::connect(p).await.is_ok() {
+                    return Err(ListenError::InUse {
+                        name: name.to_string(),
+                        path: p.clone(),
+                    });
+                }
+                std::fs::remove_file(p).map_err(bind_err)?;
+            }
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(bind_err)?;
+            }
+            let l = UnixListener::bind(p).map_err(bind_err)?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+            Ok(Socket::Unix(l))
+        }
+    }
+}
+
+/// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
+/// Accept errors (EMFILE and friends) back off instead of spinning: the kernel queue waits.
+/// The socket is dropped, closing this process's fd, when the loop ends; a successor that
+/// inherited it keeps accepting from the same queue.
+pub async fn accept_until(
+    socket: Arc<Socket>,
+    name: &str,
+    stop: tokio_util::sync::CancellationToken,
+    mut on_accept: impl FnMut(Stream, Peer),
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => on_accept(stream, peer),
+            Err(e) => {
+                warn!(listener = %name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = %name, "stopped accepting");
+}

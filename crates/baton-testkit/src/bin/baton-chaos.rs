@@ -1,0 +1,469 @@
+//! `baton-chaos`: the handoff's load test. Starts loopback origins and a real baton, runs a
+//! client pool against it (keep-alive requests, a new connection per request, requests whose
+//! origin answers after 2 s, CONNECT tunnels echoing continuously) and triggers handoffs back
+//! to back. Any client-visible failure (refused, reset, truncated, closed before a response,
+//! 5xx) is counted and makes the exit status non-zero. Used by `tests/chaos.rs` and, at larger
+//! scale, `scripts/chaos`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton::control::{self, Event, Request, Status};
+use baton_testkit::{self as testkit, Load, LoadReport, LoadSpec};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(about = "Load baton while handing off; report every client-visible failure")]
+struct Args {
+    /// The baton binary (default: `baton` next to this program).
+    #[arg(long)]
+    baton: Option<PathBuf>,
+    /// Consecutive handoffs, each started when the previous one completed.
+    #[arg(long, default_value_t = 20)]
+    handoffs: u32,
+    /// Seconds of load in all (handoffs are spread over the first half, at least).
+    #[arg(long, default_value_t = 6)]
+    seconds: u64,
+    /// Workers of each kind (keep-alive, new connection, slow, tunnel).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// baton's `workers` setting (0: one per CPU; 1: the single-threaded scheduler).
+    #[arg(long, default_value_t = 0)]
+    baton_workers: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Summary {
+    handoffs_requested: u32,
+    handoffs_ok: u32,
+    handoff_failures: Vec<String>,
+    ready_ms_max: u64,
+    pids_distinct: bool,
+    requests_ok: u64,
+    /// Requests on a reused keep-alive connection that closed before a response: what a
+    /// client would retry (RFC 9112 §9.3.1). Counted in `failures` too.
+    keepalive_retries: u64,
+    slow_ok: u64,
+    tunnels_ok: u64,
+    tunnel_bytes: u64,
+    failures: u64,
+    failure_samples: Vec<String>,
+    old_generations: usize,
+    old_generations_exited_zero: usize,
+    /// Old generations that did not exit 0 in time, and how they ended.
+    old_generation_problems: Vec<String>,
+    final_generation: u64,
+    /// The last generation's runtime worker threads (`baton status`).
+    final_workers: u64,
+    /// Kept when something failed: config and baton's log.
+    workdir: Option<String>,
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+const REAP_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let summary = runtime.block_on(run(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    runtime.shutdown_background();
+    let clean = summary.failures == 0
+        && summary.keepalive_retries == 0
+        && summary.handoffs_ok == summary.handoffs_requested
+        && summary.pids_distinct
+        && summary.old_generations_exited_zero == summary.old_generations;
+    std::process::exit(if clean { 0 } else { 1 });
+}
+
+async fn run(args: &Args) -> anyhow::Result<Summary> {
+    // Old generations are re-parented to us when their parent exits: we reap and count them.
+    nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    let origin = testkit::start_origin().await?;
+    let echo = testkit::start_echo().await?;
+    let baton = Launched::start(args, echo).await?;
+    let traffic = Traffic::start(baton.proxy, origin, echo, args.workers);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let handoffs = Handoffs::run(&baton.control, baton.first_pid, args).await?;
+    let total = Duration::from_secs(args.seconds);
+    tokio::time::sleep(total.saturating_sub(started.elapsed()).max(Duration::from_millis(2500))).await;
+    let traffic = traffic.finish().await;
+
+    let final_status = wait_status(&baton.control).await?;
+    let (exited_zero, old_problems) = stop_generations(&handoffs.pids).await;
+    let failed = traffic.failures() > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty();
+    let workdir = baton.keep_workdir_if(failed);
+    Ok(Summary {
+        handoffs_requested: args.handoffs,
+        handoffs_ok: (handoffs.pids.len() - 1) as u32,
+        pids_distinct: handoffs.pids_distinct(),
+        ready_ms_max: handoffs.ready_ms_max,
+        old_generations: handoffs.pids.len() - 1,
+        handoff_failures: handoffs.failures,
+        requests_ok: traffic.requests.ok,
+        keepalive_retries: traffic.requests.closed_on_reuse,
+        slow_ok: traffic.slow.ok,
+        tunnels_ok: traffic.tunnels.ok,
+        tunnel_bytes: traffic.tunnels.bytes,
+        failures: traffic.failures(),
+        failure_samples: traffic.samples(),
+        old_generations_exited_zero: exited_zero,
+        old_generation_problems: old_problems,
+        final_generation: final_status.generation,
+        final_workers: final_status.workers as u64,
+        workdir,
+    })
+}
+
+/// The first generation, started in its own work directory.
+struct Launched {
+    dir: PathBuf,
+    control: PathBuf,
+    first_pid: u32,
+    proxy: SocketAddr,
+}
+
+impl Launched {
+    async fn start(args: &Args, echo: SocketAddr) -> anyhow::Result<Launched> {
+        let baton = match &args.baton {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("baton"),
+        };
+        let dir = std::env::temp_dir().join(format!("baton-chaos-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let control = dir.join("control.sock");
+        let config = dir.join("baton.toml");
+        std::fs::write(&config, config_text(&dir, args.baton_workers, echo.port()))?;
+        let log = std::fs::File::create(dir.join("baton.log"))?;
+        let first = std::process::Command::new(&baton)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("BATON_LOG", "info,baton::access=warn")
+            .stderr(log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", baton.display()))?;
+        let proxy = wait_status(&control)
+            .await?
+            .tcp_listener("proxy")
+            .context("no TCP proxy listener in status")?;
+        Ok(Launched {
+            dir,
+            control,
+            first_pid: first.id(),
+            proxy,
+        })
+    }
+
+    /// The work directory's path if something failed (kept for its log), else removed.
+    fn keep_workdir_if(&self, failed: bool) -> Option<String> {
+        if failed {
+            return Some(self.dir.display().to_string());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        None
+    }
+}
+
+fn config_text(dir: &Path, baton_workers: usize, connect_port: u16) -> String {
+    format!(
+        "control_socket = \"{}\"\npid_file = \"{}\"\nworkers = {baton_workers}\n\
+         [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
+         [timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n\
+         [access]\nconnect_ports = [{connect_port}]\n",
+        dir.join("control.sock").display(),
+        dir.join("baton.pid").display(),
+    )
+}
+
+async fn wait_status(control: &Path) -> anyhow::Result<Status> {
+    for _ in 0..500 {
+        if let Ok((status, _)) = control::status(control).await {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("baton did not answer on {}", control.display())
+}
+
+/// The handoffs triggered, back to back: every generation's pid, first to serving.
+struct Handoffs {
+    pids: Vec<u32>,
+    failures: Vec<String>,
+    ready_ms_max: u64,
+}
+
+impl Handoffs {
+    async fn run(control: &Path, first_pid: u32, args: &Args) -> anyhow::Result<Handoffs> {
+        let mut h = Handoffs {
+            pids: vec![first_pid],
+            failures: Vec::new(),
+            ready_ms_max: 0,
+        };
+        let spacing = Duration::from_millis(args.seconds * 1000 / 2 / u64::from(args.handoffs.max(1)));
+        for _ in 0..args.handoffs {
+            match handoff(control).await? {
+                Ok(report) => {
+                    h.pids.push(report.new_pid);
+                    h.ready_ms_max = h.ready_ms_max.max(report.ready_ms);
+                }
+                Err(reason) => h.failures.push(reason),
+            }
+            tokio::time::sleep(spacing).await;
+        }
+        Ok(h)
+    }
+
+    fn pids_distinct(&self) -> bool {
+        let mut distinct = self.pids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        distinct.len() == self.pids.len()
+    }
+}
+
+/// One `baton upgrade`: the report, or why it failed.
+async fn handoff(control: &Path) -> anyhow::Result<Result<control::UpgradeReport, String>> {
+    let mut outcome = None;
+    control::events(control, Request::Upgrade { wait_drain: false }, |ev| match ev {
+        Event::Done(report) => outcome = Some(Ok(report)),
+        Event::Failed { reason } | Event::Refused { reason } | Event::Error { reason } => {
+            outcome = Some(Err(reason));
+        }
+        _ => {}
+    })
+    .await?;
+    Ok(outcome.unwrap_or_else(|| Err("no answer".into())))
+}
+
+/// Reaps the old generations (all but the last of `pids`), then stops the serving one and
+/// reaps it too; returns how many old generations exited 0 and what happened to the others.
+async fn stop_generations(pids: &[u32]) -> (usize, Vec<String>) {
+    let Some((serving, old)) = pids.split_last() else {
+        return (0, Vec::new());
+    };
+    let outcome = reap_generations(old, REAP_TIMEOUT).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(*serving as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = reap_generations(&[*serving], REAP_TIMEOUT).await;
+    outcome
+}
+
+/// Reaps `pids` (our children, or orphans re-parented to us); returns how many exited 0 and
+/// what happened to the others.
+async fn reap_generations(pids: &[u32], timeout: Duration) -> (usize, Vec<String>) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + timeout;
+    let mut left: Vec<u32> = pids.to_vec();
+    let mut zero = 0;
+    let mut problems = Vec::new();
+    while !left.is_empty() && Instant::now() < deadline {
+        let (pid, outcome) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, Ok(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Err(format!("killed by {sig}"))),
+            Ok(_) => {
+                // A generation whose parent generation was still draining is reaped by that
+                // parent (it logs "successor exited"); here it is simply gone.
+                left.retain(|p| {
+                    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), None).is_err();
+                    zero += usize::from(gone);
+                    !gone
+                });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => {
+                problems.push(format!("waitpid: {e}"));
+                break;
+            }
+        };
+        let pid = pid.as_raw() as u32;
+        let Some(i) = left.iter().position(|p| *p == pid) else {
+            continue;
+        };
+        left.remove(i);
+        match outcome {
+            Ok(0) => zero += 1,
+            Ok(code) => problems.push(format!("pid {pid} exited {code}")),
+            Err(e) => problems.push(format!("pid {pid} {e}")),
+        }
+    }
+    problems.extend(left.iter().map(|p| format!("pid {p} still running after {timeout:?}")));
+    (zero, problems)
+}
+
+/// The client pool: small requests (keep-alive and a new connection each), slow requests
+/// (a new connection each) and tunnels, `workers` of each kind.
+struct Traffic {
+    requests: Load,
+    slow: Load,
+    tunnels: Tunnels,
+}
+
+/// What the pool saw.
+struct TrafficReport {
+    requests: LoadReport,
+    slow: LoadReport,
+    tunnels: TunnelReport,
+}
+
+impl Traffic {
+    fn start(proxy: SocketAddr, origin: SocketAddr, echo: SocketAddr, workers: usize) -> Traffic {
+        let small = LoadSpec::new(format!("http://{origin}/bytes?n=1024"))
+            .body_len(1024)
+            .workers(workers, workers)
+            .timeout(REQUEST_TIMEOUT);
+        let slow = LoadSpec::new(format!("http://{origin}/slow?ms=2000&n=65536"))
+            .body_len(65536)
+            .workers(0, workers)
+            .timeout(REQUEST_TIMEOUT);
+        Traffic {
+            requests: Load::start(proxy, small),
+            slow: Load::start(proxy, slow),
+            tunnels: Tunnels::start(proxy, echo, workers),
+        }
+    }
+
+    async fn finish(self) -> TrafficReport {
+        let (requests, slow, tunnels) = tokio::join!(self.requests.finish(), self.slow.finish(), self.tunnels.finish());
+        TrafficReport {
+            requests,
+            slow,
+            tunnels,
+        }
+    }
+}
+
+impl TrafficReport {
+    fn failures(&self) -> u64 {
+        self.requests.failed + self.slow.failed + self.tunnels.failed
+    }
+
+    /// The first failures of every kind, at most 20 in all.
+    fn samples(&self) -> Vec<String> {
+        let slow = self.slow.samples.iter().map(|s| format!("slow request, {s}"));
+        let tunnels = self.tunnels.samples.iter().map(|s| format!("tunnel: {s}"));
+        self.requests
+            .samples
+            .iter()
+            .cloned()
+            .chain(slow)
+            .chain(tunnels)
+            .take(testkit::load::MAX_SAMPLES)
+            .collect()
+    }
+}
+
+/// Workers each holding a CONNECT tunnel to the echo server, one after the other.
+struct Tunnels {
+    stop: CancellationToken,
+    tally: Arc<TunnelTally>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct TunnelTally {
+    ok: AtomicU64,
+    bytes: AtomicU64,
+    failed: AtomicU64,
+    samples: std::sync::Mutex<Vec<String>>,
+}
+
+struct TunnelReport {
+    ok: u64,
+    bytes: u64,
+    failed: u64,
+    samples: Vec<String>,
+}
+
+impl TunnelTally {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.samples.lock()
+            && s.len() < testkit::load::MAX_SAMPLES
+        {
+            s.push(what);
+        }
+    }
+}
+
+impl Tunnels {
+    fn start(proxy: SocketAddr, echo: SocketAddr, workers: usize) -> Tunnels {
+        let stop = CancellationToken::new();
+        let tally = Arc::new(TunnelTally::default());
+        let workers = (0..workers)
+            .map(|_| tokio::spawn(tunnel_worker(proxy, echo, tally.clone(), stop.clone())))
+            .collect();
+        Tunnels { stop, tally, workers }
+    }
+
+    async fn finish(self) -> TunnelReport {
+        self.stop.cancel();
+        for w in self.workers {
+            if let Err(e) = w.await {
+                self.tally.fail(format!("worker panicked: {e}"));
+            }
+        }
+        let t = &self.tally;
+        TunnelReport {
+            ok: t.ok.load(Ordering::Relaxed),
+            bytes: t.bytes.load(Ordering::Relaxed),
+            failed: t.failed.load(Ordering::Relaxed),
+            samples: t.samples.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+async fn tunnel_worker(proxy: SocketAddr, echo: SocketAddr, tally: Arc<TunnelTally>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        match tokio::time::timeout(REQUEST_TIMEOUT, one_tunnel(proxy, echo, &tally)).await {
+            Ok(Ok(())) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => tally.fail(e.to_string()),
+            Err(_) => tally.fail(format!("no clean end within {REQUEST_TIMEOUT:?}")),
+        }
+    }
+}
+
+/// A tunnel that echoes 4 KiB messages for 1.5 s, then half-closes and expects a clean EOF.
+async fn one_tunnel(proxy: SocketAddr, echo: SocketAddr, tally: &TunnelTally) -> std::io::Result<()> {
+    let mut t = testkit::open_tunnel(proxy, echo).await?;
+    let msg = testkit::pattern(4096);
+    let mut back = vec![0u8; msg.len()];
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        t.write_all(&msg).await?;
+        t.read_exact(&mut back).await?;
+        if back != msg {
+            return Err(std::io::Error::other("echo corrupted"));
+        }
+        tally.bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
+    }
+    t.shutdown().await?;
+    let mut rest = Vec::new();
+    t.read_to_end(&mut rest).await?;
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("unexpected bytes after half-close"))
+    }
+}

@@ -1,0 +1,25 @@
+//! baton's test support, shared by the integration tests (`tests/*.rs`, as `common::testkit`)
+//! and the `baton-chaos` load tool. It is never published and nothing in the proxy uses it.
+//!
+//! Everything runs on loopback, on ephemeral ports:
+//!
+//! - [`origin`]: an HTTP origin with a few routes (sized, chunked and slow bodies, a body
+//!   hash, the request headers, a request that never ends);
+//! - [`echo`]: a TCP echo server, the far end of CONNECT tunnels;
+//! - [`client`]: a keep-alive HTTP/1.1 client that talks to the proxy in absolute form
+//!   ([`ProxyConnection`]) and a CONNECT tunnel opener ([`open_tunnel`]);
+//! - [`load`]: a background client pool ([`Load`]) that counts every request that does not
+//!   end in a complete 200, for "nothing fails while baton hands off";
+//! - [`data`]: the deterministic bodies the origin serves ([`pattern`]) and [`sha256_hex`].
+
+pub mod client;
+pub mod data;
+pub mod echo;
+pub mod load;
+pub mod origin;
+
+pub use client::{ClientError, ProxyConnection, open_tunnel, read_head};
+pub use data::{pattern, pattern_byte, sha256_hex};
+pub use echo::start_echo;
+pub use load::{Load, LoadReport, LoadSpec};
+pub use origin::start_origin;

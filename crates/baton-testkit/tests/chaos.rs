@@ -1,0 +1,85 @@
+//! The handoff under load through `baton-chaos` and the real `baton` binary: every handoff
+//! succeeds, no client sees a failure, every old generation exits 0.
+//!
+//! This test lives in the package that owns `baton-chaos` (cargo only tells a package's own
+//! tests where its binaries are). `baton` belongs to the root package: `cargo test` on the
+//! workspace builds it into the same directory, because that package has integration tests.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use serde_json::Value;
+
+const CHAOS: &str = env!("CARGO_BIN_EXE_baton-chaos");
+
+#[test]
+fn upgrade_under_load_loses_nothing() {
+    chaos(20, 6, 0);
+}
+
+/// The same with `workers = 1`: tokio's single-threaded scheduler, the one baton picks when it
+/// may run on one CPU only.
+#[test]
+fn upgrade_under_load_loses_nothing_single_threaded() {
+    chaos(10, 4, 1);
+}
+
+/// The `baton` binary next to `baton-chaos`.
+fn baton() -> PathBuf {
+    let baton = PathBuf::from(CHAOS).with_file_name("baton");
+    assert!(
+        baton.is_file(),
+        "{} is missing: it is built by `cargo test` on the whole workspace; with `-p baton-testkit` alone, run `cargo build -p baton --bin baton` first",
+        baton.display()
+    );
+    baton
+}
+
+fn chaos(handoffs: u32, seconds: u32, workers: u32) {
+    let out = std::process::Command::new(CHAOS)
+        .arg("--baton")
+        .arg(baton())
+        .args(["--handoffs", &handoffs.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--baton-workers", &workers.to_string()])
+        .arg("--json")
+        .output()
+        .expect("run baton-chaos");
+    let s = summary(&out);
+    assert_no_client_failures(&s);
+    assert_every_handoff_completed(&s, handoffs);
+    if workers > 0 {
+        assert_eq!(s["final_workers"], workers, "{s}");
+    } else {
+        assert!(s["final_workers"].as_u64().unwrap_or(0) >= 1, "{s}");
+    }
+    for k in ["requests_ok", "slow_ok", "tunnels_ok", "tunnel_bytes"] {
+        assert!(s[k].as_u64().unwrap_or(0) > 0, "no {k} traffic: {s}");
+    }
+    assert!(out.status.success(), "{s}");
+}
+
+/// The JSON summary `baton-chaos --json` prints.
+fn summary(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn assert_no_client_failures(s: &Value) {
+    assert_eq!(s["failures"], 0, "client-visible failures: {s}");
+    assert_eq!(
+        s["keepalive_retries"], 0,
+        "keep-alive requests met a closing connection: {s}"
+    );
+}
+
+fn assert_every_handoff_completed(s: &Value, handoffs: u32) {
+    assert_eq!(s["handoffs_ok"], handoffs, "{s}");
+    assert_eq!(s["pids_distinct"], true, "{s}");
+    assert_eq!(
+        s["old_generations_exited_zero"], handoffs,
+        "old generations must all exit 0: {s}"
+    );
+    assert_eq!(s["final_generation"], handoffs + 1, "{s}");
+}

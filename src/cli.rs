@@ -1,0 +1,303 @@
+//! What each subcommand does and prints. `run` starts a generation; `check` validates a
+//! configuration; `upgrade`, `status` and `stop` are clients of the control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use baton::config::{AccessSink, Config};
+use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
+use baton::daemon::files::remove_own_pid_file;
+use baton::daemon::generation::{Exit, Generation};
+use baton::daemon::launch::{Launch, absolute, build_runtime};
+use baton_handoff::Inherited;
+use serde::Serialize;
+
+#[derive(clap::Args, Default)]
+pub struct RunArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A free-form label shown by `baton status` (e.g. a build or deploy id).
+    #[arg(long)]
+    tag: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// The configuration of the running baton (locates its control socket).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The control socket, overriding the configuration.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Wait until the old generation has drained, then report how many connections finished
+    /// and how many were cut at the drain timeout.
+    #[arg(long)]
+    wait_drain: bool,
+}
+
+pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
+    let inherited = inherited.context("cannot take the inherited file descriptors")?;
+    baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    let config_path = args.config.as_deref().map(absolute).transpose()?;
+    let config = Config::load(config_path.as_deref())?;
+    baton::daemon::logging::init(config.log_format, &config.access_log)?;
+    let launch = Launch::current(inherited.program.clone(), config_path, args.tag)?;
+    let runtime = build_runtime(config.workers)?;
+    let pid_file = config.pid_file.clone();
+    let exit = runtime.block_on(async move {
+        let generation = Generation::start(launch, config, inherited).await?;
+        Ok::<_, anyhow::Error>(generation.run().await)
+    })?;
+    // Tasks still parked (reapers, cut tunnels) must not hold the exit up.
+    runtime.shutdown_background();
+    if !matches!(exit, Exit::HandedOff(_))
+        && let Some(path) = &pid_file
+        && let Err(e) = remove_own_pid_file(path)
+    {
+        eprintln!("baton: cannot remove the pid file {}: {e}", path.display());
+    }
+    Ok(match exit {
+        Exit::HandedOff(_) | Exit::Stopped(_) => ExitCode::SUCCESS,
+        Exit::Forced => ExitCode::from(1),
+    })
+}
+
+pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
+    println!("{name}: configuration ok");
+    for l in &config.listeners {
+        println!("  listener {} on {}", l.name, l.addr);
+    }
+    println!("  control socket {}", config.control_socket.display());
+    match config.workers {
+        Some(n) => println!("  workers {n}"),
+        None => println!("  workers one per CPU"),
+    }
+    if let Some(a) = &config.admin {
+        println!("  admin (metrics, healthz, status) on {}", a.addr);
+    }
+    if let AccessSink::File(p) = &config.access_log.sink {
+        println!("  access log {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn control_socket(args: &ClientArgs) -> anyhow::Result<PathBuf> {
+    match &args.control {
+        Some(p) => Ok(p.clone()),
+        None => Ok(Config::load(args.config.as_deref())?.control_socket),
+    }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+pub fn status(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args)?;
+    let (status, line) = client_runtime()?.block_on(control::status(&socket))?;
+    if args.json {
+        println!("{line}");
+    } else {
+        print_status(&status);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args)?;
+    events(&socket, Request::Stop, args.json)
+}
+
+/// Sends `request`; prints each event as it comes (a line of text, or the JSON line).
+fn events(socket: &Path, request: Request, json: bool) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    client_runtime()?.block_on(control::events(socket, request, |ev| {
+        ok &= !ev.is_failure();
+        if json {
+            println!("{}", control::answer_line(&ev).trim_end());
+        } else {
+            print_event(&ev);
+        }
+    }))?;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `baton upgrade`: the phases as lines, or with `--json` one object at the end (the
+/// upgrade report: pids, generations, time to ready, connections handed to the drain, with
+/// `--wait-drain` how they ended, and the reason on failure).
+pub fn upgrade(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args.client)?;
+    let request = Request::Upgrade {
+        wait_drain: args.wait_drain,
+    };
+    if !args.client.json {
+        return events(&socket, request, false);
+    }
+    let mut summary = UpgradeSummary::default();
+    let outcome = client_runtime()?.block_on(control::events(&socket, request, |ev| summary.add(ev)));
+    summary.finish(
+        outcome.err().map(|e| format!("{:#}", anyhow::Error::from(e))),
+        args.wait_drain,
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(if summary.result == "ok" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `baton upgrade --json`'s one object.
+#[derive(Serialize, Default)]
+struct UpgradeSummary {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_generation: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    new_generation: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ready_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining_tunnels: Option<usize>,
+    /// With `--wait-drain`: how the drain ended (`null` when the old generation did not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain: Option<Option<DrainSummary>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    result: String,
+}
+
+#[derive(Serialize)]
+struct DrainSummary {
+    connections: usize,
+    tunnels: usize,
+    finished: usize,
+    cut: usize,
+    drain_ms: u64,
+}
+
+impl UpgradeSummary {
+    fn add(&mut self, ev: Event) {
+        match ev {
+            Event::Spawned {
+                pid,
+                generation,
+                old_pid,
+                old_generation,
+            } => {
+                (self.new_pid, self.new_generation) = (Some(pid), Some(generation));
+                (self.old_pid, self.old_generation) = (Some(old_pid), Some(old_generation));
+            }
+            Event::Done(r) => self.done(&r),
+            Event::Drained(d) => self.drain = Some(Some(DrainSummary::from(d))),
+            Event::Failed { reason } => self.fail("failed", reason),
+            Event::Refused { reason } => self.fail("refused", reason),
+            Event::Error { reason } => self.fail("error", reason),
+            Event::Stopping | Event::Unknown => {}
+        }
+    }
+
+    fn done(&mut self, r: &UpgradeReport) {
+        self.result = "ok".into();
+        (self.old_pid, self.new_pid) = (Some(r.old_pid), Some(r.new_pid));
+        (self.old_generation, self.new_generation) = (Some(r.old_generation), Some(r.new_generation));
+        self.ready_ms = Some(r.ready_ms);
+        (self.draining_connections, self.draining_tunnels) = (Some(r.draining_connections), Some(r.draining_tunnels));
+    }
+
+    fn fail(&mut self, result: &str, reason: String) {
+        self.result = result.into();
+        self.reason = Some(reason);
+    }
+
+    /// Settles the result once the answer ended (`error`: the connection failed).
+    fn finish(&mut self, error: Option<String>, wait_drain: bool) {
+        if let Some(e) = error {
+            self.fail("error", e);
+        }
+        if self.result.is_empty() {
+            self.fail("error", "the control connection closed before the outcome".into());
+        }
+        if self.result == "ok" && wait_drain && self.drain.is_none() {
+            self.drain = Some(None);
+            eprintln!("baton: the old generation ended without reporting its drain");
+        }
+    }
+}
+
+impl From<DrainOutcome> for DrainSummary {
+    fn from(d: DrainOutcome) -> DrainSummary {
+        DrainSummary {
+            connections: d.connections,
+            tunnels: d.tunnels,
+            finished: d.finished,
+            cut: d.cut,
+            drain_ms: d.drain_ms,
+        }
+    }
+}
+
+fn print_event(ev: &Event) {
+    match ev {
+        Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
+        Event::Done(r) => println!(
+            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {} connections, {} tunnels",
+            r.ready_ms, r.new_pid, r.new_generation, r.old_pid, r.draining_connections, r.draining_tunnels
+        ),
+        Event::Drained(d) => println!(
+            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
+            d.old_pid, d.drain_ms, d.finished, d.cut
+        ),
+        Event::Failed { reason } => eprintln!("upgrade failed, old generation serves on: {reason}"),
+        Event::Refused { reason } => eprintln!("upgrade refused: {reason}"),
+        Event::Error { reason } => eprintln!("error: {reason}"),
+        Event::Stopping => println!("stopping: draining"),
+        Event::Unknown => {}
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("pid         {}", s.pid);
+    println!("generation  {}", s.generation);
+    let tag = s.tag.as_deref().map(|t| format!(" ({t})")).unwrap_or_default();
+    println!("version     {}{tag}", s.version);
+    println!("state       {}", s.state);
+    println!("workers     {}", s.workers);
+    println!("started     {} (unix)", s.started_unix);
+    println!("connections {}", s.active_connections);
+    println!("tunnels     {}", s.active_tunnels);
+    println!(
+        "handoff     {}",
+        if s.handoff_in_progress { "in progress" } else { "none" }
+    );
+    for d in &s.draining {
+        println!(
+            "draining    pid {} (generation {}): {} connections, {} tunnels",
+            d.pid, d.generation, d.connections, d.tunnels
+        );
+    }
+    for l in &s.listeners {
+        let inherited = if l.adopted { " (inherited)" } else { "" };
+        println!("listener    {} {}{inherited}", l.name, l.address);
+    }
+}

@@ -1,0 +1,169 @@
+//! The bodies on their way through the proxy: the client's request body (counted, limited,
+//! its faults blamed on the client) and the origin's response body (counted, and logged
+//! when it ends).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use baton_handoff::Peer;
+use bytes::Bytes;
+use http::{Method, StatusCode, Uri};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+
+use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What was wrong with a client's request body, found while streaming it.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyFault {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("invalid request body: {0}")]
+    Invalid(String),
+}
+
+impl BodyFault {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BodyFault::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyFault::Invalid(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The client's request body on its way to the origin: counted, limited, and its faults
+/// recorded so the answer blames the client (413/400), not the origin (502).
+pub struct Counted {
+    inner: Incoming,
+    stats: Arc<BodyStats>,
+    limit: Option<u64>,
+}
+
+impl Counted {
+    pub fn new(inner: Incoming, stats: Arc<BodyStats>, limit: Option<u64>) -> Counted {
+        Counted { inner, stats, limit }
+    }
+}
+
+/// What streaming the request body found: its size so far, and its fault if any.
+#[derive(Default)]
+pub struct BodyStats {
+    bytes: AtomicU64,
+    fault: std::sync::OnceLock<BodyFault>,
+}
+
+impl BodyStats {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn fault(&self) -> Option<&BodyFault> {
+        self.fault.get()
+    }
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = self.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    if let Some(max) = self.limit
+                        && total > max
+                    {
+                        let _ = self.stats.fault.set(BodyFault::TooLarge(max));
+                        return Poll::Ready(Some(Err(BodyFault::TooLarge(max).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.stats.fault.set(BodyFault::Invalid(e.to_string()));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the access line of a forwarded request says besides the byte counts.
+pub struct AccessRecord {
+    pub peer: Peer,
+    pub method: Method,
+    pub target: Uri,
+    pub status: StatusCode,
+    pub started: Instant,
+}
+
+/// The response body on its way to the client; writes the access line and the request
+/// metrics when it is done (or dropped, when the client went away).
+pub struct AccessLogged {
+    inner: Incoming,
+    bytes_out: u64,
+    request_body: Arc<BodyStats>,
+    record: Option<AccessRecord>,
+}
+
+impl AccessLogged {
+    pub fn new(inner: Incoming, request_body: Arc<BodyStats>, record: AccessRecord) -> AccessLogged {
+        AccessLogged {
+            inner,
+            bytes_out: 0,
+            request_body,
+            record: Some(record),
+        }
+    }
+}
+impl HttpBody for AccessLogged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes_out += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AccessLogged {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            let bytes_in = self.request_body.bytes();
+            AccessLine::new(Kind::Request, r.peer)
+                .request(&r.method, &r.target, r.status)
+                .traffic(bytes_in, self.bytes_out, r.started)
+                .complete(self.inner.is_end_stream())
+                .write();
+            metrics::request_done(&r.method, r.status, r.started, bytes_in, self.bytes_out, false);
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The HTTP side: a client connection from accept to close ([`connection`]), the forward
+//! proxy service ([`service`]), and what it stands on. Knows nothing about fork/exec or
+//! generations: it is handed a [`baton_handoff::Drain`] to register its work with.
+
+pub mod access;
+pub mod body;
+pub mod connection;
+pub mod connector;
+pub mod hop_by_hop;
+pub mod metrics;
+pub mod policy;
+pub mod service;
+pub mod target;
+pub mod tunnel;
+pub mod upstream;
+
+pub use connection::{ConnectionSettings, Connections};
+pub use service::{Proxy, ProxySettings};

@@ -1,0 +1,95 @@
+//! The request target of an absolute-form request: the origin's authority, host and port,
+//! or why the target is refused.
+
+use http::Uri;
+
+/// The origin's `host[:port]` and `host` for an absolute-form `http://` target, or why it is
+/// refused. Byte scans rather than `str::rsplit`: these strings are a few bytes long, and the
+/// general searchers cost hundreds of instructions per request here.
+pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
+    let Some(authority) = uri.authority() else {
+        return Err(
+            "origin-form request sent to a forward proxy: use an absolute URI (http://host/path), e.g. curl -x",
+        );
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err("https:// targets go through CONNECT, not a plain proxy request"),
+        _ => return Err("unsupported scheme in request target (only http:// is proxied)"),
+    }
+    // `host[:port]`, without any `user@` part.
+    let full = authority.as_str();
+    let host_port = match full.bytes().rposition(|b| b == b'@') {
+        Some(at) => &full[at + 1..],
+        None => full,
+    };
+    // As `Authority::host`: an IPv6 literal keeps its brackets.
+    let host_end = if host_port.starts_with('[') {
+        host_port
+            .bytes()
+            .position(|b| b == b']')
+            .map_or(host_port.len(), |end| end + 1)
+    } else {
+        host_port.bytes().position(|b| b == b':').unwrap_or(host_port.len())
+    };
+    let (host, port) = host_port.split_at(host_end);
+    if host.is_empty() {
+        return Err("empty host in request target");
+    }
+    // No port, or an empty one (RFC 3986 §3.2.3): 80.
+    let port = match port.strip_prefix(':') {
+        None | Some("") => 80,
+        Some(p) => p.parse().map_err(|_| "invalid port in request target")?,
+    };
+    Ok((host_port, host, port))
+}
+
+/// The request target's length as the client sent it (`Uri`'s display form), without
+/// formatting it.
+pub fn target_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_form_is_refused() {
+        assert!(check_target(&"/index.html".parse().unwrap()).is_err());
+        assert!(check_target(&"https://a/".parse().unwrap()).is_err());
+        assert!(check_target(&"http://a:99999/".parse().unwrap()).is_err());
+        assert_eq!(check_target(&"http://a:/".parse().unwrap()).unwrap().2, 80);
+        for t in [
+            "http://a:81/x",
+            "http://a/x",
+            "http://u:p@a:81/",
+            "http://[::1]:8080/",
+            "http://[::1]/",
+            "http://1.2.3.4/",
+        ] {
+            let uri: Uri = t.parse().unwrap();
+            let (authority, host, port) = check_target(&uri).unwrap();
+            assert_eq!(port, uri.port_u16().unwrap_or(80), "{t}");
+            let expected = uri.authority().unwrap().as_str().rsplit('@').next().unwrap();
+            assert_eq!(authority, expected, "{t}");
+            assert_eq!(host, uri.host().unwrap(), "{t}");
+        }
+    }
+
+    #[test]
+    fn target_len_is_the_display_length() {
+        for t in [
+            "http://example.com/a/b?c=d",
+            "http://user@example.com:8080/",
+            "http://[::1]:80/x",
+            "example.com:443",
+            "/origin/form?x",
+        ] {
+            let uri: Uri = t.parse().unwrap();
+            assert_eq!(target_len(&uri), uri.to_string().len(), "{t}");
+        }
+    }
+}
