@@ -66,6 +66,11 @@ pub struct Access {
     pub allow_clients: Vec<IpNet>,
     pub htpasswd: Option<PathBuf>,
     pub realm: String,
+    /// Failed logins a client may make a minute before it gets 429; 0: no limit.
+    pub auth_failures: u32,
+    /// This instance's token in `Via` (`1.1 <token>`); a request that carries it has looped.
+    /// `None`: the host name and the first listener's port.
+    pub via_token: Option<String>,
     pub connect_ports: Vec<u16>,
     pub deny_destinations: Vec<IpNet>,
     pub allow_destinations: Vec<IpNet>,
@@ -216,6 +221,8 @@ struct RawAccess {
     allow_clients: Vec<IpNet>,
     htpasswd: Option<PathBuf>,
     realm: String,
+    auth_failures: u32,
+    via_token: Option<String>,
     connect_ports: Vec<u16>,
     deny_destinations: Vec<IpNet>,
     allow_destinations: Vec<IpNet>,
@@ -228,6 +235,8 @@ impl Default for RawAccess {
             allow_clients: vec![loopback_v4(), loopback_v6()],
             htpasswd: None,
             realm: "baton".into(),
+            auth_failures: 10,
+            via_token: None,
             // Squid's default: CONNECT is for TLS.
             connect_ports: vec![443],
             deny_destinations: Vec::new(),
@@ -353,6 +362,10 @@ fn check_values(raw: &RawConfig) -> Result<(), String> {
             "key `access.realm`: no quotes or control characters",
         ),
         (
+            raw.access.via_token.as_deref().is_some_and(|v| !is_via_token(v)),
+            "key `access.via_token`: a token (letters, digits and !#$%&'*+-.^_`|~:, no spaces)",
+        ),
+        (
             raw.limits.max_uri_bytes < 64,
             "key `limits.max_uri_bytes`: must be at least 64",
         ),
@@ -428,6 +441,8 @@ impl From<RawAccess> for Access {
             allow_clients: a.allow_clients,
             htpasswd: a.htpasswd,
             realm: a.realm,
+            auth_failures: a.auth_failures,
+            via_token: a.via_token,
             connect_ports: a.connect_ports,
             deny_destinations: a.deny_destinations,
             allow_destinations: a.allow_destinations,
@@ -446,6 +461,13 @@ fn default_control_socket() -> PathBuf {
         return PathBuf::from(dir).join("baton.sock");
     }
     PathBuf::from(format!("/tmp/baton-{}.sock", nix::unistd::getuid()))
+}
+
+/// A `Via` received-by token (RFC 9110 §7.6.3: a pseudonym or host[:port]).
+fn is_via_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

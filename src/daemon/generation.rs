@@ -449,17 +449,34 @@ async fn serve_proxy(config: &Config, inherited: &mut Inherited, drain: &Drain) 
         opened.push(open_listener(inherited, &l.name, &l.addr).await?);
     }
     let policy = Arc::new(Policy::new(config.access.clone())?);
-    let own = opened.iter().filter_map(|l| match l.bound {
-        ListenAddr::Tcp(a) => Some(a),
-        ListenAddr::Unix(_) => None,
-    });
-    policy.set_own_addresses(own.collect());
+    let own: Vec<_> = opened
+        .iter()
+        .filter_map(|l| match l.bound {
+            ListenAddr::Tcp(a) => Some(a),
+            ListenAddr::Unix(_) => None,
+        })
+        .collect();
+    policy.set_identity(own.clone(), default_via_token(own.first()));
     let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, drain.clone()));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     for listener in &opened {
         connections.spawn_accept_loop(listener.name.clone(), listener.socket.clone());
     }
     Ok(opened)
+}
+
+/// This instance's `Via` token unless configured: the host name and the first TCP listener's
+/// port, so that two batons on one host (one the parent of the other) are told apart.
+fn default_via_token(first: Option<&std::net::SocketAddr>) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)))
+        .unwrap_or_else(|| "baton".into());
+    match first {
+        Some(a) => format!("{host}:{}", a.port()),
+        None => host,
+    }
 }
 
 /// Closes the inherited sockets the configuration no longer has, saying which.

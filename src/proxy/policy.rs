@@ -2,17 +2,14 @@
 //! it may go (CONNECT ports, host names, destination CIDRs checked on the *resolved*
 //! addresses, never the proxy's own listeners). Every refusal names the rule that decided.
 
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use base64::Engine as _;
 use http::{HeaderMap, StatusCode};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::{Access, ConfigError};
+use crate::proxy::auth::{Auth, Refusal};
 
 /// A refusal: the status, a one-line reason for the client and the log, and the rule.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,6 +18,8 @@ pub struct Denial {
     pub status: StatusCode,
     pub reason: String,
     pub rule: Rule,
+    /// For a 429: when the client may try again.
+    pub retry_after: Option<Duration>,
 }
 
 /// The configuration rule that decided a refusal; `as_str` is its key, as logged (`rule=`).
@@ -28,6 +27,8 @@ pub struct Denial {
 pub enum Rule {
     AllowClients,
     Htpasswd,
+    /// The client failed to log in too often (`access.auth_failures`).
+    AuthFailures,
     ConnectPorts,
     DenyHosts,
     DenyDestinations,
@@ -41,6 +42,7 @@ impl Rule {
         match self {
             Rule::AllowClients => "allow_clients",
             Rule::Htpasswd => "htpasswd",
+            Rule::AuthFailures => "auth_failures",
             Rule::ConnectPorts => "connect_ports",
             Rule::DenyHosts => "deny_hosts",
             Rule::DenyDestinations => "deny_destinations",
@@ -51,56 +53,73 @@ impl Rule {
 }
 
 fn deny(status: StatusCode, rule: Rule, reason: String) -> Denial {
-    Denial { status, reason, rule }
-}
-
-/// The cache stays consistent whatever panicked while holding it (a set of hashes): a
-/// poisoned lock is taken over, not skipped.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A bcrypt hash verified for unknown users, so that the time taken does not tell whether a
-/// user exists.
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| bcrypt::hash("baton-no-such-user", bcrypt::DEFAULT_COST).unwrap_or_default());
-/// Verified credentials are remembered (by SHA-256 of the header) so bcrypt runs once per
-/// client, not once per request; bounded so a flood of distinct good logins cannot grow it.
-const VERIFIED_CACHE: usize = 4096;
-
-struct Auth {
-    users: HashMap<String, String>,
-    challenge: String,
-    verified: Mutex<HashSet<[u8; 32]>>,
+    Denial {
+        status,
+        reason,
+        rule,
+        retry_after: None,
+    }
 }
 
 pub struct Policy {
     access: Access,
     auth: Option<Auth>,
-    /// The proxy's own listen addresses: a destination among them is a loop.
-    own: OnceLock<Vec<SocketAddr>>,
+    /// The `Proxy-Authenticate` challenge of a 407.
+    challenge: String,
+    /// Who this proxy is: a destination among its addresses, or a request that carries its
+    /// `Via` token, is a loop.
+    identity: OnceLock<Identity>,
+}
+
+/// This proxy's listen addresses and its `Via` token.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub addresses: Vec<SocketAddr>,
+    pub via_token: String,
 }
 
 impl Policy {
     pub fn new(access: Access) -> Result<Policy, ConfigError> {
         let auth = match &access.htpasswd {
             None => None,
-            Some(path) => Some(Auth {
-                users: load_htpasswd(path)?,
-                challenge: format!("Basic realm=\"{}\"", access.realm),
-                verified: Mutex::new(HashSet::new()),
-            }),
+            Some(path) => Some(Auth::load(path, access.auth_failures)?),
         };
         Ok(Policy {
+            challenge: format!("Basic realm=\"{}\"", access.realm),
             access,
             auth,
-            own: OnceLock::new(),
+            identity: OnceLock::new(),
         })
     }
 
-    /// Records the proxy's own listen addresses (known once the listeners are open).
-    pub fn set_own_addresses(&self, addrs: Vec<SocketAddr>) {
-        let _ = self.own.set(addrs);
+    /// Records who this proxy is (known once the listeners are open); the configured
+    /// `via_token` wins over `default_token`.
+    pub fn set_identity(&self, addresses: Vec<SocketAddr>, default_token: String) {
+        let via_token = self.access.via_token.clone().unwrap_or(default_token);
+        let _ = self.identity.set(Identity { addresses, via_token });
+    }
+
+    /// This proxy's `Via` token (`baton` until the identity is set).
+    pub fn via_token(&self) -> &str {
+        self.identity.get().map_or("baton", |i| i.via_token.as_str())
+    }
+
+    /// A request whose `Via` carries this proxy's token went through it before: a loop.
+    pub fn check_via(&self, headers: &HeaderMap) -> Result<(), Denial> {
+        let token = self.via_token();
+        for value in headers.get_all(http::header::VIA) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            // Each entry: protocol, received-by, an optional comment (RFC 9110 §7.6.3).
+            let seen = text.split(',').filter_map(|entry| entry.split_whitespace().nth(1));
+            if seen.into_iter().any(|by| by.eq_ignore_ascii_case(token)) {
+                return Err(deny(
+                    StatusCode::FORBIDDEN,
+                    Rule::Loop,
+                    format!("request already passed this proxy (Via {token})"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn check_client(&self, ip: IpAddr) -> Result<(), Denial> {
@@ -120,48 +139,31 @@ impl Policy {
         self.auth.is_some()
     }
 
-    /// Checks `Proxy-Authorization` when authentication is configured. Returns the user.
-    pub async fn check_auth(&self, headers: &HeaderMap) -> Result<Option<String>, Denial> {
+    /// Checks `Proxy-Authorization` from `client` when authentication is configured.
+    /// Returns the user.
+    pub async fn check_auth(&self, headers: &HeaderMap, client: Option<IpAddr>) -> Result<Option<String>, Denial> {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        let missing = |why: &str| {
-            deny(
+        match auth.check(headers, client.map(canonical)).await {
+            Ok(user) => Ok(Some(user)),
+            Err(Refusal::Unauthenticated(why)) => Err(deny(
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED,
                 Rule::Htpasswd,
                 why.to_string(),
-            )
-        };
-        let value = headers
-            .get(http::header::PROXY_AUTHORIZATION)
-            .ok_or_else(|| missing("proxy authentication required"))?;
-        let (user, password) =
-            parse_basic(value.as_bytes()).ok_or_else(|| missing("malformed Proxy-Authorization (Basic expected)"))?;
-        let key: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-        if lock(&auth.verified).contains(&key) {
-            return Ok(Some(user));
+            )),
+            Err(Refusal::OverBudget(wait)) => {
+                let reason = "too many failed logins from this client: try again later".to_string();
+                let mut d = deny(StatusCode::TOO_MANY_REQUESTS, Rule::AuthFailures, reason);
+                d.retry_after = Some(wait);
+                Err(d)
+            }
         }
-        let hash = auth.users.get(&user).cloned();
-        let known = hash.is_some();
-        let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
-        // bcrypt is slow on purpose: keep it off the runtime's worker threads.
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
-        if !(ok && known) {
-            return Err(missing("invalid proxy credentials"));
-        }
-        let mut verified = lock(&auth.verified);
-        if verified.len() >= VERIFIED_CACHE {
-            verified.clear();
-        }
-        verified.insert(key);
-        Ok(Some(user))
     }
 
     /// The `Proxy-Authenticate` challenge to send with a 407.
     pub fn challenge(&self) -> Option<&str> {
-        self.auth.as_ref().map(|a| a.challenge.as_str())
+        self.auth.as_ref().map(|_| self.challenge.as_str())
     }
 
     pub fn check_connect_port(&self, port: u16) -> Result<(), Denial> {
@@ -195,12 +197,7 @@ impl Policy {
 
     fn check_address(&self, addr: SocketAddr) -> Result<(), Denial> {
         let ip = canonical(addr.ip());
-        let own = self.own.get().map(Vec::as_slice).unwrap_or(&[]);
-        let is_self = own.iter().any(|o| {
-            o.port() == addr.port()
-                && (o.ip() == ip || (o.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
-        });
-        if is_self {
+        if self.is_self(SocketAddr::new(ip, addr.port())) {
             return Err(deny(
                 StatusCode::FORBIDDEN,
                 Rule::Loop,
@@ -223,6 +220,26 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `addr` reaches one of this proxy's listeners. A wildcard listener (0.0.0.0,
+    /// [::]) is reached at every address of the host, so those are looked up, only when the
+    /// port matches one.
+    fn is_self(&self, addr: SocketAddr) -> bool {
+        let own = self.identity.get().map_or(&[][..], |i| i.addresses.as_slice());
+        let mut same_port = own.iter().filter(|o| o.port() == addr.port()).peekable();
+        if same_port.peek().is_none() {
+            return false;
+        }
+        let ip = addr.ip();
+        let mut wildcard = false;
+        for o in same_port {
+            if o.ip() == ip {
+                return true;
+            }
+            wildcard |= o.ip().is_unspecified();
+        }
+        wildcard && (ip.is_loopback() || ip.is_unspecified() || host_addresses().contains(&ip))
     }
 
     /// Resolves `host` and checks every address it yields: a name cannot smuggle a denied
@@ -256,48 +273,26 @@ pub enum ResolveError {
     Lookup(String),
 }
 
+/// The addresses of this host's interfaces (empty if they cannot be listed).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    ifaddrs
+        .filter_map(|i| i.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| canonical(IpAddr::V6(v6.ip()))))
+        })
+        .collect()
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
-}
-
-fn parse_basic(value: &[u8]) -> Option<(String, String)> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, token) = text.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(token.trim()).ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_string(), password.to_string()))
-}
-
-/// `user:hash` lines (bcrypt: `htpasswd -B`); `#` comments and blank lines are skipped.
-fn load_htpasswd(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut users = HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let bad = |why: &str| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message: format!("line {}: {why}", i + 1),
-        };
-        let (user, hash) = line.split_once(':').ok_or_else(|| bad("expected user:hash"))?;
-        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
-            return Err(bad("only bcrypt hashes are accepted (htpasswd -B)"));
-        }
-        users.insert(user.to_string(), hash.to_string());
-    }
-    Ok(users)
 }
 
 #[cfg(test)]
@@ -322,7 +317,7 @@ mod tests {
     #[tokio::test]
     async fn own_listener_is_a_loop() {
         let p = policy(|_| {});
-        p.set_own_addresses(vec!["127.0.0.1:3128".parse().unwrap()]);
+        p.set_identity(vec!["127.0.0.1:3128".parse().unwrap()], "test:3128".into());
         let err = p.resolve_checked("127.0.0.1", 3128).await.unwrap_err();
         assert!(matches!(err, ResolveError::Denied(d) if d.rule == Rule::Loop));
         assert!(p.resolve_checked("127.0.0.1", 3129).await.is_ok());
@@ -338,8 +333,28 @@ mod tests {
     }
 
     #[test]
-    fn basic_credentials_parse() {
-        assert_eq!(parse_basic(b"Basic dXNlcjpwYXNz"), Some(("user".into(), "pass".into())));
-        assert_eq!(parse_basic(b"Bearer x"), None);
+    fn a_request_carrying_our_via_token_is_a_loop() {
+        let p = policy(|_| {});
+        p.set_identity(vec![], "host-a:3128".into());
+        let mut h = HeaderMap::new();
+        h.append(http::header::VIA, "1.0 fred, 1.1 host-b:3128".parse().unwrap());
+        assert!(p.check_via(&h).is_ok(), "another baton's token is not ours");
+        h.append(http::header::VIA, "1.1 HOST-A:3128 (baton)".parse().unwrap());
+        assert!(matches!(p.check_via(&h), Err(d) if d.rule == Rule::Loop));
+        let configured = policy(|a| a.via_token = Some("edge-1".into()));
+        configured.set_identity(vec![], "host-a:3128".into());
+        assert_eq!(configured.via_token(), "edge-1");
+    }
+
+    #[test]
+    fn every_host_address_reaches_a_wildcard_listener() {
+        let p = policy(|_| {});
+        p.set_identity(vec!["0.0.0.0:3128".parse().unwrap()], "t".into());
+        let mut addrs = host_addresses();
+        addrs.push("127.0.0.2".parse().unwrap());
+        for ip in addrs {
+            assert!(p.is_self(SocketAddr::new(ip, 3128)), "{ip}");
+            assert!(!p.is_self(SocketAddr::new(ip, 3129)), "{ip}");
+        }
     }
 }

@@ -73,12 +73,13 @@ struct Ask {
 impl Proxy {
     pub fn new(settings: ProxySettings, policy: Arc<Policy>, drain: Drain) -> Proxy {
         let upstream = Upstream::new(policy.clone(), settings.upstream_connect, settings.upstream_idle);
+        let via = via_header(&policy);
         Proxy {
             upstream,
             settings,
             policy,
             drain,
-            via: HeaderValue::from_static("1.1 baton"),
+            via,
         }
     }
 
@@ -107,8 +108,17 @@ impl Proxy {
         }
         // The rarer and larger futures (authentication, CONNECT) are boxed: this future is
         // moved whole at every request, and its size is that of its largest state.
+        let client = match peer {
+            Peer::Ip(a) => Some(a.ip()),
+            Peer::Local => None,
+        };
         if self.policy.requires_auth()
-            && let Err(d) = Box::pin(self.policy.check_auth(req.headers())).await
+            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client)).await
+        {
+            return Ok(self.deny(&ask, &d));
+        }
+        if req.headers().contains_key(header::VIA)
+            && let Err(d) = self.policy.check_via(req.headers())
         {
             return Ok(self.deny(&ask, &d));
         }
@@ -299,6 +309,11 @@ impl Proxy {
         {
             resp.headers_mut().insert(header::PROXY_AUTHENTICATE, c);
         }
+        if let Some(wait) = d.retry_after {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         resp
     }
 
@@ -376,6 +391,11 @@ fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never: Infallible| match never {})
         .boxed()
+}
+
+/// `Via: 1.1 <token>` (the token is checked to be a valid field value by the configuration).
+fn via_header(policy: &Policy) -> HeaderValue {
+    HeaderValue::from_str(&format!("1.1 {}", policy.via_token())).unwrap_or(HeaderValue::from_static("1.1 baton"))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
