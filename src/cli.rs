@@ -90,6 +90,19 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if let AccessSink::File(p) = &config.access_log.sink {
         println!("  access log {}", p.display());
     }
+    let t = &config.timeouts;
+    let verdict = t.upgrade + t.canary;
+    println!(
+        "  a handoff reaches its verdict within {verdict:?} (upgrade {:?} + canary {:?})",
+        t.upgrade, t.canary
+    );
+    // The shipped unit's TimeoutStartSec=, which also bounds `systemctl reload`.
+    const UNIT_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+    if verdict >= UNIT_START_TIMEOUT {
+        println!(
+            "  warning: upgrade + canary ({verdict:?}) must stay below the unit's TimeoutStartSec= (60s in baton.service), or systemd fails the reload first"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -176,6 +189,8 @@ struct UpgradeSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     ready_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    canary_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     draining_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     draining_tunnels: Option<usize>,
@@ -221,7 +236,7 @@ impl UpgradeSummary {
         self.result = "ok".into();
         (self.old_pid, self.new_pid) = (Some(r.old_pid), Some(r.new_pid));
         (self.old_generation, self.new_generation) = (Some(r.old_generation), Some(r.new_generation));
-        self.ready_ms = Some(r.ready_ms);
+        (self.ready_ms, self.canary_ms) = (Some(r.ready_ms), r.canary_ms);
         (self.draining_connections, self.draining_tunnels) = (Some(r.draining_connections), Some(r.draining_tunnels));
     }
 
@@ -260,10 +275,7 @@ impl From<DrainOutcome> for DrainSummary {
 fn print_event(ev: &Event) {
     match ev {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
-        Event::Done(r) => println!(
-            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {} connections, {} tunnels",
-            r.ready_ms, r.new_pid, r.new_generation, r.old_pid, r.draining_connections, r.draining_tunnels
-        ),
+        Event::Done(r) => print_done(r),
         Event::Drained(d) => println!(
             "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
             d.old_pid, d.drain_ms, d.finished, d.cut
@@ -273,6 +285,26 @@ fn print_event(ev: &Event) {
         Event::Error { reason } => eprintln!("error: {reason}"),
         Event::Stopping => println!("stopping: draining"),
         Event::Unknown => {}
+    }
+}
+
+fn print_done(r: &UpgradeReport) {
+    let (connections, tunnels) = (r.draining_connections, r.draining_tunnels);
+    match r.canary_ms {
+        Some(canary) => {
+            println!(
+                "ready after {} ms: pid {} (generation {})",
+                r.ready_ms, r.new_pid, r.new_generation
+            );
+            println!(
+                "canary passed after {canary} ms: pid {} serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+                r.new_pid, r.old_pid
+            );
+        }
+        None => println!(
+            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+            r.ready_ms, r.new_pid, r.new_generation, r.old_pid
+        ),
     }
 }
 

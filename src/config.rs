@@ -49,11 +49,15 @@ pub struct Timeouts {
     pub upstream_response: Duration,
     pub drain: Duration,
     pub upgrade: Duration,
+    /// How long a ready successor is watched before it takes over; zero: not at all.
+    pub canary: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Older generations that may drain at once; a trigger beyond is refused.
+    pub max_draining_generations: usize,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     /// `None`: no limit.
@@ -179,6 +183,8 @@ struct RawTimeouts {
     drain: Duration,
     #[serde(with = "humantime_serde")]
     upgrade: Duration,
+    #[serde(with = "humantime_serde")]
+    canary: Duration,
 }
 
 impl Default for RawTimeouts {
@@ -191,6 +197,7 @@ impl Default for RawTimeouts {
             upstream_response: Duration::from_secs(60),
             drain: Duration::from_secs(30),
             upgrade: Duration::from_secs(30),
+            canary: Duration::from_secs(2),
         }
     }
 }
@@ -199,6 +206,7 @@ impl Default for RawTimeouts {
 #[serde(deny_unknown_fields, default)]
 struct RawLimits {
     max_connections: usize,
+    max_draining_generations: usize,
     max_header_bytes: usize,
     max_uri_bytes: usize,
     max_body_bytes: u64,
@@ -208,6 +216,7 @@ impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_connections: 10_000,
+            max_draining_generations: 4,
             max_header_bytes: 64 * 1024,
             max_uri_bytes: 8192,
             max_body_bytes: 0,
@@ -283,36 +292,63 @@ impl Config {
         }
     }
 
-    /// Parses and validates configuration text; `path` names it in errors.
+    /// Parses and validates configuration text; `path` names it in errors, and relative paths
+    /// in it are relative to its directory.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::parse_in(text, path, &RuntimeEnv::current())
+    }
+
+    /// [`Config::parse`] with `env` deciding the default control socket.
+    fn parse_in(text: &str, path: Option<&Path>, env: &RuntimeEnv) -> Result<Config, ConfigError> {
         let name = path.map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string());
         let invalid = |message: String| ConfigError::Invalid {
             path: name.clone(),
             message,
         };
+        let base = path.and_then(Path::parent);
         let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
-        let listeners = listeners(text, &raw.listener).map_err(&invalid)?;
+        let listeners = listeners(text, &raw.listener, base).map_err(&invalid)?;
         check_values(&raw).map_err(&invalid)?;
         let admin = admin(raw.admin.as_ref(), &listeners).map_err(&invalid)?;
-        let access_log = access_log(&raw.log, path).map_err(&invalid)?;
+        let access_log = access_log(&raw.log, base).map_err(&invalid)?;
+        let control_socket = match raw.control_socket {
+            Some(p) => resolve(base, p),
+            None => default_control_socket(env).ok_or_else(|| invalid(no_default_control_socket(path)))?,
+        };
+        let mut access = Access::from(raw.access);
+        access.htpasswd = access.htpasswd.map(|p| resolve(base, p));
         Ok(Config {
             admin,
             access_log,
             source: path.map(Path::to_path_buf),
             listeners,
-            control_socket: raw.control_socket.unwrap_or_else(default_control_socket),
-            pid_file: raw.pid_file,
+            control_socket,
+            pid_file: raw.pid_file.map(|p| resolve(base, p)),
             workers: (raw.workers > 0).then_some(raw.workers),
             timeouts: Timeouts::from(raw.timeouts),
             limits: Limits::from(raw.limits),
-            access: Access::from(raw.access),
+            access,
             log_format: raw.log.format,
         })
     }
 }
 
+/// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
+/// `log.access`, a listener's `path`): a relative one is relative to the directory of the
+/// file it is written in (`base`), never to the working directory.
+fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
+}
+
 /// The `[[listener]]` tables, each checked; errors name the line.
-fn listeners(text: &str, raw: &[toml::Spanned<RawListener>]) -> Result<Vec<ListenerConfig>, String> {
+fn listeners(
+    text: &str,
+    raw: &[toml::Spanned<RawListener>],
+    base: Option<&Path>,
+) -> Result<Vec<ListenerConfig>, String> {
     let mut listeners: Vec<ListenerConfig> = Vec::new();
     for spanned in raw {
         let line = line_of(text, spanned.span().start);
@@ -320,7 +356,7 @@ fn listeners(text: &str, raw: &[toml::Spanned<RawListener>]) -> Result<Vec<Liste
         let at = |msg: &str| format!("line {line}, key `listener` ({}): {msg}", l.name);
         let addr = match (&l.address, &l.path) {
             (Some(a), None) => ListenAddr::Tcp(*a),
-            (None, Some(p)) => ListenAddr::Unix(p.clone()),
+            (None, Some(p)) => ListenAddr::Unix(resolve(base, p.clone())),
             _ => return Err(at("give exactly one of `address` (host:port) or `path` (unix socket)")),
         };
         if l.name.is_empty() || l.name.contains(':') || l.name == CONTROL_LISTENER {
@@ -358,6 +394,10 @@ fn check_values(raw: &RawConfig) -> Result<(), String> {
             "key `limits.max_connections`: must be at least 1",
         ),
         (
+            raw.limits.max_draining_generations == 0,
+            "key `limits.max_draining_generations`: must be at least 1",
+        ),
+        (
             raw.access.realm.contains('"') || raw.access.realm.chars().any(char::is_control),
             "key `access.realm`: no quotes or control characters",
         ),
@@ -391,18 +431,12 @@ fn admin(raw: Option<&RawAdmin>, listeners: &[ListenerConfig]) -> Result<Option<
     Ok(Some(AdminConfig { addr: raw.address }))
 }
 
-/// `[log] access`: a relative file is relative to the configuration file's directory.
-fn access_log(raw: &RawLog, path: Option<&Path>) -> Result<AccessLog, String> {
+/// `[log] access`: a relative file is relative to the configuration file's directory, `base`.
+fn access_log(raw: &RawLog, base: Option<&Path>) -> Result<AccessLog, String> {
     let sink = match raw.access.as_deref() {
         None | Some("stderr") => AccessSink::Stderr,
         Some("") => return Err("key `log.access`: \"stderr\" or a file path".into()),
-        Some(f) => {
-            let f = Path::new(f);
-            AccessSink::File(match path.and_then(Path::parent) {
-                Some(dir) if f.is_relative() => dir.join(f),
-                _ => f.to_path_buf(),
-            })
-        }
+        Some(f) => AccessSink::File(resolve(base, PathBuf::from(f))),
     };
     Ok(AccessLog {
         sink,
@@ -420,6 +454,7 @@ impl From<RawTimeouts> for Timeouts {
             upstream_response: t.upstream_response,
             drain: t.drain,
             upgrade: t.upgrade,
+            canary: t.canary,
         }
     }
 }
@@ -428,6 +463,7 @@ impl From<RawLimits> for Limits {
     fn from(l: RawLimits) -> Limits {
         Limits {
             max_connections: l.max_connections,
+            max_draining_generations: l.max_draining_generations,
             max_header_bytes: l.max_header_bytes,
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
@@ -451,16 +487,61 @@ impl From<RawAccess> for Access {
     }
 }
 
-/// `$RUNTIME_DIRECTORY/control.sock` under systemd, else `$XDG_RUNTIME_DIR/baton.sock`, else
-/// `/tmp/baton-<uid>.sock`.
-fn default_control_socket() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
-        return PathBuf::from(dir).join("control.sock");
+/// The default control socket for root outside systemd.
+pub const ROOT_CONTROL_SOCKET: &str = "/run/baton/control.sock";
+
+/// What the default control socket depends on: who runs baton and two variables.
+struct RuntimeEnv {
+    root: bool,
+    /// `$RUNTIME_DIRECTORY`: set by systemd for a unit with `RuntimeDirectory=`.
+    runtime_directory: Option<std::ffi::OsString>,
+    /// `$XDG_RUNTIME_DIR`: a login session's private directory.
+    xdg_runtime_dir: Option<std::ffi::OsString>,
+}
+
+impl RuntimeEnv {
+    fn current() -> RuntimeEnv {
+        RuntimeEnv {
+            root: nix::unistd::geteuid().is_root(),
+            runtime_directory: std::env::var_os("RUNTIME_DIRECTORY"),
+            xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR"),
+        }
     }
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("baton.sock");
+}
+
+/// The control socket when the configuration sets none: `$RUNTIME_DIRECTORY/control.sock`
+/// under systemd (its first directory when it lists several); else, for root,
+/// `/run/baton/control.sock` (whatever `$XDG_RUNTIME_DIR` says: under sudo it may still name
+/// the invoking user's directory); else `$XDG_RUNTIME_DIR/baton.sock`. Otherwise there is no
+/// default: a directory every user can write to (/tmp) never is one. Relative values are
+/// ignored, as the XDG Base Directory specification says.
+fn default_control_socket(env: &RuntimeEnv) -> Option<PathBuf> {
+    let runtime_directory = env
+        .runtime_directory
+        .as_ref()
+        .and_then(|v| std::env::split_paths(v).next())
+        .filter(|p| p.is_absolute());
+    if let Some(dir) = runtime_directory {
+        return Some(dir.join("control.sock"));
     }
-    PathBuf::from(format!("/tmp/baton-{}.sock", nix::unistd::getuid()))
+    if env.root {
+        return Some(PathBuf::from(ROOT_CONTROL_SOCKET));
+    }
+    let xdg = env.xdg_runtime_dir.as_ref().map(PathBuf::from);
+    xdg.filter(|p| p.is_absolute()).map(|dir| dir.join("baton.sock"))
+}
+
+/// The error when `control_socket` has no default here.
+fn no_default_control_socket(path: Option<&Path>) -> String {
+    let fix = match path {
+        Some(_) => "set `control_socket` in this file",
+        None => {
+            "give `--config FILE` with `control_socket` set (the clients take the same `--config`, or `--control SOCKET`)"
+        }
+    };
+    format!(
+        "key `control_socket` has no default here: baton does not run as root and neither $RUNTIME_DIRECTORY nor $XDG_RUNTIME_DIR is set; {fix}, to a path in a directory only this user can write to"
+    )
 }
 
 /// A `Via` received-by token (RFC 9110 §7.6.3: a pseudonym or host[:port]).
@@ -531,6 +612,76 @@ mod tests {
         let text = "[[listener]]\nname = \"p\"\naddress = \"[::1]:1\"\n[timeouts]\ndrain = \"1500ms\"\n";
         let c = Config::parse(text, None).unwrap();
         assert_eq!(c.timeouts.drain, Duration::from_millis(1500));
+    }
+
+    fn env(root: bool, runtime_directory: Option<&str>, xdg_runtime_dir: Option<&str>) -> RuntimeEnv {
+        RuntimeEnv {
+            root,
+            runtime_directory: runtime_directory.map(Into::into),
+            xdg_runtime_dir: xdg_runtime_dir.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn default_control_socket_is_never_in_a_shared_directory() {
+        let cases = [
+            (
+                env(false, Some("/run/baton"), Some("/run/user/1000")),
+                Some("/run/baton/control.sock"),
+            ),
+            (
+                env(true, Some("/run/baton:/run/other"), None),
+                Some("/run/baton/control.sock"),
+            ),
+            (env(true, None, None), Some(ROOT_CONTROL_SOCKET)),
+            (env(true, None, Some("/run/user/1000")), Some(ROOT_CONTROL_SOCKET)),
+            (
+                env(false, None, Some("/run/user/1000")),
+                Some("/run/user/1000/baton.sock"),
+            ),
+            (env(false, Some("relative"), Some("also/relative")), None),
+            (env(false, None, None), None),
+        ];
+        for (env, want) in cases {
+            assert_eq!(default_control_socket(&env).as_deref(), want.map(Path::new));
+        }
+    }
+
+    #[test]
+    fn no_default_control_socket_is_an_error_naming_the_file() {
+        let text = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n";
+        let err = Config::parse_in(text, Some(Path::new("/etc/b.toml")), &env(false, None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/b.toml: key `control_socket`"), "{err}");
+        assert!(err.contains("set `control_socket` in this file"), "{err}");
+        let err = Config::parse_in(EMBEDDED_DEFAULT, None, &env(false, None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--config") && err.contains("control_socket"), "{err}");
+        let with_socket = format!("control_socket = \"/x/c.sock\"\n{text}");
+        let c = Config::parse_in(&with_socket, None, &env(false, None, None)).unwrap();
+        assert_eq!(c.control_socket, Path::new("/x/c.sock"));
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_file() {
+        let text = "control_socket = \"run/c.sock\"\npid_file = \"b.pid\"\n\
+            [[listener]]\nname = \"u\"\npath = \"u.sock\"\n\
+            [access]\nhtpasswd = \"htpasswd\"\n[log]\naccess = \"log/access.log\"\n";
+        let c = Config::parse(text, Some(Path::new("/etc/baton/baton.toml"))).unwrap();
+        assert_eq!(c.control_socket, Path::new("/etc/baton/run/c.sock"));
+        assert_eq!(c.pid_file.as_deref(), Some(Path::new("/etc/baton/b.pid")));
+        assert_eq!(c.listeners[0].addr, ListenAddr::Unix("/etc/baton/u.sock".into()));
+        assert_eq!(c.access.htpasswd.as_deref(), Some(Path::new("/etc/baton/htpasswd")));
+        assert_eq!(c.access_log.sink, AccessSink::File("/etc/baton/log/access.log".into()));
+        let absolute = text.replace("\"run/", "\"/r/").replace("\"htpasswd\"", "\"/h\"");
+        let c = Config::parse(&absolute, Some(Path::new("/etc/baton/baton.toml"))).unwrap();
+        assert_eq!(c.control_socket, Path::new("/r/c.sock"));
+        assert_eq!(c.access.htpasswd.as_deref(), Some(Path::new("/h")));
+        // A file named without a directory: relative to the working directory, where it is.
+        let c = Config::parse(text, Some(Path::new("baton.toml"))).unwrap();
+        assert_eq!(c.access.htpasswd.as_deref(), Some(Path::new("htpasswd")));
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct UpgradeReport {
     pub old_generation: u64,
     pub new_generation: u64,
     pub ready_ms: u64,
+    /// The canary window the new generation passed (absent: no window, or version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_ms: Option<u64>,
     pub draining_connections: usize,
     pub draining_tunnels: usize,
 }

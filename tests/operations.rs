@@ -274,9 +274,12 @@ async fn upgrade_report_matches_what_clients_did() {
     .await;
 
     let upgrade = spawn_upgrade_wait_drain(&baton);
-    // Once the new generation serves, one tunnel ends by itself; two stay until the cut.
-    wait_for(Duration::from_secs(10), "the new generation", || async {
-        (baton.status().await["pid"] != old).then_some(())
+    // Once the old generation drains (after the canary window), one tunnel ends by itself;
+    // two stay until the cut.
+    wait_for(Duration::from_secs(10), "the old generation to drain", || async {
+        let st = baton.status().await;
+        let draining = st["draining"].as_array().is_some_and(|d| d.iter().any(|g| g["pid"] == old));
+        (st["pid"] != old && draining).then_some(())
     })
     .await;
     drop(tunnels.remove(0));

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_handoff::{Drain, Socket};
+use baton_handoff::{Socket, Verdict};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{Event, Request, Status, answer_line};
@@ -21,6 +22,8 @@ pub enum Command {
     },
     Status(oneshot::Sender<Status>),
     Stop(Trigger),
+    /// The predecessor's canary window ended (this generation's own pinger reports it).
+    PredecessorVerdict(Verdict),
 }
 
 /// What asked for a handoff or a stop.
@@ -39,12 +42,17 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-/// Serves the control socket until draining starts. Client tasks run on `clients`, so the
-/// generation can let the last answers (the handoff report) reach their reader before exiting.
-pub fn spawn_control_loop(socket: Arc<Socket>, drain: &Drain, commands: mpsc::Sender<Command>, clients: TaskTracker) {
-    let draining = drain.draining();
+/// Serves the control socket until `stop` (a drain, or a successor's canary window). Client
+/// tasks run on `clients`, so the generation can let the last answers (the handoff report)
+/// reach their reader before exiting.
+pub fn spawn_control_loop(
+    socket: Arc<Socket>,
+    stop: CancellationToken,
+    commands: mpsc::Sender<Command>,
+    clients: TaskTracker,
+) {
     tokio::spawn(async move {
-        baton_handoff::accept_until(socket, "control", draining, |stream, _| {
+        baton_handoff::accept_until(socket, "control", stop, |stream, _| {
             clients.spawn(serve_client(stream, commands.clone()));
         })
         .await;

@@ -99,7 +99,7 @@ impl Live {
 }
 
 fn encode_ledger(encoder: &mut DescriptorEncoder, ledger: &Ledger) -> Encoded {
-    let help = "Handoffs by result (ok, child_exit, timeout, spawn_error, refused), across generations";
+    let help = "Handoffs by result (ok, child_exit, failed_after_ready, timeout, spawn_error, refused), across generations";
     let mut family = encoder.encode_descriptor("handoffs", help, None, MetricType::Counter)?;
     for result in HandoffResult::ALL {
         let v = ledger.handoffs.get(result.as_str()).copied().unwrap_or(0);
@@ -117,5 +117,8 @@ fn encode_ledger(encoder: &mut DescriptorEncoder, ledger: &Ledger) -> Encoded {
     for (outcome, v) in [("finished", ledger.drain_finished), ("cut", ledger.drain_cut)] {
         ConstCounter::new(v).encode(family.encode_family(&[("outcome", outcome)])?)?;
     }
+    let help = "Connections lost with successors that failed their canary window (open at their last ping)";
+    let lost = ConstCounter::new(ledger.canary_lost);
+    lost.encode(encoder.encode_descriptor("canary_lost_connections", help, None, lost.metric_type())?)?;
     Ok(())
 }

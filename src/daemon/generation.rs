@@ -1,13 +1,16 @@
 //! A generation: one running baton process, from start to exit. It opens (adopts or binds)
-//! its listeners, serves, and on a trigger hands off to a successor (spawn → ready → drain)
-//! or rolls back. State changes happen only in [`Generation::run`]'s loop:
+//! its listeners, serves, and on a trigger hands off to a successor (`handoff`: spawn →
+//! ready → canary window → drain) or rolls back. State changes happen only in
+//! [`Generation::run`]'s loop:
 //!
 //! ```text
-//! Serving ──trigger──▶ HandingOff ──ready──▶ Draining ──drained──▶ exit 0
-//!    ▲                     │ child exit / timeout
-//!    └──── rollback ───────┘
-//! Serving ──SIGTERM──▶ Draining (a second SIGTERM exits at once)
+//! Serving ──trigger──▶ HandingOff ──ready──▶ Canary ──passed──▶ Draining ──drained──▶ exit 0
+//!    ▲                     │ exit / timeout     │ exit / silence
+//!    └──── rollback ───────┴────────────────────┘ (accepting again)
+//! Serving ──SIGTERM──▶ Draining (a second SIGTERM exits at once; a successor is killed)
 //! ```
+
+mod handoff;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,32 +18,33 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-use baton_handoff::{
-    Drain, DrainReport, HandoffError, Inherited, ListenAddr, Listener, PassedListener, Ready, ReadySignal,
-    SuccessorSpec, open_listener, spawn_successor,
-};
+use baton_handoff::{Drain, DrainReport, Inherited, ListenAddr, Listener, PredecessorChannel, ReadySignal, open_listener};
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{ADMIN_LISTENER, CONTROL_LISTENER, Config};
-use crate::control::{DrainOutcome, Event, ListenerStatus, Status, UpgradeReport};
+use crate::control::{DrainOutcome, Event, ListenerStatus, Status};
 use crate::daemon::admin::{self, AdminContext};
 use crate::daemon::control_server::{self, Command, Trigger};
 use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
 use crate::daemon::notify;
-use crate::daemon::state_dir::{DrainingFile, HandoffResult, StateDir};
+use crate::daemon::state_dir::{DrainingFile, StateDir};
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
+
+use handoff::{Next, PendingHandoff};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Serving,
     HandingOff,
+    /// A ready successor serves; this generation no longer accepts and watches it.
+    Canary,
     Draining,
 }
 
@@ -49,6 +53,7 @@ impl State {
         match self {
             State::Serving => "serving",
             State::HandingOff => "handing off",
+            State::Canary => "watching the new generation",
             State::Draining => "draining",
         }
     }
@@ -65,14 +70,7 @@ pub enum Exit {
     Forced,
 }
 
-type HandoffFuture = Pin<Box<dyn Future<Output = Result<Ready, HandoffError>> + Send>>;
 type DrainFuture = Pin<Box<dyn Future<Output = DrainReport> + Send>>;
-
-struct PendingHandoff {
-    pid: u32,
-    reply: Option<mpsc::Sender<Event>>,
-    future: HandoffFuture,
-}
 
 pub struct Generation {
     launch: Launch,
@@ -83,13 +81,24 @@ pub struct Generation {
     state: State,
     listeners: Vec<Listener>,
     drain: Drain,
+    /// Serves the proxy listeners' connections.
+    connections: Arc<Connections>,
     commands: mpsc::Receiver<Command>,
+    /// For the accept loops of the control socket and the admin listener, and the pinger.
+    commands_tx: mpsc::Sender<Command>,
     control_clients: TaskTracker,
+    admin: Option<AdminContext>,
+    /// Cancelled to stop the proxy and control accept loops (a successor's canary window, a
+    /// drain); a fresh one resumes them.
+    accepting: CancellationToken,
+    /// The same for the admin listener, which a generation stopping without a successor
+    /// keeps serving (`/healthz` 503) until it exits.
+    admin_accepting: CancellationToken,
+    /// While its predecessor's canary window runs: triggers are refused.
+    predecessor_watching: bool,
     stop_requests: u32,
     /// Shared with the other generations: draining counts and the metrics ledger.
     shared: StateDir,
-    /// Cancelled when a handoff's drain begins: the admin listener then belongs to the successor.
-    admin_stop: CancellationToken,
     /// While draining: this generation's remaining work, published for the serving one.
     draining_file: Option<DrainingFile>,
     /// `baton upgrade --wait-drain`: told how the drain ended.
@@ -97,45 +106,40 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Opens every listener (adopting inherited ones), starts serving, then reports ready to
-    /// systemd, the pid file and the predecessor, in that order.
+    /// Opens every listener (adopting inherited ones) and does everything else that can fail,
+    /// then starts accepting and reports ready (to systemd and the pid file when it has no
+    /// predecessor, else to the predecessor, which hands those over at its verdict).
     pub async fn start(launch: Launch, config: Config, mut inherited: Inherited) -> anyhow::Result<Generation> {
         let (commands_tx, commands) = mpsc::channel(64);
         spawn_signal_listener(commands_tx.clone())?;
         let drain = Drain::new();
-        let mut opened = serve_proxy(&config, &mut inherited, &drain).await?;
-        let control = open_listener(
-            &mut inherited,
-            CONTROL_LISTENER,
-            &ListenAddr::Unix(config.control_socket.clone()),
-        )
-        .await?;
-        let control_clients = TaskTracker::new();
-        control_server::spawn_control_loop(
-            control.socket.clone(),
-            &drain,
-            commands_tx.clone(),
-            control_clients.clone(),
-        );
-        opened.push(control);
-        let shared = StateDir::for_control_socket(&config.control_socket);
-        if let Err(e) = shared.init(inherited.ready.is_none()) {
-            warn!(dir = %shared.path().display(), "cannot use the state directory (metrics of other generations unavailable): {e}");
+        // First: a control socket or state directory another user could tamper with is
+        // refused before anything serves.
+        let shared = StateDir::open(&config.control_socket)?;
+        if let Some(dir) = config.pid_file.as_deref().and_then(std::path::Path::parent) {
+            // The pid file is written at the verdict, by the predecessor: a successor that
+            // could not have it written fails now, before it serves, not after.
+            let is_dir = std::fs::metadata(dir).is_ok_and(|m| m.is_dir());
+            anyhow::ensure!(is_dir || dir.as_os_str().is_empty(), "pid file directory {} does not exist", dir.display());
         }
-        let admin_stop = CancellationToken::new();
+        let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain).await?;
+        let control_addr = ListenAddr::Unix(config.control_socket.clone());
+        opened.push(open_listener(&mut inherited, CONTROL_LISTENER, &control_addr).await?);
+        if inherited.ready.is_none() {
+            shared.start_ledger();
+        }
+        let mut admin = None;
         if let Some(a) = &config.admin {
-            let listener = open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?;
-            let ctx = AdminContext {
+            opened.push(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?);
+            admin = Some(AdminContext {
                 drain: drain.clone(),
                 commands: commands_tx.clone(),
                 state: shared.clone(),
                 generation: inherited.generation,
-            };
-            admin::spawn(listener.socket.clone(), ctx, admin_stop.clone());
-            opened.push(listener);
+            });
         }
         close_unused(&mut inherited);
-        let generation = Generation {
+        let mut generation = Generation {
             launch,
             number: inherited.generation,
             pid: std::process::id(),
@@ -143,35 +147,64 @@ impl Generation {
             state: State::Serving,
             listeners: opened,
             drain,
+            connections,
             commands,
-            control_clients,
+            commands_tx,
+            control_clients: TaskTracker::new(),
+            admin,
+            accepting: CancellationToken::new(),
+            admin_accepting: CancellationToken::new(),
+            predecessor_watching: false,
             stop_requests: 0,
             config,
             shared,
-            admin_stop,
             draining_file: None,
             drain_waiter: None,
         };
-        generation.report_ready(inherited.ready.take())?;
+        generation.report_ready(inherited.ready.take(), inherited.channel.take())?;
         Ok(generation)
     }
 
-    fn report_ready(&self, ready: Option<ReadySignal>) -> anyhow::Result<()> {
-        notify::ready(&self.status_line());
+    /// The pid file and systemd first (a first generation), then accepting, then the
+    /// predecessor hears that we serve.
+    fn report_ready(&mut self, ready: Option<ReadySignal>, channel: Option<PredecessorChannel>) -> anyhow::Result<()> {
+        let watched = ready.is_some() && channel.is_some();
+        if !watched {
+            self.claim_main_process()?;
+        }
+        // Every generation feeds systemd's watchdog from the start (NotifyAccess=all): a
+        // successor in its canary window is not the main process yet, but soon will be.
         notify::spawn_watchdog();
+        self.start_accepting();
+        self.log_serving();
+        let Some(r) = ready else { return Ok(()) };
+        let reported = if watched { r.signal_ready_pinging() } else { r.signal_ready() };
+        reported.context("cannot report readiness to the previous generation")?;
+        if let Some(channel) = channel {
+            self.predecessor_watching = true;
+            notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone());
+        }
+        Ok(())
+    }
+
+    /// Becomes the unit's main process and writes the pid file: a first generation at start,
+    /// a successor whose predecessor went away without a verdict.
+    fn claim_main_process(&self) -> anyhow::Result<()> {
+        notify::ready(&self.status_line());
         if let Some(path) = &self.config.pid_file {
             write_pid_file(path).with_context(|| format!("cannot write pid file {}", path.display()))?;
         }
+        Ok(())
+    }
+
+    fn log_serving(&self) {
         let addrs: Vec<String> = self
             .listeners
             .iter()
             .map(|l| {
-                format!(
-                    "{}={}{}",
-                    l.name,
-                    l.bound,
-                    if l.opened.is_adopted() { " (inherited)" } else { "" }
-                )
+                let inherited = if l.opened.is_adopted() { " (inherited)" } else { "" };
+                format!("{}={}{inherited}", l.name, l.bound)
             })
             .collect();
         info!(
@@ -181,11 +214,34 @@ impl Generation {
             listeners = %addrs.join(", "),
             "baton serving"
         );
-        if let Some(r) = ready {
-            r.signal_ready()
-                .context("cannot report readiness to the previous generation")?;
+    }
+
+    /// Starts (or resumes) accepting on every listener with fresh stop tokens.
+    fn start_accepting(&mut self) {
+        self.accepting = CancellationToken::new();
+        self.admin_accepting = CancellationToken::new();
+        for l in &self.listeners {
+            let socket = l.socket.clone();
+            match l.name.as_str() {
+                CONTROL_LISTENER => control_server::spawn_control_loop(
+                    socket,
+                    self.accepting.clone(),
+                    self.commands_tx.clone(),
+                    self.control_clients.clone(),
+                ),
+                ADMIN_LISTENER => match &self.admin {
+                    Some(ctx) => admin::spawn(socket, ctx.clone(), self.admin_accepting.clone()),
+                    None => warn!("an admin listener without [admin]: not served"),
+                },
+                name => self.connections.spawn_accept_loop(name.to_string(), socket, self.accepting.clone()),
+            }
         }
-        Ok(())
+    }
+
+    /// Stops every accept loop; the listening sockets stay open (and their queues fill).
+    fn stop_accepting(&self) {
+        self.accepting.cancel();
+        self.admin_accepting.cancel();
     }
 
     /// The controller: the one place state changes. Returns when this generation is done.
@@ -194,178 +250,73 @@ impl Generation {
         let mut draining: Option<(DrainFuture, bool)> = None;
         loop {
             tokio::select! {
-                Some(cmd) = self.commands.recv() => match cmd {
-                    Command::Status(reply) => {
-                        let _ = reply.send(self.status(handoff.is_some()));
+                Some(cmd) = self.commands.recv() => {
+                    if let Some(exit) = self.command(cmd, &mut handoff, &mut draining).await {
+                        return exit;
                     }
-                    Command::Upgrade { trigger, reply } => {
-                        if let Some(p) = self.begin_handoff(trigger, reply, handoff.as_ref().map(|h| h.pid)) {
-                            handoff = Some(p);
-                        }
-                    }
-                    Command::Stop(trigger) => {
-                        self.stop_requests += 1;
-                        if self.stop_requests > 1 {
-                            warn!(%trigger, connections = self.drain.active_connections(), tunnels = self.drain.active_tunnels(), "second stop request: exiting now");
-                            self.draining_file = None;
-                            return Exit::Forced;
-                        }
-                        if let Some(h) = handoff.take() {
-                            warn!(pid = h.pid, "stop requested during a handoff: killing the new generation");
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), nix::sys::signal::Signal::SIGKILL);
-                            if let Some(r) = h.reply {
-                                let _ = r.send(Event::Failed { reason: "baton is stopping".into() }).await;
-                            }
-                        }
-                        if draining.is_none() {
-                            info!(%trigger, "stopping: draining");
-                            notify::stopping("stopping: draining");
-                            draining = Some((self.begin_drain(), false));
-                        }
-                    }
-                },
-                result = async { (&mut handoff.as_mut().expect("guarded").future).await }, if handoff.is_some() => {
+                }
+                step = async { (&mut handoff.as_mut().expect("guarded").future).await }, if handoff.is_some() => {
                     let pending = handoff.take().expect("guarded");
-                    if let Some(d) = self.finish_handoff(pending, result).await {
-                        draining = Some((d, true));
+                    match self.handoff_step(pending, step).await {
+                        Next::Continue(p) => handoff = Some(p),
+                        Next::Drain(d) => draining = Some((d, true)),
+                        Next::Over => {}
                     }
                 }
                 report = async { (&mut draining.as_mut().expect("guarded").0).await }, if draining.is_some() => {
                     let handed_off = draining.as_ref().is_some_and(|d| d.1);
-                    info!(connections = report.connections, tunnels = report.tunnels, cut = report.cut, ms = report.millis, "drained; exiting");
-                    self.drain_finished(handed_off, &report).await;
-                    // Let `baton upgrade` read its report before the process goes away.
-                    self.control_clients.close();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_clients.wait()).await;
-                    return if handed_off { Exit::HandedOff(report) } else { Exit::Stopped(report) };
+                    return self.exit_drained(handed_off, report).await;
                 }
             }
         }
     }
 
-    fn begin_handoff(
+    /// One command; `Some` when the generation must exit now.
+    async fn command(
         &mut self,
-        trigger: Trigger,
-        reply: Option<mpsc::Sender<Event>>,
-        running: Option<u32>,
-    ) -> Option<PendingHandoff> {
-        let refusal = match (self.state, running) {
-            (State::Draining, _) => {
-                Some("this generation is draining; send the trigger to the serving one".to_string())
+        cmd: Command,
+        handoff: &mut Option<PendingHandoff>,
+        draining: &mut Option<(DrainFuture, bool)>,
+    ) -> Option<Exit> {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status(handoff.is_some()));
             }
-            (_, Some(pid)) => Some(format!("a handoff is already in progress (new generation pid {pid})")),
-            _ => None,
-        };
-        if let Some(reason) = refusal {
-            warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
-            self.shared.count_handoff(HandoffResult::Refused);
-            if let Some(r) = reply {
-                let _ = r.try_send(Event::Refused { reason });
+            Command::Upgrade { trigger, reply } => {
+                if let Some(p) = self.begin_handoff(trigger, reply, handoff.as_ref()) {
+                    *handoff = Some(p);
+                }
             }
-            return None;
+            Command::PredecessorVerdict(verdict) => self.predecessor_verdict(verdict),
+            Command::Stop(trigger) => {
+                self.stop_requests += 1;
+                if self.stop_requests > 1 {
+                    let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
+                    warn!(%trigger, connections, tunnels, "second stop request: exiting now");
+                    self.draining_file = None;
+                    return Some(Exit::Forced);
+                }
+                if let Some(h) = handoff.take() {
+                    h.abandon("baton is stopping").await;
+                }
+                if draining.is_none() {
+                    info!(%trigger, "stopping: draining");
+                    notify::stopping("stopping: draining");
+                    *draining = Some((self.begin_drain(), false));
+                }
+            }
         }
-        info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
-        notify::reloading();
-        let listeners = self
-            .listeners
-            .iter()
-            .map(|l| PassedListener {
-                name: &l.name,
-                fd: l.socket.as_fd(),
-                origin: l.origin,
-            })
-            .collect();
-        let spec = SuccessorSpec {
-            program: &self.launch.program,
-            args: &self.launch.args,
-            listeners,
-            generation: self.number + 1,
-        };
-        let successor = match spawn_successor(&spec) {
-            Ok(s) => s,
-            Err(e) => {
-                self.roll_back(&e, reply.as_ref());
-                return None;
-            }
-        };
-        let pid = successor.pid();
-        if let Some(r) = &reply {
-            let _ = r.try_send(Event::Spawned {
-                pid,
-                generation: self.number + 1,
-                old_pid: self.pid,
-                old_generation: self.number,
-            });
-        }
-        self.state = State::HandingOff;
-        notify::status(&format!("handoff in progress: new generation pid {pid}"));
-        let timeout = self.config.timeouts.upgrade;
-        Some(PendingHandoff {
-            pid,
-            reply,
-            future: Box::pin(successor.await_ready(timeout)),
-        })
+        None
     }
 
-    async fn finish_handoff(
-        &mut self,
-        pending: PendingHandoff,
-        result: Result<Ready, HandoffError>,
-    ) -> Option<DrainFuture> {
-        let ready = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.roll_back(&e, pending.reply.as_ref());
-                return None;
-            }
-        };
-        // Stop accepting before anyone hears "done": a command sent right after must reach
-        // the new generation, never this one.
-        self.admin_stop.cancel();
-        let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
-        let drain = self.begin_drain();
-        let report = UpgradeReport {
-            old_pid: self.pid,
-            new_pid: ready.pid,
-            old_generation: self.number,
-            new_generation: self.number + 1,
-            ready_ms: ready.after.as_millis() as u64,
-            draining_connections: connections,
-            draining_tunnels: tunnels,
-        };
-        self.shared.count_handoff(HandoffResult::Ok);
-        self.shared
-            .record(|l| l.spawn_to_ready.observe(ready.after.as_secs_f64()));
-        info!(
-            result = "ok",
-            old_pid = report.old_pid,
-            new_pid = report.new_pid,
-            old_generation = report.old_generation,
-            new_generation = report.new_generation,
-            ready_ms = report.ready_ms,
-            draining_connections = report.draining_connections,
-            draining_tunnels = report.draining_tunnels,
-            "handoff complete: draining"
-        );
-        if let Some(r) = pending.reply {
-            let _ = r.send(Event::Done(report)).await;
-            // Told how the drain ends. Without `--wait-drain` the client stopped reading at
-            // `done`, and that later send fails harmlessly.
-            self.drain_waiter = Some(r);
-        }
-        Some(drain)
-    }
-
-    fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>) {
-        let result = handoff_result(e);
-        let reason = describe(e);
-        error!(result = result.as_str(), "handoff failed, serving on: {reason}");
-        self.shared.count_handoff(result);
-        self.state = State::Serving;
-        notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
-        if let Some(r) = reply {
-            let _ = r.try_send(Event::Failed { reason });
-        }
+    async fn exit_drained(&mut self, handed_off: bool, report: DrainReport) -> Exit {
+        let (connections, tunnels, cut, ms) = (report.connections, report.tunnels, report.cut, report.millis);
+        info!(connections, tunnels, cut, ms, "drained; exiting");
+        self.drain_finished(handed_off, &report).await;
+        // Let `baton upgrade` read its report before the process goes away.
+        self.control_clients.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_clients.wait()).await;
+        if handed_off { Exit::HandedOff(report) } else { Exit::Stopped(report) }
     }
 
     /// Stops accepting (our listener fds close; a successor keeps the sockets) and drains.
@@ -374,6 +325,7 @@ impl Generation {
         // closes at once and counts as finished.
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         self.state = State::Draining;
+        self.accepting.cancel();
         self.drain.begin();
         self.listeners.clear();
         self.draining_file = Some(self.shared.publish_draining(self.number, self.drain.clone()));
@@ -440,10 +392,14 @@ impl Generation {
     }
 }
 
-/// Opens the proxy listeners, then starts the proxy on them. They open first (connections
-/// queue meanwhile) because the policy needs their addresses to refuse requests that would
-/// loop into the proxy itself.
-async fn serve_proxy(config: &Config, inherited: &mut Inherited, drain: &Drain) -> anyhow::Result<Vec<Listener>> {
+/// Opens the proxy listeners and builds the proxy on them (accepting starts later). They
+/// open first because the policy needs their addresses to refuse requests that would loop
+/// into the proxy itself.
+async fn open_proxy(
+    config: &Config,
+    inherited: &mut Inherited,
+    drain: &Drain,
+) -> anyhow::Result<(Vec<Listener>, Arc<Connections>)> {
     let mut opened = Vec::new();
     for l in &config.listeners {
         opened.push(open_listener(inherited, &l.name, &l.addr).await?);
@@ -459,10 +415,17 @@ async fn serve_proxy(config: &Config, inherited: &mut Inherited, drain: &Drain) 
     policy.set_identity(own.clone(), default_via_token(own.first()));
     let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, drain.clone()));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
-    for listener in &opened {
-        connections.spawn_accept_loop(listener.name.clone(), listener.socket.clone());
-    }
-    Ok(opened)
+    Ok((opened, connections))
+}
+
+/// Pings the predecessor during its canary window and tells the controller the verdict.
+fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>) {
+    tokio::spawn(async move {
+        let connections = move || drain.active_connections() + drain.active_tunnels();
+        let verdict = channel.ping_until_verdict(connections).await;
+        let verdict = verdict.unwrap_or(baton_handoff::Verdict::Gone);
+        let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+    });
 }
 
 /// This instance's `Via` token unless configured: the host name and the first TCP listener's
@@ -489,27 +452,6 @@ fn close_unused(inherited: &mut Inherited) {
             }
             Err(e) => warn!(listener = %name, "closing inherited fd that is not a listening socket: {e}"),
         }
-    }
-}
-
-/// An error with its causes, on one line: what a log line and `baton upgrade` show.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// How a failed handoff is counted.
-fn handoff_result(e: &HandoffError) -> HandoffResult {
-    match e {
-        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => HandoffResult::ChildExit,
-        HandoffError::Timeout { .. } => HandoffResult::Timeout,
-        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
     }
 }
 

@@ -21,6 +21,18 @@ pub fn ready(status: &str) {
     ]);
 }
 
+/// A successor passed its canary window: it becomes the unit's main process, and the
+/// handoff (the reload) is over. Sent by this, the old generation, which stays the main
+/// process until this message, so systemd never holds a main pid that could die inside
+/// the window (NotifyAccess=all lets it name another pid).
+pub fn handed_over(successor: u32, status: &str) {
+    send(&[
+        NotifyState::MainPid(successor),
+        NotifyState::Ready,
+        NotifyState::Status(status),
+    ]);
+}
+
 /// A handoff starts; `systemctl reload` waits for the next READY=1.
 pub fn reloading() {
     let mut states = vec![NotifyState::Reloading, NotifyState::Status("handoff in progress")];

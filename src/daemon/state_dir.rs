@@ -1,5 +1,7 @@
 //! State shared by the generations of one baton through a small directory next to the
-//! control socket (`<control socket>.d/`, mode 0700):
+//! control socket (`<control socket>.d/`, mode 0700). Both directories are checked before
+//! use (`files::DirRule`): another user able to write to them could redirect what baton
+//! writes, so baton refuses to start instead.
 //!
 //! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels,
 //!   rewritten atomically (write + rename) every 250 ms and removed when it exits, so the
@@ -10,18 +12,18 @@
 //!   started without a predecessor starts a new ledger.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use baton_handoff::Drain;
 
 use crate::control::DrainingGeneration;
-use crate::daemon::files::write_atomically;
+use crate::daemon::files::{DirError, create_private_dir, prepare_socket_dir, write_atomically};
 
 /// Upper bounds (seconds) of the handoff phase histograms; the last bucket is +Inf.
 pub const PHASE_BUCKETS: [f64; 14] = [
@@ -34,6 +36,8 @@ pub enum HandoffResult {
     Ok,
     /// The successor exited (or its exec failed) before it was ready.
     ChildExit,
+    /// The successor was ready, then exited or went silent inside its canary window.
+    FailedAfterReady,
     /// The successor was not ready within `timeouts.upgrade`.
     Timeout,
     /// The successor could not be started (not executable, fork failed).
@@ -44,9 +48,10 @@ pub enum HandoffResult {
 
 impl HandoffResult {
     /// Every result, in the order they are exported.
-    pub const ALL: [HandoffResult; 5] = [
+    pub const ALL: [HandoffResult; 6] = [
         HandoffResult::Ok,
         HandoffResult::ChildExit,
+        HandoffResult::FailedAfterReady,
         HandoffResult::Timeout,
         HandoffResult::SpawnError,
         HandoffResult::Refused,
@@ -56,6 +61,7 @@ impl HandoffResult {
         match self {
             HandoffResult::Ok => "ok",
             HandoffResult::ChildExit => "child_exit",
+            HandoffResult::FailedAfterReady => "failed_after_ready",
             HandoffResult::Timeout => "timeout",
             HandoffResult::SpawnError => "spawn_error",
             HandoffResult::Refused => "refused",
@@ -110,6 +116,8 @@ pub struct Ledger {
     pub drain_finished: u64,
     /// ... and those cut at the drain timeout.
     pub drain_cut: u64,
+    /// Connections a successor that failed its canary had open at its last ping: lost.
+    pub canary_lost: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -135,21 +143,33 @@ impl StateDir {
         self.dir.join("draining")
     }
 
-    /// Creates the directory; `fresh` (no predecessor) starts a new ledger and removes
-    /// leftovers of dead processes.
-    pub fn init(&self, fresh: bool) -> std::io::Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(self.draining_dir())?;
-        // The directory may predate this process (created with a wider umask, or by an older
-        // version): what it holds is ours alone.
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
-        if fresh {
-            self.update_ledger(|l| *l = Ledger::default())?;
+    /// The state directory of `control_socket`, ready for use: the socket's directory is
+    /// created if missing, and both are checked ([`DirError::Unsafe`] when another user could
+    /// tamper with them: the caller must refuse to start). A state directory that cannot be
+    /// written otherwise only costs the shared metrics, with a warning.
+    pub fn open(control_socket: &Path) -> Result<StateDir, DirError> {
+        prepare_socket_dir(control_socket)?;
+        let state = StateDir::for_control_socket(control_socket);
+        match state.create() {
+            Err(e @ DirError::Unsafe(_)) => return Err(e),
+            Err(e) => warn!("cannot use the state directory (metrics of other generations unavailable): {e}"),
+            Ok(()) => {}
         }
+        Ok(state)
+    }
+
+    /// Creates (or checks) the directory and removes leftovers of dead processes.
+    pub fn create(&self) -> Result<(), DirError> {
+        create_private_dir(&self.dir)?;
+        create_private_dir(&self.draining_dir())?;
         let _ = self.draining();
         Ok(())
+    }
+
+    /// Starts a new ledger: what a generation without a predecessor does once its listeners
+    /// are its own.
+    pub fn start_ledger(&self) {
+        self.record(|l| *l = Ledger::default());
     }
 
     /// Reads the ledger (empty if none).
@@ -160,12 +180,16 @@ impl StateDir {
             .unwrap_or_default()
     }
 
-    /// Read-modify-write of the ledger under an exclusive lock.
+    /// Read-modify-write of the ledger under an exclusive lock. The lock file is shared by
+    /// the generations, so it cannot be created exclusively; it is never opened through a
+    /// symlink, and lives in the private state directory.
     pub fn update_ledger(&self, f: impl FnOnce(&mut Ledger)) -> std::io::Result<()> {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.dir.join("ledger.lock"))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| std::io::Error::from(e))?;
@@ -272,7 +296,7 @@ mod tests {
     fn ledger_round_trip_and_histogram() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
-        s.init(true).unwrap();
+        s.create().unwrap();
         s.record(|l| {
             *l.handoffs.entry(HandoffResult::Ok.as_str().into()).or_default() += 1;
             l.spawn_to_ready.observe(0.007);
@@ -284,15 +308,42 @@ mod tests {
         let pairs = l.spawn_to_ready.pairs();
         assert_eq!(pairs[1], (0.01, 1));
         assert_eq!(pairs.last().unwrap().1, 1);
-        s.init(true).unwrap();
+        s.start_ledger();
         assert_eq!(s.ledger(), Ledger::default());
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
+        s.create().unwrap();
+        s.start_ledger();
+        std::fs::remove_file(s.path().join("ledger.lock")).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, s.path().join("ledger.lock")).unwrap();
+        assert!(s.update_ledger(|l| l.drain_cut += 1).is_err());
+        assert!(!elsewhere.exists());
+    }
+
+    #[test]
+    fn an_open_state_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("c.sock");
+        let s = StateDir::for_control_socket(&socket);
+        std::fs::create_dir(s.path()).unwrap();
+        std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = StateDir::open(&socket).unwrap_err();
+        assert!(matches!(err, DirError::Unsafe(_)), "{err}");
+        assert!(err.to_string().contains("c.sock.d"), "{err}");
     }
 
     #[test]
     fn dead_pids_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
-        s.init(true).unwrap();
+        s.create().unwrap();
+        s.start_ledger();
         let stale = s.draining_dir().join("999999999.json");
         std::fs::write(
             &stale,

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Config;
@@ -67,11 +68,10 @@ impl Connections {
 
     /// Accepts on `socket` until draining starts; the socket is dropped (closed in this
     /// process) when the loop ends.
-    pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>) {
+    pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>, stop: CancellationToken) {
         let connections = self.clone();
-        let draining = self.drain.draining();
         tokio::spawn(async move {
-            baton_handoff::accept_until(socket, &name, draining, |stream, peer| connections.admit(stream, peer)).await;
+            baton_handoff::accept_until(socket, &name, stop, |stream, peer| connections.admit(stream, peer)).await;
         });
     }
 

@@ -27,8 +27,18 @@ pub struct Baton {
     pub proxy: SocketAddr,
 }
 
-/// A config with one proxy listener on an ephemeral port, plus `extra` TOML.
+/// A config with one proxy listener on an ephemeral port, plus `extra` TOML. The canary
+/// window is 100 ms unless `extra` sets one: long enough to watch a successor, short enough
+/// for tests that hand off many times.
 pub fn config_text(dir: &Path, extra: &str) -> String {
+    const CANARY: &str = "canary = \"100ms\"\n";
+    let extra = if extra.contains("canary") {
+        extra.to_string()
+    } else if extra.contains("[timeouts]\n") {
+        extra.replacen("[timeouts]\n", &format!("[timeouts]\n{CANARY}"), 1)
+    } else {
+        format!("{extra}\n[timeouts]\n{CANARY}")
+    };
     format!(
         "control_socket = \"{}\"\npid_file = \"{}\"\n\n[[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\n{extra}\n",
         dir.join("control.sock").display(),
@@ -68,6 +78,45 @@ impl Baton {
             child,
             dir,
             config,
+            control,
+            proxy: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let status = b.wait_status(Duration::from_secs(10)).await;
+        b.proxy = listener_addr(&status, "proxy");
+        b
+    }
+
+    /// Starts baton with `config` (the whole file, written to `<dir>/baton.toml`; its control
+    /// socket must be `<dir>/control.sock`) through `wrapper`: the command line is
+    /// `wrapper... baton run --config <file>`, so a wrapper (`prlimit`, or `sh -c '...; exec
+    /// "$0" "$@"'`) must exec baton in place, keeping the pid. `cwd`: the working directory.
+    pub async fn start_wrapped(dir: tempfile::TempDir, config: &str, wrapper: &[&str], cwd: Option<&Path>) -> Baton {
+        let path = dir.path().join("baton.toml");
+        std::fs::write(&path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("baton.log")).expect("log file");
+        let child = spawn_retrying_etxtbsy(|| {
+            let mut cmd = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(BATON);
+                    c
+                }
+                None => Command::new(BATON),
+            };
+            cmd.arg("run").arg("--config").arg(&path).env("BATON_LOG", "info");
+            if let Some(d) = cwd {
+                cmd.current_dir(d);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().expect("log fd"))
+                .spawn()
+        });
+        let control = dir.path().join("control.sock");
+        let mut b = Baton {
+            child,
+            dir,
+            config: path,
             control,
             proxy: "127.0.0.1:1".parse().expect("addr"),
         };

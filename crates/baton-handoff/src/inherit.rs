@@ -6,10 +6,13 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
+use crate::channel::PredecessorChannel;
 use crate::listener::{Origin, Socket};
 
 /// The readiness pipe's fd number in a successor.
 pub const READY_FD_ENV: &str = "BATON_READY_FD";
+/// The successor's end of the channel to its predecessor (see `channel`).
+pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 /// The successor's generation number (the first process is generation 1).
 pub const GENERATION_ENV: &str = "BATON_GENERATION";
 /// The program path the first generation resolved; every successor execs the same path.
@@ -18,12 +21,13 @@ pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
 /// (systemd passed it to the first generation) or `bound` (a generation bound it).
 pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
 /// Every variable of the protocol: read and removed by a successor, replaced for its own.
-pub(crate) const PROTOCOL_ENV: [&str; 8] = [
+pub(crate) const PROTOCOL_ENV: [&str; 9] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "LISTEN_FDS_FIRST_FD",
     READY_FD_ENV,
+    CHANNEL_FD_ENV,
     GENERATION_ENV,
     PROGRAM_ENV,
     ORIGINS_ENV,
@@ -42,6 +46,9 @@ pub struct Inherited {
     taken: Vec<bool>,
     /// The predecessor's readiness pipe; `None` for a first generation.
     pub ready: Option<ReadySignal>,
+    /// The channel to the predecessor, for its canary window; `None` for a first generation
+    /// (or a predecessor too old to open one).
+    pub channel: Option<PredecessorChannel>,
     pub generation: u64,
     /// The program the first generation resolved, for successors to exec.
     pub program: Option<PathBuf>,
@@ -61,7 +68,9 @@ impl Inherited {
         let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
             .map(|v| v.split(':').map(str::to_string).collect())
             .unwrap_or_default();
-        let ready = ready_signal_from_env()?;
+        let passed = first_fd..first_fd + fds.len() as RawFd;
+        let ready = inherited_fd(READY_FD_ENV, &passed)?.map(ReadySignal);
+        let channel = inherited_fd(CHANNEL_FD_ENV, &passed)?.map(PredecessorChannel::new);
         let origins = origins_from_env(fds.len(), ready.is_some());
         let generation = std::env::var(GENERATION_ENV)
             .ok()
@@ -82,6 +91,7 @@ impl Inherited {
             origins,
             taken,
             ready,
+            channel,
             generation,
             program,
         })
@@ -96,6 +106,7 @@ impl Inherited {
             origins: Vec::new(),
             taken: Vec::new(),
             ready: None,
+            channel: None,
             generation: 1,
             program: None,
         }
@@ -157,11 +168,15 @@ impl Inherited {
     }
 }
 
-/// `BATON_READY_FD`, when it names an open fd above stderr.
-fn ready_signal_from_env() -> io::Result<Option<ReadySignal>> {
-    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
+/// The fd a predecessor passed in `var`, when it names an open fd above stderr. One that
+/// names a passed listener is refused: taking it would close a listening socket.
+fn inherited_fd(var: &str, listeners: &std::ops::Range<RawFd>) -> io::Result<Option<OwnedFd>> {
+    let Some(fd) = std::env::var(var).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
         return Ok(None);
     };
+    if listeners.contains(&fd) {
+        return Err(io::Error::other(format!("{var}={fd} names a passed listening socket")));
+    }
     // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
     if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Ok(None);
@@ -169,9 +184,9 @@ fn ready_signal_from_env() -> io::Result<Option<ReadySignal>> {
     // SAFETY: the predecessor passed this fd to us for our exclusive use, and it is open;
     // nothing else in this process refers to it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Our own successor must not inherit the pipe: it would hold our predecessor's wait open.
+    // Our own successor must not inherit it: it would hold our predecessor's end open.
     crate::process::set_cloexec(owned.as_raw_fd())?;
-    Ok(Some(ReadySignal(owned)))
+    Ok(Some(owned))
 }
 
 /// Each socket's origin. A first generation (no readiness pipe) got its sockets from the
@@ -193,7 +208,17 @@ pub struct ReadySignal(OwnedFd);
 impl ReadySignal {
     /// Tells the predecessor we serve. Consumes the pipe: it closes after the line.
     pub fn signal_ready(self) -> io::Result<()> {
-        let line = format!("ready {}\n", std::process::id());
+        self.write(&format!("ready {}\n", std::process::id()))
+    }
+
+    /// Tells the predecessor we serve and will ping over the channel during its canary
+    /// window ([`PredecessorChannel::ping_until_verdict`]): a promise, since a successor
+    /// that says so and stays silent fails the canary.
+    pub fn signal_ready_pinging(self) -> io::Result<()> {
+        self.write(&format!("ready {} canary\n", std::process::id()))
+    }
+
+    fn write(self, line: &str) -> io::Result<()> {
         let mut f = std::fs::File::from(self.0);
         io::Write::write_all(&mut f, line.as_bytes())
     }

@@ -17,17 +17,21 @@
 //!   ([`open_listener`]), and the accept loop ([`accept_until`]);
 //! - [`successor`]: spawning the next generation ([`spawn_successor`]), waiting for it
 //!   ([`Successor::await_ready`]), and rolling back when it fails;
+//! - [`channel`]: the two-way channel between the generations: the canary window after
+//!   ready ([`Watch::canary`]) and the successor's liveness pings;
 //! - [`drain`]: stopping gracefully ([`Drain`]);
 //! - [`process`]: fd and process hygiene around fork.
 //!
 //! `examples/hello.rs` is a complete server that upgrades on SIGUSR2 in about 50 lines.
 
+pub mod channel;
 pub mod drain;
 pub mod inherit;
 pub mod listener;
 pub mod process;
 pub mod successor;
 
+pub use channel::{CanaryFailed, Passed, PredecessorChannel, Verdict, Watch};
 pub use drain::{Drain, DrainReport};
 pub use inherit::{Inherited, ReadySignal};
 pub use listener::{

@@ -5,11 +5,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
@@ -31,6 +32,19 @@ pub enum ListenError {
     },
     #[error("listener `{name}`: {path} is in use by a running process")]
     InUse { name: String, path: PathBuf },
+    #[error(
+        "listener `{name}`: {path} exists and is not a socket; it is left alone: remove it, or choose another path"
+    )]
+    NotASocket { name: String, path: PathBuf },
+    #[error(
+        "listener `{name}`: {path} is a socket owned by uid {owner}, not by uid {uid} that this process runs as; only a stale socket of our own is replaced: remove it if it is stale, or choose another path"
+    )]
+    NotOurs {
+        name: String,
+        path: PathBuf,
+        owner: u32,
+        uid: u32,
+    },
     #[error("listener `{name}`: cannot adopt the inherited socket")]
     Adopt {
         name: String,
@@ -337,9 +351,10 @@ fn listener(name: &str, socket: Socket, bound: ListenAddr, origin: Origin, opene
     }
 }
 
-/// Binds a fresh socket. A Unix path left behind by a dead process is replaced; one that a
-/// live process answers on is an error, never stolen; anything there that is not a socket
-/// is left alone.
+/// Binds a fresh socket. A Unix socket left behind at the path by a dead process of the same
+/// user is replaced; anything else there is an error and left alone: a socket a live process
+/// answers on (never stolen), a socket another user owns (it could be planted: removing and
+/// rebinding would hand that user's clients to us, or ours to them), anything not a socket.
 pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> {
     let bind_err = |source| ListenError::Bind {
         name: name.to_string(),
@@ -360,8 +375,14 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
         }
         ListenAddr::Unix(p) => {
             if let Ok(meta) = std::fs::symlink_metadata(p) {
+                let (name, path) = (name.to_string(), p.clone());
                 if !meta.file_type().is_socket() {
-                    return Err(bind_err(io::Error::from(io::ErrorKind::AlreadyExists)));
+                    return Err(ListenError::NotASocket { name, path });
+                }
+                let uid = crate::process::euid();
+                if meta.uid() != uid {
+                    let owner = meta.uid();
+                    return Err(ListenError::NotOurs { name, path, owner, uid });
                 }
                 if UnixStream::connect(p).await.is_ok() {
                     return Err(ListenError::InUse {
@@ -382,15 +403,18 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
 }
 
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
-/// Accept errors (EMFILE and friends) back off instead of spinning: the kernel queue waits.
-/// The socket is dropped, closing this process's fd, when the loop ends; a successor that
-/// inherited it keeps accepting from the same queue.
+/// Accept errors that are not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off
+/// exponentially up to 1 s, forever, instead of spinning: the kernel queue waits meanwhile.
+/// They are logged at most once a second ([`AcceptErrors`]). The socket is dropped, closing
+/// this process's fd, when the loop ends; a successor that inherited it keeps accepting from
+/// the same queue.
 pub async fn accept_until(
     socket: Arc<Socket>,
     name: &str,
     stop: tokio_util::sync::CancellationToken,
     mut on_accept: impl FnMut(Stream, Peer),
 ) {
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -398,12 +422,169 @@ pub async fn accept_until(
             r = socket.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => on_accept(stream, peer),
+            Ok((stream, peer)) => {
+                errors.succeeded(name);
+                on_accept(stream, peer);
+            }
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(listener = %name, "accept: a connection failed before it was accepted: {e}");
+            }
             Err(e) => {
-                warn!(listener = %name, "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let wait = errors.failed(name, &e, Instant::now());
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         }
     }
     tracing::debug!(listener = %name, "stopped accepting");
+}
+
+/// Errors accept(2) reports about one pending connection (already reset, or refused by a
+/// firewall rule) rather than about the listener or the process: the next one is accepted at
+/// once. Linux also passes pending network errors on (accept(2), "Error handling").
+fn is_connection_error(e: &io::Error) -> bool {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset)
+        || matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EPROTO
+                    | libc::EPERM
+                    | libc::ENETDOWN
+                    | libc::ENETUNREACH
+                    | libc::EHOSTDOWN
+                    | libc::EHOSTUNREACH
+                    | libc::ENONET
+                    | libc::ENOPROTOOPT
+                    | libc::EOPNOTSUPP
+            )
+        )
+}
+
+/// The first wait after an accept error, doubled after each further one up to [`MAX_WAIT`].
+const FIRST_WAIT: Duration = Duration::from_millis(5);
+/// The longest wait between accept attempts while they fail: the loop never gives up (unlike
+/// mini-redis', which exits after 64 s), since fds come back when connections end.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// At most one warning per this interval while accept fails.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The accept loop's errors: how long to wait next (doubling with each error in a row, from
+/// the shortest wait again after a success), and when the last warning was. The warnings are
+/// limited across successes too: at the edge of the fd limit, accepts that fail and accepts
+/// that succeed alternate quickly.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// Errors since the last successful accept.
+    in_a_row: u32,
+    /// Errors not logged since the last warning.
+    unlogged: u64,
+    last_warning: Option<Instant>,
+    /// A warning was logged since accept last succeeded: its recovery is logged too.
+    warned: bool,
+}
+
+impl AcceptErrors {
+    /// Counts a failed accept at `now`, warns unless it did within [`LOG_INTERVAL`], and
+    /// returns how long to wait before the next attempt.
+    fn failed(&mut self, name: &str, e: &io::Error, now: Instant) -> Duration {
+        let wait = FIRST_WAIT.saturating_mul(1 << self.in_a_row.min(16)).min(MAX_WAIT);
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self.last_warning.is_some_and(|t| now.duration_since(t) < LOG_INTERVAL) {
+            self.unlogged += 1;
+            return wait;
+        }
+        let suppressed = std::mem::take(&mut self.unlogged);
+        warn!(listener = %name, errors_in_a_row = self.in_a_row, suppressed, retry_ms = wait.as_millis() as u64, "accept failed: {e}; retrying (at most one such line a second)");
+        self.last_warning = Some(now);
+        self.warned = true;
+        wait
+    }
+
+    /// A connection was accepted: the next error starts over from the shortest wait.
+    fn succeeded(&mut self, name: &str) {
+        self.in_a_row = 0;
+        if std::mem::take(&mut self.warned) {
+            info!(listener = %name, "accepting again");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emfile() -> io::Error {
+        io::Error::from_raw_os_error(libc::EMFILE)
+    }
+
+    #[test]
+    fn accept_errors_back_off_exponentially_to_one_second_forever() {
+        let mut errors = AcceptErrors::default();
+        let t0 = Instant::now();
+        let waits: Vec<Duration> = (0..100u64)
+            .map(|i| errors.failed("t", &emfile(), t0 + Duration::from_secs(i)))
+            .collect();
+        assert_eq!(waits[0], FIRST_WAIT);
+        assert_eq!(waits[1], FIRST_WAIT * 2);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().unwrap(), MAX_WAIT);
+        errors.succeeded("t");
+        assert_eq!(errors.failed("t", &emfile(), t0), FIRST_WAIT);
+    }
+
+    #[test]
+    fn accept_errors_warn_at_most_once_a_second() {
+        let mut errors = AcceptErrors::default();
+        let t0 = Instant::now();
+        for ms in 0..3000u64 {
+            errors.failed("t", &emfile(), t0 + Duration::from_millis(ms));
+        }
+        // Warned at 0, 1000 and 2000 ms; what came between is counted, not logged.
+        assert_eq!(errors.last_warning, Some(t0 + Duration::from_millis(2000)));
+        assert_eq!(errors.unlogged, 999);
+        assert_eq!(errors.in_a_row, 3000);
+    }
+
+    #[test]
+    fn alternating_failures_and_successes_still_warn_at_most_once_a_second() {
+        let mut errors = AcceptErrors::default();
+        let t0 = Instant::now();
+        for ms in 0..3000u64 {
+            assert_eq!(
+                errors.failed("t", &emfile(), t0 + Duration::from_millis(ms)),
+                FIRST_WAIT
+            );
+            errors.succeeded("t");
+        }
+        assert_eq!(errors.last_warning, Some(t0 + Duration::from_millis(2000)));
+        assert_eq!(errors.unlogged, 999);
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_of_ours_is_replaced_anything_else_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let addr = ListenAddr::Unix(path.clone());
+        let socket = bind("t", &addr).await.expect("a stale socket of ours is replaced");
+        assert!(matches!(bind("t", &addr).await, Err(ListenError::InUse { .. })));
+        drop(socket);
+        let file = dir.path().join("file");
+        std::fs::write(&file, "keep").unwrap();
+        let err = bind("t", &ListenAddr::Unix(file.clone())).await.unwrap_err();
+        assert!(matches!(err, ListenError::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    }
+
+    #[test]
+    fn per_connection_errors_do_not_back_off() {
+        assert!(is_connection_error(&io::Error::from(io::ErrorKind::ConnectionAborted)));
+        assert!(is_connection_error(&io::Error::from_raw_os_error(libc::EPROTO)));
+        assert!(!is_connection_error(&emfile()));
+        assert!(!is_connection_error(&io::Error::from_raw_os_error(libc::ENFILE)));
+    }
 }

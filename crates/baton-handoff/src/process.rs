@@ -36,6 +36,12 @@ pub fn close_on_exec_all() -> io::Result<()> {
     Ok(())
 }
 
+/// This process's effective user id: who owns the files and sockets it creates.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Whether `pid` is alive and not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -20,7 +20,10 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
-use crate::inherit::{FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV, READY_FD_ENV};
+use crate::channel::Watch;
+use crate::inherit::{
+    CHANNEL_FD_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV, READY_FD_ENV,
+};
 use crate::listener::Origin;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +70,19 @@ pub struct Successor {
     pid: Pid,
     program: PathBuf,
     ready: OwnedFd,
+    channel: OwnedFd,
     exited: oneshot::Receiver<String>,
     started: Instant,
 }
 
-/// A successor that reported ready.
-#[derive(Debug, Clone, Copy)]
+/// A successor that reported ready, still our child: [`Ready::watch`] holds what the canary
+/// window needs.
+#[derive(Debug)]
 pub struct Ready {
     pub pid: u32,
+    /// From spawn to the readiness line.
     pub after: Duration,
+    pub watch: Watch,
 }
 
 /// Prepared before fork: everything the child needs, so that between fork and exec it only
@@ -118,6 +125,7 @@ impl ExecImage {
         envp.push(cstr(OsStr::new(&format!("LISTEN_FDNAMES={}", names.join(":"))))?);
         envp.push(cstr(OsStr::new(&format!("{ORIGINS_ENV}={}", origins.join(":"))))?);
         envp.push(cstr(OsStr::new(&format!("{READY_FD_ENV}={ready_fd}")))?);
+        envp.push(cstr(OsStr::new(&format!("{CHANNEL_FD_ENV}={}", ready_fd + 1)))?);
         envp.push(cstr(OsStr::new(&format!("{GENERATION_ENV}={}", spec.generation)))?);
         let mut program_env = OsString::from(format!("{PROGRAM_ENV}="));
         program_env.push(spec.program.as_os_str());
@@ -134,32 +142,23 @@ impl ExecImage {
     }
 }
 
-/// Fork+execs the successor with our listeners as fds 3.. and a readiness pipe.
+/// Fork+execs the successor with our listeners as fds 3.., then the readiness pipe's write
+/// end and the child's end of the channel.
 pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffError> {
     nix::unistd::access(spec.program, nix::unistd::AccessFlags::X_OK).map_err(|e| HandoffError::NotExecutable {
         path: spec.program.to_path_buf(),
         source: e.into(),
     })?;
-    let n = spec.listeners.len() as RawFd;
-    let ready_target = FIRST_LISTEN_FD + n;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    let (channel, channel_child) = channel_pair()?;
+    let passed: Vec<BorrowedFd<'_>> = spec.listeners.iter().map(|l| l.fd).chain([ready_w.as_fd(), channel_child.as_fd()]).collect();
+    let ready_target = FIRST_LISTEN_FD + spec.listeners.len() as RawFd;
     // Move every fd the child needs above the target range first, so the dup2 calls after
     // fork can never overwrite a source that has not been moved yet.
-    let floor = ready_target + 1;
-    let mut sources = Vec::new();
-    for l in &spec.listeners {
-        sources.push(dup_above(l.fd, floor)?);
-    }
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let ready_w_high = dup_above(ready_w.as_fd(), floor)?;
-    drop(ready_w);
-
+    let floor = FIRST_LISTEN_FD + passed.len() as RawFd;
+    let sources = passed.iter().map(|fd| dup_above(*fd, floor)).collect::<io::Result<Vec<_>>>()?;
     let mut image = ExecImage::new(spec, ready_target)?;
-    let argv: Vec<*const libc::c_char> = image
-        .argv
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+    let argv: Vec<*const libc::c_char> = image.argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
     let pid_slot = image.listen_pid.as_mut_ptr();
     let envp: Vec<*const libc::c_char> = image
         .envp
@@ -168,36 +167,51 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         .chain([pid_slot.cast_const().cast(), std::ptr::null()])
         .collect();
     let source_fds: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
-    let ready_src = ready_w_high.as_raw_fd();
-
+    let program = image.program.as_ptr();
+    // No signal handler may run in the child between fork and exec (it would run the
+    // parent's code in a half-copied process): block them all across the fork; the child
+    // unblocks them just before exec, with default dispositions.
+    let blocked = block_all_signals()?;
     // SAFETY: after fork the child runs only `exec_child`, which makes async-signal-safe
     // calls on memory prepared above (no allocation, no locks) and never returns.
-    let pid = match unsafe { nix::unistd::fork() }.map_err(HandoffError::Fork)? {
-        nix::unistd::ForkResult::Child => unsafe {
-            exec_child(
-                &source_fds,
-                ready_src,
-                ready_target,
-                pid_slot,
-                image.program.as_ptr(),
-                &argv,
-                &envp,
-            )
-        },
+    let forked = unsafe { nix::unistd::fork() };
+    if let Ok(nix::unistd::ForkResult::Child) = forked {
+        // SAFETY: as above; the pointers point at memory the child's copy keeps alive.
+        unsafe { exec_child(&source_fds, ready_target, pid_slot, program, &argv, &envp) }
+    }
+    restore_signals(&blocked);
+    let pid = match forked.map_err(HandoffError::Fork)? {
         nix::unistd::ForkResult::Parent { child } => child,
+        nix::unistd::ForkResult::Child => unreachable!("the child execs or exits in exec_child"),
     };
-    drop(sources);
-    drop(ready_w_high);
-    drop(image);
-
-    let exited = spawn_reaper(pid)?;
+    drop((sources, ready_w, channel_child, image));
     Ok(Successor {
         pid,
         program: spec.program.to_path_buf(),
         ready: ready_r,
-        exited,
+        channel,
+        exited: spawn_reaper(pid)?,
         started: Instant::now(),
     })
+}
+
+/// A connected pair of Unix stream sockets, close-on-exec: ours and the child's.
+fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    Ok(socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?)
+}
+
+fn block_all_signals() -> io::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+    Ok(old)
+}
+
+fn restore_signals(old: &nix::sys::signal::SigSet) {
+    use nix::sys::signal::{SigmaskHow, pthread_sigmask};
+    // Restoring a mask we just read cannot fail (EINVAL is only for a bad `how`).
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old), None);
 }
 
 /// The successor is our child until we exit: reap it whenever it ends, so it never lingers
@@ -231,7 +245,6 @@ fn dup_above(fd: BorrowedFd<'_>, floor: RawFd) -> io::Result<OwnedFd> {
 /// parent prepared and the child's copy keeps alive.
 unsafe fn exec_child(
     sources: &[RawFd],
-    ready_src: RawFd,
     ready_target: RawFd,
     pid_slot: *mut u8,
     program: *const libc::c_char,
@@ -239,15 +252,14 @@ unsafe fn exec_child(
     envp: &[*const libc::c_char],
 ) -> ! {
     unsafe {
-        // dup2 onto 3.. clears FD_CLOEXEC on the targets; every other fd stays close-on-exec.
+        // dup2 onto 3.. clears FD_CLOEXEC on the targets; everything above is made
+        // close-on-exec here, whatever the parent leaked, as the guarantee.
         for (i, &src) in sources.iter().enumerate() {
             if libc::dup2(src, FIRST_LISTEN_FD + i as RawFd) < 0 {
                 libc::_exit(126);
             }
         }
-        if libc::dup2(ready_src, ready_target) < 0 {
-            libc::_exit(126);
-        }
+        cloexec_from(FIRST_LISTEN_FD + sources.len() as RawFd);
         // LISTEN_PID must be our own pid: write its digits and end the string there.
         let mut pid = libc::getpid() as u64;
         let mut digits = [0u8; PID_DIGITS];
@@ -300,6 +312,33 @@ unsafe fn exec_child(
     }
 }
 
+/// Marks every fd from `first` up close-on-exec: close_range(2) (Linux 5.11), else fcntl on
+/// each fd below the fd limit. Only async-signal-safe calls: it runs between fork and exec.
+///
+/// # Safety
+/// Call it only in the forked child.
+unsafe fn cloexec_from(first: RawFd) {
+    // CLOSE_RANGE_CLOEXEC from <linux/close_range.h>.
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) == 0 {
+            return;
+        }
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as RawFd
+        } else {
+            1024
+        };
+        for fd in first..max {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 fn describe_status(s: WaitStatus) -> String {
     match s {
         WaitStatus::Exited(_, code) => format!("exit status {code}"),
@@ -347,10 +386,11 @@ impl Successor {
         };
         let failure = match outcome {
             Some(line) if line.starts_with("ready") => {
-                return Ok(Ready {
-                    pid,
-                    after: self.started.elapsed(),
-                });
+                // `ready <pid> canary`: it pings over the channel (older successors do not).
+                let pings = line.split_whitespace().any(|w| w == "canary");
+                let after = self.started.elapsed();
+                let watch = Watch::new(self.pid, self.exited, self.channel, pings);
+                return Ok(Ready { pid, after, watch });
             }
             Some(line) if line.starts_with("exec-error") => {
                 let errno = line.rsplit(' ').next().and_then(|e| e.parse().ok()).unwrap_or(0);

@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -26,6 +26,8 @@ use crate::client::{ClientError, ProxyConnection};
 
 /// How many failure messages a pool keeps.
 pub const MAX_SAMPLES: usize = 20;
+/// How many failure times a pool keeps.
+pub const MAX_FAILURE_TIMES: usize = 10_000;
 
 /// What a [`Load`] fetches, with how many workers of each kind.
 #[derive(Debug, Clone)]
@@ -98,6 +100,12 @@ pub struct LoadReport {
     pub reconnects: u64,
     /// The first [`MAX_SAMPLES`] failures, each as `kind: what happened`.
     pub samples: Vec<String>,
+    /// When each failure happened (the first [`MAX_FAILURE_TIMES`]), to tell which event
+    /// (a crashed successor, say) it belongs to.
+    pub failure_times: Vec<Instant>,
+    /// The longest a complete answer took on a new connection (connecting, the proxy's accept
+    /// and the origin included).
+    pub max_new_connection_ms: u64,
 }
 
 impl LoadReport {
@@ -177,6 +185,8 @@ struct Tally {
     closed_on_reuse: AtomicU64,
     reconnects: AtomicU64,
     samples: Mutex<Vec<String>>,
+    failure_times: Mutex<Vec<Instant>>,
+    max_new_connection_us: AtomicU64,
 }
 
 impl Tally {
@@ -193,6 +203,11 @@ impl Tally {
         {
             samples.push(format!("{}: {failure}", kind.label()));
         }
+        if let Ok(mut times) = self.failure_times.lock()
+            && times.len() < MAX_FAILURE_TIMES
+        {
+            times.push(Instant::now());
+        }
     }
 
     fn report(&self) -> LoadReport {
@@ -203,6 +218,8 @@ impl Tally {
             closed_on_reuse: self.closed_on_reuse.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             samples: self.samples.lock().map(|s| s.clone()).unwrap_or_default(),
+            failure_times: self.failure_times.lock().map(|s| s.clone()).unwrap_or_default(),
+            max_new_connection_ms: self.max_new_connection_us.load(Ordering::Relaxed) / 1000,
         }
     }
 }
@@ -295,11 +312,15 @@ impl Worker {
 
     async fn new_connections(self, stop: CancellationToken) {
         while !stop.is_cancelled() {
+            let started = Instant::now();
             let attempt = tokio::time::timeout(self.spec.timeout, async {
                 ProxyConnection::open(self.proxy).await?.get(&self.spec.url).await
             })
             .await;
-            self.record(Kind::NewConnection, attempt);
+            if self.record(Kind::NewConnection, attempt) {
+                let us = started.elapsed().as_micros() as u64;
+                self.tally.max_new_connection_us.fetch_max(us, Ordering::Relaxed);
+            }
             self.pause().await;
         }
     }

@@ -24,6 +24,27 @@ fn upgrade_under_load_loses_nothing_single_threaded() {
     chaos(10, 4, 1);
 }
 
+/// Half the successors are killed at a random moment inside their canary window: those
+/// handoffs fail, the old generation serves on, and clients fail only on the connections a
+/// crashed successor had accepted, at the moment it died.
+#[test]
+fn successors_crashing_in_their_canary_window_cost_only_their_own_connections() {
+    let out = std::process::Command::new(CHAOS)
+        .arg("--baton")
+        .arg(baton())
+        .args(["--handoffs", "6", "--seconds", "8", "--crash-after-ready", "0.5", "--canary-ms", "500"])
+        .arg("--json")
+        .output()
+        .expect("run baton-chaos");
+    let s = summary(&out);
+    assert_eq!(s["failures_elsewhere"], 0, "{s}");
+    assert!(s["max_new_connection_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "an accept waited 1 s: {s}");
+    let crashed = s["crashed_successors"].as_u64().unwrap_or(0);
+    assert_eq!(s["handoffs_ok"].as_u64().unwrap_or(0) + crashed, 6, "{s}");
+    assert_eq!(s["old_generations_exited_zero"], s["old_generations"], "{s}");
+    assert!(out.status.success(), "{s}");
+}
+
 /// The `baton` binary next to `baton-chaos`.
 fn baton() -> PathBuf {
     let baton = PathBuf::from(CHAOS).with_file_name("baton");

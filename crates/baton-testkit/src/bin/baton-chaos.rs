@@ -37,9 +37,24 @@ struct Args {
     /// baton's `workers` setting (0: one per CPU; 1: the single-threaded scheduler).
     #[arg(long, default_value_t = 0)]
     baton_workers: usize,
+    /// A fraction P of the successors is SIGKILLed at a random moment inside its canary
+    /// window; those handoffs must fail ("failed after ready") and cost only the connections
+    /// the crashed successor had accepted.
+    #[arg(long, default_value_t = 0.0)]
+    crash_after_ready: f64,
+    /// baton's canary window in ms (default: 1000 with --crash-after-ready, else 100).
+    #[arg(long)]
+    canary_ms: Option<u64>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl Args {
+    fn canary(&self) -> Duration {
+        let default = if self.crash_after_ready > 0.0 { 1000 } else { 100 };
+        Duration::from_millis(self.canary_ms.unwrap_or(default))
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -65,11 +80,25 @@ struct Summary {
     final_generation: u64,
     /// The last generation's runtime worker threads (`baton status`).
     final_workers: u64,
+    /// Successors killed on purpose inside their canary window (`--crash-after-ready`).
+    crashed_successors: usize,
+    /// Connections those successors had open at their last ping, as baton reported them.
+    connections_lost_reported: u64,
+    /// Client failures within a moment of a crash: connections the crashed successor had.
+    failures_at_crashes: u64,
+    /// Client failures anywhere else: must be 0.
+    failures_elsewhere: u64,
+    /// The longest a new connection waited for its complete answer (accept included).
+    max_new_connection_ms: u64,
     /// Kept when something failed: config and baton's log.
     workdir: Option<String>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// A failure up to this long after a crash is the crash's (the client sees the reset at once).
+const CRASH_REACH: Duration = Duration::from_millis(1500);
+/// ... or this long before it (clocks read on different tasks).
+const CRASH_SLACK: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn main() -> anyhow::Result<()> {
@@ -82,9 +111,11 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     runtime.shutdown_background();
-    let clean = summary.failures == 0
-        && summary.keepalive_retries == 0
-        && summary.handoffs_ok == summary.handoffs_requested
+    let crashed = summary.crashed_successors as u32;
+    let clean = summary.failures_elsewhere == 0
+        && (crashed > 0 || summary.keepalive_retries == 0)
+        && summary.handoffs_ok + crashed == summary.handoffs_requested
+        && summary.handoff_failures.is_empty()
         && summary.pids_distinct
         && summary.old_generations_exited_zero == summary.old_generations;
     std::process::exit(if clean { 0 } else { 1 });
@@ -100,14 +131,15 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let handoffs = Handoffs::run(&baton.control, baton.first_pid, args).await?;
+    let handoffs = Handoffs::run(&baton, args).await?;
     let total = Duration::from_secs(args.seconds);
     tokio::time::sleep(total.saturating_sub(started.elapsed()).max(Duration::from_millis(2500))).await;
     let traffic = traffic.finish().await;
 
     let final_status = wait_status(&baton.control).await?;
     let (exited_zero, old_problems) = stop_generations(&handoffs.pids).await;
-    let failed = traffic.failures() > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty();
+    let (failures_at_crashes, failures_elsewhere) = traffic.failures_around(&handoffs.crashes);
+    let failed = failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty();
     let workdir = baton.keep_workdir_if(failed);
     Ok(Summary {
         handoffs_requested: args.handoffs,
@@ -127,6 +159,11 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         old_generation_problems: old_problems,
         final_generation: final_status.generation,
         final_workers: final_status.workers as u64,
+        crashed_successors: handoffs.crashes.len(),
+        connections_lost_reported: handoffs.lost_reported,
+        failures_at_crashes,
+        failures_elsewhere,
+        max_new_connection_ms: traffic.requests.max_new_connection_ms,
         workdir,
     })
 }
@@ -149,7 +186,7 @@ impl Launched {
         std::fs::create_dir_all(&dir)?;
         let control = dir.join("control.sock");
         let config = dir.join("baton.toml");
-        std::fs::write(&config, config_text(&dir, args.baton_workers, echo.port()))?;
+        std::fs::write(&config, config_text(&dir, args.baton_workers, echo.port(), args.canary()))?;
         let log = std::fs::File::create(dir.join("baton.log"))?;
         let first = std::process::Command::new(&baton)
             .args(["run", "--config"])
@@ -181,11 +218,12 @@ impl Launched {
     }
 }
 
-fn config_text(dir: &Path, baton_workers: usize, connect_port: u16) -> String {
+fn config_text(dir: &Path, baton_workers: usize, connect_port: u16, canary: Duration) -> String {
+    let canary = canary.as_millis();
     format!(
         "control_socket = \"{}\"\npid_file = \"{}\"\nworkers = {baton_workers}\n\
          [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
-         [timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\n\
+         [timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\ncanary = \"{canary}ms\"\n\
          [access]\nconnect_ports = [{connect_port}]\n",
         dir.join("control.sock").display(),
         dir.join("baton.pid").display(),
@@ -202,28 +240,45 @@ async fn wait_status(control: &Path) -> anyhow::Result<Status> {
     bail!("baton did not answer on {}", control.display())
 }
 
-/// The handoffs triggered, back to back: every generation's pid, first to serving.
+/// The handoffs triggered, back to back: every generation's pid, first to serving, and the
+/// successors crashed on purpose.
 struct Handoffs {
     pids: Vec<u32>,
     failures: Vec<String>,
     ready_ms_max: u64,
+    /// Handoffs whose successor was killed in its canary window, and when.
+    crashes: Vec<Instant>,
+    /// Connections the crashed successors had open at their last ping (baton's report).
+    lost_reported: u64,
 }
 
 impl Handoffs {
-    async fn run(control: &Path, first_pid: u32, args: &Args) -> anyhow::Result<Handoffs> {
+    async fn run(baton: &Launched, args: &Args) -> anyhow::Result<Handoffs> {
         let mut h = Handoffs {
-            pids: vec![first_pid],
+            pids: vec![baton.first_pid],
             failures: Vec::new(),
             ready_ms_max: 0,
+            crashes: Vec::new(),
+            lost_reported: 0,
         };
         let spacing = Duration::from_millis(args.seconds * 1000 / 2 / u64::from(args.handoffs.max(1)));
+        let mut dice = Dice::new();
         for _ in 0..args.handoffs {
-            match handoff(control).await? {
-                Ok(report) => {
+            let crash = (dice.next() < args.crash_after_ready).then(|| Crash {
+                log: baton.dir.join("baton.log"),
+                after: args.canary().mul_f64(0.8 * dice.next()),
+            });
+            let planned = crash.is_some();
+            match (handoff(&baton.control, crash).await?, planned) {
+                ((Ok(report), _), false) => {
                     h.pids.push(report.new_pid);
                     h.ready_ms_max = h.ready_ms_max.max(report.ready_ms);
                 }
-                Err(reason) => h.failures.push(reason),
+                ((Err(reason), Some(at)), true) if reason.contains("failed after ready") => {
+                    h.crashes.push(at);
+                    h.lost_reported += lost_connections(&reason);
+                }
+                ((outcome, _), planned) => h.failures.push(format!("crash planned: {planned}; {outcome:?}")),
             }
             tokio::time::sleep(spacing).await;
         }
@@ -238,10 +293,68 @@ impl Handoffs {
     }
 }
 
-/// One `baton upgrade`: the report, or why it failed.
-async fn handoff(control: &Path) -> anyhow::Result<Result<control::UpgradeReport, String>> {
+/// `lived N ms, M connections lost` in a canary failure's reason: M.
+fn lost_connections(reason: &str) -> u64 {
+    let before = reason.split(" connections lost").next().unwrap_or("");
+    before.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// A successor to kill `after` its readiness, which its log line `baton serving` shows.
+struct Crash {
+    log: PathBuf,
+    after: Duration,
+}
+
+impl Crash {
+    /// Waits until generation `pid` serves, then `after`, then SIGKILLs it; when it did.
+    async fn strike(self, pid: u32) -> Option<Instant> {
+        let serving = format!("pid={pid} generation=");
+        for _ in 0..5000 {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.lines().any(|l| l.contains("baton serving") && l.contains(&serving)) {
+                tokio::time::sleep(self.after).await;
+                let target = nix::unistd::Pid::from_raw(pid as i32);
+                nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).ok()?;
+                return Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        None
+    }
+}
+
+/// A small xorshift generator: which handoffs crash, and when (no dependency for that).
+struct Dice(u64);
+
+impl Dice {
+    fn new() -> Dice {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
+        Dice(seed | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+type Outcome = (Result<control::UpgradeReport, String>, Option<Instant>);
+
+/// One `baton upgrade`: the report, or why it failed; with `crash`, the successor is killed
+/// in its window and the time it was.
+async fn handoff(control: &Path, crash: Option<Crash>) -> anyhow::Result<Outcome> {
     let mut outcome = None;
+    let mut striker = None;
+    let mut crash = crash;
     control::events(control, Request::Upgrade { wait_drain: false }, |ev| match ev {
+        Event::Spawned { pid, .. } => {
+            striker = crash.take().map(|c| tokio::spawn(c.strike(pid)));
+        }
         Event::Done(report) => outcome = Some(Ok(report)),
         Event::Failed { reason } | Event::Refused { reason } | Event::Error { reason } => {
             outcome = Some(Err(reason));
@@ -249,7 +362,11 @@ async fn handoff(control: &Path) -> anyhow::Result<Result<control::UpgradeReport
         _ => {}
     })
     .await?;
-    Ok(outcome.unwrap_or_else(|| Err("no answer".into())))
+    let struck = match striker {
+        Some(s) => s.await.ok().flatten(),
+        None => None,
+    };
+    Ok((outcome.unwrap_or_else(|| Err("no answer".into())), struck))
 }
 
 /// Reaps the old generations (all but the last of `pids`), then stops the serving one and
@@ -357,6 +474,19 @@ impl TrafficReport {
         self.requests.failed + self.slow.failed + self.tunnels.failed
     }
 
+    /// Failures that happened within a moment of one of `crashes` (a request or tunnel on
+    /// the crashed successor fails when it dies), and the others.
+    fn failures_around(&self, crashes: &[Instant]) -> (u64, u64) {
+        let near = |t: &Instant| {
+            crashes.iter().any(|c| {
+                t.checked_duration_since(*c).map_or_else(|| c.duration_since(*t) < CRASH_SLACK, |d| d < CRASH_REACH)
+            })
+        };
+        let times = [&self.requests.failure_times, &self.slow.failure_times, &self.tunnels.failure_times];
+        let attributed = times.iter().flat_map(|v| v.iter()).filter(|t| near(t)).count() as u64;
+        (attributed, self.failures() - attributed)
+    }
+
     /// The first failures of every kind, at most 20 in all.
     fn samples(&self) -> Vec<String> {
         let slow = self.slow.samples.iter().map(|s| format!("slow request, {s}"));
@@ -385,6 +515,7 @@ struct TunnelTally {
     bytes: AtomicU64,
     failed: AtomicU64,
     samples: std::sync::Mutex<Vec<String>>,
+    failure_times: std::sync::Mutex<Vec<Instant>>,
 }
 
 struct TunnelReport {
@@ -392,6 +523,7 @@ struct TunnelReport {
     bytes: u64,
     failed: u64,
     samples: Vec<String>,
+    failure_times: Vec<Instant>,
 }
 
 impl TunnelTally {
@@ -401,6 +533,9 @@ impl TunnelTally {
             && s.len() < testkit::load::MAX_SAMPLES
         {
             s.push(what);
+        }
+        if let Ok(mut times) = self.failure_times.lock() {
+            times.push(Instant::now());
         }
     }
 }
@@ -428,6 +563,7 @@ impl Tunnels {
             bytes: t.bytes.load(Ordering::Relaxed),
             failed: t.failed.load(Ordering::Relaxed),
             samples: t.samples.lock().map(|s| s.clone()).unwrap_or_default(),
+            failure_times: t.failure_times.lock().map(|s| s.clone()).unwrap_or_default(),
         }
     }
 }

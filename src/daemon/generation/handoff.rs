@@ -1,0 +1,284 @@
+//! The handoff, as the old generation lives it: spawn the successor, wait for its readiness,
+//! watch it through the canary window, then hand over (systemd's main pid, the pid file) and
+//! drain; or roll back at any of these steps and serve on. The successor's side of the window
+//! (refusing triggers until the verdict) is here too.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use baton_handoff::{
+    CanaryFailed, HandoffError, PassedListener, Passed, Ready, SuccessorSpec, Verdict, spawn_successor,
+};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::{DrainFuture, Generation, State};
+use crate::control::{Event, UpgradeReport};
+use crate::daemon::control_server::Trigger;
+use crate::daemon::files::write_pid;
+use crate::daemon::notify;
+use crate::daemon::state_dir::HandoffResult;
+
+/// What a handoff's future resolves to: readiness, then the canary verdict.
+pub(super) enum Step {
+    Ready(Result<Ready, HandoffError>),
+    Verdict(Result<Passed, CanaryFailed>),
+}
+
+type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Send>>;
+
+/// A handoff in progress.
+pub(super) struct PendingHandoff {
+    pid: u32,
+    reply: Option<mpsc::Sender<Event>>,
+    /// From spawn to ready, once ready (then the canary window runs).
+    ready_after: Option<Duration>,
+    pub(super) future: StepFuture,
+}
+
+/// What the controller does after a step.
+pub(super) enum Next {
+    Continue(PendingHandoff),
+    Drain(DrainFuture),
+    Over,
+}
+
+impl PendingHandoff {
+    /// Kills the successor (this generation stops) and tells whoever asked.
+    pub(super) async fn abandon(self, reason: &str) {
+        warn!(pid = self.pid, "{reason} during a handoff: killing the new generation");
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if let Some(r) = self.reply {
+            let _ = r.send(Event::Failed { reason: reason.into() }).await;
+        }
+    }
+}
+
+impl Generation {
+    /// Starts a handoff, unless one runs, this generation drains, or its own predecessor
+    /// still watches it: then the trigger is refused with the reason.
+    pub(super) fn begin_handoff(
+        &mut self,
+        trigger: Trigger,
+        reply: Option<mpsc::Sender<Event>>,
+        running: Option<&PendingHandoff>,
+    ) -> Option<PendingHandoff> {
+        if let Some(reason) = self.refusal(running) {
+            warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
+            self.shared.count_handoff(HandoffResult::Refused);
+            if let Some(r) = reply {
+                let _ = r.try_send(Event::Refused { reason });
+            }
+            return None;
+        }
+        info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
+        notify::reloading();
+        let successor = match spawn_successor(&self.successor_spec()) {
+            Ok(s) => s,
+            Err(e) => {
+                self.roll_back(&e, reply.as_ref());
+                return None;
+            }
+        };
+        let pid = successor.pid();
+        if let Some(r) = &reply {
+            let _ = r.try_send(Event::Spawned {
+                pid,
+                generation: self.number + 1,
+                old_pid: self.pid,
+                old_generation: self.number,
+            });
+        }
+        self.state = State::HandingOff;
+        notify::status(&format!("handoff in progress: new generation pid {pid}"));
+        let timeout = self.config.timeouts.upgrade;
+        Some(PendingHandoff {
+            pid,
+            reply,
+            ready_after: None,
+            future: Box::pin(async move { Step::Ready(successor.await_ready(timeout).await) }),
+        })
+    }
+
+    fn refusal(&self, running: Option<&PendingHandoff>) -> Option<String> {
+        if self.state == State::Draining {
+            return Some("this generation is draining; send the trigger to the serving one".into());
+        }
+        if self.predecessor_watching {
+            return Some("this generation's canary window is still running: try again after its verdict".into());
+        }
+        let draining = self.shared.draining().len();
+        let max = self.config.limits.max_draining_generations;
+        if running.is_none() && draining >= max {
+            return Some(format!(
+                "{draining} older generations are still draining (limits.max_draining_generations = {max}): try again when one has exited"
+            ));
+        }
+        running.map(|p| match p.ready_after {
+            Some(_) => format!("the new generation (pid {}) is in its canary window", p.pid),
+            None => format!("a handoff is already in progress (new generation pid {})", p.pid),
+        })
+    }
+
+    fn successor_spec(&self) -> SuccessorSpec<'_> {
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| PassedListener {
+                name: &l.name,
+                fd: l.socket.as_fd(),
+                origin: l.origin,
+            })
+            .collect();
+        SuccessorSpec {
+            program: &self.launch.program,
+            args: &self.launch.args,
+            listeners,
+            generation: self.number + 1,
+        }
+    }
+
+    /// Acts on a step of the handoff in progress.
+    pub(super) async fn handoff_step(&mut self, mut pending: PendingHandoff, step: Step) -> Next {
+        match step {
+            Step::Ready(Err(e)) => {
+                self.roll_back(&e, pending.reply.as_ref());
+                Next::Over
+            }
+            Step::Ready(Ok(ready)) => {
+                // The successor serves: stop accepting (our sockets stay open, so we can
+                // resume), leave our connections alone, and watch it.
+                self.stop_accepting();
+                self.state = State::Canary;
+                let window = self.config.timeouts.canary;
+                info!(pid = ready.pid, ready_ms = ready.after.as_millis() as u64, canary = ?window, "new generation ready: canary window");
+                notify::status(&format!("new generation pid {} ready; canary window {window:?}", ready.pid));
+                pending.ready_after = Some(ready.after);
+                pending.future = Box::pin(async move { Step::Verdict(ready.watch.canary(window).await) });
+                Next::Continue(pending)
+            }
+            Step::Verdict(Ok(passed)) => self.hand_over(pending, passed).await,
+            Step::Verdict(Err(failed)) => {
+                self.canary_failed(pending, &failed);
+                Next::Over
+            }
+        }
+    }
+
+    /// The canary passed: the successor becomes systemd's main process and gets the pid
+    /// file, and this generation drains.
+    async fn hand_over(&mut self, pending: PendingHandoff, passed: Passed) -> Next {
+        let ready_after = pending.ready_after.unwrap_or_default();
+        notify::handed_over(pending.pid, &format!("serving generation {} (pid {})", self.number + 1, pending.pid));
+        if let Some(path) = &self.config.pid_file {
+            let written = write_pid(path, pending.pid).with_context(|| format!("cannot write pid file {}", path.display()));
+            if let Err(e) = written {
+                error!("{e:#}");
+            }
+        }
+        let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
+        let drain = self.begin_drain();
+        let report = UpgradeReport {
+            old_pid: self.pid,
+            new_pid: pending.pid,
+            old_generation: self.number,
+            new_generation: self.number + 1,
+            ready_ms: ready_after.as_millis() as u64,
+            canary_ms: Some(passed.window.as_millis() as u64),
+            draining_connections: connections,
+            draining_tunnels: tunnels,
+        };
+        self.shared.count_handoff(HandoffResult::Ok);
+        self.shared.record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
+        info!(
+            result = "ok",
+            old_pid = report.old_pid,
+            new_pid = report.new_pid,
+            old_generation = report.old_generation,
+            new_generation = report.new_generation,
+            ready_ms = report.ready_ms,
+            canary_ms = report.canary_ms,
+            draining_connections = report.draining_connections,
+            draining_tunnels = report.draining_tunnels,
+            "handoff complete: draining"
+        );
+        if let Some(r) = pending.reply {
+            let _ = r.send(Event::Done(report)).await;
+            // Told how the drain ends. Without `--wait-drain` the client stopped reading at
+            // `done`, and that later send fails harmlessly.
+            self.drain_waiter = Some(r);
+        }
+        Next::Drain(drain)
+    }
+
+    /// The successor died or went silent in its window (it is killed and reaped by now):
+    /// accept again at once, and report what was lost.
+    fn canary_failed(&mut self, pending: PendingHandoff, failed: &CanaryFailed) {
+        self.start_accepting();
+        self.state = State::Serving;
+        let ready_ms = pending.ready_after.unwrap_or_default().as_millis() as u64;
+        let reason = format!(
+            "failed after ready (ready after {ready_ms} ms, lived {} ms, {} connections lost): {}",
+            failed.lived.as_millis(),
+            failed.connections,
+            failed.reason
+        );
+        let result = HandoffResult::FailedAfterReady;
+        error!(result = result.as_str(), pid = failed.pid, lost_connections = failed.connections, "handoff failed, serving on: {reason}");
+        self.shared.count_handoff(result);
+        self.shared.record(|l| l.canary_lost += failed.connections);
+        notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
+        if let Some(r) = pending.reply {
+            let _ = r.try_send(Event::Failed { reason });
+        }
+    }
+
+    pub(super) fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>) {
+        let result = handoff_result(e);
+        let reason = describe(e);
+        error!(result = result.as_str(), "handoff failed, serving on: {reason}");
+        self.shared.count_handoff(result);
+        self.state = State::Serving;
+        notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
+        if let Some(r) = reply {
+            let _ = r.try_send(Event::Failed { reason });
+        }
+    }
+
+    /// This generation's own canary window ended. Passed: the predecessor handed over. Gone
+    /// without a verdict (it was killed): this generation claims the main process itself.
+    pub(super) fn predecessor_verdict(&mut self, verdict: Verdict) {
+        self.predecessor_watching = false;
+        match verdict {
+            Verdict::Passed => info!("canary passed: this generation serves alone"),
+            Verdict::Gone => {
+                warn!("the previous generation went away without a verdict: taking over");
+                if let Err(e) = self.claim_main_process() {
+                    error!("{e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// An error with its causes, on one line: what a log line and `baton upgrade` show.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// How a failed handoff is counted.
+fn handoff_result(e: &HandoffError) -> HandoffResult {
+    match e {
+        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => HandoffResult::ChildExit,
+        HandoffError::Timeout { .. } => HandoffResult::Timeout,
+        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
+    }
+}
