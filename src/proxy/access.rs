@@ -41,7 +41,21 @@ pub struct AccessLine<'a> {
     ms: Option<u64>,
     complete: Option<bool>,
     outcome: Option<&'static str>,
+    relay: Option<&'static str>,
     reason: Option<&'a str>,
+}
+
+/// How a tunnel ended (`outcome`), and how its bytes moved (`relay`: `splice` or `copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub end: &'static str,
+    pub relay: Option<&'static str>,
+}
+
+impl From<&'static str> for Outcome {
+    fn from(end: &'static str) -> Outcome {
+        Outcome { end, relay: None }
+    }
 }
 
 impl<'a> AccessLine<'a> {
@@ -58,6 +72,7 @@ impl<'a> AccessLine<'a> {
             ms: None,
             complete: None,
             outcome: None,
+            relay: None,
             reason: None,
         }
     }
@@ -92,9 +107,10 @@ impl<'a> AccessLine<'a> {
         self
     }
 
-    /// How a tunnel ended.
-    pub fn outcome(mut self, outcome: &'static str) -> Self {
-        self.outcome = Some(outcome);
+    /// How a tunnel ended (and how it relayed, when known).
+    pub fn outcome(mut self, outcome: impl Into<Outcome>) -> Self {
+        let Outcome { end, relay } = outcome.into();
+        (self.outcome, self.relay) = (Some(end), relay);
         self
     }
 
@@ -120,6 +136,7 @@ impl<'a> AccessLine<'a> {
                     ms = self.ms,
                     complete = self.complete,
                     outcome = self.outcome,
+                    relay = self.relay,
                     reason = self.reason,
                     $message
                 )

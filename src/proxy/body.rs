@@ -86,7 +86,7 @@ impl HttpBody for Counted {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let _ = self.stats.fault.set(BodyFault::Invalid(e.to_string()));
+                let _ = self.stats.fault.set(BodyFault::Invalid(with_causes(&e)));
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -101,6 +101,19 @@ impl HttpBody for Counted {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `e` and its causes, `: `-separated (hyper's message alone does not say what was wrong,
+/// e.g. which chunked framing rule the body broke).
+fn with_causes(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// What the access line of a forwarded request says besides the byte counts.

@@ -1,26 +1,32 @@
 //! A client connection from accept to close: admission (the connection limit), one task
-//! per connection serving HTTP/1.1 (with upgrades for CONNECT) through the [`Proxy`], and
-//! how it winds down when the generation drains (the grace period for an idle client). All
+//! per connection serving HTTP/1.1 (with upgrades for CONNECT) through the [`Proxy`], read
+//! through [`Framed`] (the strict framing rules, whose faults are answered here), and how it
+//! winds down when the generation drains (the grace period for an idle client). All
 //! connections are registered with the generation's [`Drain`].
 
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
-
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use baton_handoff::{Drain, Peer, Socket, Stream};
-use http::StatusCode;
+use futures_util::future::Either;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::proxy::access::{AccessLine, Kind};
-use crate::proxy::service::Proxy;
+use crate::proxy::framing::{Framed, RequestSignal};
+use crate::proxy::metrics;
+use crate::proxy::service::{Body, Proxy, error_response};
+use crate::proxy::strict::Fault;
 use crate::proxy::upstream::OriginLease;
 
 /// Connection-level settings.
@@ -48,13 +54,17 @@ pub struct Connections {
     http: http1::Builder,
     slots: Arc<Semaphore>,
     header_read_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 impl Connections {
     pub fn new(proxy: Arc<Proxy>, drain: Drain, settings: &ConnectionSettings) -> Arc<Connections> {
         let mut http = http1::Builder::new();
+        // max_header_size is exact (the start line counts) and answers 431; max_buf_size bounds
+        // the read buffer, which must hold a head of that size.
         http.timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
+            .max_header_size(settings.max_header_bytes)
             .max_buf_size(settings.max_header_bytes)
             .keep_alive(true);
         Arc::new(Connections {
@@ -63,6 +73,7 @@ impl Connections {
             http,
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             header_read_timeout: settings.header_read_timeout,
+            max_header_bytes: settings.max_header_bytes,
         })
     }
 
@@ -91,12 +102,25 @@ impl Connections {
     async fn serve(&self, io: Stream, peer: Peer) {
         let proxy = self.proxy.clone();
         let requests = Arc::new(RequestSignal::default());
-        let started = requests.clone();
+        let signal = requests.clone();
         let lease = Arc::new(OriginLease::new(self.proxy.upstream()));
-        let svc = service_fn(move |req| {
-            started.mark();
-            proxy.clone().serve(peer, lease.clone(), req)
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let index = signal.start();
+            if let Some(fault) = signal.fault(index) {
+                return Either::Left(std::future::ready(refuse_fault(peer, &req, fault)));
+            }
+            // The framing waits for a CONNECT's answer: a 2xx makes the rest a tunnel.
+            let connect = (req.method() == Method::CONNECT).then(|| signal.clone());
+            let served = proxy.clone().serve(peer, lease.clone(), req);
+            Either::Right(async move {
+                let resp = served.await;
+                if let Some(signal) = connect {
+                    signal.answered_connect(resp.as_ref().is_ok_and(|r| r.status().is_success()));
+                }
+                resp
+            })
         });
+        let io = Framed::new(io, requests.clone(), self.max_header_bytes);
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
         let draining = self.drain.draining();
@@ -104,17 +128,20 @@ impl Connections {
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = draining.cancelled() => {
-                // hyper's graceful shutdown closes a connection it sees idle at once. A client
-                // may be sending its next request at that very moment (or, on a connection
-                // accepted just before the drain, its first), and would see the connection
-                // close unanswered. So wait until the client starts a request (then hyper
-                // finishes it with `Connection: close`) or stays quiet for a grace period.
-                let seen = requests.count();
+                // hyper's graceful shutdown closes a connection it sees idle at once, even one
+                // whose client has sent part of its next request head. A client may be sending
+                // its next request at that very moment (or, on a connection accepted just
+                // before the drain, its first), and would see the connection close
+                // unanswered. So wait until the client's request reaches the service (then
+                // hyper finishes it with `Connection: close`) or the client stays quiet for a
+                // grace period: a request counts from its first byte.
+                let seen = requests.started();
                 let grace = if seen == 0 { self.header_read_timeout } else { IDLE_GRACE };
                 tokio::select! {
+                    biased;
                     r = conn.as_mut() => return log_end(peer, r),
                     _ = requests.wait_beyond(seen) => {}
-                    _ = tokio::time::sleep(grace) => {}
+                    _ = quiet_for(&requests, grace) => {}
                     _ = cut.cancelled() => return,
                 }
                 conn.as_mut().graceful_shutdown();
@@ -126,6 +153,33 @@ impl Connections {
         };
         log_end(peer, result);
     }
+}
+
+/// Resolves after `grace` unless a request has begun by then (its first byte read, its head
+/// not complete): that one is waited for (hyper's `header_read` timeout bounds it).
+async fn quiet_for(requests: &RequestSignal, grace: Duration) {
+    tokio::time::sleep(grace).await;
+    if requests.busy() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The answer to a request whose head broke a rule of [`crate::proxy::strict`]: the status
+/// and the reason, and the connection closes after it (its framing may not be what hyper
+/// made of it).
+fn refuse_fault(peer: Peer, req: &Request<Incoming>, fault: Fault) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let bytes_out = fault.reason.len() as u64 + 1;
+    AccessLine::new(Kind::Refused, peer)
+        .request(req.method(), req.uri(), fault.status)
+        .traffic(0, bytes_out, started)
+        .reason(fault.reason)
+        .write();
+    metrics::request_done(req.method(), fault.status, started, 0, bytes_out, false);
+    let mut resp = error_response(fault.status, fault.reason);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Ok(resp)
 }
 
 /// How long a draining generation keeps an idle keep-alive connection open for the client's
@@ -151,31 +205,6 @@ fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
         .status(status)
         .reason(&reason)
         .write();
-}
-
-/// Counts the requests a connection started, and lets the drain wait for the next one.
-#[derive(Default)]
-struct RequestSignal {
-    started: AtomicU64,
-    notify: Notify,
-}
-
-impl RequestSignal {
-    fn mark(&self) {
-        self.started.fetch_add(1, Ordering::AcqRel);
-        // notify_one keeps a permit if nobody waits yet: no lost wake-up.
-        self.notify.notify_one();
-    }
-
-    fn count(&self) -> u64 {
-        self.started.load(Ordering::Acquire)
-    }
-
-    async fn wait_beyond(&self, seen: u64) {
-        while self.count() <= seen {
-            self.notify.notified().await;
-        }
-    }
 }
 
 async fn refuse_over_limit(mut stream: Stream) {

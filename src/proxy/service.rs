@@ -129,9 +129,9 @@ impl Proxy {
         if ask.method == Method::CONNECT {
             return Ok(Box::pin(self.connect(req, ask)).await);
         }
-        // Any request framed by Transfer-Encoding closes its connection after the answer: a
-        // request that also carried Content-Length may be a smuggling attempt (RFC 9112 §6.1),
-        // and hyper drops that Content-Length before we could see it.
+        // Any request framed by Transfer-Encoding closes its connection after the answer. One
+        // that also carried Content-Length never gets here (the framing layer answers 400:
+        // RFC 9112 §6.1); the close is kept as a second line of defence against smuggling.
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
         let mut resp = self.forward(&lease, req, ask).await;
         if close_after {

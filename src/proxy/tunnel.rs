@@ -1,30 +1,40 @@
 //! Relaying a CONNECT tunnel. When both ends are TCP sockets (the usual case) the bytes move
 //! with splice(2) through a pipe per direction, never copied into user space (faster than a
 //! buffered copy, docs/benchmarks.md; it costs four pipe fds per tunnel); otherwise a
-//! buffered copy. Either way: half-close is passed on, an idle tunnel ends after `idle`, and
-//! a drain deadline (`cut`) ends it at once.
+//! buffered copy. Either way: half-close is passed on, an idle tunnel ends after `idle` (the
+//! activity is counted as bytes move), and a drain deadline (`cut`) ends it at once. The
+//! access line says which (`relay="splice"` or `"copy"`).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use baton_handoff::Stream;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// How a tunnel ended, with the bytes moved each way (client→origin, origin→client).
+use crate::proxy::access::Outcome;
+use crate::proxy::framing::Framed;
+
+/// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
+/// origin→client).
 #[derive(Debug, Clone, Copy)]
 pub struct Relayed {
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     pub up: u64,
     pub down: u64,
 }
+
+/// The client connection as hyper upgrades it.
+type Client = TokioIo<Framed<Stream>>;
 
 /// Bytes moved per splice call with a default pipe (64 KiB), and the pipe size asked for.
 const CHUNK: usize = 64 * 1024;
@@ -36,17 +46,24 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
     let activity = Arc::new(AtomicU64::new(0));
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
+    let client = upgraded.downcast::<Client>();
+    let spliced = matches!(&client, Ok(parts) if matches!(parts.io.inner().get_ref(), Stream::Tcp(_)));
     let moving = async {
-        // The client connection is the accepted `Stream` that hyper upgraded.
-        match upgraded.downcast::<TokioIo<Stream>>() {
+        // The client connection is the accepted `Stream` that hyper upgraded, read through
+        // the framing layer, which steps aside for the tunnel.
+        match client {
             Ok(parts) => {
                 let mut origin = origin;
-                // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say).
-                if !parts.read_buf.is_empty() {
-                    origin.write_all(&parts.read_buf).await?;
-                    up.fetch_add(parts.read_buf.len() as u64, Ordering::Relaxed);
+                let (client, held) = parts.io.into_inner().into_parts();
+                // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say):
+                // those hyper read, then those the framing held back.
+                for early in [&parts.read_buf[..], &held[..]] {
+                    if !early.is_empty() {
+                        origin.write_all(early).await?;
+                        up.fetch_add(early.len() as u64, Ordering::Relaxed);
+                    }
                 }
-                match parts.io.into_inner() {
+                match client {
                     Stream::Tcp(client) => splice_both(&client, &origin, &activity, &up, &down).await,
                     Stream::Unix(client) => copy_both(client, origin, &activity, &up, &down).await,
                 }
@@ -54,7 +71,7 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
             Err(upgraded) => copy_both(TokioIo::new(upgraded), origin, &activity, &up, &down).await,
         }
     };
-    let outcome = tokio::select! {
+    let end = tokio::select! {
         r = moving => match r {
             Ok(()) => "closed",
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => "reset",
@@ -64,7 +81,10 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
         _ = cut.cancelled() => "cut at drain timeout",
     };
     Relayed {
-        outcome,
+        outcome: Outcome {
+            end,
+            relay: Some(if spliced { "splice" } else { "copy" }),
+        },
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
     }
@@ -120,19 +140,62 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64, 
     }
 }
 
-/// The fallback for non-TCP clients (a Unix listener): a buffered copy.
+/// The fallback for non-TCP clients (a Unix listener): a buffered copy, counted as it goes.
 async fn copy_both<C: AsyncRead + AsyncWrite + Unpin>(
-    mut client: C,
-    mut origin: TcpStream,
+    client: C,
+    origin: TcpStream,
     activity: &AtomicU64,
     up: &AtomicU64,
     down: &AtomicU64,
 ) -> io::Result<()> {
-    let (u, d) = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut origin, CHUNK, CHUNK).await?;
-    up.fetch_add(u, Ordering::Relaxed);
-    down.fetch_add(d, Ordering::Relaxed);
-    activity.fetch_add(1, Ordering::Relaxed);
+    let mut client = Counting {
+        io: client,
+        activity,
+        total: up,
+    };
+    let mut origin = Counting {
+        io: origin,
+        activity,
+        total: down,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut origin, CHUNK, CHUNK).await?;
     Ok(())
+}
+
+/// One end of a copied tunnel: the bytes read from it are counted, and mark the tunnel
+/// active (so `idle` measures quiet time, not the tunnel's age).
+struct Counting<'a, T> {
+    io: T,
+    activity: &'a AtomicU64,
+    total: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counting<'_, T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.total.fetch_add(n as u64, Ordering::Relaxed);
+            this.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Resolves once no byte has moved through the tunnel for `idle`.

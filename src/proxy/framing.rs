@@ -1,0 +1,936 @@
+//! Request framing on the client→proxy byte stream, checked before hyper reads it.
+//!
+//! [`Framed`] wraps the accepted stream; hyper reads through it. It follows the framing the
+//! way hyper will (request head, then a Content-Length or chunked body, then the next
+//! request; after a CONNECT it waits for the answer: a 2xx makes the rest a tunnel it no
+//! longer looks at) and
+//!
+//! - judges every request head by [`strict`]'s rules; a faulty head still reaches hyper
+//!   (which refuses some itself; held back, it would leave the client waiting), and the
+//!   [`RequestSignal`] tells the service to answer it with the fault, then close: after a
+//!   fault the framing is no longer followed;
+//! - validates chunked framing byte by byte: a chunk-size line is `1*HEXDIG`, then chunk
+//!   extensions by the grammar (`;` token [`=` token / quoted-string], only BWS around
+//!   them), then CRLF; chunk data is followed by CRLF; trailer fields follow the header
+//!   rules. A violation fails the read (hyper's body error, which the service answers 400 and
+//!   closes); the bytes before it are delivered first.
+//! - accepts bare LF line ends in chunked framing (RFC 9112 §2.2) by inserting the CR that
+//!   hyper's decoder insists on, so the origin gets a re-serialised body either way;
+//! - counts each request from its first byte, for the drain's grace period.
+//!
+//! Why here and not in hyper: hyper's chunk decoder takes any bytes up to CR as extensions
+//! and whitespace after the size, and refuses bare LF. A fix upstream would be welcome; until
+//! then this layer is small, sees every byte once, and is tested on its own (every good and
+//! bad line split at every byte). It costs a scan of each head (hyper scans it again) and of
+//! chunk framing lines; Content-Length bodies and chunk data are only counted down. Bytes
+//! are handed to hyper where they were read, without a copy, except after an inserted CR.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::proxy::strict::{self, Fault, Framing, Head};
+
+/// What a connection's requests look like to the drain and to the service: requests begun
+/// (a first byte read) and started (handed to the service), the fault found in a head, and
+/// the answer to a CONNECT the framing waits for.
+#[derive(Default)]
+pub struct RequestSignal {
+    begun: AtomicU64,
+    started: AtomicU64,
+    notify: Notify,
+    fault: OnceLock<(u64, Fault)>,
+    connect: AtomicU8,
+    waker: AtomicWaker,
+}
+
+const UNDECIDED: u8 = 0;
+const TUNNEL: u8 = 1;
+const REFUSED: u8 = 2;
+
+impl RequestSignal {
+    /// A request reached the service; returns its index on the connection (from 0).
+    pub fn start(&self) -> u64 {
+        let index = self.started.fetch_add(1, Ordering::AcqRel);
+        // notify_one keeps a permit if nobody waits yet: no lost wake-up.
+        self.notify.notify_one();
+        index
+    }
+
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Whether a request has begun (its first byte was read) that the service has not seen.
+    pub fn busy(&self) -> bool {
+        self.begun.load(Ordering::Acquire) > self.started()
+    }
+
+    pub async fn wait_beyond(&self, seen: u64) {
+        while self.started() <= seen {
+            self.notify.notified().await;
+        }
+    }
+
+    /// The fault found in the head of request `index`, if any (and in any later one: after a
+    /// fault the framing is no longer followed, and the connection closes).
+    pub fn fault(&self, index: u64) -> Option<Fault> {
+        self.fault.get().filter(|(at, _)| index >= *at).map(|(_, f)| *f)
+    }
+
+    /// The service answered a CONNECT: with a 2xx the rest of the stream is the tunnel's.
+    pub fn answered_connect(&self, tunnel: bool) {
+        self.connect
+            .store(if tunnel { TUNNEL } else { REFUSED }, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// `count` requests have begun (only the framing counts them: a plain store).
+    fn begun(&self, count: u64) {
+        self.begun.store(count, Ordering::Release);
+    }
+
+    fn record_fault(&self, fault: Fault) {
+        let index = self.begun.load(Ordering::Acquire).saturating_sub(1);
+        let _ = self.fault.set((index, fault));
+    }
+
+    fn connect_answer(&self, cx: &mut Context<'_>) -> Option<bool> {
+        self.waker.register(cx.waker());
+        match self.connect.load(Ordering::Acquire) {
+            TUNNEL => Some(true),
+            REFUSED => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// The client stream as hyper reads it: framing followed and checked (module docs).
+pub struct Framed<S> {
+    io: S,
+    parser: Parser,
+    signal: std::sync::Arc<RequestSignal>,
+    /// Checked bytes not yet handed over (after an inserted CR).
+    out: Held,
+    /// Bytes not yet checked: held back after a CONNECT head until its answer.
+    raw: Held,
+}
+
+impl<S> Framed<S> {
+    /// `max_head` is hyper's head limit: a longer head is hyper's to refuse (431).
+    pub fn new(io: S, signal: std::sync::Arc<RequestSignal>, max_head: usize) -> Framed<S> {
+        Framed {
+            io,
+            parser: Parser::new(max_head),
+            signal,
+            out: Held::default(),
+            raw: Held::default(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// The stream, and the bytes read from it that were not handed over yet (to be sent on
+    /// before anything else read from the stream).
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let mut held = self.out.rest().to_vec();
+        held.extend_from_slice(self.raw.rest());
+        (self.io, held)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if !this.out.is_empty() {
+                this.out.take_into(buf);
+                this.out.release();
+                return Poll::Ready(Ok(()));
+            }
+            match this.parser.phase {
+                Phase::Failed(reason) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason))),
+                Phase::Connect => match this.signal.connect_answer(cx) {
+                    None => return Poll::Pending,
+                    Some(true) => this.parser.phase = Phase::Opaque,
+                    Some(false) => this.parser.phase = Phase::Idle { cr: false },
+                },
+                Phase::Opaque if this.raw.is_empty() => return Pin::new(&mut this.io).poll_read(cx, buf),
+                _ => {}
+            }
+            let start = buf.filled().len();
+            let from_raw = !this.raw.is_empty();
+            if from_raw {
+                this.raw.take_into(buf);
+            } else {
+                ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                if buf.filled().len() == start {
+                    return Poll::Ready(Ok(())); // end of stream
+                }
+            }
+            let region = &buf.filled()[start..];
+            let p = this.parser.process(region, &mut this.out.buf, &this.signal);
+            if from_raw {
+                this.raw.unread(region.len() - p.consumed);
+                this.raw.release();
+            } else {
+                this.raw.buf.extend_from_slice(&region[p.consumed..]);
+            }
+            buf.set_filled(start + p.delivered);
+            if !this.out.is_empty() {
+                this.out.take_into(buf);
+                this.out.release();
+            }
+            if buf.filled().len() > start {
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing to hand over: a fault at the first byte, answered by the next round.
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Bytes kept for a later read: `buf[pos..]`.
+#[derive(Default)]
+struct Held {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    fn rest(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn take_into(&mut self, dst: &mut ReadBuf<'_>) {
+        let n = dst.remaining().min(self.buf.len() - self.pos);
+        dst.put_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+    }
+
+    /// Gives back the last `n` bytes taken (they are still in place).
+    fn unread(&mut self, n: usize) {
+        self.pos -= n;
+    }
+
+    /// Frees the space of bytes taken, once all are.
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+    }
+}
+
+/// Where the request stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Between requests: empty lines are skipped (as hyper does); `cr` after a CR.
+    Idle {
+        cr: bool,
+    },
+    /// In a request head (its first bytes in `Parser::head` if it spans reads).
+    Head,
+    /// In a Content-Length body: `Parser::left` bytes to go.
+    Length,
+    Chunked(Ck),
+    /// After a CONNECT head, until its answer.
+    Connect,
+    /// Not followed any more: after a faulty head (the connection closes after its answer),
+    /// a head over the limit (hyper answers 431), or in a tunnel.
+    Opaque,
+    /// A chunked body broke its framing: reads fail with this reason.
+    Failed(&'static str),
+}
+
+/// A state of the chunked body (RFC 9112 §7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ck {
+    SizeStart,
+    Size,
+    SizeWs,
+    ExtStart,
+    ExtName,
+    ExtNameWs,
+    ValStart,
+    ValToken,
+    Quoted,
+    QuotedPair,
+    AfterQuote,
+    ValWs,
+    /// A CR was read; the LF must follow, then the line leads to the given state (or, for
+    /// [`Ck::Size`], to data or trailers by the chunk size).
+    Lf(Line),
+    Data,
+    DataEnd,
+    TrailerStart,
+    TrailerName,
+    TrailerValue,
+}
+
+/// Which line a line end closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    Size,
+    Data,
+    Trailer,
+    Last,
+}
+
+/// How far one call to [`Parser::process`] got: `delivered` bytes of its input go to hyper
+/// as they are (then whatever it appended to `out`), `consumed` bytes were judged.
+#[derive(Debug, PartialEq, Eq)]
+struct Progress {
+    delivered: usize,
+    consumed: usize,
+}
+
+struct Parser {
+    phase: Phase,
+    /// A head that spans reads, and where the search for its end stands.
+    head: Vec<u8>,
+    scan: u8,
+    /// Bytes left of a Content-Length body or of a chunk's data; a chunk size being read.
+    left: u64,
+    /// Requests begun on the connection.
+    begun: u64,
+    max_head: usize,
+}
+
+/// The input of one [`Parser::process`] call and what it passed on: `input[..r]` unchanged,
+/// unless a CR was inserted at `frozen`, after which the output continues in `out`.
+struct Cursor<'a> {
+    input: &'a [u8],
+    r: usize,
+    frozen: Option<usize>,
+    out: &'a mut Vec<u8>,
+}
+
+impl Cursor<'_> {
+    fn rest(&self) -> &[u8] {
+        &self.input[self.r..]
+    }
+
+    fn pass(&mut self, n: usize) {
+        if self.frozen.is_some() {
+            self.out.extend_from_slice(&self.input[self.r..self.r + n]);
+        }
+        self.r += n;
+    }
+
+    fn insert_cr(&mut self) {
+        self.frozen.get_or_insert(self.r);
+        self.out.push(b'\r');
+    }
+}
+
+impl Parser {
+    fn new(max_head: usize) -> Parser {
+        Parser {
+            phase: Phase::Idle { cr: false },
+            head: Vec::new(),
+            scan: 0,
+            left: 0,
+            begun: 0,
+            max_head,
+        }
+    }
+
+    fn process(&mut self, input: &[u8], out: &mut Vec<u8>, signal: &RequestSignal) -> Progress {
+        let mut c = Cursor {
+            input,
+            r: 0,
+            frozen: None,
+            out,
+        };
+        let consumed = loop {
+            if c.r == input.len() {
+                break input.len();
+            }
+            match self.phase {
+                Phase::Idle { cr } => self.idle(cr, &mut c, signal),
+                Phase::Head => self.head(&mut c, signal),
+                Phase::Length => {
+                    let n = c.rest().len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                    c.pass(n);
+                    self.left -= n as u64;
+                    if self.left == 0 {
+                        self.phase = Phase::Idle { cr: false };
+                    }
+                }
+                Phase::Chunked(ck) => self.chunked(ck, &mut c),
+                Phase::Connect => break c.r,
+                Phase::Opaque => c.pass(c.rest().len()),
+                Phase::Failed(_) => break input.len(),
+            }
+        };
+        Progress {
+            delivered: c.frozen.unwrap_or(c.r),
+            consumed,
+        }
+    }
+
+    fn idle(&mut self, cr: bool, c: &mut Cursor<'_>, signal: &RequestSignal) {
+        match (cr, c.rest()[0]) {
+            (_, b'\n') => {
+                c.pass(1);
+                self.phase = Phase::Idle { cr: false };
+            }
+            (false, b'\r') => {
+                c.pass(1);
+                self.phase = Phase::Idle { cr: true };
+            }
+            // hyper refuses a CR without LF before a request line.
+            (true, _) => self.phase = Phase::Opaque,
+            (false, _) => {
+                self.begun += 1;
+                signal.begun(self.begun);
+                self.head.clear();
+                self.phase = Phase::Head;
+            }
+        }
+    }
+
+    fn head(&mut self, c: &mut Cursor<'_>, signal: &RequestSignal) {
+        // A head longer than the limit is hyper's to refuse (431): not judged, not kept.
+        let judged = if self.head.is_empty() {
+            // The head starts in this input: judged in place when it is complete here.
+            let rest = c.rest();
+            let window = &rest[..rest.len().min(self.max_head + 1)];
+            let parsed = strict::parse_head(window);
+            match parsed {
+                Ok(Head::Partial) if window.len() <= self.max_head => {
+                    self.head.extend_from_slice(rest);
+                    self.scan = 0;
+                    head_end(&mut self.scan, rest);
+                    c.pass(rest.len());
+                    return;
+                }
+                Ok(Head::Complete { len, .. }) if len <= self.max_head => {
+                    c.pass(len);
+                    parsed
+                }
+                other => other,
+            }
+        } else {
+            let rest = c.rest();
+            let end = head_end(&mut self.scan, rest);
+            let taken = end.unwrap_or(rest.len());
+            self.head.extend_from_slice(&rest[..taken]);
+            c.pass(taken);
+            match end {
+                _ if self.head.len() > self.max_head => Ok(Head::Partial),
+                None => return,
+                Some(_) => strict::parse_head(&self.head),
+            }
+        };
+        self.phase = match judged {
+            Ok(Head::Complete { len, framing }) if len <= self.max_head => self.after_head(framing, signal),
+            Ok(_) => Phase::Opaque,
+            Err(fault) => {
+                signal.record_fault(fault);
+                Phase::Opaque
+            }
+        };
+        if self.head.capacity() > MAX_KEPT {
+            self.head = Vec::new();
+        } else {
+            self.head.clear();
+        }
+    }
+
+    fn after_head(&mut self, framing: Framing, signal: &RequestSignal) -> Phase {
+        match framing {
+            Framing::Empty => Phase::Idle { cr: false },
+            Framing::Length(n) => {
+                self.left = n;
+                Phase::Length
+            }
+            Framing::Chunked => Phase::Chunked(Ck::SizeStart),
+            Framing::Connect => {
+                signal.connect.store(UNDECIDED, Ordering::Release);
+                Phase::Connect
+            }
+        }
+    }
+
+    fn chunked(&mut self, mut ck: Ck, c: &mut Cursor<'_>) {
+        while let Some(&b) = c.rest().first() {
+            if ck == Ck::Data {
+                let n = c.rest().len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                c.pass(n);
+                self.left -= n as u64;
+                if self.left == 0 {
+                    ck = Ck::DataEnd;
+                }
+                continue;
+            }
+            match chunk_step(ck, b, &mut self.left) {
+                Ok(Step { next, bare_lf }) => {
+                    if bare_lf {
+                        c.insert_cr();
+                    }
+                    c.pass(1);
+                    match next {
+                        Some(next) => ck = next,
+                        None => {
+                            self.phase = Phase::Idle { cr: false };
+                            return;
+                        }
+                    }
+                }
+                Err(reason) => {
+                    self.phase = Phase::Failed(reason);
+                    return;
+                }
+            }
+        }
+        self.phase = Phase::Chunked(ck);
+    }
+}
+
+/// The largest head buffer kept for the next head that spans reads.
+const MAX_KEPT: usize = 8 * 1024;
+
+/// Looks for the empty line that ends a head; `state` is 0 inside a line, 1 after its LF, 2
+/// after LF CR. Returns the length through the empty line.
+fn head_end(state: &mut u8, bytes: &[u8]) -> Option<usize> {
+    for (i, &b) in bytes.iter().enumerate() {
+        *state = match (*state, b) {
+            (1 | 2, b'\n') => return Some(i + 1),
+            (_, b'\n') => 1,
+            (1, b'\r') => 2,
+            _ => 0,
+        };
+    }
+    None
+}
+
+/// One byte of chunked framing: the next state (`None`: the body ended), and whether the
+/// byte is an LF without CR, before which a CR is inserted.
+struct Step {
+    next: Option<Ck>,
+    bare_lf: bool,
+}
+
+const WS_BEFORE_END: &str = "whitespace before the end of a chunk line";
+const BAD_EXT: &str = "invalid chunk extension";
+
+fn go(next: Ck) -> Result<Step, &'static str> {
+    Ok(Step {
+        next: Some(next),
+        bare_lf: false,
+    })
+}
+
+fn chunk_step(ck: Ck, b: u8, size: &mut u64) -> Result<Step, &'static str> {
+    // Where a chunk-size line may end: CR (then LF), or a bare LF.
+    if matches!(ck, Ck::Size | Ck::ExtName | Ck::ValToken | Ck::AfterQuote) {
+        match b {
+            b'\r' => return go(Ck::Lf(Line::Size)),
+            b'\n' => return Ok(line_end(Line::Size, *size, true)),
+            _ => {}
+        }
+    }
+    match ck {
+        Ck::Lf(line) if b == b'\n' => Ok(line_end(line, *size, false)),
+        Ck::Lf(_) => Err("CR without LF in chunked framing"),
+        Ck::DataEnd => match b {
+            b'\r' => go(Ck::Lf(Line::Data)),
+            b'\n' => Ok(line_end(Line::Data, *size, true)),
+            _ => Err("chunk data not followed by CRLF"),
+        },
+        Ck::TrailerStart => match b {
+            b'\r' => go(Ck::Lf(Line::Last)),
+            b'\n' => Ok(line_end(Line::Last, *size, true)),
+            b' ' | b'\t' => Err("obsolete line folding in a trailer field"),
+            _ if strict::is_tchar(b) => go(Ck::TrailerName),
+            _ => Err("invalid trailer field name"),
+        },
+        Ck::TrailerName => match b {
+            _ if strict::is_tchar(b) => go(ck),
+            b':' => go(Ck::TrailerValue),
+            _ => Err("invalid trailer field name"),
+        },
+        Ck::TrailerValue => match b {
+            b'\r' => go(Ck::Lf(Line::Trailer)),
+            b'\n' => Ok(line_end(Line::Trailer, *size, true)),
+            _ if strict::is_field_byte(b) => go(ck),
+            _ => Err("control byte in a trailer field"),
+        },
+        Ck::Data => unreachable!("chunk data is counted, not stepped"),
+        _ => size_line_step(ck, b, size),
+    }
+}
+
+/// One byte of a chunk-size line before its end: `1*HEXDIG *( BWS ";" BWS name [ BWS "="
+/// BWS ( token / quoted-string ) ] )`.
+fn size_line_step(ck: Ck, b: u8, size: &mut u64) -> Result<Step, &'static str> {
+    let ws = b == b' ' || b == b'\t';
+    match ck {
+        Ck::SizeStart | Ck::Size => match hex(b) {
+            Some(d) => {
+                let grown = if ck == Ck::SizeStart {
+                    Some(0)
+                } else {
+                    size.checked_mul(16)
+                };
+                *size = grown.and_then(|s| s.checked_add(d)).ok_or("chunk size too large")?;
+                go(Ck::Size)
+            }
+            None if ck == Ck::SizeStart => Err("missing chunk size"),
+            None if ws => go(Ck::SizeWs),
+            None if b == b';' => go(Ck::ExtStart),
+            None => Err("invalid chunk size"),
+        },
+        Ck::SizeWs | Ck::ExtNameWs | Ck::ValWs => match b {
+            _ if ws => go(ck),
+            b';' => go(Ck::ExtStart),
+            b'=' if ck == Ck::ExtNameWs => go(Ck::ValStart),
+            b'\r' | b'\n' => Err(WS_BEFORE_END),
+            _ if ck == Ck::SizeWs => Err("invalid chunk size"),
+            _ => Err(BAD_EXT),
+        },
+        Ck::ExtStart => match b {
+            _ if ws => go(ck),
+            _ if strict::is_tchar(b) => go(Ck::ExtName),
+            _ => Err("empty chunk extension"),
+        },
+        Ck::ExtName => match b {
+            _ if strict::is_tchar(b) => go(ck),
+            _ if ws => go(Ck::ExtNameWs),
+            b'=' => go(Ck::ValStart),
+            b';' => go(Ck::ExtStart),
+            _ => Err(BAD_EXT),
+        },
+        Ck::ValStart => match b {
+            _ if ws => go(ck),
+            _ if strict::is_tchar(b) => go(Ck::ValToken),
+            b'"' => go(Ck::Quoted),
+            _ => Err(BAD_EXT),
+        },
+        Ck::ValToken | Ck::AfterQuote => match b {
+            _ if ck == Ck::ValToken && strict::is_tchar(b) => go(ck),
+            _ if ws => go(Ck::ValWs),
+            b';' => go(Ck::ExtStart),
+            _ => Err(BAD_EXT),
+        },
+        Ck::Quoted => match b {
+            b'"' => go(Ck::AfterQuote),
+            b'\\' => go(Ck::QuotedPair),
+            _ if strict::is_field_byte(b) => go(ck),
+            _ => Err(BAD_EXT),
+        },
+        Ck::QuotedPair if strict::is_field_byte(b) => go(Ck::Quoted),
+        _ => Err(BAD_EXT),
+    }
+}
+
+/// Where the end of `line` leads.
+fn line_end(line: Line, size: u64, bare_lf: bool) -> Step {
+    let next = match line {
+        Line::Size if size == 0 => Some(Ck::TrailerStart),
+        Line::Size => Some(Ck::Data),
+        Line::Data => Some(Ck::SizeStart),
+        Line::Trailer => Some(Ck::TrailerStart),
+        Line::Last => None,
+    };
+    Step { next, bare_lf }
+}
+
+fn hex(b: u8) -> Option<u64> {
+    char::from(b).to_digit(16).map(u64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A stream that returns the given pieces, one per read, then the end.
+    struct Pieces(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if let Some(mut piece) = this.0.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                if n < piece.len() {
+                    this.0.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn framed(pieces: Vec<Vec<u8>>) -> (Framed<Pieces>, Arc<RequestSignal>) {
+        let signal = Arc::new(RequestSignal::default());
+        (Framed::new(Pieces(pieces.into()), signal.clone(), 1024), signal)
+    }
+
+    /// Everything hyper would read, with reads of at most `cap` bytes, until the end or an
+    /// error (or a pause, waiting for a CONNECT's answer).
+    fn read_all(f: &mut Framed<Pieces>, cap: usize) -> (Vec<u8>, Option<String>) {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; cap];
+        loop {
+            match f.read(&mut buf).now_or_never() {
+                None => return (got, None),
+                Some(Ok(0)) => return (got, None),
+                Some(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Some(Err(e)) => return (got, Some(e.to_string())),
+            }
+        }
+    }
+
+    /// `input` in two pieces split at every byte, and byte by byte, read with several buffer
+    /// sizes: each time `check` gets what hyper read and the error.
+    fn every_split(input: &[u8], check: impl Fn(&[u8], Option<&str>, &str)) {
+        let mut ways: Vec<(String, Vec<Vec<u8>>)> = (0..=input.len())
+            .map(|at| {
+                let pieces = [&input[..at], &input[at..]].into_iter().filter(|p| !p.is_empty());
+                (format!("split at {at}"), pieces.map(<[u8]>::to_vec).collect())
+            })
+            .collect();
+        ways.push(("byte by byte".into(), input.iter().map(|&b| vec![b]).collect()));
+        for (how, pieces) in ways {
+            for cap in [1, 2, 7, 8192] {
+                let (mut f, _) = framed(pieces.clone());
+                let (got, err) = read_all(&mut f, cap);
+                check(&got, err.as_deref(), &format!("{how}, reads of {cap}"));
+            }
+        }
+    }
+
+    const CHUNKED_HEAD: &str = "POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+    #[test]
+    fn good_chunked_bodies_pass_with_crlf_line_ends() {
+        for (body, canonical) in [
+            ("5\r\nhello\r\n0\r\n\r\n", None),
+            ("5\nhello\n0\n\n", Some("5\r\nhello\r\n0\r\n\r\n")),
+            ("5\r\nhello\n0\r\n\n", Some("5\r\nhello\r\n0\r\n\r\n")),
+            ("5;a=b\r\nhello\r\n0\r\n\r\n", None),
+            ("5 ; a = b ;c\r\nhello\r\n0\r\n\r\n", None),
+            ("5\t;a=\"x y\\\"z\\\\\"\r\nhello\r\n0\r\n\r\n", None),
+            ("5;a=\"caf\u{e9}\"\r\nhello\r\n0\r\n\r\n", None),
+            ("5;a;b=c\nhello\n0\n\n", Some("5;a;b=c\r\nhello\r\n0\r\n\r\n")),
+            ("005\r\nhello\r\n0000\r\n\r\n", None),
+            ("A\r\n0123456789\r\n1\r\n\n\r\n0\r\n\r\n", None),
+            ("5\r\nhello\r\n0\r\nX-T: 1\r\nY:\t2 \r\n\r\n", None),
+            (
+                "5\nhello\r\n0\nX-T: 1\nY:\n\n",
+                Some("5\r\nhello\r\n0\r\nX-T: 1\r\nY:\r\n\r\n"),
+            ),
+            ("0;e\r\n\r\n", None),
+        ] {
+            let input = format!("{CHUNKED_HEAD}{body}GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n");
+            let want = input.replace(body, canonical.unwrap_or(body));
+            every_split(input.as_bytes(), |got, err, how| {
+                assert_eq!(err, None, "{body:?}, {how}");
+                assert_eq!(String::from_utf8_lossy(got), want, "{body:?}, {how}");
+            });
+        }
+    }
+
+    #[test]
+    fn bad_chunked_bodies_fail_after_the_bytes_before_the_fault() {
+        for (body, reason) in [
+            ("5\rhello\r\n", "CR without LF in chunked framing"),
+            ("5;\r\nhello\r\n", "empty chunk extension"),
+            ("5; \r\n", "empty chunk extension"),
+            ("5 \r\nhello\r\n", WS_BEFORE_END),
+            ("5\t\n", WS_BEFORE_END),
+            ("5;a \r\n", WS_BEFORE_END),
+            ("5;a=b \r\n", WS_BEFORE_END),
+            ("5;a=\"b\" \n", WS_BEFORE_END),
+            ("5;a=\r\n", BAD_EXT),
+            ("5;a\x01\r\n", BAD_EXT),
+            ("5;a=\"x\x01\"\r\n", BAD_EXT),
+            ("5;a=\"x\r\n", BAD_EXT),
+            ("5;a=\"x\"y\r\n", BAD_EXT),
+            ("5;a=b=c\r\n", BAD_EXT),
+            ("5;=b\r\n", "empty chunk extension"),
+            ("\r\nhello\r\n", "missing chunk size"),
+            ("\nhello\r\n", "missing chunk size"),
+            (";a\r\n", "missing chunk size"),
+            ("-5\r\n", "missing chunk size"),
+            ("0x5\r\n", "invalid chunk size"),
+            ("5\x0b\r\n", "invalid chunk size"),
+            ("5 5\r\n", "invalid chunk size"),
+            ("fffffffffffffffff\r\n", "chunk size too large"),
+            ("5\r\nhelloXX0\r\n\r\n", "chunk data not followed by CRLF"),
+            ("5\r\nhello\rX", "CR without LF in chunked framing"),
+            ("0\r\n X: 1\r\n\r\n", "obsolete line folding in a trailer field"),
+            ("0\r\nX : 1\r\n\r\n", "invalid trailer field name"),
+            ("0\r\n: 1\r\n\r\n", "invalid trailer field name"),
+            ("0\r\nX: a\x0bb\r\n\r\n", "control byte in a trailer field"),
+            ("0\r\nX: a\x7f\r\n\r\n", "control byte in a trailer field"),
+            ("0\r\nX: a\rb\r\n\r\n", "CR without LF in chunked framing"),
+            ("0\r\n\r\r", "CR without LF in chunked framing"),
+        ] {
+            let input = format!("{CHUNKED_HEAD}{body}");
+            every_split(input.as_bytes(), |got, err, how| {
+                assert_eq!(err, Some(reason), "{body:?}, {how}");
+                let got = String::from_utf8_lossy(got).replace("\r\n", "\n");
+                let input = input.replace("\r\n", "\n");
+                assert!(
+                    input.starts_with(&got) && got.len() >= CHUNKED_HEAD.len() - 4,
+                    "{body:?}, {how}: {got:?}"
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn heads_and_length_bodies_pass_unchanged_and_count_from_their_first_byte() {
+        let input = concat!(
+            "\r\n\nPOST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            "GET http://a/ HTTP/1.1\nHost: a\n\n",
+            "POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n\r\n\r",
+            "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        every_split(input.as_bytes(), |got, err, how| {
+            assert_eq!(err, None, "{how}");
+            assert_eq!(got, input.as_bytes(), "{how}");
+        });
+        let (mut f, signal) = framed(vec![input.as_bytes().to_vec()]);
+        read_all(&mut f, 8192);
+        assert_eq!(signal.begun.load(Ordering::Relaxed), 4);
+        assert_eq!(signal.fault(0), None);
+        // A head begun but not complete makes the connection busy.
+        let (mut f, signal) = framed(vec![b"GET http://a/ HTTP/1.1\r\nHo".to_vec()]);
+        read_all(&mut f, 8192);
+        assert!(signal.busy());
+        signal.start();
+        assert!(!signal.busy());
+    }
+
+    #[test]
+    fn a_faulty_head_is_passed_on_and_recorded_for_its_request() {
+        let good = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        for bad in [
+            "POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\nX: \x0b\r\n\r\n",
+        ] {
+            let input = format!("{good}{bad}0\r\n\r\n{good}");
+            every_split(input.as_bytes(), |got, err, how| {
+                assert_eq!(err, None, "{how}");
+                assert_eq!(got, input.as_bytes(), "{bad:?} {how}");
+            });
+            let (mut f, signal) = framed(vec![input.as_bytes().to_vec()]);
+            read_all(&mut f, 8192);
+            assert_eq!(signal.fault(0), None, "{bad:?}");
+            assert_eq!(signal.fault(1).map(|f| f.status.as_u16()), Some(400), "{bad:?}");
+            assert!(signal.fault(2).is_some(), "{bad:?}: later requests too");
+        }
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_left_to_hyper() {
+        let pad = "x".repeat(1100);
+        let input =
+            format!("GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Pad: {pad}\r\nTransfer-Encoding: gzip\r\n\r\nzz\r\n");
+        for pieces in [
+            vec![input.clone().into_bytes()],
+            input.as_bytes().chunks(100).map(<[u8]>::to_vec).collect(),
+        ] {
+            let (mut f, signal) = framed(pieces);
+            let (got, err) = read_all(&mut f, 8192);
+            assert_eq!((got, err), (input.clone().into_bytes(), None));
+            assert_eq!(signal.fault(0), None);
+            assert!(f.parser.head.capacity() <= 2048, "the partial head is not kept");
+        }
+    }
+
+    #[test]
+    fn after_connect_the_framing_waits_for_the_answer() {
+        let connect = "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        let next = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        for refused in [true, false] {
+            let input = format!("{connect}{next}");
+            let (mut f, signal) = framed(vec![input.as_bytes().to_vec()]);
+            let (got, err) = read_all(&mut f, 8192);
+            assert_eq!((got, err), (connect.as_bytes().to_vec(), None), "paused after the head");
+            signal.start();
+            signal.answered_connect(!refused);
+            if refused {
+                let (got, _) = read_all(&mut f, 8192);
+                assert_eq!(got, next.as_bytes(), "then the next request");
+                assert_eq!(signal.begun.load(Ordering::Relaxed), 2);
+            } else {
+                let (_, held) = f.into_parts();
+                assert_eq!(held, next.as_bytes(), "the tunnel's first bytes, not judged");
+            }
+        }
+    }
+
+    #[test]
+    fn tunnel_bytes_after_a_2xx_are_not_judged() {
+        let connect = "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        let (mut f, signal) = framed(vec![connect.as_bytes().to_vec(), b"\x16\x03\x01\r\r\n".to_vec()]);
+        assert_eq!(read_all(&mut f, 8192).0, connect.as_bytes());
+        signal.answered_connect(true);
+        assert_eq!(read_all(&mut f, 8192), (b"\x16\x03\x01\r\r\n".to_vec(), None));
+        assert_eq!(signal.fault(1), None);
+    }
+
+    #[test]
+    fn bytes_held_after_an_inserted_cr_survive_into_parts() {
+        let input = format!("{CHUNKED_HEAD}5\nhello\n");
+        let (mut f, _) = framed(vec![input.as_bytes().to_vec()]);
+        let mut buf = [0u8; 8192];
+        let n = f.read(&mut buf).now_or_never().unwrap().unwrap();
+        let (_, held) = f.into_parts();
+        let mut all = buf[..n].to_vec();
+        all.extend_from_slice(&held);
+        assert_eq!(all, format!("{CHUNKED_HEAD}5\r\nhello\r\n").as_bytes());
+    }
+}
