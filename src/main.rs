@@ -1,11 +1,12 @@
 //! The `baton` command: parses the CLI and calls the library.
 
 mod cli;
+mod manual;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +33,10 @@ enum Cmd {
     /// Show the serving generation.
     Status(cli::ClientArgs),
     /// Stop gracefully: drain, then exit.
-    Stop(cli::ClientArgs),
+    Stop(cli::StopArgs),
+    /// Write the manual pages and shell completions (for packaging; see scripts/package).
+    #[command(hide = true)]
+    Manual(manual::ManualArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Upgrade(args) => cli::upgrade(args),
         Cmd::Status(args) => cli::status(args),
         Cmd::Stop(args) => cli::stop(args),
+        Cmd::Manual(args) => manual::run(&args, Cli::command()),
     };
     match result {
         Ok(code) => code,
