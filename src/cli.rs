@@ -131,9 +131,37 @@ pub fn status(args: ClientArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn stop(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let socket = control_socket(&args)?;
-    events(&socket, Request::Stop, args.json)
+#[derive(clap::Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Wait until the serving generation has drained and exited (at most this long, e.g.
+    /// `60s`); what `ExecStop=` needs, since systemd does not wait for a main process that
+    /// is not its own child.
+    #[arg(long, value_name = "TIMEOUT", value_parser = humantime_serde::re::humantime::parse_duration)]
+    wait: Option<std::time::Duration>,
+}
+
+pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args.client)?;
+    let runtime = client_runtime()?;
+    let serving = match args.wait {
+        Some(_) => Some(runtime.block_on(control::status(&socket))?.0.pid),
+        None => None,
+    };
+    let code = events(&socket, Request::Stop, args.client.json)?;
+    let (Some(pid), Some(timeout)) = (serving, args.wait) else {
+        return Ok(code);
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    while baton_handoff::process::alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            eprintln!("baton: pid {pid} still runs after {timeout:?}");
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(code)
 }
 
 /// Sends `request`; prints each event as it comes (a line of text, or the JSON line).

@@ -39,7 +39,11 @@ fn upgrade_in_background(baton: &Baton) -> tokio::task::JoinHandle<(bool, String
             .arg(&control)
             .output()
             .expect("run baton upgrade");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     })
 }
@@ -65,17 +69,35 @@ async fn successor_fails_in_the_window(after: Duration, fate: Fate) {
     let crashed = Instant::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
     served_within_a_second(&baton, origin).await;
-    let (ok, out) = tokio::time::timeout(Duration::from_secs(10), upgrade).await.expect("upgrade returns").unwrap();
+    let (ok, out) = tokio::time::timeout(Duration::from_secs(10), upgrade)
+        .await
+        .expect("upgrade returns")
+        .unwrap();
     assert!(!ok, "{fate:?} at +{after:?}: baton upgrade must fail:\n{out}");
     assert!(out.contains("failed after ready"), "{fate:?} at +{after:?}: {out}");
     let pid_file = std::fs::read_to_string(baton.dir.path().join("baton.pid")).unwrap();
-    assert_eq!(pid_file.trim(), old.to_string(), "the pid file names the old generation");
+    assert_eq!(
+        pid_file.trim(),
+        old.to_string(),
+        "the pid file names the old generation"
+    );
     let st = baton.status().await;
-    assert_eq!((st["pid"].as_u64(), st["state"].as_str()), (Some(u64::from(old)), Some("serving")), "{st}");
+    assert_eq!(
+        (st["pid"].as_u64(), st["state"].as_str()),
+        (Some(u64::from(old)), Some("serving")),
+        "{st}"
+    );
     assert!(!common::alive(successor), "the failed successor was killed and reaped");
-    eprintln!("{fate:?} at +{after:?}: old generation served again; upgrade said: {}", out.trim());
+    eprintln!(
+        "{fate:?} at +{after:?}: old generation served again; upgrade said: {}",
+        out.trim()
+    );
     let _ = crashed;
-    assert_eq!(baton.wait_exit(Duration::from_millis(10)).await, None, "the old generation runs on");
+    assert_eq!(
+        baton.wait_exit(Duration::from_millis(10)).await,
+        None,
+        "the old generation runs on"
+    );
 }
 
 /// A client that connects now gets its answer within a second.
@@ -88,7 +110,11 @@ async fn served_within_a_second(baton: &Baton, origin: std::net::SocketAddr) {
     .await;
     match got {
         Ok(Ok((status, body))) => assert!(status == 200 && body.len() == 5, "{status}"),
-        other => panic!("no answer within 1 s ({:?}): {other:?}\n{}", started.elapsed(), baton.log()),
+        other => panic!(
+            "no answer within 1 s ({:?}): {other:?}\n{}",
+            started.elapsed(),
+            baton.log()
+        ),
     }
 }
 
@@ -123,11 +149,22 @@ async fn a_successor_that_survives_the_window_takes_over() {
     let old = baton.pid();
     let (ok, out) = baton.cli(&["upgrade"]);
     assert!(ok, "{out}");
-    assert!(out.contains("ready after") && out.contains("canary passed after 1000 ms"), "{out}");
+    assert!(
+        out.contains("ready after") && out.contains("canary passed after 1000 ms"),
+        "{out}"
+    );
     let new = serving_pid(&baton.log(), 2).expect("generation 2 served");
     let pid_file = std::fs::read_to_string(baton.dir.path().join("baton.pid")).unwrap();
-    assert_eq!(pid_file.trim(), new.to_string(), "the pid file moved to the successor at the verdict");
-    assert_eq!(baton.wait_exit(Duration::from_secs(10)).await, Some(0), "the old generation {old} drained");
+    assert_eq!(
+        pid_file.trim(),
+        new.to_string(),
+        "the pid file moved to the successor at the verdict"
+    );
+    assert_eq!(
+        baton.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "the old generation {old} drained"
+    );
 }
 
 #[tokio::test]
@@ -142,7 +179,14 @@ async fn triggers_in_a_canary_window_are_refused() {
     let (ok, out) = baton.cli(&["upgrade"]);
     assert!(!ok && out.contains("canary window"), "{out}");
     baton.signal(baton.pid(), Signal::SIGUSR2);
-    let (ok, out) = tokio::time::timeout(Duration::from_secs(10), upgrade).await.expect("upgrade returns").unwrap();
+    let (ok, out) = tokio::time::timeout(Duration::from_secs(10), upgrade)
+        .await
+        .expect("upgrade returns")
+        .unwrap();
     assert!(ok, "{out}");
-    assert!(baton.log().contains("the new generation (pid"), "the old one refused SIGUSR2:\n{}", baton.log());
+    assert!(
+        baton.log().contains("the new generation (pid"),
+        "the old one refused SIGUSR2:\n{}",
+        baton.log()
+    );
 }

@@ -20,9 +20,11 @@ fn rewrite_config(config: &Path, edit: impl FnOnce(String) -> String) {
 /// `baton upgrade` through the typed client: (succeeded, the events).
 async fn upgrade(baton: &Baton) -> (bool, Vec<Event>) {
     let mut events = Vec::new();
-    control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| events.push(e))
-        .await
-        .expect("control socket");
+    control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| {
+        events.push(e)
+    })
+    .await
+    .expect("control socket");
     (matches!(events.last(), Some(Event::Done(_))), events)
 }
 
@@ -41,11 +43,17 @@ async fn a_missing_pid_file_directory_fails_the_handoff_before_it_serves() {
     let baton = Baton::start("").await;
     let old = baton.pid();
     let pid_file = baton.dir.path().join("baton.pid");
-    rewrite_config(&baton.config, |t| t.replace(&pid_file.display().to_string(), "/nonexistent/baton.pid"));
+    rewrite_config(&baton.config, |t| {
+        t.replace(&pid_file.display().to_string(), "/nonexistent/baton.pid")
+    });
     let (ok, events) = upgrade(&baton).await;
     assert!(!ok, "{events:?}");
     assert!(reason(&events).contains("exited before it was ready"), "{events:?}");
-    assert!(baton.log().contains("pid file directory /nonexistent does not exist"), "{}", baton.log());
+    assert!(
+        baton.log().contains("pid file directory /nonexistent does not exist"),
+        "{}",
+        baton.log()
+    );
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), old.to_string());
     assert_eq!(baton.status().await["pid"], old);
 }
@@ -57,7 +65,9 @@ async fn a_busy_admin_address_fails_ten_handoffs_under_load_without_a_failed_req
     let baton = Baton::start("").await;
     let addr = busy.local_addr().unwrap();
     rewrite_config(&baton.config, |t| format!("{t}\n[admin]\naddress = \"{addr}\"\n"));
-    let spec = LoadSpec::new(format!("http://{origin}/bytes?n=100")).body_len(100).workers(4, 4);
+    let spec = LoadSpec::new(format!("http://{origin}/bytes?n=100"))
+        .body_len(100)
+        .workers(4, 4);
     let load = Load::start(baton.proxy, spec);
     for round in 0..10 {
         let (ok, events) = upgrade(&baton).await;
@@ -94,10 +104,16 @@ async fn a_signal_during_the_etxtbsy_retry_reaches_the_child() {
         }
         events.push(e);
     });
-    tokio::time::timeout(Duration::from_secs(10), signalled).await.expect("an outcome").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), signalled)
+        .await
+        .expect("an outcome")
+        .unwrap();
     drop(writer);
     let why = reason(&events);
-    assert!(why.contains("killed by SIGTERM"), "the child took the default action: {why}");
+    assert!(
+        why.contains("killed by SIGTERM"),
+        "the child took the default action: {why}"
+    );
 }
 
 #[tokio::test]
@@ -106,18 +122,31 @@ async fn sigterm_during_a_handoff_stops_the_successor_and_drains() {
     let control_path = baton.control.clone();
     let upgrade = tokio::spawn(async move {
         let mut events = Vec::new();
-        let _ = control::events(&control_path, Request::Upgrade { wait_drain: false }, |e| events.push(e)).await;
+        let _ = control::events(&control_path, Request::Upgrade { wait_drain: false }, |e| {
+            events.push(e)
+        })
+        .await;
         events
     });
     let successor = wait_for(Duration::from_secs(10), "the successor to serve", || async {
-        baton.log().lines().find(|l| l.contains("baton serving") && l.contains("generation=2 ")).and_then(|l| {
-            l.split("pid=").nth(1)?.split_whitespace().next()?.parse::<u32>().ok()
-        })
+        baton
+            .log()
+            .lines()
+            .find(|l| l.contains("baton serving") && l.contains("generation=2 "))
+            .and_then(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse::<u32>().ok())
     })
     .await;
     baton.signal(baton.pid(), Signal::SIGTERM);
-    assert_eq!(baton.wait_exit(Duration::from_secs(20)).await, Some(0), "{}", baton.log());
-    let events = tokio::time::timeout(Duration::from_secs(5), upgrade).await.unwrap().unwrap();
+    assert_eq!(
+        baton.wait_exit(Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        baton.log()
+    );
+    let events = tokio::time::timeout(Duration::from_secs(5), upgrade)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reason(&events), "baton is stopping", "{events:?}");
     wait_for(Duration::from_secs(5), "the successor to be gone", || async {
         (!common::alive(successor)).then_some(())
@@ -147,11 +176,22 @@ async fn a_listener_moved_across_a_handoff_under_load() {
     let origin = testkit::start_origin().await.unwrap();
     let baton = Baton::start("[[listener]]\nname = \"other\"\naddress = \"127.0.0.2:0\"\n").await;
     let first = common::listener_addr(&baton.status().await, "other");
-    let moved = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let moved = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     rewrite_config(&baton.config, |t| {
-        t.replace("name = \"other\"\naddress = \"127.0.0.2:0\"", &format!("name = \"other\"\naddress = \"{moved}\""))
+        t.replace(
+            "name = \"other\"\naddress = \"127.0.0.2:0\"",
+            &format!("name = \"other\"\naddress = \"{moved}\""),
+        )
     });
-    let load = Load::start(baton.proxy, LoadSpec::new(format!("http://{origin}/bytes?n=64")).body_len(64).workers(2, 2));
+    let load = Load::start(
+        baton.proxy,
+        LoadSpec::new(format!("http://{origin}/bytes?n=64"))
+            .body_len(64)
+            .workers(2, 2),
+    );
     let (ok, events) = upgrade(&baton).await;
     assert!(ok, "{events:?}");
     let report = load.finish().await;

@@ -278,7 +278,9 @@ async fn upgrade_report_matches_what_clients_did() {
     // two stay until the cut.
     wait_for(Duration::from_secs(10), "the old generation to drain", || async {
         let st = baton.status().await;
-        let draining = st["draining"].as_array().is_some_and(|d| d.iter().any(|g| g["pid"] == old));
+        let draining = st["draining"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|g| g["pid"] == old));
         (st["pid"] != old && draining).then_some(())
     })
     .await;

@@ -99,7 +99,8 @@ impl Live {
 }
 
 fn encode_ledger(encoder: &mut DescriptorEncoder, ledger: &Ledger) -> Encoded {
-    let help = "Handoffs by result (ok, child_exit, failed_after_ready, timeout, spawn_error, refused), across generations";
+    let help =
+        "Handoffs by result (ok, child_exit, failed_after_ready, timeout, spawn_error, refused), across generations";
     let mut family = encoder.encode_descriptor("handoffs", help, None, MetricType::Counter)?;
     for result in HandoffResult::ALL {
         let v = ledger.handoffs.get(result.as_str()).copied().unwrap_or(0);

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-use baton_handoff::{Drain, DrainReport, Inherited, ListenAddr, Listener, PredecessorChannel, ReadySignal, open_listener};
+use baton_handoff::{
+    Drain, DrainReport, Inherited, ListenAddr, Listener, PredecessorChannel, ReadySignal, open_listener,
+};
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use tokio::sync::mpsc;
@@ -120,7 +122,11 @@ impl Generation {
             // The pid file is written at the verdict, by the predecessor: a successor that
             // could not have it written fails now, before it serves, not after.
             let is_dir = std::fs::metadata(dir).is_ok_and(|m| m.is_dir());
-            anyhow::ensure!(is_dir || dir.as_os_str().is_empty(), "pid file directory {} does not exist", dir.display());
+            anyhow::ensure!(
+                is_dir || dir.as_os_str().is_empty(),
+                "pid file directory {} does not exist",
+                dir.display()
+            );
         }
         let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain).await?;
         let control_addr = ListenAddr::Unix(config.control_socket.clone());
@@ -178,7 +184,11 @@ impl Generation {
         self.start_accepting();
         self.log_serving();
         let Some(r) = ready else { return Ok(()) };
-        let reported = if watched { r.signal_ready_pinging() } else { r.signal_ready() };
+        let reported = if watched {
+            r.signal_ready_pinging()
+        } else {
+            r.signal_ready()
+        };
         reported.context("cannot report readiness to the previous generation")?;
         if let Some(channel) = channel {
             self.predecessor_watching = true;
@@ -233,7 +243,9 @@ impl Generation {
                     Some(ctx) => admin::spawn(socket, ctx.clone(), self.admin_accepting.clone()),
                     None => warn!("an admin listener without [admin]: not served"),
                 },
-                name => self.connections.spawn_accept_loop(name.to_string(), socket, self.accepting.clone()),
+                name => self
+                    .connections
+                    .spawn_accept_loop(name.to_string(), socket, self.accepting.clone()),
             }
         }
     }
@@ -316,7 +328,11 @@ impl Generation {
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_clients.wait()).await;
-        if handed_off { Exit::HandedOff(report) } else { Exit::Stopped(report) }
+        if handed_off {
+            Exit::HandedOff(report)
+        } else {
+            Exit::Stopped(report)
+        }
     }
 
     /// Stops accepting (our listener fds close; a successor keeps the sockets) and drains.

@@ -151,14 +151,27 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     })?;
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let (channel, channel_child) = channel_pair()?;
-    let passed: Vec<BorrowedFd<'_>> = spec.listeners.iter().map(|l| l.fd).chain([ready_w.as_fd(), channel_child.as_fd()]).collect();
+    let passed: Vec<BorrowedFd<'_>> = spec
+        .listeners
+        .iter()
+        .map(|l| l.fd)
+        .chain([ready_w.as_fd(), channel_child.as_fd()])
+        .collect();
     let ready_target = FIRST_LISTEN_FD + spec.listeners.len() as RawFd;
     // Move every fd the child needs above the target range first, so the dup2 calls after
     // fork can never overwrite a source that has not been moved yet.
     let floor = FIRST_LISTEN_FD + passed.len() as RawFd;
-    let sources = passed.iter().map(|fd| dup_above(*fd, floor)).collect::<io::Result<Vec<_>>>()?;
+    let sources = passed
+        .iter()
+        .map(|fd| dup_above(*fd, floor))
+        .collect::<io::Result<Vec<_>>>()?;
     let mut image = ExecImage::new(spec, ready_target)?;
-    let argv: Vec<*const libc::c_char> = image.argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
+    let argv: Vec<*const libc::c_char> = image
+        .argv
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
     let pid_slot = image.listen_pid.as_mut_ptr();
     let envp: Vec<*const libc::c_char> = image
         .envp
@@ -198,7 +211,12 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
 /// A connected pair of Unix stream sockets, close-on-exec: ours and the child's.
 fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    Ok(socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?)
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
 
 fn block_all_signals() -> io::Result<nix::sys::signal::SigSet> {
@@ -321,7 +339,13 @@ unsafe fn cloexec_from(first: RawFd) {
     // CLOSE_RANGE_CLOEXEC from <linux/close_range.h>.
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     unsafe {
-        if libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) == 0 {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
             return;
         }
         let mut limit: libc::rlimit = std::mem::zeroed();

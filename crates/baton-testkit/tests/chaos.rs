@@ -32,13 +32,25 @@ fn successors_crashing_in_their_canary_window_cost_only_their_own_connections() 
     let out = std::process::Command::new(CHAOS)
         .arg("--baton")
         .arg(baton())
-        .args(["--handoffs", "6", "--seconds", "8", "--crash-after-ready", "0.5", "--canary-ms", "500"])
+        .args([
+            "--handoffs",
+            "6",
+            "--seconds",
+            "8",
+            "--crash-after-ready",
+            "0.5",
+            "--canary-ms",
+            "500",
+        ])
         .arg("--json")
         .output()
         .expect("run baton-chaos");
     let s = summary(&out);
     assert_eq!(s["failures_elsewhere"], 0, "{s}");
-    assert!(s["max_new_connection_ms"].as_u64().unwrap_or(u64::MAX) < 1000, "an accept waited 1 s: {s}");
+    assert!(
+        s["max_new_connection_ms"].as_u64().unwrap_or(u64::MAX) < 1000,
+        "an accept waited 1 s: {s}"
+    );
     let crashed = s["crashed_successors"].as_u64().unwrap_or(0);
     assert_eq!(s["handoffs_ok"].as_u64().unwrap_or(0) + crashed, 6, "{s}");
     assert_eq!(s["old_generations_exited_zero"], s["old_generations"], "{s}");

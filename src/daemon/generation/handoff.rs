@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use baton_handoff::{
-    CanaryFailed, HandoffError, PassedListener, Passed, Ready, SuccessorSpec, Verdict, spawn_successor,
+    CanaryFailed, HandoffError, Passed, PassedListener, Ready, SuccessorSpec, Verdict, spawn_successor,
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -153,7 +153,10 @@ impl Generation {
                 self.state = State::Canary;
                 let window = self.config.timeouts.canary;
                 info!(pid = ready.pid, ready_ms = ready.after.as_millis() as u64, canary = ?window, "new generation ready: canary window");
-                notify::status(&format!("new generation pid {} ready; canary window {window:?}", ready.pid));
+                notify::status(&format!(
+                    "new generation pid {} ready; canary window {window:?}",
+                    ready.pid
+                ));
                 pending.ready_after = Some(ready.after);
                 pending.future = Box::pin(async move { Step::Verdict(ready.watch.canary(window).await) });
                 Next::Continue(pending)
@@ -170,9 +173,13 @@ impl Generation {
     /// file, and this generation drains.
     async fn hand_over(&mut self, pending: PendingHandoff, passed: Passed) -> Next {
         let ready_after = pending.ready_after.unwrap_or_default();
-        notify::handed_over(pending.pid, &format!("serving generation {} (pid {})", self.number + 1, pending.pid));
+        notify::handed_over(
+            pending.pid,
+            &format!("serving generation {} (pid {})", self.number + 1, pending.pid),
+        );
         if let Some(path) = &self.config.pid_file {
-            let written = write_pid(path, pending.pid).with_context(|| format!("cannot write pid file {}", path.display()));
+            let written =
+                write_pid(path, pending.pid).with_context(|| format!("cannot write pid file {}", path.display()));
             if let Err(e) = written {
                 error!("{e:#}");
             }
@@ -190,7 +197,8 @@ impl Generation {
             draining_tunnels: tunnels,
         };
         self.shared.count_handoff(HandoffResult::Ok);
-        self.shared.record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
+        self.shared
+            .record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
         info!(
             result = "ok",
             old_pid = report.old_pid,
@@ -225,7 +233,12 @@ impl Generation {
             failed.reason
         );
         let result = HandoffResult::FailedAfterReady;
-        error!(result = result.as_str(), pid = failed.pid, lost_connections = failed.connections, "handoff failed, serving on: {reason}");
+        error!(
+            result = result.as_str(),
+            pid = failed.pid,
+            lost_connections = failed.connections,
+            "handoff failed, serving on: {reason}"
+        );
         self.shared.count_handoff(result);
         self.shared.record(|l| l.canary_lost += failed.connections);
         notify::rolled_back(&format!("serving (last handoff failed: {reason})"));

@@ -186,7 +186,10 @@ impl Launched {
         std::fs::create_dir_all(&dir)?;
         let control = dir.join("control.sock");
         let config = dir.join("baton.toml");
-        std::fs::write(&config, config_text(&dir, args.baton_workers, echo.port(), args.canary()))?;
+        std::fs::write(
+            &config,
+            config_text(&dir, args.baton_workers, echo.port(), args.canary()),
+        )?;
         let log = std::fs::File::create(dir.join("baton.log"))?;
         let first = std::process::Command::new(&baton)
             .args(["run", "--config"])
@@ -479,10 +482,15 @@ impl TrafficReport {
     fn failures_around(&self, crashes: &[Instant]) -> (u64, u64) {
         let near = |t: &Instant| {
             crashes.iter().any(|c| {
-                t.checked_duration_since(*c).map_or_else(|| c.duration_since(*t) < CRASH_SLACK, |d| d < CRASH_REACH)
+                t.checked_duration_since(*c)
+                    .map_or_else(|| c.duration_since(*t) < CRASH_SLACK, |d| d < CRASH_REACH)
             })
         };
-        let times = [&self.requests.failure_times, &self.slow.failure_times, &self.tunnels.failure_times];
+        let times = [
+            &self.requests.failure_times,
+            &self.slow.failure_times,
+            &self.tunnels.failure_times,
+        ];
         let attributed = times.iter().flat_map(|v| v.iter()).filter(|t| near(t)).count() as u64;
         (attributed, self.failures() - attributed)
     }
