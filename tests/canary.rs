@@ -66,7 +66,6 @@ async fn successor_fails_in_the_window(after: Duration, fate: Fate) {
         Fate::ExitsCleanly => Signal::SIGTERM,
     };
     baton.signal(successor, signal);
-    let crashed = Instant::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
     served_within_a_second(&baton, origin).await;
     let (ok, out) = tokio::time::timeout(Duration::from_secs(10), upgrade)
@@ -92,7 +91,6 @@ async fn successor_fails_in_the_window(after: Duration, fate: Fate) {
         "{fate:?} at +{after:?}: old generation served again; upgrade said: {}",
         out.trim()
     );
-    let _ = crashed;
     assert_eq!(
         baton.wait_exit(Duration::from_millis(10)).await,
         None,

@@ -73,6 +73,11 @@ impl Baton {
                 .stderr(log.try_clone().expect("log fd"))
                 .spawn()
         });
+        Baton::attach(child, dir, config).await
+    }
+
+    /// The started `child` as a `Baton`, once it answers on `<dir>/control.sock`.
+    async fn attach(child: Child, dir: tempfile::TempDir, config: PathBuf) -> Baton {
         let control = dir.path().join("control.sock");
         let mut b = Baton {
             child,
@@ -112,17 +117,7 @@ impl Baton {
                 .stderr(log.try_clone().expect("log fd"))
                 .spawn()
         });
-        let control = dir.path().join("control.sock");
-        let mut b = Baton {
-            child,
-            dir,
-            config: path,
-            control,
-            proxy: "127.0.0.1:1".parse().expect("addr"),
-        };
-        let status = b.wait_status(Duration::from_secs(10)).await;
-        b.proxy = listener_addr(&status, "proxy");
-        b
+        Baton::attach(child, dir, path).await
     }
 
     /// Polls the control socket until it answers or `timeout` passes (then panics with the log).
@@ -160,18 +155,7 @@ impl Baton {
 
     /// Runs `baton <args> --control <sock>`; returns (success, stdout+stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(BATON)
-            .args(args)
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .expect("run baton cli");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        cli_at(&self.control, args)
     }
 
     pub fn signal(&self, pid: u32, sig: nix::sys::signal::Signal) {
@@ -219,6 +203,22 @@ fn spawn_retrying_etxtbsy(mut spawn: impl FnMut() -> std::io::Result<Child>) -> 
 }
 
 /// The status as JSON (for tests that index it), from the typed client's answer line.
+/// Runs `baton <args> --control <control>`; returns (success, stdout+stderr).
+pub fn cli_at(control: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BATON)
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .expect("run baton cli");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 pub async fn status(control: &Path) -> Option<serde_json::Value> {
     let (_, line) = baton::control::status(control).await.ok()?;
     serde_json::from_str(&line).ok()
