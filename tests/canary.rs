@@ -33,19 +33,7 @@ fn serving_pid(log: &str, generation: u64) -> Option<u32> {
 /// `baton upgrade` in the background: (exit success, stdout + stderr).
 fn upgrade_in_background(baton: &Baton) -> tokio::task::JoinHandle<(bool, String)> {
     let control = baton.control.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(common::BATON)
-            .args(["upgrade", "--control"])
-            .arg(&control)
-            .output()
-            .expect("run baton upgrade");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    })
+    tokio::task::spawn_blocking(move || common::cli_at(&control, &["upgrade"]))
 }
 
 /// Hands off, lets the successor live `after` past ready, then ends it as `fate` says, and
