@@ -38,7 +38,8 @@ pub struct AccessLine<'a> {
     rule: Option<&'static str>,
     bytes_in: Option<u64>,
     bytes_out: Option<u64>,
-    ms: Option<u64>,
+    /// When the request started; the line's `ms` is computed only if the line is written.
+    started: Option<Instant>,
     complete: Option<bool>,
     outcome: Option<&'static str>,
     relay: Option<&'static str>,
@@ -69,7 +70,7 @@ impl<'a> AccessLine<'a> {
             rule: None,
             bytes_in: None,
             bytes_out: None,
-            ms: None,
+            started: None,
             complete: None,
             outcome: None,
             relay: None,
@@ -92,7 +93,7 @@ impl<'a> AccessLine<'a> {
     /// since the request started.
     pub fn traffic(mut self, bytes_in: u64, bytes_out: u64, started: Instant) -> Self {
         (self.bytes_in, self.bytes_out) = (Some(bytes_in), Some(bytes_out));
-        self.ms = Some(started.elapsed().as_millis() as u64);
+        self.started = Some(started);
         self
     }
 
@@ -133,7 +134,7 @@ impl<'a> AccessLine<'a> {
                     rule = self.rule,
                     bytes_in = self.bytes_in,
                     bytes_out = self.bytes_out,
-                    ms = self.ms,
+                    ms = self.started.map(|s| s.elapsed().as_millis() as u64),
                     complete = self.complete,
                     outcome = self.outcome,
                     relay = self.relay,
