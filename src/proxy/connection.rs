@@ -190,15 +190,18 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// reason goes to the access log here. Other endings (resets, a vanished peer) are routine.
 fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
     let Err(e) = result else { return };
-    let status = if e.is_parse_too_large() {
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-    } else if e.is_parse() {
-        StatusCode::BAD_REQUEST
-    } else if e.is_timeout() {
-        let reason = "request head not received within header_read";
-        return AccessLine::new(Kind::Closed, peer).reason(reason).write();
-    } else {
-        return debug!(client = %peer, "connection ended: {e}");
+    let status = match () {
+        () if e.is_parse_too_large() => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        () if e.is_parse() => StatusCode::BAD_REQUEST,
+        () if e.is_timeout() => {
+            let reason = "request head not received within header_read";
+            AccessLine::new(Kind::Closed, peer).reason(reason).write();
+            return;
+        }
+        () => {
+            debug!(client = %peer, "connection ended: {e}");
+            return;
+        }
     };
     let reason = e.to_string();
     AccessLine::new(Kind::Refused, peer)
