@@ -245,6 +245,10 @@ fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
     origins
 }
 
+/// The longest reason [`ReadySignal::signal_failed`] passes on (well below a pipe's buffer,
+/// so the write never blocks a process that is about to exit).
+pub const MAX_REASON_BYTES: usize = 2000;
+
 /// The write end of the readiness pipe, held by a new generation until it serves.
 pub struct ReadySignal(OwnedFd);
 
@@ -259,6 +263,22 @@ impl ReadySignal {
     /// that says so and stays silent fails the canary.
     pub fn signal_ready_pinging(self) -> io::Result<()> {
         self.write(&format!("ready {} canary\n", std::process::id()))
+    }
+
+    /// Tells the predecessor why we cannot serve (we exit next): `failed <reason>`. Its
+    /// handoff error then carries the reason beside the exit status, so `baton upgrade` and
+    /// the old generation's log say what was wrong (a file, a line) and not only "exit
+    /// status 1". A predecessor that does not know the line waits for the exit as before.
+    pub fn signal_failed(self, reason: &str) -> io::Result<()> {
+        let mut one_line: String = reason.replace(['\n', '\r'], " ");
+        if one_line.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !one_line.is_char_boundary(end) {
+                end -= 1;
+            }
+            one_line.truncate(end);
+        }
+        self.write(&format!("failed {one_line}\n"))
     }
 
     fn write(self, line: &str) -> io::Result<()> {

@@ -5,7 +5,8 @@
 //! `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid, so any `sd_listen_fds` consumer
 //! accepts them; where each came from goes in `BATON_LISTEN_ORIGINS`; the write end of a
 //! readiness pipe goes as the next fd, its number in `BATON_READY_FD`. The child writes
-//! `ready <pid>\n` once it serves, or the exec failure's errno as `exec-error NNNN\n`. The
+//! `ready <pid>\n` once it serves, the exec failure's errno as `exec-error NNNN\n`, or why it
+//! cannot serve as `failed <reason>\n` before it exits. The
 //! child's end of the channel follows (`BATON_CHANNEL_FD`), then any extra named fds
 //! (`BATON_EXTRA_FDS=name=fd:...`).
 
@@ -421,7 +422,7 @@ impl Successor {
                     return Ok::<_, io::Error>(String::from_utf8_lossy(&buf).trim().to_string());
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > 256 {
+                if buf.len() > crate::inherit::MAX_REASON_BYTES + 64 {
                     return Ok(String::from_utf8_lossy(&buf).to_string());
                 }
             }
@@ -445,6 +446,19 @@ impl Successor {
                 let after = self.started.elapsed();
                 let watch = Watch::new(self.pid, self.exited, self.channel, pings);
                 return Ok(Ready { pid, after, watch });
+            }
+            // `failed <reason>`: it will exit; the error says why, with the exit status.
+            Some(line) if line.starts_with("failed ") => {
+                let reason = line["failed ".len()..].trim().to_string();
+                let left = timeout.saturating_sub(self.started.elapsed());
+                match tokio::time::timeout(left, &mut self.exited).await {
+                    Ok(status) => {
+                        let status = status.unwrap_or_else(|_| "unknown".into());
+                        let status = format!("{status}: {reason}");
+                        return Err(HandoffError::ChildExited { pid, status });
+                    }
+                    Err(_) => HandoffError::Timeout { pid, timeout },
+                }
             }
             Some(line) if line.starts_with("exec-error") => {
                 let errno = line.rsplit(' ').next().and_then(|e| e.parse().ok()).unwrap_or(0);
