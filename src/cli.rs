@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use baton::config::{AccessSink, Config};
+use baton::config::{AccessSink, Config, TlsFiles};
 use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
-use baton_handoff::Inherited;
+use baton::tls::{TicketKeys, Validity, certs};
+use baton_handoff::{Inherited, ReadySignal};
 use serde::Serialize;
 
 #[derive(clap::Args, Default)]
@@ -46,7 +47,18 @@ pub struct UpgradeArgs {
 }
 
 pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
-    let inherited = inherited.context("cannot take the inherited file descriptors")?;
+    let mut inherited = inherited.context("cannot take the inherited file descriptors")?;
+    // A successor that fails before it is ready tells its predecessor why (a configuration
+    // line, a certificate file), which then reports it with the exit status.
+    let mut ready = inherited.ready.take();
+    let result = run_generation(args, inherited, &mut ready);
+    if let (Err(e), Some(r)) = (&result, ready.take()) {
+        let _ = r.signal_failed(&format!("{e:#}"));
+    }
+    result
+}
+
+fn run_generation(args: RunArgs, inherited: Inherited, ready: &mut Option<ReadySignal>) -> anyhow::Result<ExitCode> {
     baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
@@ -55,7 +67,7 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
     let runtime = build_runtime(config.workers)?;
     let pid_file = config.pid_file.clone();
     let exit = runtime.block_on(async move {
-        let generation = Generation::start(launch, config, inherited).await?;
+        let generation = Generation::start(launch, config, inherited, ready).await?;
         Ok::<_, anyhow::Error>(generation.run().await)
     })?;
     // Tasks still parked (reapers, cut tunnels) must not hold the exit up.
@@ -78,6 +90,12 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     println!("{name}: configuration ok");
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);
+        if let Some(files) = &l.tls {
+            check_certificate(&l.name, files)?;
+        }
+    }
+    if let Some(path) = &config.tls.ticket_keys {
+        check_ticket_keys(path)?;
     }
     println!("  control socket {}", config.control_socket.display());
     match config.workers {
@@ -104,6 +122,55 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A TLS listener's pair, as a generation would load it, and its validity: expired or not
+/// yet valid is an error (every client would refuse it), under 14 days left a warning.
+fn check_certificate(listener: &str, files: &TlsFiles) -> anyhow::Result<()> {
+    let cert = certs::load(files).with_context(|| format!("listener `{listener}`"))?;
+    println!(
+        "    TLS certificate {} (key {}): serial {}, {}",
+        files.cert.display(),
+        files.key.display(),
+        cert.serial,
+        cert.subject
+    );
+    let expires = cert.not_after_text();
+    match cert.validity_at(std::time::SystemTime::now()) {
+        Validity::Valid { left } => {
+            let days = left.as_secs() / 86_400;
+            println!("    valid until {expires} ({days} days left)");
+            if left < certs::EXPIRY_WARNING {
+                println!("    warning: the certificate of listener `{listener}` expires in {days} days ({expires})");
+            }
+            Ok(())
+        }
+        Validity::Expired { .. } => anyhow::bail!(
+            "listener `{listener}`: the certificate in {} expired at {expires}",
+            files.cert.display()
+        ),
+        Validity::NotYetValid => anyhow::bail!(
+            "listener `{listener}`: the certificate in {} is not valid yet",
+            files.cert.display()
+        ),
+    }
+}
+
+/// `[tls] ticket_keys`: usable, and not readable by every user (whoever reads it can
+/// decrypt the session tickets, and so resume as any client).
+fn check_ticket_keys(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    TicketKeys::start(None, Some(path))?;
+    println!("  TLS ticket keys from {}", path.display());
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o004 != 0 {
+        println!(
+            "  warning: {} is readable by every user (mode {:o}): chmod o-r",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
 }
 
 fn control_socket(args: &ClientArgs) -> anyhow::Result<PathBuf> {
@@ -222,6 +289,8 @@ struct UpgradeSummary {
     draining_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     draining_tunnels: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining_tls_connections: Option<usize>,
     /// With `--wait-drain`: how the drain ended (`null` when the old generation did not say).
     #[serde(skip_serializing_if = "Option::is_none")]
     drain: Option<Option<DrainSummary>>,
@@ -266,6 +335,7 @@ impl UpgradeSummary {
         (self.old_generation, self.new_generation) = (Some(r.old_generation), Some(r.new_generation));
         (self.ready_ms, self.canary_ms) = (Some(r.ready_ms), r.canary_ms);
         (self.draining_connections, self.draining_tunnels) = (Some(r.draining_connections), Some(r.draining_tunnels));
+        self.draining_tls_connections = r.draining_tls_connections;
     }
 
     fn fail(&mut self, result: &str, reason: String) {
@@ -318,6 +388,10 @@ fn print_event(ev: &Event) {
 
 fn print_done(r: &UpgradeReport) {
     let (connections, tunnels) = (r.draining_connections, r.draining_tunnels);
+    let connections = match r.draining_tls_connections {
+        Some(tls) if tls > 0 => format!("{connections} connections ({tls} TLS)"),
+        _ => format!("{connections} connections"),
+    };
     match r.canary_ms {
         Some(canary) => {
             println!(
@@ -325,12 +399,12 @@ fn print_done(r: &UpgradeReport) {
                 r.ready_ms, r.new_pid, r.new_generation
             );
             println!(
-                "canary passed after {canary} ms: pid {} serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+                "canary passed after {canary} ms: pid {} serving; old pid {} draining {connections}, {tunnels} tunnels",
                 r.new_pid, r.old_pid
             );
         }
         None => println!(
-            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {connections}, {tunnels} tunnels",
             r.ready_ms, r.new_pid, r.new_generation, r.old_pid
         ),
     }

@@ -31,6 +31,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok`, `failed`, `timeout` or `evicted`.
+    pub result: &'static str,
+}
+
 /// The counters of this process (one generation).
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -38,6 +44,7 @@ pub struct Metrics {
     pub bytes_received: Family<KindLabels, Counter>,
     pub bytes_sent: Family<KindLabels, Counter>,
     pub upstream_connect_errors: Family<ReasonLabels, Counter>,
+    pub tls_handshakes: Family<ResultLabels, Counter>,
     /// Counter handles resolved once per label set, so that a request does not pay the
     /// family's lock and label hashing: [method][status class], and [http, tunnel].
     request_handles: [[OnceLock<Counter>; 5]; 10],
@@ -51,6 +58,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     bytes_received: Family::default(),
     bytes_sent: Family::default(),
     upstream_connect_errors: Family::default(),
+    tls_handshakes: Family::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     byte_handles: std::array::from_fn(|_| OnceLock::new()),
 });
@@ -86,6 +94,11 @@ impl Metrics {
             "upstream_connect_errors",
             "Failed connects to origins and CONNECT targets",
             self.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
+            self.tls_handshakes.clone(),
         );
     }
 }
@@ -173,4 +186,9 @@ pub fn upstream_connect_error(timeout: bool) {
             reason: if timeout { "timeout" } else { "error" },
         })
         .inc();
+}
+
+/// Records how a TLS handshake ended (`ok`, or a [`crate::tls::HandshakeError`]'s label).
+pub fn tls_handshake(result: &'static str) {
+    get().tls_handshakes.get_or_create(&ResultLabels { result }).inc();
 }

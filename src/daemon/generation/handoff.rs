@@ -6,8 +6,10 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
 use baton_handoff::{
-    CanaryFailed, HandoffError, Passed, PassedListener, Ready, SuccessorSpec, Verdict, spawn_successor,
+    CanaryFailed, HandoffError, Passed, PassedFd, PassedListener, Ready, SuccessorSpec, Verdict, spawn_successor,
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -18,6 +20,7 @@ use crate::daemon::control_server::Trigger;
 use crate::daemon::files::write_pid;
 use crate::daemon::notify;
 use crate::daemon::state_dir::HandoffResult;
+use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
 
 /// What a handoff's future resolves to: readiness, then the canary verdict.
 pub(super) enum Step {
@@ -74,7 +77,9 @@ impl Generation {
         }
         info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
         notify::reloading();
-        let successor = match spawn_successor(&self.successor_spec()) {
+        let ticket_keys = self.export_ticket_keys();
+        let spec = self.successor_spec(ticket_keys.as_ref().map(AsFd::as_fd));
+        let successor = match spawn_successor(&spec) {
             Ok(s) => s,
             Err(e) => {
                 self.roll_back(&e, reply.as_ref());
@@ -121,7 +126,20 @@ impl Generation {
         })
     }
 
-    fn successor_spec(&self) -> SuccessorSpec<'_> {
+    /// The TLS ticket keys for the successor, in a sealed memfd. Without them it serves all
+    /// the same, but no client resumes a session from before the handoff: worth a warning,
+    /// not a failed handoff.
+    fn export_ticket_keys(&self) -> Option<OwnedFd> {
+        match self.tls.tickets.export() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("cannot pass the TLS ticket keys on ({e}): sessions will not resume after this handoff");
+                None
+            }
+        }
+    }
+
+    fn successor_spec<'a>(&'a self, ticket_keys: Option<BorrowedFd<'a>>) -> SuccessorSpec<'a> {
         let listeners = self
             .listeners
             .iter()
@@ -135,7 +153,13 @@ impl Generation {
             program: &self.launch.program,
             args: &self.launch.args,
             listeners,
-            extra: Vec::new(),
+            extra: ticket_keys
+                .map(|fd| PassedFd {
+                    name: TICKET_KEYS_FD,
+                    fd,
+                })
+                .into_iter()
+                .collect(),
             generation: self.number + 1,
         }
     }
@@ -186,6 +210,7 @@ impl Generation {
             }
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
+        let tls = self.connections.tls_connections();
         let drain = self.begin_drain();
         let report = UpgradeReport {
             old_pid: self.pid,
@@ -196,6 +221,7 @@ impl Generation {
             canary_ms: Some(passed.window.as_millis() as u64),
             draining_connections: connections,
             draining_tunnels: tunnels,
+            draining_tls_connections: Some(tls.min(connections)),
         };
         self.shared.count_handoff(HandoffResult::Ok);
         self.shared
@@ -210,6 +236,7 @@ impl Generation {
             canary_ms = report.canary_ms,
             draining_connections = report.draining_connections,
             draining_tunnels = report.draining_tunnels,
+            draining_tls_connections = tls,
             "handoff complete: draining"
         );
         if let Some(r) = pending.reply {
