@@ -423,7 +423,9 @@ fn listeners(
         if listeners.iter().any(|o| o.name == l.name) {
             return Err(at("duplicate listener name"));
         }
-        if listeners.iter().any(|o| o.addr == addr) {
+        // Port 0 (any free port) twice is two sockets, not one address twice.
+        let ephemeral = matches!(addr, ListenAddr::Tcp(a) if a.port() == 0);
+        if !ephemeral && listeners.iter().any(|o| o.addr == addr) {
             return Err(at("duplicate listener address"));
         }
         listeners.push(ListenerConfig {

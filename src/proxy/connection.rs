@@ -32,6 +32,7 @@ use crate::proxy::service::{Body, Proxy, error_response};
 use crate::proxy::strict::Fault;
 use crate::proxy::upstream::OriginLease;
 use crate::tls::Handshakes;
+use crate::tls::handshake::Pending;
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -128,13 +129,17 @@ impl Connections {
                 connections.serve(stream, peer).await;
                 drop(slot);
             }),
-            Some(acceptor) => self.drain.connections().spawn(async move {
-                let _open = OpenTls::count(&connections.tls_open);
-                if let Some(tls) = connections.handshake(&acceptor, stream, peer).await {
-                    connections.serve(tls, peer).await;
-                }
-                drop(slot);
-            }),
+            Some(acceptor) => {
+                let open = OpenTls::count(&self.tls_open);
+                let pending = self.handshakes.begin();
+                self.drain.connections().spawn(async move {
+                    let _open = open;
+                    if let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await {
+                        connections.serve(tls, peer).await;
+                    }
+                    drop(slot);
+                })
+            }
         };
     }
 
@@ -142,13 +147,14 @@ impl Connections {
     /// whose handshake fails, is closed (and the reason logged).
     async fn handshake(
         &self,
+        pending: Pending,
         acceptor: &TlsAcceptor,
         stream: Stream,
         peer: Peer,
     ) -> Option<tokio_rustls::server::TlsStream<Stream>> {
         let cut = self.drain.cut_token();
         let result = tokio::select! {
-            r = self.handshakes.accept(acceptor, stream) => r,
+            r = self.handshakes.complete(pending, acceptor, stream) => r,
             _ = cut.cancelled() => return None,
         };
         match result {

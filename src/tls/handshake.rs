@@ -9,8 +9,8 @@
 //! newest would have refused it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -46,7 +46,24 @@ pub struct Handshakes {
     timeout: Duration,
     max: usize,
     next: AtomicU64,
-    pending: Mutex<BTreeMap<u64, CancellationToken>>,
+    pending: Arc<Mutex<BTreeMap<u64, CancellationToken>>>,
+}
+
+/// A connection's place among the handshakes in progress, taken in accept order (before its
+/// task runs, since tasks run in no particular order); it leaves when dropped.
+#[derive(Debug)]
+pub struct Pending {
+    id: u64,
+    evicted: CancellationToken,
+    pending: Arc<Mutex<BTreeMap<u64, CancellationToken>>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&self.id);
+        }
+    }
 }
 
 impl Handshakes {
@@ -55,7 +72,7 @@ impl Handshakes {
             timeout,
             max: max.max(1),
             next: AtomicU64::new(0),
-            pending: Mutex::new(BTreeMap::new()),
+            pending: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
 
@@ -64,12 +81,9 @@ impl Handshakes {
         self.pending.lock().map_or(0, |p| p.len())
     }
 
-    /// Runs the server handshake on `io`, evicting the oldest handshake in progress if this
-    /// one would exceed the bound.
-    pub async fn accept<IO>(&self, acceptor: &TlsAcceptor, io: IO) -> Result<TlsStream<IO>, HandshakeError>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin,
-    {
+    /// Takes a place for a connection just accepted, evicting the oldest handshakes in
+    /// progress beyond the bound.
+    pub fn begin(&self) -> Pending {
         let evicted = CancellationToken::new();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut pending) = self.pending.lock() {
@@ -81,25 +95,31 @@ impl Handshakes {
             }
             pending.insert(id, evicted.clone());
         }
-        let _registered = Registered { handshakes: self, id };
-        tokio::select! {
-            r = acceptor.accept(io) => r.map_err(HandshakeError::Failed),
-            _ = evicted.cancelled() => Err(HandshakeError::Evicted(self.max)),
-            _ = tokio::time::sleep(self.timeout) => Err(HandshakeError::Timeout(self.timeout)),
+        Pending {
+            id,
+            evicted,
+            pending: self.pending.clone(),
         }
     }
-}
 
-/// Removes a handshake from the pending set however it ends (dropped futures included).
-struct Registered<'a> {
-    handshakes: &'a Handshakes,
-    id: u64,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut pending) = self.handshakes.pending.lock() {
-            pending.remove(&self.id);
-        }
+    /// Runs the server handshake on `io` in the place `pending`, within the timeout.
+    pub async fn complete<IO>(
+        &self,
+        pending: Pending,
+        acceptor: &TlsAcceptor,
+        io: IO,
+    ) -> Result<TlsStream<IO>, HandshakeError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let evicted = pending.evicted.clone();
+        let result = tokio::select! {
+            biased;
+            _ = evicted.cancelled() => Err(HandshakeError::Evicted(self.max)),
+            r = acceptor.accept(io) => r.map_err(HandshakeError::Failed),
+            _ = tokio::time::sleep(self.timeout) => Err(HandshakeError::Timeout(self.timeout)),
+        };
+        drop(pending);
+        result
     }
 }

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientError, ProxyConnection};
+use crate::tls::ProxyTls;
 
 /// How many failure messages a pool keeps.
 pub const MAX_SAMPLES: usize = 20;
@@ -44,6 +45,8 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// A worker's pause between two requests.
     pub pause: Duration,
+    /// To a TLS listener: the client side (`None`: plain TCP).
+    pub tls: Option<ProxyTls>,
 }
 
 impl LoadSpec {
@@ -57,7 +60,14 @@ impl LoadSpec {
             new_connection_workers: 1,
             timeout: Duration::from_secs(10),
             pause: Duration::ZERO,
+            tls: None,
         }
+    }
+
+    /// Speak TLS to the proxy (a TLS listener).
+    pub fn tls(mut self, tls: ProxyTls) -> LoadSpec {
+        self.tls = Some(tls);
+        self
     }
 
     /// A complete answer has exactly `n` body bytes.
@@ -298,7 +308,7 @@ impl Worker {
             let attempt = tokio::time::timeout(self.spec.timeout, async {
                 let c = match conn.take() {
                     Some(c) => conn.insert(c),
-                    None => conn.insert(ProxyConnection::open(self.proxy).await?),
+                    None => conn.insert(ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref()).await?),
                 };
                 c.get(&self.spec.url).await
             })
@@ -314,7 +324,10 @@ impl Worker {
         while !stop.is_cancelled() {
             let started = Instant::now();
             let attempt = tokio::time::timeout(self.spec.timeout, async {
-                ProxyConnection::open(self.proxy).await?.get(&self.spec.url).await
+                ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref())
+                    .await?
+                    .get(&self.spec.url)
+                    .await
             })
             .await;
             if self.record(Kind::NewConnection, attempt) {
