@@ -76,11 +76,6 @@ impl Handshakes {
         }
     }
 
-    /// Handshakes in progress now.
-    pub fn in_progress(&self) -> usize {
-        self.pending.lock().map_or(0, |p| p.len())
-    }
-
     /// Takes a place for a connection just accepted, evicting the oldest handshakes in
     /// progress beyond the bound.
     pub fn begin(&self) -> Pending {
