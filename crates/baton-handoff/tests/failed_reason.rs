@@ -18,12 +18,13 @@ async fn the_reason_a_successor_gives_is_in_the_error() {
         extra: Vec::new(),
         generation: 2,
     };
-    let err = spawn_successor(&spec)
+    let outcome = spawn_successor(&spec)
         .expect("spawn")
         .await_ready(Duration::from_secs(10))
-        .await
-        .err()
-        .expect("the successor failed");
+        .await;
+    let Err(err) = outcome else {
+        panic!("the successor failed, yet it was reported ready");
+    };
     let HandoffError::ChildExited { status, .. } = &err else {
         panic!("{err:?}");
     };
