@@ -12,6 +12,7 @@ use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
 use baton_handoff::Inherited;
 use serde::Serialize;
+use tokio::runtime::Runtime;
 
 #[derive(clap::Args, Default)]
 pub struct RunArgs {
@@ -47,17 +48,22 @@ pub struct UpgradeArgs {
 
 pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
     let inherited = inherited.context("cannot take the inherited file descriptors")?;
-    baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
-    let config_path = args.config.as_deref().map(absolute).transpose()?;
-    let config = Config::load(config_path.as_deref())?;
-    baton::daemon::logging::init(config.log_format, &config.access_log)?;
-    let launch = Launch::current(inherited.program.clone(), config_path, args.tag)?;
-    let runtime = build_runtime(config.workers)?;
-    let pid_file = config.pid_file.clone();
-    let exit = runtime.block_on(async move {
-        let generation = Generation::start(launch, config, inherited).await?;
-        Ok::<_, anyhow::Error>(generation.run().await)
-    })?;
+    // Whatever fails from here until ready, the predecessor hears why (and reports it).
+    let reporter = inherited.ready.as_ref().and_then(|r| r.failure_reporter().ok());
+    let started = start(args, inherited);
+    let (runtime, generation, pid_file) = match started {
+        Ok(s) => {
+            drop(reporter);
+            s
+        }
+        Err(e) => {
+            if let Some(r) = reporter {
+                r.report(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    let exit = runtime.block_on(generation.run());
     // Tasks still parked (reapers, cut tunnels) must not hold the exit up.
     runtime.shutdown_background();
     if !matches!(exit, Exit::HandedOff(_))
@@ -70,6 +76,20 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
         Exit::HandedOff(_) | Exit::Stopped(_) => ExitCode::SUCCESS,
         Exit::Forced => ExitCode::from(1),
     })
+}
+
+/// Everything up to ready: the configuration, the log, the launch, the runtime, and the
+/// generation's start (listeners, state, readiness).
+fn start(args: RunArgs, mut inherited: Inherited) -> anyhow::Result<(Runtime, Generation, Option<PathBuf>)> {
+    baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    let config_path = args.config.as_deref().map(absolute).transpose()?;
+    let config = Config::load(config_path.as_deref())?;
+    baton::daemon::logging::init(config.log_format, &config.access_log)?;
+    let launch = Launch::current(&mut inherited, config_path, args.tag)?;
+    let runtime = build_runtime(config.workers)?;
+    let pid_file = config.pid_file.clone();
+    let generation = runtime.block_on(Generation::start(launch, config, inherited))?;
+    Ok((runtime, generation, pid_file))
 }
 
 pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
@@ -172,7 +192,7 @@ fn events(socket: &Path, request: Request, json: bool) -> anyhow::Result<ExitCod
         if json {
             println!("{}", control::answer_line(&ev).trim_end());
         } else {
-            print_event(&ev);
+            print_event(&ev, request);
         }
     }))?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -182,10 +202,23 @@ fn events(socket: &Path, request: Request, json: bool) -> anyhow::Result<ExitCod
 /// upgrade report: pids, generations, time to ready, connections handed to the drain, with
 /// `--wait-drain` how they ended, and the reason on failure).
 pub fn upgrade(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
-    let socket = control_socket(&args.client)?;
     let request = Request::Upgrade {
         wait_drain: args.wait_drain,
     };
+    handoff(&args, request)
+}
+
+/// `baton rollback`: a handoff to the binary the serving generation's predecessor ran,
+/// reported like `baton upgrade`.
+pub fn rollback(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let request = Request::Rollback {
+        wait_drain: args.wait_drain,
+    };
+    handoff(&args, request)
+}
+
+fn handoff(args: &UpgradeArgs, request: Request) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args.client)?;
     if !args.client.json {
         return events(&socket, request, false);
     }
@@ -300,7 +333,11 @@ impl From<DrainOutcome> for DrainSummary {
     }
 }
 
-fn print_event(ev: &Event) {
+fn print_event(ev: &Event, request: Request) {
+    let what = match request {
+        Request::Rollback { .. } => "rollback",
+        _ => "upgrade",
+    };
     match ev {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
@@ -308,8 +345,8 @@ fn print_event(ev: &Event) {
             "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
             d.old_pid, d.drain_ms, d.finished, d.cut
         ),
-        Event::Failed { reason } => eprintln!("upgrade failed, old generation serves on: {reason}"),
-        Event::Refused { reason } => eprintln!("upgrade refused: {reason}"),
+        Event::Failed { reason } => eprintln!("{what} failed, old generation serves on: {reason}"),
+        Event::Refused { reason } => eprintln!("{what} refused: {reason}"),
         Event::Error { reason } => eprintln!("error: {reason}"),
         Event::Stopping => println!("stopping: draining"),
         Event::Unknown => {}

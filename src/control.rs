@@ -7,7 +7,8 @@
 //!
 //! Compatibility across one version either way matters because `systemctl reload` runs the
 //! *new* CLI against the *old* daemon, and an old CLI may talk to a new daemon:
-//! - request lines are the same since version 1 (0.1.0);
+//! - request lines are the same since version 1 (0.1.0), plus `rollback`, which a daemon
+//!   that does not know it answers with an error naming the command;
 //! - every answer carries the protocol version as `"v"` (absent: version 1);
 //! - both sides ignore fields they do not know, and a client ignores events it does not know
 //!   ([`Event::Unknown`]). `tests/control_compat.rs` replays version 1's recorded messages.
@@ -30,6 +31,11 @@ pub enum Request {
     Upgrade {
         wait_drain: bool,
     },
+    /// Hand off to the binary the serving generation's predecessor ran (a daemon older than
+    /// this request answers "unknown command").
+    Rollback {
+        wait_drain: bool,
+    },
     Status,
     Stop,
 }
@@ -40,6 +46,8 @@ impl Request {
         match self {
             Request::Upgrade { wait_drain: false } => "upgrade",
             Request::Upgrade { wait_drain: true } => "upgrade wait-drain",
+            Request::Rollback { wait_drain: false } => "rollback",
+            Request::Rollback { wait_drain: true } => "rollback wait-drain",
             Request::Status => "status",
             Request::Stop => "stop",
         }
@@ -50,10 +58,12 @@ impl Request {
         match line.trim() {
             "upgrade" => Ok(Request::Upgrade { wait_drain: false }),
             "upgrade wait-drain" => Ok(Request::Upgrade { wait_drain: true }),
+            "rollback" => Ok(Request::Rollback { wait_drain: false }),
+            "rollback wait-drain" => Ok(Request::Rollback { wait_drain: true }),
             "status" => Ok(Request::Status),
             "stop" => Ok(Request::Stop),
             other => Err(format!(
-                "unknown command `{other}` (upgrade, upgrade wait-drain, status, stop)"
+                "unknown command `{other}` (upgrade, upgrade wait-drain, rollback, rollback wait-drain, status, stop)"
             )),
         }
     }
@@ -293,6 +303,8 @@ mod tests {
         for r in [
             Request::Upgrade { wait_drain: false },
             Request::Upgrade { wait_drain: true },
+            Request::Rollback { wait_drain: false },
+            Request::Rollback { wait_drain: true },
             Request::Status,
             Request::Stop,
         ] {

@@ -30,6 +30,9 @@ enum Cmd {
     },
     /// Hand over to a new generation (re-reads the binary and config) and wait for the outcome.
     Upgrade(cli::UpgradeArgs),
+    /// Hand over to a new generation of the binary the serving generation took over from
+    /// (held open since, whatever is installed now), re-reading the config; wait for the outcome.
+    Rollback(cli::UpgradeArgs),
     /// Show the serving generation.
     Status(cli::ClientArgs),
     /// Stop gracefully: drain, then exit.
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => cli::run(args, inherited),
         Cmd::Check { config } => cli::check(config.as_deref()),
         Cmd::Upgrade(args) => cli::upgrade(args),
+        Cmd::Rollback(args) => cli::rollback(args),
         Cmd::Status(args) => cli::status(args),
         Cmd::Stop(args) => cli::stop(args),
         Cmd::Manual(args) => manual::run(&args, Cli::command()),

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::config::{ADMIN_LISTENER, CONTROL_LISTENER, Config};
 use crate::control::{DrainOutcome, Event, ListenerStatus, Status};
 use crate::daemon::admin::{self, AdminContext};
-use crate::daemon::control_server::{self, Command, Trigger};
+use crate::daemon::control_server::{self, Command, HandoffTo, Trigger};
 use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
 use crate::daemon::notify;
@@ -294,8 +294,8 @@ impl Generation {
             Command::Status(reply) => {
                 let _ = reply.send(self.status(handoff.is_some()));
             }
-            Command::Upgrade { trigger, reply } => {
-                if let Some(p) = self.begin_handoff(trigger, reply, handoff.as_ref()) {
+            Command::Upgrade { trigger, to, reply } => {
+                if let Some(p) = self.begin_handoff((trigger, to), reply, handoff.as_ref()) {
                     *handoff = Some(p);
                 }
             }
@@ -479,10 +479,12 @@ fn spawn_signal_listener(commands: mpsc::Sender<Command>) -> anyhow::Result<()> 
             let cmd = match sig {
                 SIGUSR2 => Command::Upgrade {
                     trigger: Trigger::Signal("SIGUSR2"),
+                    to: HandoffTo::Installed,
                     reply: None,
                 },
                 SIGHUP => Command::Upgrade {
                     trigger: Trigger::Signal("SIGHUP"),
+                    to: HandoffTo::Installed,
                     reply: None,
                 },
                 SIGTERM => Command::Stop(Trigger::Signal("SIGTERM")),

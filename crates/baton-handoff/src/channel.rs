@@ -11,11 +11,12 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
+
+use crate::process::ChildProcess;
 
 /// How often a successor pings during its predecessor's canary window.
 pub const PING_EVERY: Duration = Duration::from_millis(250);
@@ -25,7 +26,7 @@ pub const SILENCE: Duration = Duration::from_secs(1);
 /// A successor that reported ready, as its predecessor watches it.
 #[derive(Debug)]
 pub struct Watch {
-    pid: Pid,
+    child: ChildProcess,
     exited: oneshot::Receiver<String>,
     channel: OwnedFd,
     /// Whether it pings (a successor of an older version only reports ready).
@@ -54,9 +55,9 @@ pub struct CanaryFailed {
 }
 
 impl Watch {
-    pub(crate) fn new(pid: Pid, exited: oneshot::Receiver<String>, channel: OwnedFd, pings: bool) -> Watch {
+    pub(crate) fn new(child: ChildProcess, exited: oneshot::Receiver<String>, channel: OwnedFd, pings: bool) -> Watch {
         Watch {
-            pid,
+            child,
             exited,
             channel,
             pings,
@@ -70,7 +71,7 @@ impl Watch {
         let opened = stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream));
         let Ok(stream) = opened else {
             let reason = "the channel is unusable".to_string();
-            return Err(fail(self.pid, Some(&mut self.exited), self.ready_at, reason, 0).await);
+            return Err(fail(&self.child, Some(&mut self.exited), self.ready_at, reason, 0).await);
         };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
@@ -113,7 +114,7 @@ impl Watch {
             }
         };
         let exited = (!reaped).then_some(&mut self.exited);
-        Err(fail(self.pid, exited, self.ready_at, reason, connections).await)
+        Err(fail(&self.child, exited, self.ready_at, reason, connections).await)
     }
 }
 
@@ -127,7 +128,7 @@ async fn pass(mut write: tokio::net::unix::OwnedWriteHalf, window: Duration, con
 /// Kills and reaps the successor unless it was reaped already (`exited` is `None`);
 /// describes how it failed.
 async fn fail(
-    pid: Pid,
+    child: &ChildProcess,
     exited: Option<&mut oneshot::Receiver<String>>,
     ready_at: Instant,
     reason: String,
@@ -135,12 +136,12 @@ async fn fail(
 ) -> CanaryFailed {
     let lived = ready_at.elapsed();
     if let Some(exited) = exited {
-        // Never signal a pid that was reaped: it may name another process by now.
-        let _ = kill(pid, Signal::SIGKILL);
+        // Through the pidfd: even if the reaper got it meanwhile, no other process is hit.
+        let _ = child.signal(Signal::SIGKILL);
         let _ = exited.await;
     }
     CanaryFailed {
-        pid: pid.as_raw() as u32,
+        pid: child.pid(),
         reason,
         lived,
         connections,

@@ -2,8 +2,10 @@
 //! readiness pipe of a predecessor, and its generation number. Everything is read from the
 //! environment once, and the variables are removed so that none of it leaks further.
 
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::channel::PredecessorChannel;
@@ -17,13 +19,16 @@ pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 pub const GENERATION_ENV: &str = "BATON_GENERATION";
 /// The program path the first generation resolved; every successor execs the same path.
 pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
+/// The arguments the first generation was started with ([`encode_args`]); every successor
+/// gets the same, whatever a wrapper installed at the program path added to its own.
+pub const ARGS_ENV: &str = "BATON_ARGS";
 /// Where each passed socket came from, `:`-separated like `LISTEN_FDNAMES`: `supervisor`
 /// (systemd passed it to the first generation) or `bound` (a generation bound it).
 pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
 /// Other fds passed by name: `name=fd:name=fd` (see [`crate::PassedFd`]).
 pub const EXTRA_FDS_ENV: &str = "BATON_EXTRA_FDS";
 /// Every variable of the protocol: read and removed by a successor, replaced for its own.
-pub(crate) const PROTOCOL_ENV: [&str; 10] = [
+pub(crate) const PROTOCOL_ENV: [&str; 11] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -32,6 +37,7 @@ pub(crate) const PROTOCOL_ENV: [&str; 10] = [
     CHANNEL_FD_ENV,
     GENERATION_ENV,
     PROGRAM_ENV,
+    ARGS_ENV,
     ORIGINS_ENV,
     EXTRA_FDS_ENV,
 ];
@@ -55,6 +61,9 @@ pub struct Inherited {
     pub generation: u64,
     /// The program the first generation resolved, for successors to exec.
     pub program: Option<PathBuf>,
+    /// The arguments the first generation was started with, for successors; `None` for a
+    /// first generation (or a predecessor too old to say).
+    pub args: Option<Vec<OsString>>,
     /// Other fds the predecessor passed by name, not taken yet.
     extra: Vec<(String, OwnedFd)>,
 }
@@ -83,6 +92,7 @@ impl Inherited {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
         let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
+        let args = std::env::var_os(ARGS_ENV).map(|v| decode_args(&v));
         // SAFETY: the caller guarantees no other thread runs yet.
         unsafe {
             for var in PROTOCOL_ENV {
@@ -100,6 +110,7 @@ impl Inherited {
             channel,
             generation,
             program,
+            args,
             extra,
         })
     }
@@ -116,6 +127,7 @@ impl Inherited {
             channel: None,
             generation: 1,
             program: None,
+            args: None,
             extra: Vec::new(),
         }
     }
@@ -245,6 +257,48 @@ fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
     origins
 }
 
+/// `args` as one environment value: each argument's bytes with `%` and newline escaped
+/// (`%25`, `%0A`), each followed by a newline. [`decode_args`] reads it back.
+pub fn encode_args(args: &[OsString]) -> OsString {
+    let mut out = Vec::new();
+    for a in args {
+        for &b in a.as_bytes() {
+            match b {
+                b'%' => out.extend_from_slice(b"%25"),
+                b'\n' => out.extend_from_slice(b"%0A"),
+                b => out.push(b),
+            }
+        }
+        out.push(b'\n');
+    }
+    OsString::from_vec(out)
+}
+
+/// The arguments [`encode_args`] wrote.
+pub fn decode_args(value: &OsStr) -> Vec<OsString> {
+    let bytes = value.as_bytes();
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if value.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|&b| b == b'\n')
+        .map(|a| {
+            let mut arg = Vec::with_capacity(a.len());
+            let mut i = 0;
+            while i < a.len() {
+                match &a[i..] {
+                    [b'%', b'2', b'5', ..] => (arg.push(b'%'), i += 3),
+                    [b'%', b'0', b'A', ..] => (arg.push(b'\n'), i += 3),
+                    [b, ..] => (arg.push(*b), i += 1),
+                    [] => unreachable!("i < len"),
+                };
+            }
+            OsString::from_vec(arg)
+        })
+        .collect()
+}
+
 /// The write end of the readiness pipe, held by a new generation until it serves.
 pub struct ReadySignal(OwnedFd);
 
@@ -261,8 +315,53 @@ impl ReadySignal {
         self.write(&format!("ready {} canary\n", std::process::id()))
     }
 
+    /// A second handle on the pipe, for saying why this generation could not start
+    /// ([`FailureReporter::report`]) after the start consumed or dropped this one. Drop it
+    /// once the start succeeded: it holds the pipe open.
+    pub fn failure_reporter(&self) -> io::Result<FailureReporter> {
+        Ok(FailureReporter(self.0.try_clone()?))
+    }
+
     fn write(self, line: &str) -> io::Result<()> {
         let mut f = std::fs::File::from(self.0);
         io::Write::write_all(&mut f, line.as_bytes())
+    }
+}
+
+/// Tells the predecessor why this generation could not start: it reports the reason with
+/// the failed handoff instead of only an exit status.
+pub struct FailureReporter(OwnedFd);
+
+impl FailureReporter {
+    /// Writes `failed <reason>` (on one line). Best effort: the predecessor reports the exit
+    /// status when this does not arrive.
+    pub fn report(self, reason: &str) {
+        let line = format!("failed {}\n", reason.replace('\n', "; "));
+        let mut f = std::fs::File::from(self.0);
+        let _ = io::Write::write_all(&mut f, line.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_survive_the_environment() {
+        for args in [
+            vec![],
+            vec![OsString::new()],
+            vec!["run".into(), "--config".into(), "/etc/a b%0A.toml".into()],
+            vec![
+                "a\nb".into(),
+                "%".into(),
+                "".into(),
+                OsString::from_vec(vec![0xff, b'%']),
+            ],
+        ] {
+            let encoded = encode_args(&args);
+            assert!(!encoded.as_bytes().contains(&0));
+            assert_eq!(decode_args(&encoded), args, "{encoded:?}");
+        }
     }
 }

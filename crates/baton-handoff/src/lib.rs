@@ -33,8 +33,9 @@ pub mod successor;
 
 pub use channel::{CanaryFailed, Passed, PredecessorChannel, Verdict, Watch};
 pub use drain::{Drain, DrainReport};
-pub use inherit::{Inherited, ReadySignal};
+pub use inherit::{FailureReporter, Inherited, ReadySignal};
 pub use listener::{
     ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind, open_listener,
 };
+pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};

@@ -26,6 +26,7 @@ async fn an_extra_fd_arrives_under_its_name() -> Result<(), Box<dyn std::error::
             fd: write_end.as_fd(),
         }],
         generation: 2,
+        binary: None,
     };
     let ready = spawn_successor(&spec)?.await_ready(Duration::from_secs(10)).await?;
     drop(spec);
@@ -50,6 +51,7 @@ async fn a_name_with_a_separator_is_refused_before_fork() {
             fd: w.as_fd(),
         }],
         generation: 2,
+        binary: None,
     };
     let err = spawn_successor(&spec).err().expect("a name with ':' must be refused");
     assert!(

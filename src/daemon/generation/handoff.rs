@@ -3,19 +3,22 @@
 //! drain; or roll back at any of these steps and serve on. The successor's side of the window
 //! (refusing triggers until the verdict) is here too.
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use baton_handoff::{
-    CanaryFailed, HandoffError, Passed, PassedListener, Ready, SuccessorSpec, Verdict, spawn_successor,
+    CanaryFailed, ChildProcess, HandoffError, Passed, PassedFd, PassedListener, Ready, SuccessorSpec, Verdict,
+    spawn_successor,
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{DrainFuture, Generation, State};
 use crate::control::{Event, UpgradeReport};
-use crate::daemon::control_server::Trigger;
+use crate::daemon::control_server::{HandoffTo, Trigger};
 use crate::daemon::files::write_pid;
+use crate::daemon::launch::PREDECESSOR_BINARY;
 use crate::daemon::notify;
 use crate::daemon::state_dir::HandoffResult;
 
@@ -30,6 +33,9 @@ type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Sen
 /// A handoff in progress.
 pub(super) struct PendingHandoff {
     pid: u32,
+    /// The successor, signalled through its pidfd.
+    child: ChildProcess,
+    to: HandoffTo,
     reply: Option<mpsc::Sender<Event>>,
     /// From spawn to ready, once ready (then the canary window runs).
     ready_after: Option<Duration>,
@@ -47,8 +53,7 @@ impl PendingHandoff {
     /// Kills the successor (this generation stops) and tells whoever asked.
     pub(super) async fn abandon(self, reason: &str) {
         warn!(pid = self.pid, "{reason} during a handoff: killing the new generation");
-        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.signal(nix::sys::signal::Signal::SIGKILL);
         if let Some(r) = self.reply {
             let _ = r.send(Event::Failed { reason: reason.into() }).await;
         }
@@ -56,15 +61,16 @@ impl PendingHandoff {
 }
 
 impl Generation {
-    /// Starts a handoff, unless one runs, this generation drains, or its own predecessor
-    /// still watches it: then the trigger is refused with the reason.
+    /// Starts a handoff to the installed binary or, rolling back, to the predecessor's,
+    /// unless one runs, this generation drains, its own predecessor still watches it, or
+    /// there is no predecessor's binary: then the trigger is refused with the reason.
     pub(super) fn begin_handoff(
         &mut self,
-        trigger: Trigger,
+        (trigger, to): (Trigger, HandoffTo),
         reply: Option<mpsc::Sender<Event>>,
         running: Option<&PendingHandoff>,
     ) -> Option<PendingHandoff> {
-        if let Some(reason) = self.refusal(running) {
+        if let Some(reason) = self.refusal(running, to) {
             warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
             self.shared.count_handoff(HandoffResult::Refused);
             if let Some(r) = reply {
@@ -72,9 +78,14 @@ impl Generation {
             }
             return None;
         }
-        info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
+        match to {
+            HandoffTo::Installed => {
+                info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
+            }
+            HandoffTo::Predecessor => info!(%trigger, "rollback: starting new generation from the previous binary"),
+        }
         notify::reloading();
-        let successor = match spawn_successor(&self.successor_spec()) {
+        let successor = match spawn_successor(&self.successor_spec(to)) {
             Ok(s) => s,
             Err(e) => {
                 self.roll_back(&e, reply.as_ref());
@@ -95,13 +106,25 @@ impl Generation {
         let timeout = self.config.timeouts.upgrade;
         Some(PendingHandoff {
             pid,
+            child: successor.process(),
+            to,
             reply,
             ready_after: None,
             future: Box::pin(async move { Step::Ready(successor.await_ready(timeout).await) }),
         })
     }
 
-    fn refusal(&self, running: Option<&PendingHandoff>) -> Option<String> {
+    fn refusal(&self, running: Option<&PendingHandoff>, to: HandoffTo) -> Option<String> {
+        if to == HandoffTo::Predecessor && self.launch.predecessor_binary.is_none() {
+            return Some(if self.number == 1 {
+                "nothing to roll back to: this generation (1) was started directly, not handed over from a previous binary".into()
+            } else {
+                format!(
+                    "nothing to roll back to: generation {} got no binary from its predecessor (a version without rollback)",
+                    self.number
+                )
+            });
+        }
         if self.state == State::Draining {
             return Some("this generation is draining; send the trigger to the serving one".into());
         }
@@ -121,7 +144,7 @@ impl Generation {
         })
     }
 
-    fn successor_spec(&self) -> SuccessorSpec<'_> {
+    fn successor_spec(&self, to: HandoffTo) -> SuccessorSpec<'_> {
         let listeners = self
             .listeners
             .iter()
@@ -131,12 +154,27 @@ impl Generation {
                 origin: l.origin,
             })
             .collect();
+        // Our own binary goes along, so that the successor can roll back to it.
+        let extra = self
+            .launch
+            .own_binary
+            .iter()
+            .map(|fd| PassedFd {
+                name: PREDECESSOR_BINARY,
+                fd: fd.as_fd(),
+            })
+            .collect();
+        let binary = match to {
+            HandoffTo::Installed => None,
+            HandoffTo::Predecessor => self.launch.predecessor_binary.as_ref().map(AsFd::as_fd),
+        };
         SuccessorSpec {
             program: &self.launch.program,
             args: &self.launch.args,
             listeners,
-            extra: Vec::new(),
+            extra,
             generation: self.number + 1,
+            binary,
         }
     }
 
@@ -202,6 +240,7 @@ impl Generation {
             .record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
         info!(
             result = "ok",
+            rollback = pending.to == HandoffTo::Predecessor,
             old_pid = report.old_pid,
             new_pid = report.new_pid,
             old_generation = report.old_generation,
@@ -291,7 +330,9 @@ fn describe(e: &dyn std::error::Error) -> String {
 /// How a failed handoff is counted.
 fn handoff_result(e: &HandoffError) -> HandoffResult {
     match e {
-        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => HandoffResult::ChildExit,
+        HandoffError::ChildExited { .. } | HandoffError::StartFailed { .. } | HandoffError::Exec { .. } => {
+            HandoffResult::ChildExit
+        }
         HandoffError::Timeout { .. } => HandoffResult::Timeout,
         HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
     }
