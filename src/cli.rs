@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use baton::config::{AccessSink, Config};
+use baton::config::{ADMIN_LISTENER, AccessSink, CONTROL_LISTENER, Config};
 use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
-use baton_handoff::Inherited;
+use baton_handoff::listener::needs_bind_capability;
+use baton_handoff::{Forecast, Held, Inherited, ListenAddr, Origin, forecast};
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
@@ -92,7 +93,18 @@ fn start(args: RunArgs, mut inherited: Inherited) -> anyhow::Result<(Runtime, Ge
     Ok((runtime, generation, pid_file))
 }
 
-pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The running baton's control socket (default: the configuration's): the check says
+    /// which listeners the next reload adopts, moves, adds and drops.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let path = args.config.as_deref();
     let config = Config::load(path)?;
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
     println!("{name}: configuration ok");
@@ -123,7 +135,101 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
             "  warning: upgrade + canary ({verdict:?}) must stay below the unit's TimeoutStartSec= (60s in baton.service), or systemd fails the reload first"
         );
     }
-    Ok(ExitCode::SUCCESS)
+    let control = args.control.clone().unwrap_or_else(|| config.control_socket.clone());
+    let ok = match client_runtime()?.block_on(running_status(&control)) {
+        Some(status) => print_forecast(&config, &status),
+        None => {
+            println!(
+                "  no baton answers on {}: a start binds every listener (or adopts systemd's)",
+                control.display()
+            );
+            warn_privileged(&config);
+            true
+        }
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The running baton's status, if one answers within a second.
+async fn running_status(control: &Path) -> Option<Status> {
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(1), control::status(control));
+    asked.await.ok()?.ok().map(|(status, _)| status)
+}
+
+/// Every listener the configuration has, in the order a generation opens them.
+fn wanted(config: &Config) -> Vec<(&str, ListenAddr)> {
+    let mut wanted: Vec<(&str, ListenAddr)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.addr.clone()))
+        .collect();
+    wanted.push((CONTROL_LISTENER, ListenAddr::Unix(config.control_socket.clone())));
+    if let Some(a) = &config.admin {
+        wanted.push((ADMIN_LISTENER, ListenAddr::Tcp(a.addr)));
+    }
+    wanted
+}
+
+/// What the next reload does with each listener, against the serving generation's status;
+/// `false` when it would fail: an address to bind below the unprivileged ports that the
+/// serving process lacks the capability for.
+fn print_forecast(config: &Config, status: &Status) -> bool {
+    let held: Vec<Held> = status
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let origin = l.origin.as_deref().and_then(Origin::parse).unwrap_or(Origin::Bound);
+            Some(Held {
+                name: l.name.clone(),
+                addr: l.address.parse().ok()?,
+                origin,
+            })
+        })
+        .collect();
+    let wanted = wanted(config);
+    let refs: Vec<(&str, &ListenAddr)> = wanted.iter().map(|(n, a)| (*n, a)).collect();
+    let (forecasts, dropped) = forecast(&held, &refs);
+    println!(
+        "  the next reload of the serving baton (pid {}, generation {}):",
+        status.pid, status.generation
+    );
+    let mut ok = true;
+    for ((name, addr), f) in wanted.iter().zip(&forecasts) {
+        let what = match f {
+            Forecast::Adopt => "adopted".to_string(),
+            Forecast::Rename { from } => format!("adopted (renamed from {from})"),
+            Forecast::KeptElsewhere { passed } => {
+                format!("kept at {passed}: systemd passes that socket (change the socket unit to move it)")
+            }
+            Forecast::Move { from } => format!("moved from {from}: bound anew, the old address closes"),
+            Forecast::Bind => "added: bound".to_string(),
+        };
+        println!("    {name} {addr}: {what}");
+        let binds = matches!(f, Forecast::Move { .. } | Forecast::Bind);
+        if binds && needs_bind_capability(addr, Some(status.pid)) {
+            ok = false;
+            println!(
+                "    error: {name}: binding {addr} needs CAP_NET_BIND_SERVICE, which the serving baton (pid {}) lacks: the reload would fail (grant it with AmbientCapabilities=CAP_NET_BIND_SERVICE and restart, or pass the socket from a socket unit)",
+                status.pid
+            );
+        }
+    }
+    for h in dropped {
+        println!("    {} {}: dropped: closed", h.name, h.addr);
+    }
+    ok
+}
+
+/// Without a running baton: a low port needs a capability this process may lack (unless
+/// systemd passes the socket, which this check cannot see).
+fn warn_privileged(config: &Config) {
+    for (name, addr) in wanted(config) {
+        if needs_bind_capability(&addr, None) {
+            println!(
+                "  warning: {name}: binding {addr} needs CAP_NET_BIND_SERVICE, which this process lacks (fine if systemd passes the socket)"
+            );
+        }
+    }
 }
 
 fn control_socket(args: &ClientArgs) -> anyhow::Result<PathBuf> {

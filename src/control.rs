@@ -156,6 +156,10 @@ pub struct ListenerStatus {
     /// As [`ListenAddr`] displays it: `host:port` or `unix:/path`.
     pub address: String,
     pub adopted: bool,
+    /// Who bound it: `supervisor` (systemd passed it) or `bound` (a generation bound it);
+    /// absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A draining generation's remaining work, as the serving generation reports it.

@@ -41,6 +41,40 @@ async fn status_of_a_request(baton: &Baton, url: &str) -> StatusCode {
     c.get(url).await.unwrap().0
 }
 
+/// The bad build: a wrapper that runs a real baton with a configuration refusing every
+/// destination the clients ask for (403), with the same control socket and listeners, so it
+/// starts, adopts the sockets, reports ready and pings through its canary window. Returns
+/// the wrapper script; the real binary is `dir/real-baton`.
+fn bad_build(dir: &Path) -> String {
+    let real: PathBuf = dir.join("real-baton");
+    std::fs::copy(common::BATON, &real).unwrap();
+    let bad_config = dir.join("bad.toml");
+    std::fs::write(
+        &bad_config,
+        common::config_text(dir, "[access]\ndeny_destinations = [\"127.0.0.0/8\"]\n"),
+    )
+    .unwrap();
+    format!(
+        "#!/bin/sh\nexec {} run --config {}\n",
+        real.display(),
+        bad_config.display()
+    )
+}
+
+/// The next plain upgrade executes the installed path again, not the binary held open.
+async fn a_plain_upgrade_runs_the_installed_path(baton: &Baton, program: &Path, url: &str) {
+    install(program, &std::fs::read(common::BATON).unwrap());
+    let (ok, out) = cli(baton, &["upgrade"]).await;
+    assert!(ok, "{out}");
+    let upgraded = baton.status().await;
+    assert_eq!(upgraded["generation"], 4, "{upgraded}");
+    assert_eq!(
+        exe_inode(upgraded["pid"].as_u64().unwrap()),
+        std::fs::metadata(program).unwrap().ino()
+    );
+    assert_eq!(status_of_a_request(baton, url).await, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_after_an_in_place_install_of_a_bad_but_ready_binary() {
     let origin = testkit::start_origin().await.unwrap();
@@ -49,22 +83,7 @@ async fn rollback_after_an_in_place_install_of_a_bad_but_ready_binary() {
     let program = dir.path().join("baton");
     std::fs::copy(common::BATON, &program).unwrap();
     let good_inode = std::fs::metadata(&program).unwrap().ino();
-    // The bad build: a wrapper that runs a real baton with a configuration refusing every
-    // destination the clients ask for (403), with the same control socket and listeners, so
-    // it starts, adopts the sockets, reports ready and pings through its canary window.
-    let real: PathBuf = dir.path().join("real-baton");
-    std::fs::copy(common::BATON, &real).unwrap();
-    let bad_config = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad_config,
-        common::config_text(dir.path(), "[access]\ndeny_destinations = [\"127.0.0.0/8\"]\n"),
-    )
-    .unwrap();
-    let wrapper = format!(
-        "#!/bin/sh\nexec {} run --config {}\n",
-        real.display(),
-        bad_config.display()
-    );
+    let wrapper = bad_build(dir.path());
     let baton = Baton::start_in(dir, &program, "", &[]).await;
     assert_eq!(status_of_a_request(&baton, &url).await, StatusCode::OK);
 
@@ -90,7 +109,10 @@ async fn rollback_after_an_in_place_install_of_a_bad_but_ready_binary() {
     let bad = baton.status().await;
     assert_eq!(bad["generation"], 2, "{bad}");
     let bad_pid = bad["pid"].as_u64().unwrap();
-    assert_eq!(exe_inode(bad_pid), std::fs::metadata(&real).unwrap().ino());
+    assert_eq!(
+        exe_inode(bad_pid),
+        std::fs::metadata(baton.dir.path().join("real-baton")).unwrap().ino()
+    );
     assert_eq!(status_of_a_request(&baton, &url).await, StatusCode::FORBIDDEN);
 
     let (ok, out) = cli(&baton, &["rollback"]).await;
@@ -110,17 +132,7 @@ async fn rollback_after_an_in_place_install_of_a_bad_but_ready_binary() {
     eprintln!("upgrade to a bad binary, then rollback, under load: {report}");
     assert!(report.ok > 0 && report.tolerated > 0 && report.is_clean(), "{report}");
 
-    // The next plain upgrade executes the installed path again, not the binary held open.
-    install(&program, &std::fs::read(common::BATON).unwrap());
-    let (ok, out) = cli(&baton, &["upgrade"]).await;
-    assert!(ok, "{out}");
-    let upgraded = baton.status().await;
-    assert_eq!(upgraded["generation"], 4, "{upgraded}");
-    assert_eq!(
-        exe_inode(upgraded["pid"].as_u64().unwrap()),
-        std::fs::metadata(&program).unwrap().ino()
-    );
-    assert_eq!(status_of_a_request(&baton, &url).await, StatusCode::OK);
+    a_plain_upgrade_runs_the_installed_path(&baton, &program, &url).await;
     assert!(
         baton
             .log()

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use baton_handoff::{
-    Drain, DrainReport, Inherited, ListenAddr, Listener, PredecessorChannel, ReadySignal, open_listener,
+    Drain, DrainReport, Inherited, ListenAddr, Listener, Origin, PredecessorChannel, ReadySignal, open_listener,
 };
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
@@ -98,6 +98,9 @@ pub struct Generation {
     admin_accepting: CancellationToken,
     /// While its predecessor's canary window runs: triggers are refused.
     predecessor_watching: bool,
+    /// Names of inherited sockets this generation did not keep under that name: removed
+    /// from systemd's fd store when it becomes the serving generation.
+    stale_stored: Vec<String>,
     stop_requests: u32,
     /// Shared with the other generations: draining counts and the metrics ledger.
     shared: StateDir,
@@ -113,6 +116,7 @@ impl Generation {
     /// predecessor, else to the predecessor, which hands those over at its verdict).
     pub async fn start(launch: Launch, config: Config, mut inherited: Inherited) -> anyhow::Result<Generation> {
         let (commands_tx, commands) = mpsc::channel(64);
+        let inherited_names = inherited.names().to_vec();
         spawn_signal_listener(commands_tx.clone())?;
         let drain = Drain::new();
         // First: a control socket or state directory another user could tamper with is
@@ -145,6 +149,10 @@ impl Generation {
             });
         }
         close_unused(&mut inherited);
+        let stale_stored = inherited_names
+            .into_iter()
+            .filter(|n| !opened.iter().any(|l| &l.name == n && l.opened.is_adopted()))
+            .collect();
         let mut generation = Generation {
             launch,
             number: inherited.generation,
@@ -161,6 +169,7 @@ impl Generation {
             accepting: CancellationToken::new(),
             admin_accepting: CancellationToken::new(),
             predecessor_watching: false,
+            stale_stored,
             stop_requests: 0,
             config,
             shared,
@@ -202,10 +211,24 @@ impl Generation {
     /// a successor whose predecessor went away without a verdict.
     fn claim_main_process(&self) -> anyhow::Result<()> {
         notify::ready(&self.status_line());
+        self.sync_fd_store();
         if let Some(path) = &self.config.pid_file {
             write_pid_file(path).with_context(|| format!("cannot write pid file {}", path.display()))?;
         }
         Ok(())
+    }
+
+    /// Puts the listeners this generation bound itself into systemd's fd store, once it is
+    /// the serving generation (a successor that fails its canary must not leave its sockets
+    /// there).
+    fn sync_fd_store(&self) {
+        let bound: Vec<_> = self
+            .listeners
+            .iter()
+            .filter(|l| l.origin == Origin::Bound)
+            .map(|l| (l.name.as_str(), l.socket.as_fd()))
+            .collect();
+        notify::sync_fd_store(&self.stale_stored, &bound);
     }
 
     fn log_serving(&self) {
@@ -397,6 +420,7 @@ impl Generation {
                     name: l.name.clone(),
                     address: l.bound.to_string(),
                     adopted: l.opened.is_adopted(),
+                    origin: Some(l.origin.as_str().to_string()),
                 })
                 .collect(),
             active_connections: self.drain.active_connections(),

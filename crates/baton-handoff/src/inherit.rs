@@ -25,6 +25,12 @@ pub const ARGS_ENV: &str = "BATON_ARGS";
 /// Where each passed socket came from, `:`-separated like `LISTEN_FDNAMES`: `supervisor`
 /// (systemd passed it to the first generation) or `bound` (a generation bound it).
 pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
+/// The name a listening socket a generation bound itself has in systemd's fd store
+/// (`FDSTORE=1`, `FDNAME=bound.<listener name>`): systemd passes it back at a restart after
+/// a crash, and the prefix tells it from a socket unit's (whose address wins over the
+/// configuration, while a stored socket is re-bound when the configuration moved it). A
+/// socket unit's `FileDescriptorName=` must not start with it.
+pub const STORED_NAME_PREFIX: &str = "bound.";
 /// Other fds passed by name: `name=fd:name=fd` (see [`crate::PassedFd`]).
 pub const EXTRA_FDS_ENV: &str = "BATON_EXTRA_FDS";
 /// Every variable of the protocol: read and removed by a successor, replaced for its own.
@@ -79,14 +85,14 @@ impl Inherited {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(FIRST_LISTEN_FD);
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        let mut names: Vec<String> = std::env::var("LISTEN_FDNAMES")
             .map(|v| v.split(':').map(str::to_string).collect())
             .unwrap_or_default();
         let passed = first_fd..first_fd + fds.len() as RawFd;
         let ready = inherited_fd(READY_FD_ENV, &passed)?.map(ReadySignal);
         let channel = inherited_fd(CHANNEL_FD_ENV, &passed)?.map(PredecessorChannel::new);
         let extra = extra_fds_from_env(&passed)?;
-        let origins = origins_from_env(fds.len(), ready.is_some());
+        let origins = origins_from_env(&mut names, fds.len(), ready.is_some());
         let generation = std::env::var(GENERATION_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
@@ -146,6 +152,12 @@ impl Inherited {
 
     pub fn is_empty(&self) -> bool {
         self.fds.len() == 0
+    }
+
+    /// The names of the passed sockets, in order (those from systemd's fd store without
+    /// [`STORED_NAME_PREFIX`]).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The first untaken socket called `name`.
@@ -245,11 +257,20 @@ fn extra_fds_from_env(listeners: &std::ops::Range<RawFd>) -> io::Result<Vec<(Str
 }
 
 /// Each socket's origin. A first generation (no readiness pipe) got its sockets from the
-/// service manager; a successor reads what its predecessor wrote. A predecessor too old to
-/// say counts as having bound them.
-fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
+/// service manager: from its socket units, or from its fd store, where a generation keeps
+/// the sockets it bound itself under [`STORED_NAME_PREFIX`] and the name (the prefix is
+/// removed here); a successor reads what its predecessor wrote. A predecessor too old to say
+/// counts as having bound them.
+fn origins_from_env(names: &mut [String], count: usize, from_predecessor: bool) -> Vec<Origin> {
     if !from_predecessor {
-        return vec![Origin::Supervisor; count];
+        let mut origins = vec![Origin::Supervisor; count];
+        for (name, origin) in names.iter_mut().zip(origins.iter_mut()) {
+            if let Some(stored) = name.strip_prefix(STORED_NAME_PREFIX) {
+                *name = stored.to_string();
+                *origin = Origin::Bound;
+            }
+        }
+        return origins;
     }
     let listed = std::env::var(ORIGINS_ENV).unwrap_or_default();
     let mut origins: Vec<Origin> = listed.split(':').filter_map(Origin::parse).collect();

@@ -35,7 +35,8 @@ pub use channel::{CanaryFailed, Passed, PredecessorChannel, Verdict, Watch};
 pub use drain::{Drain, DrainReport};
 pub use inherit::{FailureReporter, Inherited, ReadySignal};
 pub use listener::{
-    ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind, open_listener,
+    Forecast, Held, ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind,
+    forecast, open_listener,
 };
 pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};

@@ -128,6 +128,23 @@ fn describe_status(s: WaitStatus) -> String {
     }
 }
 
+/// `CAP_NET_BIND_SERVICE` (`<linux/capability.h>`): binding ports below
+/// `net.ipv4.ip_unprivileged_port_start`.
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+
+/// Whether process `pid` (`None`: this one) has capability `cap` in its effective set (the
+/// one the kernel checks), from `CapEff` in `/proc/<pid>/status`.
+pub fn has_capability(pid: Option<u32>, cap: u32) -> io::Result<bool> {
+    let path = pid.map_or_else(|| "/proc/self/status".to_string(), |p| format!("/proc/{p}/status"));
+    let status = std::fs::read_to_string(path)?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/<pid>/status"))?;
+    let set = u64::from_str_radix(hex.trim(), 16).map_err(io::Error::other)?;
+    Ok((set >> cap) & 1 == 1)
+}
+
 /// Whether `pid` is alive and not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -54,8 +54,7 @@ async fn a_successor_that_cannot_start_says_why() -> Result<(), Box<dyn std::err
     let err = spawn_successor(&spec(Path::new("/bin/sh"), &args))?
         .await_ready(Duration::from_secs(10))
         .await
-        .err()
-        .expect("it fails");
+        .expect_err("it fails");
     assert_eq!(
         err.to_string(),
         format!(

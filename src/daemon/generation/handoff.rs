@@ -304,7 +304,10 @@ impl Generation {
     pub(super) fn predecessor_verdict(&mut self, verdict: Verdict) {
         self.predecessor_watching = false;
         match verdict {
-            Verdict::Passed => info!("canary passed: this generation serves alone"),
+            Verdict::Passed => {
+                info!("canary passed: this generation serves alone");
+                self.sync_fd_store();
+            }
             Verdict::Gone => {
                 warn!("the previous generation went away without a verdict: taking over");
                 if let Err(e) = self.claim_main_process() {
