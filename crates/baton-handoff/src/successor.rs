@@ -440,30 +440,21 @@ impl Successor {
     pub async fn await_ready(mut self, timeout: Duration) -> Result<Ready, HandoffError> {
         let pid = self.pid();
         let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)?;
-        let read_line = async {
-            let mut buf = Vec::with_capacity(64);
-            let mut chunk = [0u8; 512];
-            loop {
-                let n = pipe.read(&mut chunk).await?;
-                if n == 0 || chunk[..n].contains(&b'\n') {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return Ok::<_, io::Error>(String::from_utf8_lossy(&buf).trim().to_string());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > 4096 {
-                    return Ok(String::from_utf8_lossy(&buf).to_string());
-                }
-            }
-        };
+        let read_line = read_line(&mut pipe);
+        tokio::pin!(read_line);
         let outcome = tokio::select! {
             // The pipe first: a failed exec writes its errno there and then exits, and the
             // errno says more than the exit status.
             biased;
-            line = read_line => Some(line?),
-            // The child died while something it started still holds the pipe open.
+            line = &mut read_line => Some(line?),
+            // The child died (perhaps while something it started still holds the pipe open).
             status = &mut self.exited => {
                 let status = status.unwrap_or_else(|_| "unknown".into());
-                return Err(HandoffError::ChildExited { pid, status });
+                // What it wrote before it exited may not have been read yet: its reason says
+                // more than its exit status.
+                let last = tokio::time::timeout(Duration::from_millis(250), &mut read_line).await;
+                let said = last.ok().and_then(Result::ok).and_then(|l| line_error(&l, pid, &self.program));
+                return Err(said.unwrap_or(HandoffError::ChildExited { pid, status }));
             }
             _ = tokio::time::sleep(timeout) => None,
         };
@@ -475,21 +466,14 @@ impl Successor {
                 let watch = Watch::new(self.child, self.exited, self.channel, pings);
                 return Ok(Ready { pid, after, watch });
             }
-            Some(line) if line.starts_with("failed ") => {
-                let reason = line.trim_start_matches("failed ").to_string();
+            Some(line) if line_error(&line, pid, &self.program).is_some() => {
+                let failure = line_error(&line, pid, &self.program).unwrap_or(HandoffError::Timeout { pid, timeout });
                 // It exits next; one that lingers is killed below.
                 let left = timeout.saturating_sub(self.started.elapsed());
                 if tokio::time::timeout(left, &mut self.exited).await.is_ok() {
-                    return Err(HandoffError::StartFailed { pid, reason });
+                    return Err(failure);
                 }
-                HandoffError::StartFailed { pid, reason }
-            }
-            Some(line) if line.starts_with("exec-error") => {
-                let errno = line.rsplit(' ').next().and_then(|e| e.parse().ok()).unwrap_or(0);
-                HandoffError::Exec {
-                    path: self.program.clone(),
-                    errno: nix::errno::Errno::from_raw(errno),
-                }
+                failure
             }
             // EOF without a line: the child closed the pipe, which almost always means it is
             // exiting; a child that closes it and lives on is killed at the timeout.
@@ -508,5 +492,35 @@ impl Successor {
         let _ = self.child.signal(Signal::SIGKILL);
         let _ = self.exited.await;
         Err(failure)
+    }
+}
+
+/// The failure a line from the child `pid` reports: `failed <reason>` (it could not start)
+/// or `exec-error <errno>` (the exec of `program` failed); `None` for anything else.
+fn line_error(line: &str, pid: u32, program: &Path) -> Option<HandoffError> {
+    if let Some(reason) = line.strip_prefix("failed ") {
+        return Some(HandoffError::StartFailed {
+            pid,
+            reason: reason.to_string(),
+        });
+    }
+    let errno = line.strip_prefix("exec-error ")?.trim().parse().unwrap_or(0);
+    Some(HandoffError::Exec {
+        path: program.to_path_buf(),
+        errno: nix::errno::Errno::from_raw(errno),
+    })
+}
+
+/// The first line the child writes into the readiness pipe (or what it wrote before EOF),
+/// trimmed; at most about 4 KiB.
+async fn read_line(pipe: &mut tokio::net::unix::pipe::Receiver) -> io::Result<String> {
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = pipe.read(&mut chunk).await?;
+        buf.extend_from_slice(&chunk[..n]);
+        if n == 0 || chunk[..n].contains(&b'\n') || buf.len() > 4096 {
+            return Ok(String::from_utf8_lossy(&buf).trim().to_string());
+        }
     }
 }

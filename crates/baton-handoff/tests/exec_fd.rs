@@ -31,7 +31,9 @@ async fn a_binary_held_by_an_o_path_fd_runs_although_its_path_is_gone() -> Resul
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(&copy)?;
     std::fs::remove_file(&copy)?;
-    let script = r#"echo "ready $$ $BATON_PROGRAM $0" >&$BATON_READY_FD"#;
+    // Ready, then alive until the parent closes the channel (a child that exits at once
+    // could be reported as exited before its line is read).
+    let script = r#"echo "ready $$" >&$BATON_READY_FD; read _ <&$BATON_CHANNEL_FD"#;
     let args = [OsString::from("-c"), OsString::from(script)];
     // The recorded program is a path that does not exist: only the fd can run.
     let program = Path::new("/nonexistent/baton");

@@ -13,9 +13,10 @@ use baton_handoff::{PassedFd, SuccessorSpec, spawn_successor};
 async fn an_extra_fd_arrives_under_its_name() -> Result<(), Box<dyn std::error::Error>> {
     let (mut read_end, write_end) = std::io::pipe()?;
     // The shell finds its fd from the variable, writes the variable and a word through it,
-    // then reports ready as a successor must.
-    let script =
-        r#"fd=${BATON_EXTRA_FDS#probe=}; echo "$BATON_EXTRA_FDS hello" >&$fd; echo "ready $$" >&$BATON_READY_FD"#;
+    // then reports ready as a successor must, and lives until the channel closes (a child
+    // that exits at once may be seen exiting before its ready line is read).
+    let script = r#"fd=${BATON_EXTRA_FDS#probe=}; echo "$BATON_EXTRA_FDS hello" >&$fd; exec 5>&-;
+        echo "ready $$" >&$BATON_READY_FD; read _ <&$BATON_CHANNEL_FD"#;
     let args = [OsString::from("-c"), OsString::from(script)];
     let spec = SuccessorSpec {
         program: Path::new("/bin/sh"),
