@@ -69,6 +69,13 @@ impl ChildProcess {
             // SAFETY: pidfd_open returned a fresh fd (close-on-exec) that nothing else owns.
             Arc::new(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
         });
+        if pidfd.is_none() {
+            let e = io::Error::last_os_error();
+            tracing::warn!(
+                pid = pid.as_raw(),
+                "pidfd_open failed ({e}): signalling the new generation by its pid"
+            );
+        }
         ChildProcess { pid, pidfd }
     }
 
