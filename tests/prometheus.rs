@@ -220,8 +220,9 @@ fn panels(dash: &Value) -> Vec<&Value> {
     out
 }
 
-/// What Grafana would put for its own variables and the dashboard's: the intervals of a
-/// 10 s refresh over 5 minutes, every value (`allValue`) of the query variables.
+/// What Grafana would put for its own variables and the dashboard's: 10 s intervals (the
+/// test scrapes every second), a 5-minute range, and "all" (`allValue`) for the query
+/// variables.
 fn variables(dash: &Value) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = [("__rate_interval", "10s"), ("__interval", "10s"), ("__range", "5m")]
         .iter()
@@ -233,8 +234,7 @@ fn variables(dash: &Value) -> Vec<(String, String)> {
             vars.push((v["name"].as_str().expect("variable name").to_string(), all.to_string()));
         }
     }
-    // `$__range` before `$__rate_interval` would not matter, but `$instance` must not eat
-    // `$instances`: longest names first.
+    // Longest names first, so that a name cannot replace the start of a longer one.
     vars.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
     vars
 }
