@@ -407,6 +407,9 @@ async fn dashboard_and_alerts_against_a_real_scrape() {
     assert!(ok && out.contains("\"result\":\"ok\""), "{out}");
     let series = format!("{{pid=\"{old}\",generation=\"1\"}}");
     draining_age_is_exported(admin, &series, upgrading).await;
+    let (ok, human) = common::cli_at(&baton.control, &["status"]);
+    let line = format!("draining    pid {old} (generation 1) for ");
+    assert!(ok && human.contains(&line), "`baton status` says how long: {human}");
     every_panel_query_returns_series(&prom, &queries, &dash).await;
     alerts_evaluate(&prom, &rules, admin).await;
 
