@@ -350,9 +350,14 @@ fn print_status(s: &Status) {
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }
     );
+    let now = std::time::SystemTime::now();
     for d in &s.draining {
+        let age = d
+            .draining_seconds(now)
+            .map(|a| format!(" for {a:.1} s"))
+            .unwrap_or_default();
         println!(
-            "draining    pid {} (generation {}): {} connections, {} tunnels",
+            "draining    pid {} (generation {}){age}: {} connections, {} tunnels",
             d.pid, d.generation, d.connections, d.tunnels
         );
     }
