@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper::client::conn::http1;
@@ -37,12 +37,14 @@ pub struct Opened {
     pub early: Bytes,
 }
 
-/// Asks `parent` for a tunnel to `target` (authority form), with `via` and baton's
-/// credentials for the parent. Connecting is bounded by `connect`, the parent's answer by
+/// Asks `parent` for a tunnel to `target` (authority form), with the client's `Via` chain
+/// (`incoming`: the client's request head) and this proxy's `via` after it, so a loop
+/// through parents is seen as one, and baton's credentials for the parent. Connecting is bounded by `connect`, the parent's answer by
 /// `response`. The client's bytes are not sent here: they flow only once this returned.
 pub async fn open_tunnel(
     parent: &Parent,
     target: &Uri,
+    incoming: &HeaderMap,
     via: &HeaderValue,
     connect: Duration,
     response: Duration,
@@ -59,7 +61,10 @@ pub async fn open_tunnel(
         if let Some(host) = target.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             headers.insert(header::HOST, host);
         }
-        headers.insert(header::VIA, via.clone());
+        for v in incoming.get_all(header::VIA) {
+            headers.append(header::VIA, v.clone());
+        }
+        headers.append(header::VIA, via.clone());
         if let Some(auth) = &parent.authorization {
             headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
         }

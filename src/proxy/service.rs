@@ -291,7 +291,7 @@ impl Proxy {
             return self.deny(&ask, &d);
         }
         let opened = match next_hop(&self.settings.parents, authority.host()) {
-            Some(p) => self.connect_via(p, &authority, req.uri(), &ask).await,
+            Some(p) => self.connect_via(p, &authority, &req, &ask).await,
             None => connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect)
                 .await
                 .map(|s| (s, Bytes::new()))
@@ -312,7 +312,7 @@ impl Proxy {
         &self,
         parent: &Parent,
         authority: &http::uri::Authority,
-        target: &Uri,
+        req: &Request<Incoming>,
         ask: &Ask,
     ) -> Result<(tokio::net::TcpStream, Bytes), Response<Body>> {
         if let Err(d) = self
@@ -322,7 +322,8 @@ impl Proxy {
             return Err(self.deny(ask, &d));
         }
         let (connect, response) = (self.settings.upstream_connect, self.settings.upstream_response);
-        match parent::open_tunnel(parent, target, &self.via, connect, response).await {
+        let opened = parent::open_tunnel(parent, req.uri(), req.headers(), &self.via, connect, response);
+        match opened.await {
             Ok(opened) => Ok((opened.stream, opened.early)),
             Err(ParentError::Connect(e)) => Err(self.connect_failed(ask, &parent.to_string(), &e)),
             Err(ParentError::Refused(status)) => {
