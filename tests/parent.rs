@@ -542,7 +542,11 @@ async fn bypass_routes_and_parents_that_are_down_or_silent() {
          [timeouts]\nupstream_response = \"1s\"\n",
         router.proxy
     );
-    let child = Baton::start(&upstream(&format!("http://127.0.0.1:{dead}"), &more, &[443])).await;
+    let access = "[access]\ndeny_hosts = [\"*.denied.test\"]\ndeny_destinations = [\"10.0.0.0/8\"]\n";
+    let child = Baton::start(&format!(
+        "{access}[upstream]\nproxy = \"http://127.0.0.1:{dead}\"\n{more}"
+    ))
+    .await;
     let child_via = format!("1.1 {}", token(child.proxy.port()));
 
     // Bypassed: directly to the origin, one Via entry.
@@ -553,6 +557,20 @@ async fn bypass_routes_and_parents_that_are_down_or_silent() {
     let (status, _, body) = get(child.proxy, &url, &[]);
     let both = format!("{child_via}, 1.1 {}", token(router.proxy.port()));
     assert_eq!((status, via_chain(&body)), (200, both));
+
+    // The destination rules, on what the name shows, before any parent is asked.
+    for (url, why) in [
+        (
+            "http://www.denied.test/",
+            "host www.denied.test is denied (*.denied.test)",
+        ),
+        ("http://10.1.2.3/", "destination 10.1.2.3 is denied (10.0.0.0/8)"),
+    ] {
+        let (status, _, body) = get(child.proxy, url, &[]);
+        assert_eq!((status, String::from_utf8_lossy(&body).trim()), (403, why));
+    }
+    let (_s, head) = connect(child.proxy, "www.denied.test:443", b"").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // The default parent is down: 502 naming it; baton never resolved the name itself.
     let down = format!("cannot connect to parent proxy 127.0.0.1:{dead}");

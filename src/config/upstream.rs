@@ -75,6 +75,17 @@ pub enum HostPattern {
     Net(IpNet),
 }
 
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Any => f.write_str("*"),
+            HostPattern::Name(n) => f.write_str(n),
+            HostPattern::Domain(d) => write!(f, "*.{d}"),
+            HostPattern::Net(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// A parent proxy (`http://host:port`).
 #[derive(Clone)]
 pub struct Parent {
@@ -332,6 +343,27 @@ mod tests {
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_line_in_it() {
+        let head = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n[upstream]\nproxy = \"http://p:1\"\n";
+        for (tail, want) in [
+            (
+                "[[upstream.route]]\nhosts = [\"*.corp\"]\nproxy = \"ftp://x:1\"\n",
+                "b.toml: line 8, key `upstream.route.proxy`",
+            ),
+            (
+                "[[upstream.route]]\nhosts = []\nproxy = \"direct\"\n",
+                "b.toml: line 6, key `upstream.route`",
+            ),
+            ("[[upstream.route]]\nhosts = [\"a\"]\n", "b.toml: line 6"),
+        ] {
+            let err = crate::config::Config::parse(&format!("{head}{tail}"), Some(Path::new("b.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{tail:?}: {err}");
         }
     }
 
