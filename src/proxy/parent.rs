@@ -96,9 +96,9 @@ pub fn refusal(parent: &Parent, status: StatusCode, what: &str) -> (StatusCode, 
     if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         let reason = match parent.authorization {
             Some(_) => {
-                format!("{parent} refused baton's credentials (407): check its `credentials` file in [upstream]")
+                format!("{parent} refused baton's credentials (407): check its credentials file in [upstream]")
             }
-            None => format!("{parent} requires authentication (407): give it a `credentials` file in [upstream]"),
+            None => format!("{parent} requires authentication (407): give it a credentials file in [upstream]"),
         };
         return (StatusCode::BAD_GATEWAY, reason);
     }
