@@ -623,9 +623,16 @@ async fn two_batons_each_the_others_parent_see_the_loop() {
     let (status, _, body) = get(a.proxy, &format!("http://{origin}/bytes?n=10"), &[]);
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&body).contains(&loop_reason));
-    // A CONNECT carries the Via chain to the parent too.
-    let (_s, head) = connect(a.proxy, &echo.to_string(), b"").await;
+    // A CONNECT carries the Via chain to the parent too: A refuses it when it comes back
+    // through B, B answers 502 for that, and so does A.
+    let (mut s, head) = connect(a.proxy, &echo.to_string(), b"").await;
     assert!(head.starts_with("HTTP/1.1 502"), "a loop of CONNECTs must end: {head}");
+    let body = body_after(&mut s, &head).await;
+    let want = format!("parent proxy {} refused CONNECT {echo}: 502 Bad Gateway", b.proxy);
+    assert!(body.contains(&want), "{body}");
+    assert!(b.log().contains(&format!(
+        "parent proxy 127.0.0.1:{a_port} refused CONNECT {echo}: 403 Forbidden"
+    )));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
