@@ -99,8 +99,12 @@ pub struct CheckArgs {
     config: Option<PathBuf>,
     /// The running baton's control socket (default: the configuration's): the check says
     /// which listeners the next reload adopts, moves, adds and drops.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "offline")]
     control: Option<PathBuf>,
+    /// Only validate: ask no running baton (what the unit's ExecStartPre= does, since a
+    /// restart must not wait for a control socket systemd holds but nobody serves yet).
+    #[arg(long)]
+    offline: bool,
 }
 
 pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
@@ -135,6 +139,10 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         println!(
             "  warning: upgrade + canary ({verdict:?}) must stay below the unit's TimeoutStartSec= (60s in baton.service), or systemd fails the reload first"
         );
+    }
+    if args.offline {
+        warn_privileged(&config);
+        return Ok(ExitCode::SUCCESS);
     }
     let control = args.control.clone().unwrap_or_else(|| config.control_socket.clone());
     let ok = match client_runtime()?.block_on(running_status(&control)) {

@@ -371,7 +371,12 @@ async fn failed_upgrade_reports_why(baton: &Baton, admin: SocketAddr) {
     assert!(!ok, "{out}");
     let r = parse_report(&out);
     assert_eq!(r["result"], "failed", "{r}");
-    assert!(r["reason"].as_str().unwrap().contains("exit status 1"), "{r}");
+    // The new generation's own words, not just its exit status.
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exited before it was ready: ") && reason.contains("baton.toml: line"),
+        "{r}"
+    );
     assert_eq!(r["old_generation"], 3, "{r}");
     let m = scrape(admin).await;
     assert_eq!(

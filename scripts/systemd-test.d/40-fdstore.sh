@@ -33,11 +33,11 @@ check "fd store: the client that connected during the restart was served: $(cat 
   eval '[ "$(cat "$W/fdstore.client")" = "ok 200" ]'
 check "fd store: the same listening socket (inode $INODE -> $(side_inode)), adopted: $(X /usr/local/bin/baton status --config /etc/baton/baton.toml | grep side)" \
   eval '[ -n "$INODE" ] && [ "$(side_inode)" = "$INODE" ] &&
-        X /usr/local/bin/baton status --config /etc/baton/baton.toml | grep -q "listener *side 127.0.0.1:8081 (inherited)"'
+        X /usr/local/bin/baton status --config /etc/baton/baton.toml | grep "listener *side 127.0.0.1:8081 (inherited)" >/dev/null'
 FDNAMES=$(X cat "/proc/$NEW/environ" | tr '\0' '\n' | sed -n 's/^LISTEN_FDNAMES=//p')
 check "fd store: systemd passed LISTEN_FDNAMES=$FDNAMES; the control socket (RuntimeDirectoryPreserve=restart) came back too" \
   eval 'case ":$FDNAMES:" in *:bound.side:*) true ;; *) false ;; esac &&
-        X /usr/local/bin/baton status --config /etc/baton/baton.toml | grep -q "listener *control unix:/run/baton/control.sock (inherited)"'
+        X /usr/local/bin/baton status --config /etc/baton/baton.toml | grep "listener *control unix:/run/baton/control.sock (inherited)" >/dev/null'
 # Drop the listener again: it leaves the fd store, so nothing listens on 8081 any more.
 X mv /etc/baton/baton.toml.orig /etc/baton/baton.toml
 if timeout 60 "$SDH" exec "$S" systemctl reload "$UNIT"; then rc=0; else rc=$?; fi
