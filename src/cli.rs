@@ -48,6 +48,7 @@ pub struct UpgradeArgs {
 pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
     let inherited = inherited.context("cannot take the inherited file descriptors")?;
     baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    baton_handoff::process::raise_open_files_limit().context("cannot raise the open files limit")?;
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
     baton::daemon::logging::init(config.log_format, &config.access_log)?;
@@ -72,6 +73,23 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
     })
 }
 
+/// What the open-files limit allows: `run` raises the soft limit to the hard one.
+fn check_open_files(migrate: bool) {
+    match baton_handoff::process::raise_open_files_limit() {
+        Ok(n) => {
+            println!(
+                "  open files: up to {n} (the hard RLIMIT_NOFILE; a tunnel holds 2 sockets and up to 2 pipes, 6 fds)"
+            );
+            if migrate {
+                println!(
+                    "  migrate: live tunnels move at a handoff; the new generation holds them as the old one lets go, batch by batch"
+                );
+            }
+        }
+        Err(e) => println!("  warning: cannot read the open files limit: {e}"),
+    }
+}
+
 pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
@@ -90,6 +108,7 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if let AccessSink::File(p) = &config.access_log.sink {
         println!("  access log {}", p.display());
     }
+    check_open_files(config.migrate);
     let t = &config.timeouts;
     let verdict = t.upgrade + t.canary;
     println!(

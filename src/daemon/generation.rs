@@ -184,16 +184,17 @@ impl Generation {
         self.start_accepting();
         self.log_serving();
         let Some(r) = ready else { return Ok(()) };
-        let reported = if watched {
-            r.signal_ready_pinging()
-        } else {
-            r.signal_ready()
+        let reported = match (watched, self.config.migrate) {
+            (true, true) => r.signal_ready_taking_transfer(),
+            (true, false) => r.signal_ready_pinging(),
+            (false, _) => r.signal_ready(),
         };
         reported.context("cannot report readiness to the previous generation")?;
         if let Some(channel) = channel {
             self.predecessor_watching = true;
             notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
-            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone());
+            let proxy = self.connections.proxy().clone();
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), proxy);
         }
         Ok(())
     }
@@ -434,13 +435,17 @@ async fn open_proxy(
     Ok((opened, connections))
 }
 
-/// Pings the predecessor during its canary window and tells the controller the verdict.
-fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>) {
+/// Pings the predecessor during its canary window, tells the controller the verdict, then
+/// adopts the tunnels the predecessor hands over.
+fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>, proxy: Arc<Proxy>) {
     tokio::spawn(async move {
         let connections = move || drain.active_connections() + drain.active_tunnels();
         let verdict = channel.ping_until_verdict(connections).await;
-        let verdict = verdict.unwrap_or(baton_handoff::Verdict::Gone);
+        let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
         let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+        if let Some(handed) = handed {
+            proxy.adopt(handed).await;
+        }
     });
 }
 

@@ -18,12 +18,12 @@ use hyper::body::Incoming;
 use crate::config::Config;
 use crate::proxy::access::{AccessLine, Kind};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
-use crate::proxy::connector::{ConnectError, connect_checked};
+use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
+use crate::proxy::migrate::Migration;
 use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::target::{check_target, target_len};
-use crate::proxy::tunnel::{self, Relayed};
 use crate::proxy::upstream::{OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -54,20 +54,22 @@ impl From<&Config> for ProxySettings {
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
-    settings: ProxySettings,
-    policy: Arc<Policy>,
-    drain: Drain,
+    pub(super) settings: ProxySettings,
+    pub(super) policy: Arc<Policy>,
+    pub(super) drain: Drain,
+    /// Moving this generation's tunnels to the next one (`connect`).
+    pub(super) migration: Arc<Migration>,
     via: HeaderValue,
 }
 
 /// One request as the access log and the metrics see it.
-struct Ask {
-    peer: Peer,
-    method: Method,
+pub(super) struct Ask {
+    pub(super) peer: Peer,
+    pub(super) method: Method,
     /// The target as the client sent it (cloning a `Uri` only bumps reference counts;
     /// formatting it is left to the log line, if one is written).
-    target: Uri,
-    started: Instant,
+    pub(super) target: Uri,
+    pub(super) started: Instant,
 }
 
 impl Proxy {
@@ -79,8 +81,14 @@ impl Proxy {
             settings,
             policy,
             drain,
+            migration: Arc::default(),
             via,
         }
+    }
+
+    /// Moving this generation's tunnels out at a handoff.
+    pub fn migration(&self) -> &Arc<Migration> {
+        &self.migration
     }
 
     /// The origin connection pool, for each client connection's [`OriginLease`].
@@ -112,10 +120,12 @@ impl Proxy {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
-        if self.policy.requires_auth()
-            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client)).await
-        {
-            return Ok(self.deny(&ask, &d));
+        let mut user = None;
+        if self.policy.requires_auth() {
+            match Box::pin(self.policy.check_auth(req.headers(), client)).await {
+                Ok(u) => user = u,
+                Err(d) => return Ok(self.deny(&ask, &d)),
+            }
         }
         if req.headers().contains_key(header::VIA)
             && let Err(d) = self.policy.check_via(req.headers())
@@ -127,7 +137,7 @@ impl Proxy {
             return Ok(self.refuse(&ask, StatusCode::URI_TOO_LONG, &reason));
         }
         if ask.method == Method::CONNECT {
-            return Ok(Box::pin(self.connect(req, ask)).await);
+            return Ok(Box::pin(self.connect(req, ask, user)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer. One
         // that also carried Content-Length never gets here (the framing layer answers 400:
@@ -232,7 +242,7 @@ impl Proxy {
     }
 
     /// A failed connect to `what` (an origin or a CONNECT target): 504 on a timeout, else 502.
-    fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
+    pub(super) fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
         if let ConnectError::Denied(d) = e {
             return self.deny(ask, d);
         }
@@ -251,47 +261,9 @@ impl Proxy {
         }
     }
 
-    async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
-        let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
-            return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
-        };
-        let port = authority.port_u16().unwrap_or(443);
-        if let Err(d) = self.policy.check_connect_port(port) {
-            return self.deny(&ask, &d);
-        }
-        let connected = connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect).await;
-        let origin = match connected {
-            Ok(s) => s,
-            Err(e) => return self.connect_failed(&ask, authority.as_str(), &e),
-        };
-        let idle = self.settings.tunnel_idle;
-        let cut = self.drain.cut_token();
-        self.drain.tunnels().spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    let reason = format!("tunnel upgrade failed: {e}");
-                    AccessLine::new(Kind::Closed, ask.peer)
-                        .request(&ask.method, &ask.target, StatusCode::OK)
-                        .reason(&reason)
-                        .write();
-                    return;
-                }
-            };
-            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, idle, cut).await;
-            AccessLine::new(Kind::Tunnel, ask.peer)
-                .request(&ask.method, &ask.target, StatusCode::OK)
-                .traffic(up, down, ask.started)
-                .outcome(outcome)
-                .write();
-            metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
-        });
-        Response::new(empty())
-    }
-
     /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
     /// authentication challenge on a 407.
-    fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
+    pub(super) fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
         let bytes_out = d.reason.len() as u64 + 1;
         AccessLine::new(Kind::Denied, ask.peer)
             .request(&ask.method, &ask.target, d.status)
@@ -360,7 +332,7 @@ impl Proxy {
     }
 
     /// An answer of the proxy's own: `status` with `reason` as its body, logged.
-    fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
+    pub(super) fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
         let bytes_out = reason.len() as u64 + 1;
         AccessLine::new(Kind::Refused, ask.peer)
             .request(&ask.method, &ask.target, status)
@@ -389,7 +361,7 @@ fn full(s: String) -> Body {
         .boxed()
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never: Infallible| match never {})
         .boxed()
