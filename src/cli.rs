@@ -254,6 +254,7 @@ struct DrainSummary {
     connections: usize,
     tunnels: usize,
     finished: usize,
+    moved: usize,
     cut: usize,
     drain_ms: u64,
 }
@@ -313,6 +314,7 @@ impl From<DrainOutcome> for DrainSummary {
             connections: d.connections,
             tunnels: d.tunnels,
             finished: d.finished,
+            moved: d.moved,
             cut: d.cut,
             drain_ms: d.drain_ms,
         }
@@ -324,8 +326,8 @@ fn print_event(ev: &Event) {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
         Event::Drained(d) => println!(
-            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
-            d.old_pid, d.drain_ms, d.finished, d.cut
+            "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
+            d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
         ),
         Event::Failed { reason } => eprintln!("upgrade failed, old generation serves on: {reason}"),
         Event::Refused { reason } => eprintln!("upgrade refused: {reason}"),

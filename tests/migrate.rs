@@ -175,8 +175,7 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
         .await
         .expect("open tunnels");
     // The new generation's configuration turns moving off: it does not offer to take them.
-    let text = std::fs::read_to_string(&baton.config).expect("config");
-    std::fs::write(&baton.config, format!("migrate = false\n{text}")).expect("write config");
+    baton.set_top_level("migrate = false");
     let old = upgrade(&baton).await;
     wait_for(
         Duration::from_secs(5),

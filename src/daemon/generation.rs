@@ -324,7 +324,8 @@ impl Generation {
 
     async fn exit_drained(&mut self, handed_off: bool, report: DrainReport) -> Exit {
         let (connections, tunnels, cut, ms) = (report.connections, report.tunnels, report.cut, report.millis);
-        info!(connections, tunnels, cut, ms, "drained; exiting");
+        let (moved, stayed) = self.connections.proxy().migration().counts();
+        info!(connections, tunnels, moved, stayed, cut, ms, "drained; exiting");
         self.drain_finished(handed_off, &report).await;
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
@@ -360,7 +361,8 @@ impl Generation {
     /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
     /// the draining file (the serving generation stops reporting us).
     async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
-        let outcome = DrainOutcome::from_report(self.pid, report);
+        let (moved, _stayed) = self.connections.proxy().migration().counts();
+        let outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
         if handed_off {
             self.shared.record(|l| {
                 l.drain.observe(report.millis as f64 / 1000.0);
