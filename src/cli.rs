@@ -48,6 +48,7 @@ pub struct UpgradeArgs {
 pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
     let inherited = inherited.context("cannot take the inherited file descriptors")?;
     baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    baton_handoff::process::raise_open_files_limit().context("cannot raise the open files limit")?;
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
     baton::daemon::logging::init(config.log_format, &config.access_log)?;
@@ -72,6 +73,23 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
     })
 }
 
+/// What the open-files limit allows: `run` raises the soft limit to the hard one.
+fn check_open_files(migrate: bool) {
+    match baton_handoff::process::raise_open_files_limit() {
+        Ok(n) => {
+            println!(
+                "  open files: up to {n} (the hard RLIMIT_NOFILE; a tunnel holds 2 sockets and up to 2 pipes, 6 fds)"
+            );
+            if migrate {
+                println!(
+                    "  migrate: live tunnels move at a handoff; the new generation holds them as the old one lets go, batch by batch"
+                );
+            }
+        }
+        Err(e) => println!("  warning: cannot read the open files limit: {e}"),
+    }
+}
+
 pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
@@ -91,6 +109,7 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         println!("  access log {}", p.display());
     }
     print_parents(&config.parents);
+    check_open_files(config.migrate);
     let t = &config.timeouts;
     let verdict = t.upgrade + t.canary;
     println!(
@@ -255,6 +274,7 @@ struct DrainSummary {
     connections: usize,
     tunnels: usize,
     finished: usize,
+    moved: usize,
     cut: usize,
     drain_ms: u64,
 }
@@ -314,6 +334,7 @@ impl From<DrainOutcome> for DrainSummary {
             connections: d.connections,
             tunnels: d.tunnels,
             finished: d.finished,
+            moved: d.moved,
             cut: d.cut,
             drain_ms: d.drain_ms,
         }
@@ -325,8 +346,8 @@ fn print_event(ev: &Event) {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
         Event::Drained(d) => println!(
-            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
-            d.old_pid, d.drain_ms, d.finished, d.cut
+            "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
+            d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
         ),
         Event::Failed { reason } => eprintln!("upgrade failed, old generation serves on: {reason}"),
         Event::Refused { reason } => eprintln!("upgrade refused: {reason}"),

@@ -122,18 +122,22 @@ pub struct DrainOutcome {
     pub tunnels: usize,
     /// Those that ended by themselves ...
     pub finished: usize,
+    /// ... those that moved to the new generation (tunnels; absent from version 2) ...
+    #[serde(default)]
+    pub moved: usize,
     /// ... and those cut at the drain timeout.
     pub cut: usize,
     pub drain_ms: u64,
 }
 
 impl DrainOutcome {
-    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport) -> DrainOutcome {
+    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport, moved: usize) -> DrainOutcome {
         DrainOutcome {
             old_pid,
             connections: r.connections,
             tunnels: r.tunnels,
-            finished: (r.connections + r.tunnels).saturating_sub(r.cut),
+            finished: (r.connections + r.tunnels).saturating_sub(r.cut + moved),
+            moved,
             cut: r.cut,
             drain_ms: r.millis,
         }

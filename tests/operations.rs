@@ -260,6 +260,9 @@ async fn upgrade_report_matches_what_clients_did() {
         connect_port(echo.port())
     ))
     .await;
+    // Tunnels stay with the old generation (the new one is told `migrate = false`) so that
+    // they drain and are cut as before; tests/migrate.rs covers the moving ones.
+    baton.set_top_level("migrate = false");
     let old = baton.pid();
     let admin = listener_addr(&baton.status().await, "admin");
 

@@ -184,16 +184,17 @@ impl Generation {
         self.start_accepting();
         self.log_serving();
         let Some(r) = ready else { return Ok(()) };
-        let reported = if watched {
-            r.signal_ready_pinging()
-        } else {
-            r.signal_ready()
+        let reported = match (watched, self.config.migrate) {
+            (true, true) => r.signal_ready_taking_transfer(),
+            (true, false) => r.signal_ready_pinging(),
+            (false, _) => r.signal_ready(),
         };
         reported.context("cannot report readiness to the previous generation")?;
         if let Some(channel) = channel {
             self.predecessor_watching = true;
             notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
-            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone());
+            let proxy = self.connections.proxy().clone();
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), proxy);
         }
         Ok(())
     }
@@ -323,7 +324,8 @@ impl Generation {
 
     async fn exit_drained(&mut self, handed_off: bool, report: DrainReport) -> Exit {
         let (connections, tunnels, cut, ms) = (report.connections, report.tunnels, report.cut, report.millis);
-        info!(connections, tunnels, cut, ms, "drained; exiting");
+        let (moved, stayed) = self.connections.proxy().migration().counts();
+        info!(connections, tunnels, moved, stayed, cut, ms, "drained; exiting");
         self.drain_finished(handed_off, &report).await;
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
@@ -359,7 +361,8 @@ impl Generation {
     /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
     /// the draining file (the serving generation stops reporting us).
     async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
-        let outcome = DrainOutcome::from_report(self.pid, report);
+        let (moved, _stayed) = self.connections.proxy().migration().counts();
+        let outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
         if handed_off {
             self.shared.record(|l| {
                 l.drain.observe(report.millis as f64 / 1000.0);
@@ -434,13 +437,17 @@ async fn open_proxy(
     Ok((opened, connections))
 }
 
-/// Pings the predecessor during its canary window and tells the controller the verdict.
-fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>) {
+/// Pings the predecessor during its canary window, tells the controller the verdict, then
+/// adopts the tunnels the predecessor hands over.
+fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>, proxy: Arc<Proxy>) {
     tokio::spawn(async move {
         let connections = move || drain.active_connections() + drain.active_tunnels();
         let verdict = channel.ping_until_verdict(connections).await;
-        let verdict = verdict.unwrap_or(baton_handoff::Verdict::Gone);
+        let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
         let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+        if let Some(handed) = handed {
+            proxy.adopt(handed).await;
+        }
     });
 }
 

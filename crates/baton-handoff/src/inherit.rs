@@ -261,6 +261,14 @@ impl ReadySignal {
         self.write(&format!("ready {} canary\n", std::process::id()))
     }
 
+    /// As [`ReadySignal::signal_ready_pinging`], and offers to take the predecessor's live
+    /// connections after its verdict ([`crate::transfer`]): a promise to read the
+    /// [`crate::Incoming`] that comes with [`crate::Verdict::Passed`].
+    pub fn signal_ready_taking_transfer(self) -> io::Result<()> {
+        let version = crate::transfer::TRANSFER_VERSION;
+        self.write(&format!("ready {} canary xfer={version}\n", std::process::id()))
+    }
+
     fn write(self, line: &str) -> io::Result<()> {
         let mut f = std::fs::File::from(self.0);
         io::Write::write_all(&mut f, line.as_bytes())

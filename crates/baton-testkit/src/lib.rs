@@ -10,6 +10,7 @@
 //!   ([`ProxyConnection`]) and a CONNECT tunnel opener ([`open_tunnel`]);
 //! - [`load`]: a background client pool ([`Load`]) that counts every request that does not
 //!   end in a complete 200, for "nothing fails while baton hands off";
+//! - [`tunnels`]: long-lived CONNECT tunnels that echo hash-checked data ([`LongTunnels`]);
 //! - [`data`]: the deterministic bodies the origin serves ([`pattern`]) and [`sha256_hex`].
 
 pub mod client;
@@ -17,9 +18,11 @@ pub mod data;
 pub mod echo;
 pub mod load;
 pub mod origin;
+pub mod tunnels;
 
 pub use client::{ClientError, ProxyConnection, open_tunnel, read_head};
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
 pub use origin::start_origin;
+pub use tunnels::{LongTunnels, TunnelReport};

@@ -187,6 +187,11 @@ impl Generation {
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         let drain = self.begin_drain();
+        match passed.transfer {
+            Some(transfer) if self.config.migrate => self.connections.proxy().migration().start(transfer),
+            Some(_) => info!("migrate = false: tunnels drain here"),
+            None => info!("the new generation does not take tunnels: they drain here"),
+        }
         let report = UpgradeReport {
             old_pid: self.pid,
             new_pid: pending.pid,
