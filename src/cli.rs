@@ -51,7 +51,7 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
     baton_handoff::process::raise_open_files_limit().context("cannot raise the open files limit")?;
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
-    baton::daemon::logging::init(config.log_format, &config.access_log)?;
+    baton::daemon::logging::init(config.log_format, &config.access_log, inherited.generation)?;
     let launch = Launch::current(inherited.program.clone(), config_path, args.tag)?;
     let runtime = build_runtime(config.workers)?;
     let pid_file = config.pid_file.clone();
