@@ -22,8 +22,9 @@ pub enum Command {
     },
     Status(oneshot::Sender<Status>),
     Stop(Trigger),
-    /// The predecessor's canary window ended (this generation's own pinger reports it).
-    PredecessorVerdict(Verdict),
+    /// The predecessor's canary window ended (this generation's own pinger reports it, and
+    /// hears back once the controller took it in).
+    PredecessorVerdict(Verdict, oneshot::Sender<()>),
 }
 
 /// What asked for a handoff or a stop.

@@ -300,7 +300,10 @@ impl Generation {
                     *handoff = Some(p);
                 }
             }
-            Command::PredecessorVerdict(verdict) => self.predecessor_verdict(verdict),
+            Command::PredecessorVerdict(verdict, taken) => {
+                self.predecessor_verdict(verdict);
+                let _ = taken.send(());
+            }
             Command::Stop(trigger) => {
                 self.stop_requests += 1;
                 if self.stop_requests > 1 {
@@ -444,9 +447,15 @@ fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sende
         let connections = move || drain.active_connections() + drain.active_tunnels();
         let verdict = channel.ping_until_verdict(connections).await;
         let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
-        let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+        let (taken, taken_rx) = tokio::sync::oneshot::channel();
+        let _ = commands.send(Command::PredecessorVerdict(verdict, taken)).await;
+        let _ = taken_rx.await;
         if let Some(handed) = handed {
-            proxy.adopt(handed).await;
+            // The predecessor reports the handoff done only now: a trigger that follows
+            // its report finds this generation out of its window.
+            if handed.confirm_verdict().await.is_ok() {
+                proxy.adopt(handed).await;
+            }
         }
     });
 }

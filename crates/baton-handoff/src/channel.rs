@@ -32,11 +32,19 @@ pub struct Watch {
     pid: Pid,
     exited: oneshot::Receiver<String>,
     channel: OwnedFd,
-    /// Whether it pings (a successor of an older version only reports ready).
-    pings: bool,
-    /// Whether it offered to take live connections in our version of the transfer.
-    takes_transfer: bool,
+    offers: Offers,
     ready_at: Instant,
+}
+
+/// What a successor said it does, on its readiness line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offers {
+    /// It pings (`canary`; a successor of an older version only reports ready).
+    pub pings: bool,
+    /// It confirms the verdict once taken in (`confirms`).
+    pub confirms: bool,
+    /// It takes live connections in our version of the transfer (`xfer=N`).
+    pub takes_transfer: bool,
 }
 
 /// The canary passed.
@@ -62,19 +70,12 @@ pub struct CanaryFailed {
 }
 
 impl Watch {
-    pub(crate) fn new(
-        pid: Pid,
-        exited: oneshot::Receiver<String>,
-        channel: OwnedFd,
-        pings: bool,
-        takes_transfer: bool,
-    ) -> Watch {
+    pub(crate) fn new(pid: Pid, exited: oneshot::Receiver<String>, channel: OwnedFd, offers: Offers) -> Watch {
         Watch {
             pid,
             exited,
             channel,
-            pings,
-            takes_transfer,
+            offers,
             ready_at: Instant::now(),
         }
     }
@@ -85,8 +86,8 @@ impl Watch {
             let reason = "the channel is unusable".to_string();
             return Err(fail(self.pid, Some(&mut self.exited), self.ready_at, reason, 0).await);
         };
-        let takes_transfer = self.takes_transfer;
-        let pass = |wire, connections| pass(wire, window, connections, takes_transfer);
+        let offers = self.offers;
+        let pass = |wire, connections| pass(wire, window, connections, offers);
         let mut connections = 0;
         let mut last_ping = Instant::now();
         // Past the window but not heard from lately: the verdict waits for one more ping (a
@@ -104,13 +105,13 @@ impl Watch {
                     break format!("exited: {}", status.unwrap_or_else(|_| "unknown".into()));
                 }
                 () = &mut deadline, if !overtime => {
-                    if self.pings && last_ping.elapsed() > 2 * PING_EVERY {
+                    if self.offers.pings && last_ping.elapsed() > 2 * PING_EVERY {
                         overtime = true;
                         continue;
                     }
                     return Ok(pass(wire, connections).await);
                 }
-                message = wire.recv(), if self.pings => match message {
+                message = wire.recv(), if self.offers.pings => match message {
                     Ok(Some(m)) => {
                         let text = String::from_utf8_lossy(&m.bytes);
                         connections = text.trim().strip_prefix("ping ").and_then(|n| n.parse().ok()).unwrap_or(connections);
@@ -121,7 +122,7 @@ impl Watch {
                     }
                     _ => break "closed the channel".to_string(),
                 },
-                () = tokio::time::sleep_until(silent_until), if self.pings => {
+                () = tokio::time::sleep_until(silent_until), if self.offers.pings => {
                     break format!("no liveness ping for {SILENCE:?}");
                 }
             }
@@ -131,14 +132,27 @@ impl Watch {
     }
 }
 
-/// Tells the successor it passed. Told or not (it may be exiting this instant), it is on its
-/// own now. The newline is for successors of older versions, which read lines.
-async fn pass(wire: Wire, window: Duration, connections: u64, takes_transfer: bool) -> Passed {
+/// Tells the successor it passed, and waits (up to [`SILENCE`]) until it confirms it took
+/// the verdict in, if it said it would: a trigger sent once the handoff is reported done
+/// then finds it out of its window. Told or not (it may be exiting this instant), it is on
+/// its own now. The newline is for successors of older versions, which read lines.
+async fn pass(wire: Wire, window: Duration, connections: u64, offers: Offers) -> Passed {
     let told = wire.send(b"pass\n", &[]).await.is_ok();
+    if told && offers.confirms {
+        let seen = async {
+            // Pings sent before our `pass` arrived may come first.
+            while let Ok(Some(m)) = wire.recv().await {
+                if m.bytes.as_slice() == b"seen" {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SILENCE, seen).await;
+    }
     Passed {
         window,
         connections,
-        transfer: (told && takes_transfer).then(|| Transfer::new(wire)),
+        transfer: (told && offers.takes_transfer).then(|| Transfer::new(wire)),
     }
 }
 
@@ -190,12 +204,13 @@ impl PredecessorChannel {
     pub async fn ping_until_verdict(self, connections: impl Fn() -> usize) -> io::Result<(Verdict, Option<Incoming>)> {
         let wire = Wire::new(self.0)?;
         let mut tick = tokio::time::interval(PING_EVERY);
+        // A predecessor that sent `pass` and exited at once makes our next ping fail while
+        // its `pass` still waits to be read: after a failed ping, only the read decides.
+        let mut pinging = true;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if wire.send(format!("ping {}\n", connections()).as_bytes(), &[]).await.is_err() {
-                        return Ok((Verdict::Gone, None));
-                    }
+                _ = tick.tick(), if pinging => {
+                    pinging = wire.send(format!("ping {}\n", connections()).as_bytes(), &[]).await.is_ok();
                 }
                 message = wire.recv() => return Ok(match message {
                     Ok(Some(m)) if m.bytes.trim_ascii() == b"pass" => (Verdict::Passed, Some(Incoming::new(wire))),

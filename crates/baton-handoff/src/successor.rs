@@ -445,8 +445,14 @@ impl Successor {
                 let pings = line.split_whitespace().any(|w| w == "canary");
                 let ours = format!("xfer={}", crate::transfer::TRANSFER_VERSION);
                 let takes_transfer = line.split_whitespace().any(|w| w == ours);
+                let confirms = line.split_whitespace().any(|w| w == "confirms");
                 let after = self.started.elapsed();
-                let watch = Watch::new(self.pid, self.exited, self.channel, pings, takes_transfer);
+                let offers = crate::channel::Offers {
+                    pings,
+                    confirms,
+                    takes_transfer,
+                };
+                let watch = Watch::new(self.pid, self.exited, self.channel, offers);
                 return Ok(Ready { pid, after, watch });
             }
             Some(line) if line.starts_with("exec-error") => {

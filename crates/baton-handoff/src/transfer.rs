@@ -80,17 +80,27 @@ impl Transfer {
             .flat_map(|i| i.fds.iter().map(AsRawFd::as_raw_fd))
             .collect();
         self.wire.send(&encode(items), &raw).await?;
-        let answer = tokio::time::timeout(timeout, self.wire.recv())
+        let answer = tokio::time::timeout(timeout, self.answer())
             .await
             .map_err(|_| TransferError::Timeout(timeout))??;
-        let Some(answer) = answer else {
-            return Err(TransferError::Closed);
-        };
         let text = String::from_utf8_lossy(&answer.bytes);
         match text.trim().split_once(' ') {
             Some(("ack", n)) if n.parse() == Ok(items.len()) => Ok(()),
             Some(("nack", why)) => Err(TransferError::Refused(why.to_string())),
             _ => Err(TransferError::Refused(format!("unexpected answer {:?}", text.trim()))),
+        }
+    }
+
+    /// The successor's next answer, past any canary-window message still in the channel (a
+    /// ping it sent before our `pass` reached it, its `seen`).
+    async fn answer(&self) -> Result<Message, TransferError> {
+        loop {
+            let Some(m) = self.wire.recv().await? else {
+                return Err(TransferError::Closed);
+            };
+            if !(m.bytes.starts_with(b"ping") || m.bytes.as_slice() == b"seen") {
+                return Ok(m);
+            }
         }
     }
 
@@ -196,6 +206,12 @@ impl Incoming {
         Incoming { wire }
     }
 
+    /// Tells the predecessor that this generation took its verdict in: it reports the
+    /// handoff done only then (a successor that said `confirms` at readiness owes this).
+    pub async fn confirm_verdict(&self) -> io::Result<()> {
+        self.wire.send(b"seen", &[]).await
+    }
+
     /// The next batch, acknowledged: from here its connections are ours. `None` once the
     /// predecessor said `done` or went away. A batch that cannot be taken whole is refused
     /// (the predecessor keeps it) and the next one is awaited.
@@ -285,6 +301,16 @@ mod tests {
             "every fd is still ours"
         );
         assert_eq!(dying.await.expect("join").expect("recv"), Some(12));
+    }
+
+    #[tokio::test]
+    async fn a_late_ping_before_the_ack_is_not_taken_for_the_answer() {
+        let (mut transfer, mut incoming) = pair();
+        incoming.wire.send(b"ping 3\n", &[]).await.expect("ping");
+        let receiving = tokio::spawn(async move { incoming.next_batch().await.map(|b| b.map(|b| b.len())) });
+        let sent = transfer.send_batch(vec![item(2, b"x")], Duration::from_secs(5)).await;
+        assert_eq!(sent.map_err(|(e, _)| e.to_string()), Ok(1));
+        assert_eq!(receiving.await.expect("join").expect("recv"), Some(1));
     }
 
     #[tokio::test]
