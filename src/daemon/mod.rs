@@ -14,4 +14,5 @@ pub mod launch;
 pub mod logging;
 pub mod notify;
 pub mod state_dir;
+pub mod status_page;
 pub mod traffic;
