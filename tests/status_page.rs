@@ -58,7 +58,7 @@ fn save_screenshot(browser: &mut Browser, name: &str) -> PathBuf {
 /// request is written: from its first byte it belongs to generation 1.
 async fn send_slow(proxy: SocketAddr, origin: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    let url = format!("http://{origin}/slow?ms=6000&n={SLOW_BODY}");
+    let url = format!("http://{origin}/slow?ms=7000&n={SLOW_BODY}");
     s.write_all(format!("GET {url} HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -107,7 +107,7 @@ async fn the_status_page_follows_a_handoff_under_load() {
     let origin = testkit::start_origin().await.unwrap();
     let echo = testkit::start_echo().await.unwrap();
     let extra = format!(
-        "[admin]\naddress = \"127.0.0.1:0\"\n\n{}\n[timeouts]\ndrain = \"20s\"\ncanary = \"2s\"\n",
+        "[admin]\naddress = \"127.0.0.1:0\"\n\n{}\n[timeouts]\ndrain = \"20s\"\ncanary = \"3s\"\n",
         connect_ports(&[echo.port()])
     );
     let baton = Baton::start_program(std::path::Path::new(common::BATON), &extra, &["--tag", TAG]).await;
@@ -251,7 +251,7 @@ fn page_shows_the_drain_ended(browser: &mut Browser) {
             "the handoff's drain time on the timeline",
         )
     });
-    assert_eq!(number(&handoff["canaryMs"]), 2000.0, "{handoff}");
+    assert_eq!(number(&handoff["canaryMs"]), 3000.0, "{handoff}");
     assert!(number(&handoff["readyMs"]) >= 0.0, "{handoff}");
     assert!(
         number(&handoff["drainMs"]) >= 1000.0,
