@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use baton::config::{AccessSink, Config};
+use baton::config::{AccessSink, Config, HostPattern, Parent, Parents};
 use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
@@ -90,6 +90,7 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if let AccessSink::File(p) = &config.access_log.sink {
         println!("  access log {}", p.display());
     }
+    print_parents(&config.parents);
     let t = &config.timeouts;
     let verdict = t.upgrade + t.canary;
     println!(
@@ -104,6 +105,25 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[upstream]` as `baton check` shows it (whether credentials are set, never what they are).
+fn print_parents(p: &Parents) {
+    let list = |patterns: &[HostPattern]| patterns.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let to = |parent: Option<&std::sync::Arc<Parent>>| match parent {
+        Some(p) if p.authorization.is_some() => format!("{p} (with credentials)"),
+        Some(p) => p.to_string(),
+        None => "directly".to_string(),
+    };
+    if !p.bypass.is_empty() {
+        println!("  bypass (directly): {}", list(&p.bypass));
+    }
+    for r in &p.routes {
+        println!("  route {} -> {}", list(&r.hosts), to(r.parent.as_ref()));
+    }
+    if p.default.is_some() || !p.routes.is_empty() {
+        println!("  every other destination -> {}", to(p.default.as_ref()));
+    }
 }
 
 fn control_socket(args: &ClientArgs) -> anyhow::Result<PathBuf> {
@@ -350,9 +370,14 @@ fn print_status(s: &Status) {
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }
     );
+    let now = std::time::SystemTime::now();
     for d in &s.draining {
+        let age = d
+            .draining_seconds(now)
+            .map(|a| format!(" for {a:.1} s"))
+            .unwrap_or_default();
         println!(
-            "draining    pid {} (generation {}): {} connections, {} tunnels",
+            "draining    pid {} (generation {}){age}: {} connections, {} tunnels",
             d.pid, d.generation, d.connections, d.tunnels
         );
     }

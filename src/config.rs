@@ -8,6 +8,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod upstream;
+pub use upstream::{HostPattern, Parent, Parents, Route};
+
 /// The configuration used when no file is given: one loopback listener, loopback clients only.
 pub const EMBEDDED_DEFAULT: &str = r#"
 [[listener]]
@@ -108,6 +111,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[log] access`, `access_format`: where access lines go.
     pub access_log: AccessLog,
+    /// `[upstream]`: parent proxies and which destinations go through them.
+    pub parents: Parents,
 }
 
 /// `[admin]`: an HTTP listener for `/metrics`, `/healthz` and `/status`.
@@ -150,6 +155,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    upstream: upstream::RawUpstream,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +318,7 @@ impl Config {
         check_values(&raw).map_err(&invalid)?;
         let admin = admin(raw.admin.as_ref(), &listeners).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
+        let parents = upstream::parents(text, &raw.upstream, base).map_err(&invalid)?;
         let control_socket = match raw.control_socket {
             Some(p) => resolve(base, p),
             None => default_control_socket(env).ok_or_else(|| invalid(no_default_control_socket(path)))?,
@@ -329,12 +337,13 @@ impl Config {
             limits: Limits::from(raw.limits),
             access,
             log_format: raw.log.format,
+            parents,
         })
     }
 }
 
 /// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
-/// `log.access`, a listener's `path`): a relative one is relative to the directory of the
+/// `log.access`, a listener's `path`, `upstream.credentials`): a relative one is relative to the directory of the
 /// file it is written in (`base`), never to the working directory.
 fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
     match base {

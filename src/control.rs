@@ -155,6 +155,19 @@ pub struct DrainingGeneration {
     pub generation: u64,
     pub connections: usize,
     pub tunnels: usize,
+    /// When it began draining (Unix time, milliseconds). Absent from generations of versions
+    /// that did not publish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+}
+
+impl DrainingGeneration {
+    /// Seconds it has been draining at `now`; `None` when its start is unknown. A wall clock
+    /// stepped back reads as 0, not negative.
+    pub fn draining_seconds(&self, now: std::time::SystemTime) -> Option<f64> {
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_unix_ms?);
+        Some(now.duration_since(since).map_or(0.0, |d| d.as_secs_f64()))
+    }
 }
 
 /// The answer to `status`.
@@ -317,5 +330,23 @@ mod tests {
         assert_eq!(ev, Event::Unknown);
         let ev: Event = serde_json::from_str(r#"{"v":3,"event":"failed","reason":"x","extra":1}"#).unwrap();
         assert_eq!(ev, Event::Failed { reason: "x".into() });
+    }
+
+    #[test]
+    fn draining_age_from_the_published_start() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // A draining file of a version without `since_unix_ms` still reads; its age is unknown.
+        let old: DrainingGeneration =
+            serde_json::from_str(r#"{"pid":7,"generation":1,"connections":2,"tunnels":0}"#).unwrap();
+        assert_eq!(old.since_unix_ms, None);
+        assert_eq!(old.draining_seconds(UNIX_EPOCH + Duration::from_secs(5)), None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("since"));
+        let d = DrainingGeneration {
+            since_unix_ms: Some(10_000),
+            ..old
+        };
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(d.draining_seconds(at(12_500)), Some(2.5));
+        assert_eq!(d.draining_seconds(at(9_000)), Some(0.0), "a clock stepped back");
     }
 }

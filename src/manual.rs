@@ -476,7 +476,9 @@ mod tests {
             assert!(
                 config.contains(&format!("\\fB{}\\fR = ", roff_code(key)))
                     || config.contains(&format!(".SS \"[{key}]\""))
-                    || config.contains(&format!(".SS \"[[{key}]]\"")),
+                    || config.contains(&format!(".SS \"[[{key}]]\""))
+                    // A nested table: `[[upstream.route]]`.
+                    || config.contains(&format!(".{key}]]\"")),
                 "baton.toml.5 lacks key {key}"
             );
         }

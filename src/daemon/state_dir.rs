@@ -3,7 +3,8 @@
 //! use (`files::DirRule`): another user able to write to them could redirect what baton
 //! writes, so baton refuses to start instead.
 //!
-//! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels,
+//! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels, and
+//!   when it began draining (Unix time, so that `baton status --json` shows it as is),
 //!   rewritten atomically (write + rename) every 250 ms and removed when it exits, so the
 //!   serving generation can report them (files of dead pids are ignored and removed);
 //! - `ledger.json` (+ `ledger.lock`): what outlives a generation — handoffs by result, the
@@ -354,6 +355,10 @@ impl StateDir {
     pub fn publish_draining(&self, generation: u64, drain: Drain) -> DrainingFile {
         let path = self.draining_dir().join(format!("{}.json", std::process::id()));
         let stopped = Arc::new(Mutex::new(false));
+        let since_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .ok();
         let file = DrainingFile {
             path: path.clone(),
             stopped: stopped.clone(),
@@ -364,6 +369,7 @@ impl StateDir {
                 generation,
                 connections: drain.active_connections(),
                 tunnels: drain.active_tunnels(),
+                since_unix_ms,
             };
             let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
             if *guard {

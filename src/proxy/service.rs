@@ -1,5 +1,6 @@
-//! The forward proxy service: absolute-form HTTP/1.1 requests go to the origin over a kept
-//! or pooled origin connection, CONNECT opens a TCP tunnel. Errors are answers with a
+//! The forward proxy service: absolute-form HTTP/1.1 requests go to the origin, or to the
+//! parent proxy `route` chooses, over a kept or pooled connection; CONNECT opens a TCP
+//! tunnel, directly or through the parent's CONNECT. Errors are answers with a
 //! one-line reason, never a dropped connection. Knows nothing about fork/exec or
 //! generations: it is handed a [`Drain`] to register tunnels with.
 
@@ -15,16 +16,18 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::config::Config;
+use crate::config::{Config, Parent, Parents};
 use crate::proxy::access::{AccessLine, Kind};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
 use crate::proxy::connector::{ConnectError, connect_checked};
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
+use crate::proxy::parent::{self, ParentError};
 use crate::proxy::policy::{Denial, Policy, Rule};
+use crate::proxy::route::next_hop;
 use crate::proxy::target::{check_target, target_len};
 use crate::proxy::tunnel::{self, Relayed};
-use crate::proxy::upstream::{OriginLease, Upstream, UpstreamError};
+use crate::proxy::upstream::{NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -37,6 +40,8 @@ pub struct ProxySettings {
     pub upstream_idle: Duration,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
+    /// `[upstream]`: which destinations go through which parent proxy.
+    pub parents: Arc<Parents>,
 }
 
 impl From<&Config> for ProxySettings {
@@ -48,6 +53,7 @@ impl From<&Config> for ProxySettings {
             upstream_idle: c.timeouts.upstream_idle,
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
+            parents: Arc::new(c.parents.clone()),
         }
     }
 }
@@ -154,30 +160,50 @@ impl Proxy {
             let reason = format!("request body larger than {max} bytes");
             return self.refuse(&ask, StatusCode::PAYLOAD_TOO_LARGE, &reason);
         }
+        let hop = match next_hop(&self.settings.parents, host) {
+            None => NextHop::Origin { authority, host, port },
+            Some(p) => match self.policy.check_name(host, port) {
+                Ok(()) => NextHop::Parent(p),
+                Err(d) => return self.deny(&ask, &d),
+            },
+        };
         let (mut parts, body) = req.into_parts();
         if let Some(answer) = self.answer_max_forwards(&mut parts) {
             return answer;
         }
-        if let Err(reason) = self.to_origin(&mut parts, authority) {
+        if let Err(reason) = self.to_next_hop(&mut parts, authority, hop) {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, reason);
         }
         let stats = Arc::new(BodyStats::default());
         let body = Counted::new(body, stats.clone(), self.settings.max_body_bytes);
-        let sent = lease.send(authority, host, port, Request::from_parts(parts, body));
+        let sent = lease.send(hop, Request::from_parts(parts, body));
         match tokio::time::timeout(self.settings.upstream_response, sent).await {
             Err(_) => {
                 let wait = self.settings.upstream_response;
-                let reason = format!("origin {authority} did not answer within {wait:?}");
+                let reason = format!("{hop} did not answer within {wait:?}");
                 self.refuse(&ask, StatusCode::GATEWAY_TIMEOUT, &reason)
             }
-            Ok(Err(e)) => self.origin_failed(&ask, authority, &stats, &e),
-            Ok(Ok(resp)) => self.to_client(resp, stats, ask),
+            Ok(Err(e)) => self.origin_failed(&ask, hop, &stats, &e),
+            Ok(Ok(resp)) => match hop {
+                NextHop::Parent(p) if resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+                    let (status, reason) = parent::refusal(p, resp.status(), "the request");
+                    self.refuse(&ask, status, &reason)
+                }
+                _ => self.to_client(resp, stats, ask),
+            },
         }
     }
 
-    /// Makes the client's request head the origin's: hop-by-hop fields out, Host from the
-    /// target, `Via` added, the origin-form target (RFC 9112 §3.2.1).
-    fn to_origin(&self, parts: &mut http::request::Parts, authority: &str) -> Result<(), &'static str> {
+    /// Makes the client's request head the next hop's: hop-by-hop fields out (the client's
+    /// `Proxy-Authorization` with them), Host from the target, `Via` added; for an origin the
+    /// origin-form target (RFC 9112 §3.2.1), for a parent the absolute form without userinfo
+    /// and baton's own credentials for the parent.
+    fn to_next_hop(
+        &self,
+        parts: &mut http::request::Parts,
+        authority: &str,
+        hop: NextHop<'_>,
+    ) -> Result<(), &'static str> {
         strip_hop_by_hop(&mut parts.headers);
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
@@ -190,10 +216,15 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         parts.headers.append(header::VIA, self.via.clone());
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        match hop {
+            NextHop::Origin { .. } => {
+                parts.uri = parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            }
+            NextHop::Parent(p) => to_parent(parts, authority, p)?,
+        }
         Ok(())
     }
 
@@ -214,9 +245,9 @@ impl Proxy {
         Response::from_parts(parts, AccessLogged::new(body, stats, record).boxed())
     }
 
-    /// The answer when the origin exchange failed: the client's fault (its body too large or
-    /// malformed), a policy refusal of the resolved address, or the origin's.
-    fn origin_failed(&self, ask: &Ask, authority: &str, stats: &BodyStats, e: &UpstreamError) -> Response<Body> {
+    /// The answer when the exchange with the next hop failed: the client's fault (its body
+    /// too large or malformed), a policy refusal of the resolved address, or the next hop's.
+    fn origin_failed(&self, ask: &Ask, hop: NextHop<'_>, stats: &BodyStats, e: &UpstreamError) -> Response<Body> {
         if let Some(fault) = stats.fault() {
             let mut resp = self.refuse(ask, fault.status(), &fault.to_string());
             resp.headers_mut()
@@ -225,8 +256,8 @@ impl Proxy {
         }
         let (status, reason) = match e {
             UpstreamError::Connect(ConnectError::Denied(d)) => return self.deny(ask, d),
-            UpstreamError::Connect(c) => return self.connect_failed(ask, &format!("origin {authority}"), c),
-            UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("origin {authority} failed: {h}")),
+            UpstreamError::Connect(c) => return self.connect_failed(ask, &hop.to_string(), c),
+            UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("{hop} failed: {h}")),
         };
         self.refuse(ask, status, &reason)
     }
@@ -259,11 +290,60 @@ impl Proxy {
         if let Err(d) = self.policy.check_connect_port(port) {
             return self.deny(&ask, &d);
         }
-        let connected = connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect).await;
-        let origin = match connected {
-            Ok(s) => s,
-            Err(e) => return self.connect_failed(&ask, authority.as_str(), &e),
+        let opened = match next_hop(&self.settings.parents, authority.host()) {
+            Some(p) => self.connect_via(p, &authority, &req, &ask).await,
+            None => connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect)
+                .await
+                .map(|s| (s, Bytes::new()))
+                .map_err(|e| self.connect_failed(&ask, authority.as_str(), &e)),
         };
+        match opened {
+            Ok((origin, from_origin)) => {
+                self.spawn_tunnel(req, ask, origin, from_origin);
+                Response::new(empty())
+            }
+            Err(answer) => answer,
+        }
+    }
+
+    /// A tunnel through `parent`'s CONNECT, after the destination rules that the name shows;
+    /// `Err`: the answer for the client.
+    async fn connect_via(
+        &self,
+        parent: &Parent,
+        authority: &http::uri::Authority,
+        req: &Request<Incoming>,
+        ask: &Ask,
+    ) -> Result<(tokio::net::TcpStream, Bytes), Response<Body>> {
+        if let Err(d) = self
+            .policy
+            .check_name(authority.host(), authority.port_u16().unwrap_or(443))
+        {
+            return Err(self.deny(ask, &d));
+        }
+        let (connect, response) = (self.settings.upstream_connect, self.settings.upstream_response);
+        let opened = parent::open_tunnel(parent, req.uri(), req.headers(), &self.via, connect, response);
+        match opened.await {
+            Ok(opened) => Ok((opened.stream, opened.early)),
+            Err(ParentError::Connect(e)) => Err(self.connect_failed(ask, &parent.to_string(), &e)),
+            Err(ParentError::Refused(status)) => {
+                let (status, reason) = parent::refusal(parent, status, &format!("CONNECT {authority}"));
+                Err(self.refuse(ask, status, &reason))
+            }
+            Err(ParentError::Silent(wait)) => {
+                let reason = format!("{parent} did not answer CONNECT {authority} within {wait:?}");
+                Err(self.refuse(ask, StatusCode::GATEWAY_TIMEOUT, &reason))
+            }
+            Err(ParentError::Http(e)) => {
+                let reason = format!("{parent} failed on CONNECT {authority}: {e}");
+                Err(self.refuse(ask, StatusCode::BAD_GATEWAY, &reason))
+            }
+        }
+    }
+
+    /// Relays the tunnel once hyper hands over the client connection (after the 200 this
+    /// request is answered with), registered with the drain.
+    fn spawn_tunnel(&self, req: Request<Incoming>, ask: Ask, origin: tokio::net::TcpStream, from_origin: Bytes) {
         let idle = self.settings.tunnel_idle;
         let cut = self.drain.cut_token();
         self.drain.tunnels().spawn(async move {
@@ -278,7 +358,7 @@ impl Proxy {
                     return;
                 }
             };
-            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, idle, cut).await;
+            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, from_origin, idle, cut).await;
             AccessLine::new(Kind::Tunnel, ask.peer)
                 .request(&ask.method, &ask.target, StatusCode::OK)
                 .traffic(up, down, ask.started)
@@ -286,7 +366,6 @@ impl Proxy {
                 .write();
             metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
         });
-        Response::new(empty())
     }
 
     /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
@@ -398,6 +477,22 @@ fn empty() -> Body {
 /// `Via: 1.1 <token>` (the token is checked to be a valid field value by the configuration).
 fn via_header(policy: &Policy) -> HeaderValue {
     HeaderValue::from_str(&format!("1.1 {}", policy.via_token())).unwrap_or(HeaderValue::from_static("1.1 baton"))
+}
+
+/// The head of a request to a parent: the absolute-form target (without any `user@`, which
+/// is not the parent's business), and baton's `Proxy-Authorization` for it.
+fn to_parent(parts: &mut http::request::Parts, authority: &str, parent: &Parent) -> Result<(), &'static str> {
+    let has_userinfo = parts.uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if has_userinfo {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = format!("http://{authority}{pq}")
+            .parse()
+            .map_err(|_| "invalid request target")?;
+    }
+    if let Some(auth) = &parent.authorization {
+        parts.headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+    }
+    Ok(())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use baton_handoff::Stream;
+use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
@@ -41,8 +42,15 @@ const CHUNK: usize = 64 * 1024;
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// Relays between the upgraded client connection and the origin until both sides closed,
-/// either failed, the tunnel idled for `idle`, or `cut` fired.
-pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: CancellationToken) -> Relayed {
+/// either failed, the tunnel idled for `idle`, or `cut` fired. `from_origin`: bytes already
+/// read from the origin side (behind a parent proxy's answer), delivered to the client first.
+pub async fn relay(
+    upgraded: Upgraded,
+    origin: TcpStream,
+    from_origin: Bytes,
+    idle: Duration,
+    cut: CancellationToken,
+) -> Relayed {
     let activity = Arc::new(AtomicU64::new(0));
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
@@ -58,17 +66,24 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
                 // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say):
                 // those hyper read, then those the framing held back.
                 for early in [&parts.read_buf[..], &held[..]] {
-                    if !early.is_empty() {
-                        origin.write_all(early).await?;
-                        up.fetch_add(early.len() as u64, Ordering::Relaxed);
-                    }
+                    deliver(&mut origin, early, &up).await?;
                 }
                 match client {
-                    Stream::Tcp(client) => splice_both(&client, &origin, &activity, &up, &down).await,
-                    Stream::Unix(client) => copy_both(client, origin, &activity, &up, &down).await,
+                    Stream::Tcp(mut client) => {
+                        deliver(&mut client, &from_origin, &down).await?;
+                        splice_both(&client, &origin, &activity, &up, &down).await
+                    }
+                    Stream::Unix(mut client) => {
+                        deliver(&mut client, &from_origin, &down).await?;
+                        copy_both(client, origin, &activity, &up, &down).await
+                    }
                 }
             }
-            Err(upgraded) => copy_both(TokioIo::new(upgraded), origin, &activity, &up, &down).await,
+            Err(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                deliver(&mut client, &from_origin, &down).await?;
+                copy_both(client, origin, &activity, &up, &down).await
+            }
         }
     };
     let end = tokio::select! {
@@ -88,6 +103,15 @@ pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: C
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
     }
+}
+
+/// Writes `bytes` (if any) to `to`, counted in `total`.
+async fn deliver<W: AsyncWrite + Unpin>(to: &mut W, bytes: &[u8], total: &AtomicU64) -> io::Result<()> {
+    if !bytes.is_empty() {
+        to.write_all(bytes).await?;
+        total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Both directions at once; an error in either ends both (the other side would otherwise

@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 program: inherited.program.as_deref().unwrap_or(&exe),
                 args: &std::env::args_os().skip(1).collect::<Vec<_>>(),
                 listeners: vec![PassedListener { name, fd, origin }],
+                extra: vec![],
                 generation: generation + 1,
             };
             match async { spawn_successor(&spec)?.await_ready(Duration::from_secs(10)).await }.await {

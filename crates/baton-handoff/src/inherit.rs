@@ -20,8 +20,10 @@ pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
 /// Where each passed socket came from, `:`-separated like `LISTEN_FDNAMES`: `supervisor`
 /// (systemd passed it to the first generation) or `bound` (a generation bound it).
 pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
+/// Other fds passed by name: `name=fd:name=fd` (see [`crate::PassedFd`]).
+pub const EXTRA_FDS_ENV: &str = "BATON_EXTRA_FDS";
 /// Every variable of the protocol: read and removed by a successor, replaced for its own.
-pub(crate) const PROTOCOL_ENV: [&str; 9] = [
+pub(crate) const PROTOCOL_ENV: [&str; 10] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -31,6 +33,7 @@ pub(crate) const PROTOCOL_ENV: [&str; 9] = [
     GENERATION_ENV,
     PROGRAM_ENV,
     ORIGINS_ENV,
+    EXTRA_FDS_ENV,
 ];
 /// The first passed fd, as `sd_listen_fds(3)` defines it.
 pub(crate) const FIRST_LISTEN_FD: RawFd = 3;
@@ -52,6 +55,8 @@ pub struct Inherited {
     pub generation: u64,
     /// The program the first generation resolved, for successors to exec.
     pub program: Option<PathBuf>,
+    /// Other fds the predecessor passed by name, not taken yet.
+    extra: Vec<(String, OwnedFd)>,
 }
 
 impl Inherited {
@@ -71,6 +76,7 @@ impl Inherited {
         let passed = first_fd..first_fd + fds.len() as RawFd;
         let ready = inherited_fd(READY_FD_ENV, &passed)?.map(ReadySignal);
         let channel = inherited_fd(CHANNEL_FD_ENV, &passed)?.map(PredecessorChannel::new);
+        let extra = extra_fds_from_env(&passed)?;
         let origins = origins_from_env(fds.len(), ready.is_some());
         let generation = std::env::var(GENERATION_ENV)
             .ok()
@@ -94,6 +100,7 @@ impl Inherited {
             channel,
             generation,
             program,
+            extra,
         })
     }
 
@@ -109,7 +116,16 @@ impl Inherited {
             channel: None,
             generation: 1,
             program: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Takes the extra fd the predecessor passed as `name` (see [`crate::PassedFd`]); `None`
+    /// when it passed none by that name, or it was taken already. Fds nobody takes close
+    /// with `self`.
+    pub fn take_extra(&mut self, name: &str) -> Option<OwnedFd> {
+        let i = self.extra.iter().position(|(n, _)| n == name)?;
+        Some(self.extra.swap_remove(i).1)
     }
 
     pub fn len(&self) -> usize {
@@ -187,6 +203,33 @@ fn inherited_fd(var: &str, listeners: &std::ops::Range<RawFd>) -> io::Result<Opt
     // Our own successor must not inherit it: it would hold our predecessor's end open.
     crate::process::set_cloexec(owned.as_raw_fd())?;
     Ok(Some(owned))
+}
+
+/// The extra fds named in [`EXTRA_FDS_ENV`]. A malformed list, or one naming a listener,
+/// is an error: a predecessor that says it passed something must have passed it.
+fn extra_fds_from_env(listeners: &std::ops::Range<RawFd>) -> io::Result<Vec<(String, OwnedFd)>> {
+    let listed = std::env::var(EXTRA_FDS_ENV).unwrap_or_default();
+    let mut extra = Vec::new();
+    for pair in listed.split(':').filter(|p| !p.is_empty()) {
+        let bad = || io::Error::other(format!("{EXTRA_FDS_ENV}: malformed entry {pair:?}"));
+        let (name, fd) = pair.split_once('=').ok_or_else(bad)?;
+        let fd: RawFd = fd.parse().map_err(|_| bad())?;
+        if listeners.contains(&fd) || fd <= 2 || extra.iter().any(|(_, f): &(String, OwnedFd)| f.as_raw_fd() == fd) {
+            return Err(io::Error::other(format!(
+                "{EXTRA_FDS_ENV}: {name}={fd} collides with another passed fd"
+            )));
+        }
+        // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::other(format!("{EXTRA_FDS_ENV}: {name}={fd} is not open")));
+        }
+        // SAFETY: the predecessor passed this open fd for our exclusive use; nothing else in
+        // this process refers to it, and it is listed once (checked above).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        crate::process::set_cloexec(owned.as_raw_fd())?;
+        extra.push((name.to_string(), owned));
+    }
+    Ok(extra)
 }
 
 /// Each socket's origin. A first generation (no readiness pipe) got its sockets from the

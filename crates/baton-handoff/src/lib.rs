@@ -37,4 +37,4 @@ pub use inherit::{Inherited, ReadySignal};
 pub use listener::{
     ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind, open_listener,
 };
-pub use successor::{HandoffError, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};
+pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};

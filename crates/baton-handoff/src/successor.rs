@@ -5,7 +5,9 @@
 //! `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid, so any `sd_listen_fds` consumer
 //! accepts them; where each came from goes in `BATON_LISTEN_ORIGINS`; the write end of a
 //! readiness pipe goes as the next fd, its number in `BATON_READY_FD`. The child writes
-//! `ready <pid>\n` once it serves, or the exec failure's errno as `exec-error NNNN\n`.
+//! `ready <pid>\n` once it serves, or the exec failure's errno as `exec-error NNNN\n`. The
+//! child's end of the channel follows (`BATON_CHANNEL_FD`), then any extra named fds
+//! (`BATON_EXTRA_FDS=name=fd:...`).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -22,7 +24,8 @@ use tokio::sync::oneshot;
 
 use crate::channel::Watch;
 use crate::inherit::{
-    CHANNEL_FD_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV, READY_FD_ENV,
+    CHANNEL_FD_ENV, EXTRA_FDS_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV,
+    READY_FD_ENV,
 };
 use crate::listener::Origin;
 
@@ -57,11 +60,21 @@ pub struct PassedListener<'a> {
     pub origin: Origin,
 }
 
-/// What to start: a program (absolute path), its arguments, the listeners to pass.
+/// Any other fd to pass, by name (state the successor needs before it accepts: a sealed
+/// memfd, an open file). The name must not contain `:` or `=`; the successor takes it with
+/// [`crate::Inherited::take_extra`].
+pub struct PassedFd<'a> {
+    pub name: &'a str,
+    pub fd: BorrowedFd<'a>,
+}
+
+/// What to start: a program (absolute path), its arguments, the listeners to pass, and any
+/// other named fds.
 pub struct SuccessorSpec<'a> {
     pub program: &'a Path,
     pub args: &'a [OsString],
     pub listeners: Vec<PassedListener<'a>>,
+    pub extra: Vec<PassedFd<'a>>,
     pub generation: u64,
 }
 
@@ -126,6 +139,7 @@ impl ExecImage {
         envp.push(cstr(OsStr::new(&format!("{ORIGINS_ENV}={}", origins.join(":"))))?);
         envp.push(cstr(OsStr::new(&format!("{READY_FD_ENV}={ready_fd}")))?);
         envp.push(cstr(OsStr::new(&format!("{CHANNEL_FD_ENV}={}", ready_fd + 1)))?);
+        envp.push(cstr(OsStr::new(&extra_fds_env(&spec.extra, ready_fd + 2)?))?);
         envp.push(cstr(OsStr::new(&format!("{GENERATION_ENV}={}", spec.generation)))?);
         let mut program_env = OsString::from(format!("{PROGRAM_ENV}="));
         program_env.push(spec.program.as_os_str());
@@ -142,6 +156,21 @@ impl ExecImage {
     }
 }
 
+/// `BATON_EXTRA_FDS=name=fd:name=fd`, the extra fds numbered from `first` in order.
+fn extra_fds_env(extra: &[PassedFd<'_>], first: RawFd) -> io::Result<String> {
+    let mut pairs = Vec::with_capacity(extra.len());
+    for (i, e) in extra.iter().enumerate() {
+        if e.name.is_empty() || e.name.contains([':', '=']) {
+            return Err(io::Error::other(format!(
+                "extra fd name {:?} is empty or has ':' or '='",
+                e.name
+            )));
+        }
+        pairs.push(format!("{}={}", e.name, first + i as RawFd));
+    }
+    Ok(format!("{EXTRA_FDS_ENV}={}", pairs.join(":")))
+}
+
 /// Fork+execs the successor with our listeners as fds 3.., then the readiness pipe's write
 /// end and the child's end of the channel.
 pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffError> {
@@ -156,6 +185,7 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         .iter()
         .map(|l| l.fd)
         .chain([ready_w.as_fd(), channel_child.as_fd()])
+        .chain(spec.extra.iter().map(|e| e.fd))
         .collect();
     let ready_target = FIRST_LISTEN_FD + spec.listeners.len() as RawFd;
     // Move every fd the child needs above the target range first, so the dup2 calls after

@@ -153,6 +153,7 @@ impl Generation {
             program: &self.launch.program,
             args: &self.launch.args,
             listeners,
+            extra: Vec::new(),
             generation: self.number + 1,
         }
     }
