@@ -77,6 +77,7 @@ impl Generation {
         running: Option<&PendingHandoff>,
     ) -> Option<PendingHandoff> {
         let started = SystemTime::now();
+        self.notice_predecessor_drain();
         if let Some(reason) = self.refusal(running) {
             let result = HandoffResult::Refused;
             warn!(%trigger, result = result.as_str(), "handoff refused: {reason}");
@@ -117,6 +118,21 @@ impl Generation {
             ready_after: None,
             future: Box::pin(async move { Step::Ready(successor.await_ready(timeout).await) }),
         })
+    }
+
+    /// The predecessor publishes its draining file at its verdict, before it answers
+    /// `baton upgrade`, while its `pass` may still be on its way here: a trigger sent right
+    /// after that answer must not be refused for a canary window that is over.
+    fn notice_predecessor_drain(&mut self) {
+        if !self.predecessor_watching {
+            return;
+        }
+        // The predecessor forked this generation: it is our parent.
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        if self.shared.draining().iter().any(|d| d.pid == parent) {
+            info!("the previous generation drains: its canary verdict passed");
+            self.predecessor_watching = false;
+        }
     }
 
     fn refusal(&self, running: Option<&PendingHandoff>) -> Option<String> {
