@@ -194,6 +194,10 @@ pub struct Status {
     /// Older generations still draining.
     #[serde(default)]
     pub draining: Vec<DrainingGeneration>,
+    /// While this generation's canary window runs: the pid of the previous generation, which
+    /// watches it (and still serves the connections it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched_by: Option<u32>,
 }
 
 impl Status {

@@ -36,6 +36,7 @@ use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
+use crate::daemon::traffic::Sampler;
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 
@@ -105,6 +106,8 @@ pub struct Generation {
     draining_file: Option<DrainingFile>,
     /// `baton upgrade --wait-drain`: told how the drain ended.
     drain_waiter: Option<mpsc::Sender<Event>>,
+    /// With an admin listener: adds this generation's requests to the status page's history.
+    traffic: Option<Sampler>,
 }
 
 impl Generation {
@@ -135,7 +138,9 @@ impl Generation {
             shared.start_ledger();
         }
         let mut admin = None;
+        let mut traffic = None;
         if let Some(a) = &config.admin {
+            traffic = Some(Sampler::spawn(shared.clone()));
             opened.push(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?);
             admin = Some(AdminContext {
                 drain: drain.clone(),
@@ -166,6 +171,7 @@ impl Generation {
             shared,
             draining_file: None,
             drain_waiter: None,
+            traffic,
         };
         generation.report_ready(inherited.ready.take(), inherited.channel.take())?;
         Ok(generation)
@@ -371,9 +377,13 @@ impl Generation {
                 l.drain.observe(report.millis as f64 / 1000.0);
                 l.drain_finished += outcome.finished as u64;
                 l.drain_cut += outcome.cut as u64;
+                l.drained(self.pid, report.millis, outcome.cut);
             });
         }
         self.draining_file = None;
+        if let Some(t) = &self.traffic {
+            t.flush();
+        }
         if let Some(w) = self.drain_waiter.take() {
             let _ = w.send(Event::Drained(outcome)).await;
         }
@@ -410,6 +420,10 @@ impl Generation {
             handoff_in_progress: handoff_running,
             config: self.launch.config_path.as_ref().map(|p| p.display().to_string()),
             draining: self.shared.draining(),
+            // The previous generation forked this one: it is our parent while it watches.
+            watched_by: self
+                .predecessor_watching
+                .then(|| nix::unistd::getppid().as_raw() as u32),
         }
     }
 }

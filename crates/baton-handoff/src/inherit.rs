@@ -268,7 +268,10 @@ impl ReadySignal {
     /// [`crate::Incoming`] that comes with [`crate::Verdict::Passed`].
     pub fn signal_ready_taking_transfer(self) -> io::Result<()> {
         let version = crate::transfer::TRANSFER_VERSION;
-        self.write(&format!("ready {} canary confirms xfer={version}\n", std::process::id()))
+        self.write(&format!(
+            "ready {} canary confirms xfer={version}\n",
+            std::process::id()
+        ))
     }
 
     fn write(self, line: &str) -> io::Result<()> {
