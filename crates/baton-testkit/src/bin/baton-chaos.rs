@@ -49,9 +49,15 @@ struct Args {
     /// move to each new generation; none may break).
     #[arg(long, default_value_t = 0)]
     long_tunnels: usize,
+    /// How often each long tunnel sends its 4 KiB (ms).
+    #[arg(long, default_value_t = 20)]
+    long_tunnel_every_ms: u64,
     /// baton's drain timeout in ms.
     #[arg(long, default_value_t = 30_000)]
     drain_ms: u64,
+    /// Keep the work directory (config, baton's log) even when nothing failed.
+    #[arg(long)]
+    keep_workdir: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -120,6 +126,8 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Long tunnels hold two sockets each here (client and echo server).
+    baton_handoff::process::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(run(&args))?;
     if args.json {
@@ -148,7 +156,10 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let traffic = Traffic::start(baton.proxy, origin, echo, args.workers);
     let long = match args.long_tunnels {
         0 => None,
-        n => Some(testkit::LongTunnels::open(baton.proxy, echo, n, 4096, Duration::from_millis(20)).await?),
+        n => {
+            let every = Duration::from_millis(args.long_tunnel_every_ms);
+            Some(testkit::LongTunnels::open(baton.proxy, echo, n, 4096, every).await?)
+        }
     };
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -169,7 +180,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let long_intact = long.iter().filter(|r| r.is_intact()).count();
     let failed =
         failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || long_intact < long.len();
-    let workdir = baton.keep_workdir_if(failed);
+    let workdir = baton.keep_workdir_if(failed || args.keep_workdir);
     Ok(Summary {
         handoffs_requested: args.handoffs,
         handoffs_ok: (handoffs.pids.len() - 1) as u32,
