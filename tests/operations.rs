@@ -139,6 +139,9 @@ async fn metrics_follow_a_handoff_under_load() {
         connect_port(echo.port())
     ))
     .await;
+    // The tunnels stay with generation 1 (the new one is told not to take them), so that
+    // generation 2 reports them draining.
+    baton.set_top_level("migrate = false");
     let old = baton.pid();
     let admin = listener_addr(&baton.status().await, "admin");
     let load = start_load(baton.proxy, origin);

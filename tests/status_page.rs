@@ -111,6 +111,8 @@ async fn the_status_page_follows_a_handoff_under_load() {
         connect_ports(&[echo.port()])
     );
     let baton = Baton::start_program(std::path::Path::new(common::BATON), &extra, &["--tag", TAG]).await;
+    // The tunnel stays with generation 1 (not moved), so the page shows it draining there.
+    baton.set_top_level("migrate = false");
     let old = baton.pid();
     let admin = listener_addr(&baton.status().await, "admin");
     let spec = LoadSpec::new(format!("http://{origin}/bytes?n=2048"))
