@@ -386,7 +386,14 @@ fn print_status(s: &Status) {
     println!("workers     {}", s.workers);
     println!("started     {} (unix)", s.started_unix);
     println!("connections {}", s.active_connections);
-    println!("tunnels     {}", s.active_tunnels);
+    if s.adopted_tunnels > 0 {
+        println!(
+            "tunnels     {} ({} moved in from the previous generation)",
+            s.active_tunnels, s.adopted_tunnels
+        );
+    } else {
+        println!("tunnels     {}", s.active_tunnels);
+    }
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }

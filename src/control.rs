@@ -198,6 +198,9 @@ pub struct Status {
     /// watches it (and still serves the connections it had).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watched_by: Option<u32>,
+    /// Tunnels this generation adopted from the previous one at its handoff.
+    #[serde(default)]
+    pub adopted_tunnels: u64,
 }
 
 impl Status {

@@ -96,6 +96,10 @@ async fn twenty_tunnels_survive_twenty_handoffs_intact() {
     // One line per tunnel, at its real end, in the last generation, with the bytes of all 20.
     let status = baton.status().await;
     assert_eq!(status["generation"], 21, "{status}");
+    assert_eq!(
+        status["adopted_tunnels"], 20,
+        "the last generation adopted all 20: {status}"
+    );
     wait_for(Duration::from_secs(5), "20 tunnel access lines", || async {
         (tunnel_lines(&baton.log()).len() >= 20).then_some(())
     })

@@ -424,6 +424,7 @@ impl Generation {
             watched_by: self
                 .predecessor_watching
                 .then(|| nix::unistd::getppid().as_raw() as u32),
+            adopted_tunnels: self.connections.proxy().migration().adopted(),
         }
     }
 }

@@ -160,6 +160,7 @@ impl Proxy {
         let record = TunnelRecord::decode(&item.record)?;
         let spliced = Spliced::from_fds(&record, item.fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
         metrics::migrated("tunnel", 1);
+        self.migration.count_adopted();
         let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
         let ask = Ask {
             peer: record.client.map_or(Peer::Local, Peer::Ip),

@@ -79,6 +79,8 @@ pub struct Migration {
     rx: Mutex<Option<mpsc::UnboundedReceiver<Departure>>>,
     moved: AtomicU64,
     stayed: AtomicU64,
+    /// Tunnels this generation adopted from its predecessor.
+    adopted: AtomicU64,
 }
 
 impl Default for Migration {
@@ -90,6 +92,7 @@ impl Default for Migration {
             rx: Mutex::new(Some(rx)),
             moved: AtomicU64::new(0),
             stayed: AtomicU64::new(0),
+            adopted: AtomicU64::new(0),
         }
     }
 }
@@ -103,6 +106,16 @@ impl Migration {
     /// (tunnels moved, tunnels that stayed) so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.moved.load(Ordering::Relaxed), self.stayed.load(Ordering::Relaxed))
+    }
+
+    /// Tunnels adopted from the previous generation so far.
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(Ordering::Relaxed)
+    }
+
+    /// One more tunnel adopted from the previous generation.
+    pub fn count_adopted(&self) {
+        self.adopted.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Called by a tunnel that stopped relaying: `Ok` once the successor holds it (our
