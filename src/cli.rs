@@ -83,14 +83,32 @@ pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Resu
 /// generation's start (listeners, state, readiness).
 fn start(args: RunArgs, mut inherited: Inherited) -> anyhow::Result<(Runtime, Generation, Option<PathBuf>)> {
     baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    baton_handoff::process::raise_open_files_limit().context("cannot raise the open files limit")?;
     let config_path = args.config.as_deref().map(absolute).transpose()?;
     let config = Config::load(config_path.as_deref())?;
-    baton::daemon::logging::init(config.log_format, &config.access_log)?;
+    baton::daemon::logging::init(config.log_format, &config.access_log, inherited.generation)?;
     let launch = Launch::current(&mut inherited, config_path, args.tag)?;
     let runtime = build_runtime(config.workers)?;
     let pid_file = config.pid_file.clone();
     let generation = runtime.block_on(Generation::start(launch, config, inherited))?;
     Ok((runtime, generation, pid_file))
+}
+
+/// What the open-files limit allows: `run` raises the soft limit to the hard one.
+fn check_open_files(migrate: bool) {
+    match baton_handoff::process::raise_open_files_limit() {
+        Ok(n) => {
+            println!(
+                "  open files: up to {n} (the hard RLIMIT_NOFILE; a tunnel holds 2 sockets and up to 2 pipes, 6 fds)"
+            );
+            if migrate {
+                println!(
+                    "  migrate: live tunnels move at a handoff; the new generation holds them as the old one lets go, batch by batch"
+                );
+            }
+        }
+        Err(e) => println!("  warning: cannot read the open files limit: {e}"),
+    }
 }
 
 #[derive(clap::Args)]
@@ -127,6 +145,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         println!("  access log {}", p.display());
     }
     print_parents(&config.parents);
+    check_open_files(config.migrate);
     let t = &config.timeouts;
     let verdict = t.upgrade + t.canary;
     println!(
@@ -402,6 +421,7 @@ struct DrainSummary {
     connections: usize,
     tunnels: usize,
     finished: usize,
+    moved: usize,
     cut: usize,
     drain_ms: u64,
 }
@@ -461,6 +481,7 @@ impl From<DrainOutcome> for DrainSummary {
             connections: d.connections,
             tunnels: d.tunnels,
             finished: d.finished,
+            moved: d.moved,
             cut: d.cut,
             drain_ms: d.drain_ms,
         }
@@ -476,8 +497,8 @@ fn print_event(ev: &Event, request: Request) {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
         Event::Drained(d) => println!(
-            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
-            d.old_pid, d.drain_ms, d.finished, d.cut
+            "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
+            d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
         ),
         Event::Failed { reason } => eprintln!("{what} failed, old generation serves on: {reason}"),
         Event::Refused { reason } => eprintln!("{what} refused: {reason}"),
@@ -516,7 +537,14 @@ fn print_status(s: &Status) {
     println!("workers     {}", s.workers);
     println!("started     {} (unix)", s.started_unix);
     println!("connections {}", s.active_connections);
-    println!("tunnels     {}", s.active_tunnels);
+    if s.adopted_tunnels > 0 {
+        println!(
+            "tunnels     {} ({} moved in from the previous generation)",
+            s.active_tunnels, s.adopted_tunnels
+        );
+    } else {
+        println!("tunnels     {}", s.active_tunnels);
+    }
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }

@@ -103,6 +103,9 @@ pub struct Config {
     /// `workers`: runtime worker threads; `None` (0 in the file): one per CPU this process may
     /// run on. One worker means tokio's single-threaded scheduler (see `main.rs`).
     pub workers: Option<usize>,
+    /// `migrate`: at a handoff, live CONNECT tunnels move to the new generation (else they
+    /// drain here, as before).
+    pub migrate: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access: Access,
@@ -137,6 +140,10 @@ pub struct AccessLog {
     pub format: LogFormat,
 }
 
+fn yes() -> bool {
+    true
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -146,6 +153,8 @@ struct RawConfig {
     pid_file: Option<PathBuf>,
     #[serde(default)]
     workers: usize,
+    #[serde(default = "yes")]
+    migrate: bool,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -333,6 +342,7 @@ impl Config {
             control_socket,
             pid_file: raw.pid_file.map(|p| resolve(base, p)),
             workers: (raw.workers > 0).then_some(raw.workers),
+            migrate: raw.migrate,
             timeouts: Timeouts::from(raw.timeouts),
             limits: Limits::from(raw.limits),
             access,

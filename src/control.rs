@@ -132,18 +132,22 @@ pub struct DrainOutcome {
     pub tunnels: usize,
     /// Those that ended by themselves ...
     pub finished: usize,
+    /// ... those that moved to the new generation (tunnels; absent from version 2) ...
+    #[serde(default)]
+    pub moved: usize,
     /// ... and those cut at the drain timeout.
     pub cut: usize,
     pub drain_ms: u64,
 }
 
 impl DrainOutcome {
-    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport) -> DrainOutcome {
+    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport, moved: usize) -> DrainOutcome {
         DrainOutcome {
             old_pid,
             connections: r.connections,
             tunnels: r.tunnels,
-            finished: (r.connections + r.tunnels).saturating_sub(r.cut),
+            finished: (r.connections + r.tunnels).saturating_sub(r.cut + moved),
+            moved,
             cut: r.cut,
             drain_ms: r.millis,
         }
@@ -204,6 +208,13 @@ pub struct Status {
     /// Older generations still draining.
     #[serde(default)]
     pub draining: Vec<DrainingGeneration>,
+    /// While this generation's canary window runs: the pid of the previous generation, which
+    /// watches it (and still serves the connections it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched_by: Option<u32>,
+    /// Tunnels this generation adopted from the previous one at its handoff.
+    #[serde(default)]
+    pub adopted_tunnels: u64,
 }
 
 impl Status {

@@ -231,7 +231,9 @@ async fn successor_inherits_only_the_listeners() {
     ))
     .await;
     let old = baton.pid();
-    // An open tunnel gives the old generation sockets that must not leak into the new one.
+    // An open tunnel gives the old generation sockets that must not leak into the new one
+    // (kept in the old generation: the new one is told not to take tunnels).
+    baton.set_top_level("migrate = false");
     let _tunnel = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
     // The old generation's fds before the handoff: listeners, the tunnel's two sockets, ...
     let old_fds = socket_inodes(old);

@@ -23,8 +23,9 @@ pub enum Command {
     },
     Status(oneshot::Sender<Status>),
     Stop(Trigger),
-    /// The predecessor's canary window ended (this generation's own pinger reports it).
-    PredecessorVerdict(Verdict),
+    /// The predecessor's canary window ended (this generation's own pinger reports it, and
+    /// hears back once the controller took it in).
+    PredecessorVerdict(Verdict, oneshot::Sender<()>),
 }
 
 /// Which binary a handoff starts.

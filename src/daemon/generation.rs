@@ -36,6 +36,7 @@ use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
+use crate::daemon::traffic::Sampler;
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 
@@ -108,6 +109,8 @@ pub struct Generation {
     draining_file: Option<DrainingFile>,
     /// `baton upgrade --wait-drain`: told how the drain ended.
     drain_waiter: Option<mpsc::Sender<Event>>,
+    /// With an admin listener: adds this generation's requests to the status page's history.
+    traffic: Option<Sampler>,
 }
 
 impl Generation {
@@ -139,7 +142,9 @@ impl Generation {
             shared.start_ledger();
         }
         let mut admin = None;
+        let mut traffic = None;
         if let Some(a) = &config.admin {
+            traffic = Some(Sampler::spawn(shared.clone()));
             opened.push(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?);
             admin = Some(AdminContext {
                 drain: drain.clone(),
@@ -175,6 +180,7 @@ impl Generation {
             shared,
             draining_file: None,
             drain_waiter: None,
+            traffic,
         };
         generation.report_ready(inherited.ready.take(), inherited.channel.take())?;
         Ok(generation)
@@ -193,16 +199,17 @@ impl Generation {
         self.start_accepting();
         self.log_serving();
         let Some(r) = ready else { return Ok(()) };
-        let reported = if watched {
-            r.signal_ready_pinging()
-        } else {
-            r.signal_ready()
+        let reported = match (watched, self.config.migrate) {
+            (true, true) => r.signal_ready_taking_transfer(),
+            (true, false) => r.signal_ready_pinging(),
+            (false, _) => r.signal_ready(),
         };
         reported.context("cannot report readiness to the previous generation")?;
         if let Some(channel) = channel {
             self.predecessor_watching = true;
             notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
-            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone());
+            let proxy = self.connections.proxy().clone();
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), proxy);
         }
         Ok(())
     }
@@ -322,7 +329,10 @@ impl Generation {
                     *handoff = Some(p);
                 }
             }
-            Command::PredecessorVerdict(verdict) => self.predecessor_verdict(verdict),
+            Command::PredecessorVerdict(verdict, taken) => {
+                self.predecessor_verdict(verdict);
+                let _ = taken.send(());
+            }
             Command::Stop(trigger) => {
                 self.stop_requests += 1;
                 if self.stop_requests > 1 {
@@ -346,7 +356,8 @@ impl Generation {
 
     async fn exit_drained(&mut self, handed_off: bool, report: DrainReport) -> Exit {
         let (connections, tunnels, cut, ms) = (report.connections, report.tunnels, report.cut, report.millis);
-        info!(connections, tunnels, cut, ms, "drained; exiting");
+        let (moved, stayed) = self.connections.proxy().migration().counts();
+        info!(connections, tunnels, moved, stayed, cut, ms, "drained; exiting");
         self.drain_finished(handed_off, &report).await;
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
@@ -382,15 +393,20 @@ impl Generation {
     /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
     /// the draining file (the serving generation stops reporting us).
     async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
-        let outcome = DrainOutcome::from_report(self.pid, report);
+        let (moved, _stayed) = self.connections.proxy().migration().counts();
+        let outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
         if handed_off {
             self.shared.record(|l| {
                 l.drain.observe(report.millis as f64 / 1000.0);
                 l.drain_finished += outcome.finished as u64;
                 l.drain_cut += outcome.cut as u64;
+                l.drained(self.pid, report.millis, outcome.cut);
             });
         }
         self.draining_file = None;
+        if let Some(t) = &self.traffic {
+            t.flush();
+        }
         if let Some(w) = self.drain_waiter.take() {
             let _ = w.send(Event::Drained(outcome)).await;
         }
@@ -428,6 +444,11 @@ impl Generation {
             handoff_in_progress: handoff_running,
             config: self.launch.config_path.as_ref().map(|p| p.display().to_string()),
             draining: self.shared.draining(),
+            // The previous generation forked this one: it is our parent while it watches.
+            watched_by: self
+                .predecessor_watching
+                .then(|| nix::unistd::getppid().as_raw() as u32),
+            adopted_tunnels: self.connections.proxy().migration().adopted(),
         }
     }
 }
@@ -458,13 +479,23 @@ async fn open_proxy(
     Ok((opened, connections))
 }
 
-/// Pings the predecessor during its canary window and tells the controller the verdict.
-fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>) {
+/// Pings the predecessor during its canary window, tells the controller the verdict, then
+/// adopts the tunnels the predecessor hands over.
+fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>, proxy: Arc<Proxy>) {
     tokio::spawn(async move {
         let connections = move || drain.active_connections() + drain.active_tunnels();
         let verdict = channel.ping_until_verdict(connections).await;
-        let verdict = verdict.unwrap_or(baton_handoff::Verdict::Gone);
-        let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+        let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
+        let (taken, taken_rx) = tokio::sync::oneshot::channel();
+        let _ = commands.send(Command::PredecessorVerdict(verdict, taken)).await;
+        let _ = taken_rx.await;
+        if let Some(handed) = handed {
+            // The predecessor reports the handoff done only now: a trigger that follows
+            // its report finds this generation out of its window.
+            if handed.confirm_verdict().await.is_ok() {
+                proxy.adopt(handed).await;
+            }
+        }
     });
 }
 

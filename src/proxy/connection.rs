@@ -77,6 +77,10 @@ impl Connections {
         })
     }
 
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
     /// Accepts on `socket` until draining starts; the socket is dropped (closed in this
     /// process) when the loop ends.
     pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>, stop: CancellationToken) {

@@ -166,6 +166,43 @@ impl Policy {
         self.auth.as_ref().map(|_| self.challenge.as_str())
     }
 
+    /// The rules that apply to a tunnel another generation opened: its client, its user,
+    /// its target (host and port) and the origin address it connected to (`None`: through a
+    /// parent proxy, the name only).
+    pub fn recheck_tunnel(
+        &self,
+        client: Option<IpAddr>,
+        user: Option<&str>,
+        target: &str,
+        origin: Option<SocketAddr>,
+    ) -> Result<(), Denial> {
+        if let Some(ip) = client {
+            self.check_client(ip)?;
+        }
+        if let Some(auth) = &self.auth
+            && !user.is_some_and(|u| auth.knows(u))
+        {
+            let who = user.map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
+            return Err(deny(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                Rule::Htpasswd,
+                format!("{who} is no longer allowed"),
+            ));
+        }
+        let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
+        let port = port.parse().unwrap_or(0);
+        self.check_connect_port(port)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match origin {
+            Some(addr) => {
+                self.check_host(host)?;
+                self.check_address(addr)
+            }
+            // Through a parent: what the name shows (see `check_name`).
+            None => self.check_name(host, port),
+        }
+    }
+
     pub fn check_connect_port(&self, port: u16) -> Result<(), Denial> {
         if self.access.connect_ports.contains(&port) {
             return Ok(());

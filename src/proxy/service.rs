@@ -19,14 +19,14 @@ use hyper::body::Incoming;
 use crate::config::{Config, Parent, Parents};
 use crate::proxy::access::{AccessLine, Kind};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
-use crate::proxy::connector::{ConnectError, connect_checked};
+use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
-use crate::proxy::parent::{self, ParentError};
+use crate::proxy::migrate::Migration;
+use crate::proxy::parent;
 use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::route::next_hop;
 use crate::proxy::target::{check_target, target_len};
-use crate::proxy::tunnel::{self, Relayed};
 use crate::proxy::upstream::{NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -60,20 +60,22 @@ impl From<&Config> for ProxySettings {
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
-    settings: ProxySettings,
-    policy: Arc<Policy>,
-    drain: Drain,
-    via: HeaderValue,
+    pub(super) settings: ProxySettings,
+    pub(super) policy: Arc<Policy>,
+    pub(super) drain: Drain,
+    /// Moving this generation's tunnels to the next one (`connect`).
+    pub(super) migration: Arc<Migration>,
+    pub(super) via: HeaderValue,
 }
 
 /// One request as the access log and the metrics see it.
-struct Ask {
-    peer: Peer,
-    method: Method,
+pub(super) struct Ask {
+    pub(super) peer: Peer,
+    pub(super) method: Method,
     /// The target as the client sent it (cloning a `Uri` only bumps reference counts;
     /// formatting it is left to the log line, if one is written).
-    target: Uri,
-    started: Instant,
+    pub(super) target: Uri,
+    pub(super) started: Instant,
 }
 
 impl Proxy {
@@ -85,8 +87,14 @@ impl Proxy {
             settings,
             policy,
             drain,
+            migration: Arc::default(),
             via,
         }
+    }
+
+    /// Moving this generation's tunnels out at a handoff.
+    pub fn migration(&self) -> &Arc<Migration> {
+        &self.migration
     }
 
     /// The origin connection pool, for each client connection's [`OriginLease`].
@@ -118,10 +126,12 @@ impl Proxy {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
-        if self.policy.requires_auth()
-            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client)).await
-        {
-            return Ok(self.deny(&ask, &d));
+        let mut user = None;
+        if self.policy.requires_auth() {
+            match Box::pin(self.policy.check_auth(req.headers(), client)).await {
+                Ok(u) => user = u,
+                Err(d) => return Ok(self.deny(&ask, &d)),
+            }
         }
         if req.headers().contains_key(header::VIA)
             && let Err(d) = self.policy.check_via(req.headers())
@@ -133,7 +143,7 @@ impl Proxy {
             return Ok(self.refuse(&ask, StatusCode::URI_TOO_LONG, &reason));
         }
         if ask.method == Method::CONNECT {
-            return Ok(Box::pin(self.connect(req, ask)).await);
+            return Ok(Box::pin(self.connect(req, ask, user)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer. One
         // that also carried Content-Length never gets here (the framing layer answers 400:
@@ -263,7 +273,7 @@ impl Proxy {
     }
 
     /// A failed connect to `what` (an origin or a CONNECT target): 504 on a timeout, else 502.
-    fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
+    pub(super) fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
         if let ConnectError::Denied(d) = e {
             return self.deny(ask, d);
         }
@@ -282,95 +292,9 @@ impl Proxy {
         }
     }
 
-    async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
-        let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
-            return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
-        };
-        let port = authority.port_u16().unwrap_or(443);
-        if let Err(d) = self.policy.check_connect_port(port) {
-            return self.deny(&ask, &d);
-        }
-        let opened = match next_hop(&self.settings.parents, authority.host()) {
-            Some(p) => self.connect_via(p, &authority, &req, &ask).await,
-            None => connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect)
-                .await
-                .map(|s| (s, Bytes::new()))
-                .map_err(|e| self.connect_failed(&ask, authority.as_str(), &e)),
-        };
-        match opened {
-            Ok((origin, from_origin)) => {
-                self.spawn_tunnel(req, ask, origin, from_origin);
-                Response::new(empty())
-            }
-            Err(answer) => answer,
-        }
-    }
-
-    /// A tunnel through `parent`'s CONNECT, after the destination rules that the name shows;
-    /// `Err`: the answer for the client.
-    async fn connect_via(
-        &self,
-        parent: &Parent,
-        authority: &http::uri::Authority,
-        req: &Request<Incoming>,
-        ask: &Ask,
-    ) -> Result<(tokio::net::TcpStream, Bytes), Response<Body>> {
-        if let Err(d) = self
-            .policy
-            .check_name(authority.host(), authority.port_u16().unwrap_or(443))
-        {
-            return Err(self.deny(ask, &d));
-        }
-        let (connect, response) = (self.settings.upstream_connect, self.settings.upstream_response);
-        let opened = parent::open_tunnel(parent, req.uri(), req.headers(), &self.via, connect, response);
-        match opened.await {
-            Ok(opened) => Ok((opened.stream, opened.early)),
-            Err(ParentError::Connect(e)) => Err(self.connect_failed(ask, &parent.to_string(), &e)),
-            Err(ParentError::Refused(status)) => {
-                let (status, reason) = parent::refusal(parent, status, &format!("CONNECT {authority}"));
-                Err(self.refuse(ask, status, &reason))
-            }
-            Err(ParentError::Silent(wait)) => {
-                let reason = format!("{parent} did not answer CONNECT {authority} within {wait:?}");
-                Err(self.refuse(ask, StatusCode::GATEWAY_TIMEOUT, &reason))
-            }
-            Err(ParentError::Http(e)) => {
-                let reason = format!("{parent} failed on CONNECT {authority}: {e}");
-                Err(self.refuse(ask, StatusCode::BAD_GATEWAY, &reason))
-            }
-        }
-    }
-
-    /// Relays the tunnel once hyper hands over the client connection (after the 200 this
-    /// request is answered with), registered with the drain.
-    fn spawn_tunnel(&self, req: Request<Incoming>, ask: Ask, origin: tokio::net::TcpStream, from_origin: Bytes) {
-        let idle = self.settings.tunnel_idle;
-        let cut = self.drain.cut_token();
-        self.drain.tunnels().spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    let reason = format!("tunnel upgrade failed: {e}");
-                    AccessLine::new(Kind::Closed, ask.peer)
-                        .request(&ask.method, &ask.target, StatusCode::OK)
-                        .reason(&reason)
-                        .write();
-                    return;
-                }
-            };
-            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, from_origin, idle, cut).await;
-            AccessLine::new(Kind::Tunnel, ask.peer)
-                .request(&ask.method, &ask.target, StatusCode::OK)
-                .traffic(up, down, ask.started)
-                .outcome(outcome)
-                .write();
-            metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
-        });
-    }
-
     /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
     /// authentication challenge on a 407.
-    fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
+    pub(super) fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
         let bytes_out = d.reason.len() as u64 + 1;
         AccessLine::new(Kind::Denied, ask.peer)
             .request(&ask.method, &ask.target, d.status)
@@ -439,7 +363,7 @@ impl Proxy {
     }
 
     /// An answer of the proxy's own: `status` with `reason` as its body, logged.
-    fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
+    pub(super) fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
         let bytes_out = reason.len() as u64 + 1;
         AccessLine::new(Kind::Refused, ask.peer)
             .request(&ask.method, &ask.target, status)
@@ -468,7 +392,7 @@ fn full(s: String) -> Body {
         .boxed()
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never: Infallible| match never {})
         .boxed()

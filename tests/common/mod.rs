@@ -120,6 +120,13 @@ impl Baton {
         Baton::attach(child, dir, path).await
     }
 
+    /// Puts a top-level key into the configuration file (before its tables), for the next
+    /// generation to read.
+    pub fn set_top_level(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(&self.config, format!("{line}\n{text}")).expect("write config");
+    }
+
     /// Polls the control socket until it answers or `timeout` passes (then panics with the log).
     pub async fn wait_status(&mut self, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;

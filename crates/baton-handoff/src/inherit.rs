@@ -331,9 +331,22 @@ impl ReadySignal {
 
     /// Tells the predecessor we serve and will ping over the channel during its canary
     /// window ([`PredecessorChannel::ping_until_verdict`]): a promise, since a successor
-    /// that says so and stays silent fails the canary.
+    /// that says so and stays silent fails the canary. It also promises to confirm the
+    /// verdict ([`crate::Incoming::confirm_verdict`]); the predecessor waits for that (up
+    /// to [`crate::channel::SILENCE`]) before it calls the handoff done.
     pub fn signal_ready_pinging(self) -> io::Result<()> {
-        self.write(&format!("ready {} canary\n", std::process::id()))
+        self.write(&format!("ready {} canary confirms\n", std::process::id()))
+    }
+
+    /// As [`ReadySignal::signal_ready_pinging`], and offers to take the predecessor's live
+    /// connections after its verdict ([`crate::transfer`]): a promise to read the
+    /// [`crate::Incoming`] that comes with [`crate::Verdict::Passed`].
+    pub fn signal_ready_taking_transfer(self) -> io::Result<()> {
+        let version = crate::transfer::TRANSFER_VERSION;
+        self.write(&format!(
+            "ready {} canary confirms xfer={version}\n",
+            std::process::id()
+        ))
     }
 
     /// A second handle on the pipe, for saying why this generation could not start

@@ -41,6 +41,28 @@ pub fn close_on_exec_all() -> io::Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard one and returns it: a server holds two
+/// sockets per tunnel plus its pipes, and a hand-over has batches of them in flight at
+/// once. The successor inherits the raised limit.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct, which lives on our stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// This process's effective user id: who owns the files and sockets it creates.
 pub fn euid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments and cannot fail.

@@ -262,12 +262,13 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     })
 }
 
-/// A connected pair of Unix stream sockets, close-on-exec: ours and the child's.
+/// A connected pair of Unix seqpacket sockets (messages keep their bounds and their fds),
+/// close-on-exec: ours and the child's.
 fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     Ok(socketpair(
         AddressFamily::Unix,
-        SockType::Stream,
+        SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )?)
@@ -462,8 +463,16 @@ impl Successor {
             Some(line) if line.starts_with("ready") => {
                 // `ready <pid> canary`: it pings over the channel (older successors do not).
                 let pings = line.split_whitespace().any(|w| w == "canary");
+                let ours = format!("xfer={}", crate::transfer::TRANSFER_VERSION);
+                let takes_transfer = line.split_whitespace().any(|w| w == ours);
+                let confirms = line.split_whitespace().any(|w| w == "confirms");
                 let after = self.started.elapsed();
-                let watch = Watch::new(self.child, self.exited, self.channel, pings);
+                let offers = crate::channel::Offers {
+                    pings,
+                    confirms,
+                    takes_transfer,
+                };
+                let watch = Watch::new(self.child, self.exited, self.channel, offers);
                 return Ok(Ready { pid, after, watch });
             }
             Some(line) if line_error(&line, pid, &self.program).is_some() => {

@@ -4,7 +4,7 @@
 //! (refusing triggers until the verdict) is here too.
 
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use baton_handoff::{
@@ -20,7 +20,7 @@ use crate::daemon::control_server::{HandoffTo, Trigger};
 use crate::daemon::files::write_pid;
 use crate::daemon::launch::PREDECESSOR_BINARY;
 use crate::daemon::notify;
-use crate::daemon::state_dir::HandoffResult;
+use crate::daemon::state_dir::{HandoffRecord, HandoffResult};
 
 /// What a handoff's future resolves to: readiness, then the canary verdict.
 pub(super) enum Step {
@@ -36,6 +36,9 @@ pub(super) struct PendingHandoff {
     /// The successor, signalled through its pidfd.
     child: ChildProcess,
     to: HandoffTo,
+    trigger: Trigger,
+    /// When the trigger arrived: the start of the handoff's record.
+    started: SystemTime,
     reply: Option<mpsc::Sender<Event>>,
     /// From spawn to ready, once ready (then the canary window runs).
     ready_after: Option<Duration>,
@@ -50,6 +53,15 @@ pub(super) enum Next {
 }
 
 impl PendingHandoff {
+    /// Its record for the ledger, ending with `result`.
+    fn record(&self, result: HandoffResult, old_generation: u64) -> HandoffRecord {
+        HandoffRecord {
+            new_pid: Some(self.pid),
+            ready_ms: self.ready_after.map(|d| d.as_millis() as u64),
+            ..HandoffRecord::new(self.started, result, self.trigger.to_string(), old_generation)
+        }
+    }
+
     /// Kills the successor (this generation stops) and tells whoever asked.
     pub(super) async fn abandon(self, reason: &str) {
         warn!(pid = self.pid, "{reason} during a handoff: killing the new generation");
@@ -70,9 +82,13 @@ impl Generation {
         reply: Option<mpsc::Sender<Event>>,
         running: Option<&PendingHandoff>,
     ) -> Option<PendingHandoff> {
+        let started = SystemTime::now();
+        self.notice_predecessor_drain();
         if let Some(reason) = self.refusal(running, to) {
-            warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
-            self.shared.count_handoff(HandoffResult::Refused);
+            let result = HandoffResult::Refused;
+            warn!(%trigger, result = result.as_str(), "handoff refused: {reason}");
+            let record = HandoffRecord::new(started, result, trigger.to_string(), self.number);
+            self.shared.record_handoff(record.because(&reason), |_| {});
             if let Some(r) = reply {
                 let _ = r.try_send(Event::Refused { reason });
             }
@@ -88,7 +104,8 @@ impl Generation {
         let successor = match spawn_successor(&self.successor_spec(to)) {
             Ok(s) => s,
             Err(e) => {
-                self.roll_back(&e, reply.as_ref());
+                let record = HandoffRecord::new(started, handoff_result(&e), trigger.to_string(), self.number);
+                self.roll_back(&e, reply.as_ref(), record);
                 return None;
             }
         };
@@ -108,10 +125,27 @@ impl Generation {
             pid,
             child: successor.process(),
             to,
+            trigger,
+            started,
             reply,
             ready_after: None,
             future: Box::pin(async move { Step::Ready(successor.await_ready(timeout).await) }),
         })
+    }
+
+    /// The predecessor publishes its draining file at its verdict, before it answers
+    /// `baton upgrade`, while its `pass` may still be on its way here: a trigger sent right
+    /// after that answer must not be refused for a canary window that is over.
+    fn notice_predecessor_drain(&mut self) {
+        if !self.predecessor_watching {
+            return;
+        }
+        // The predecessor forked this generation: it is our parent.
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        if self.shared.draining().iter().any(|d| d.pid == parent) {
+            info!("the previous generation drains: its canary verdict passed");
+            self.predecessor_watching = false;
+        }
     }
 
     fn refusal(&self, running: Option<&PendingHandoff>, to: HandoffTo) -> Option<String> {
@@ -182,7 +216,8 @@ impl Generation {
     pub(super) async fn handoff_step(&mut self, mut pending: PendingHandoff, step: Step) -> Next {
         match step {
             Step::Ready(Err(e)) => {
-                self.roll_back(&e, pending.reply.as_ref());
+                let record = pending.record(handoff_result(&e), self.number);
+                self.roll_back(&e, pending.reply.as_ref(), record);
                 Next::Over
             }
             Step::Ready(Ok(ready)) => {
@@ -225,6 +260,11 @@ impl Generation {
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         let drain = self.begin_drain();
+        match passed.transfer {
+            Some(transfer) if self.config.migrate => self.connections.proxy().migration().start(transfer),
+            Some(_) => info!("migrate = false: tunnels drain here"),
+            None => info!("the new generation does not take tunnels: they drain here"),
+        }
         let report = UpgradeReport {
             old_pid: self.pid,
             new_pid: pending.pid,
@@ -235,9 +275,14 @@ impl Generation {
             draining_connections: connections,
             draining_tunnels: tunnels,
         };
-        self.shared.count_handoff(HandoffResult::Ok);
+        let record = HandoffRecord {
+            canary_ms: report.canary_ms,
+            draining_connections: connections,
+            draining_tunnels: tunnels,
+            ..pending.record(HandoffResult::Ok, self.number)
+        };
         self.shared
-            .record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
+            .record_handoff(record, |l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
         info!(
             result = "ok",
             rollback = pending.to == HandoffTo::Predecessor,
@@ -279,19 +324,23 @@ impl Generation {
             lost_connections = failed.connections,
             "handoff failed, serving on: {reason}"
         );
-        self.shared.count_handoff(result);
-        self.shared.record(|l| l.canary_lost += failed.connections);
+        let record = HandoffRecord {
+            canary_ms: Some(failed.lived.as_millis() as u64),
+            ..pending.record(result, self.number)
+        };
+        self.shared
+            .record_handoff(record.because(&reason), |l| l.canary_lost += failed.connections);
         notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
         if let Some(r) = pending.reply {
             let _ = r.try_send(Event::Failed { reason });
         }
     }
 
-    pub(super) fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>) {
+    pub(super) fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>, record: HandoffRecord) {
         let result = handoff_result(e);
         let reason = describe(e);
         error!(result = result.as_str(), "handoff failed, serving on: {reason}");
-        self.shared.count_handoff(result);
+        self.shared.record_handoff(record.because(&reason), |_| {});
         self.state = State::Serving;
         notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
         if let Some(r) = reply {
