@@ -12,7 +12,7 @@ if timeout 60 "$SDH" exec "$S" systemctl reload "$UNIT"; then rc=0; else rc=$?; 
 check "fd store: a second listener, bound by baton, reloaded in (rc=$rc) and serving" \
   eval '[ $rc = 0 ] && [ "$(N curl -sS --max-time 10 -x "$SIDE" "$ORIGIN/")" = ok ]'
 check "fd store: the serving generation put 'side' and 'control' into systemd's fd store" \
-  eval 'wait_for 5 eval "X journalctl -u \"$UNIT\" --no-pager -o cat | grep \"systemd.s fd store holds\" | tail -n 1 | grep -q \"kept=side,control\""'
+  eval 'wait_for 5 eval "X journalctl -u \"$UNIT\" --no-pager -o verbose | grep -qi \"kept=side,control\""'
 INODE=$(side_inode)
 SERVING=$(show MainPID)
 wait_for 40 eval '[ "$(cgroup_procs | wc -l)" = 1 ]' || fail "fd store: older generations did not drain"
