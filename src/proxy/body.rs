@@ -130,6 +130,9 @@ pub struct AccessRecord {
 pub struct AccessLogged {
     inner: Incoming,
     bytes_out: u64,
+    /// The body said it ended. A chunked `Incoming` never reports `is_end_stream` (its
+    /// length is unknown), so its end is seen here.
+    ended: bool,
     request_body: Arc<BodyStats>,
     record: Option<AccessRecord>,
 }
@@ -139,6 +142,7 @@ impl AccessLogged {
         AccessLogged {
             inner,
             bytes_out: 0,
+            ended: false,
             request_body,
             record: Some(record),
         }
@@ -150,10 +154,10 @@ impl HttpBody for AccessLogged {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes_out += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => self.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
     }
@@ -174,7 +178,7 @@ impl Drop for AccessLogged {
             AccessLine::new(Kind::Request, r.peer)
                 .request(&r.method, &r.target, r.status)
                 .traffic(bytes_in, self.bytes_out, r.started)
-                .complete(self.inner.is_end_stream())
+                .complete(self.ended || self.inner.is_end_stream())
                 .write();
             metrics::request_done(&r.method, r.status, r.started, bytes_in, self.bytes_out, false);
         }
