@@ -106,6 +106,64 @@ async fn goaccess_parses_every_line_and_counts_what_the_clients_received() {
     assert_goaccess_counts(&general, tally, "--log-format=SQUID");
 }
 
+/// A tunnel open across a handoff moves to the new generation, which writes its line when it
+/// ends: its bytes are still the `200` answer the first generation sent plus all the client
+/// received through both, and GoAccess reads it like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_moved_by_a_handoff_counts_its_answer_and_all_its_payload() {
+    let echo = testkit::start_echo().await.unwrap();
+    let baton = Baton::start(&format!(
+        "[log]\naccess = \"access.log\"\naccess_format = \"squid\"\n\n{}",
+        connect_ports(&[echo.port()])
+    ))
+    .await;
+    let mut s = TcpStream::connect(baton.proxy).await.unwrap();
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = testkit::read_head(&mut s).await.unwrap();
+    let (before, after) = (testkit::data::pattern(30_000), testkit::data::pattern(50_001));
+    let mut echoed = vec![0; before.len()];
+    s.write_all(&before).await.unwrap();
+    s.read_exact(&mut echoed).await.unwrap();
+
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(ok, "{out}");
+    wait_for(Duration::from_secs(10), "the tunnel to move", || async {
+        baton
+            .log()
+            .contains("tunnels handed to the new generation")
+            .then_some(())
+    })
+    .await;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&after).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut rest = Vec::new();
+    let (_, received) = tokio::join!(send, r.read_to_end(&mut rest));
+    received.unwrap();
+    assert_eq!(rest, after);
+    let bytes = (head.len() + before.len() + after.len()) as u64;
+
+    let log = baton.dir.path().join("access.log");
+    let text = wait_for(Duration::from_secs(10), "the tunnel's line", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    let tally = Tally {
+        answers: 1,
+        bytes,
+        tunnels: 1,
+        denied: 0,
+    };
+    check_lines(&text, tally, echo, echo);
+    let general = goaccess(&log, &["--log-format", NATIVE, "--date-format=%s", "--time-format=%s"]);
+    assert_goaccess_counts(&general, tally, "a moved tunnel");
+}
+
 /// Runs GoAccess over `log` (no configuration file but its arguments) and returns the JSON
 /// report's `general` section.
 fn goaccess(log: &Path, format: &[&str]) -> serde_json::Value {
