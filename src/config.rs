@@ -92,6 +92,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[log] access_format`: the operational formats, or Squid's native access-log format
+/// (`squid`), which log analysers for Squid read (GoAccess, SARG, Calamaris).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Text,
+    Json,
+    Squid,
+}
+
+impl From<LogFormat> for AccessFormat {
+    fn from(f: LogFormat) -> AccessFormat {
+        match f {
+            LogFormat::Text => AccessFormat::Text,
+            LogFormat::Json => AccessFormat::Json,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -137,7 +157,7 @@ pub enum AccessSink {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccessLog {
     pub sink: AccessSink,
-    pub format: LogFormat,
+    pub format: AccessFormat,
 }
 
 fn yes() -> bool {
@@ -290,7 +310,7 @@ struct RawLog {
     /// "stderr" or a file path (relative: to the configuration file's directory).
     access: Option<String>,
     /// Defaults to `format`.
-    access_format: Option<LogFormat>,
+    access_format: Option<AccessFormat>,
 }
 
 impl Config {
@@ -459,7 +479,7 @@ fn access_log(raw: &RawLog, base: Option<&Path>) -> Result<AccessLog, String> {
     };
     Ok(AccessLog {
         sink,
-        format: raw.access_format.unwrap_or(raw.format),
+        format: raw.access_format.unwrap_or(raw.format.into()),
     })
 }
 
@@ -701,6 +721,25 @@ mod tests {
         // A file named without a directory: relative to the working directory, where it is.
         let c = Config::parse(text, Some(Path::new("baton.toml"))).unwrap();
         assert_eq!(c.access.htpasswd.as_deref(), Some(Path::new("htpasswd")));
+    }
+
+    #[test]
+    fn access_format_follows_format_and_may_be_squid_alone() {
+        let listener = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n";
+        let parse = |log: &str| Config::parse(&format!("{listener}[log]\n{log}"), Some(Path::new("x.toml")));
+        assert_eq!(parse("").unwrap().access_log.format, AccessFormat::Text);
+        assert_eq!(
+            parse("format = \"json\"\n").unwrap().access_log.format,
+            AccessFormat::Json
+        );
+        let squid = parse("format = \"json\"\naccess_format = \"squid\"\n").unwrap();
+        assert_eq!(
+            (squid.log_format, squid.access_log.format),
+            (LogFormat::Json, AccessFormat::Squid)
+        );
+        // Squid's format is for access lines only.
+        let err = parse("format = \"squid\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 5") && err.contains("squid"), "{err}");
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! fields, with `GENERATION=` on every entry.
 //!
 //! Access lines use the target `baton::access` and go to their own sink (`[log] access`):
-//! with the rest (stderr, or the journal), or a file (text or JSON lines). Each generation
-//! opens the file (append) when it starts, and reopens it when its path no longer names the
-//! open file (logrotate renamed or removed it): a thread checks once a second.
+//! with the rest (stderr, or the journal), or a file (text, JSON lines or Squid's native
+//! format). Each generation opens the file (append) when it starts, and reopens it when its
+//! path no longer names the open file (logrotate renamed or removed it): a thread checks once
+//! a second. Each line is one `write(2)` on the file (tracing formats a whole line, then
+//! writes it; nothing is buffered in between), so a reader never sees half a line and
+//! nothing waits in a buffer at exit.
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -18,18 +21,19 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tracing::{Subscriber, info, warn};
+use tracing::{Event, Subscriber, info, warn};
 use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterExt, filter_fn};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::{AccessLog, AccessSink, LogFormat};
-use crate::proxy::access::ACCESS_TARGET;
+use crate::config::{AccessFormat, AccessLog, AccessSink, LogFormat};
+use crate::proxy::access::{self, ACCESS_TARGET};
 
 /// How often a generation checks that its access file is still the one at the path.
 const REOPEN_CHECK: Duration = Duration::from_secs(1);
@@ -45,13 +49,19 @@ pub fn init(format: LogFormat, access: &AccessLog, generation: u64) -> anyhow::R
         .layer(format, true)
         .with_filter(filter().and(filter_fn(|m| m.target() != ACCESS_TARGET)))
         .boxed();
+    if access.format == AccessFormat::Squid {
+        access::use_squid_format();
+    }
     let mut access_file = None;
     let access_layer = match &access.sink {
-        AccessSink::Stderr => out.layer(access.format, false),
+        AccessSink::Stderr => out.access_layer(access.format),
         AccessSink::File(path) => {
             let file = Arc::new(AccessFile::open(path)?);
             access_file = Some(file.clone());
-            fmt_layer(access.format, AccessWriter(file), false, false, false)
+            match access_format(access.format) {
+                Some(format) => fmt_layer(format, AccessWriter(file), false, false, false),
+                None => squid_layer(AccessWriter(file)),
+            }
         }
     }
     .with_filter(filter().and(filter_fn(|m| m.target() == ACCESS_TARGET)))
@@ -112,18 +122,79 @@ impl Stderr {
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        if self.mode == Mode::Journal {
-            match journal_layer(self.generation) {
-                Ok(layer) => return layer.boxed(),
-                Err(e) => {
-                    self.journal_failed = Some(e);
-                    self.mode = Mode::Plain { journal_stream: true };
-                }
-            }
+        if let Some(journal) = self.journal() {
+            return journal;
         }
         let ansi = self.mode == Mode::Terminal;
         let without_time = self.mode == (Mode::Plain { journal_stream: true });
         fmt_layer(format, std::io::stderr, ansi, without_time, operational)
+    }
+
+    /// The access lines' layer when they go here (in the journal, a Squid line is the
+    /// entry's `MESSAGE=`).
+    fn access_layer<S>(&mut self, format: AccessFormat) -> BoxedLayer<S>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        match access_format(format) {
+            Some(format) => self.layer(format, false),
+            None => self.journal().unwrap_or_else(|| squid_layer(std::io::stderr)),
+        }
+    }
+
+    /// The journal's layer in journal mode, unless its socket fails (then plain lines).
+    fn journal<S>(&mut self) -> Option<BoxedLayer<S>>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        if self.mode != Mode::Journal {
+            return None;
+        }
+        match journal_layer(self.generation) {
+            Ok(layer) => Some(layer.boxed()),
+            Err(e) => {
+                self.journal_failed = Some(e);
+                self.mode = Mode::Plain { journal_stream: true };
+                None
+            }
+        }
+    }
+}
+
+/// The fields layout of an access format; `None`: Squid's line, which is its own layout.
+fn access_format(format: AccessFormat) -> Option<LogFormat> {
+    match format {
+        AccessFormat::Text => Some(LogFormat::Text),
+        AccessFormat::Json => Some(LogFormat::Json),
+        AccessFormat::Squid => None,
+    }
+}
+
+/// Squid lines: the event's message alone, no time stamp, level or target of tracing's
+/// (the line starts with Squid's own time stamp).
+fn squid_layer<S, W>(writer: W) -> BoxedLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false)
+        .event_format(MessageOnly)
+        .boxed()
+}
+
+/// Formats an event as its message (and fields, which Squid lines have none of).
+struct MessageOnly;
+
+impl<S, N> FormatEvent<S, N> for MessageOnly
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 

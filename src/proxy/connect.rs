@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::Parent;
 
-use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::access::Kind;
 use crate::proxy::connector::connect_checked;
 use crate::proxy::metrics;
 use crate::proxy::migrate::TunnelRecord;
@@ -25,7 +25,7 @@ use crate::proxy::service::{Ask, Body, Proxy, empty};
 use crate::proxy::tunnel::{self, Counters, Handover, Relayed, Spliced};
 
 impl Proxy {
-    pub(super) async fn connect(&self, req: Request<Incoming>, ask: Ask, user: Option<String>) -> Response<Body> {
+    pub(super) async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
@@ -51,7 +51,7 @@ impl Proxy {
                 Peer::Local => None,
             },
             target: authority.to_string(),
-            user,
+            user: ask.user.clone(),
             via_parent: parent.is_some(),
             started_ms: TunnelRecord::now_ms(),
             ..TunnelRecord::default()
@@ -101,10 +101,12 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         ask: Ask,
-        record: TunnelRecord,
+        mut record: TunnelRecord,
         origin: TcpStream,
         from_origin: Bytes,
     ) {
+        // For the Squid line: the address the tunnel leads to (the target, or the parent).
+        record.server = origin.peer_addr().ok().map(|a| a.ip());
         let (idle, cut, migration) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
@@ -115,19 +117,20 @@ impl Proxy {
                 Ok(u) => u,
                 Err(e) => {
                     let reason = format!("tunnel upgrade failed: {e}");
-                    AccessLine::new(Kind::Closed, ask.peer)
-                        .request(&ask.method, &ask.target, StatusCode::OK)
-                        .reason(&reason)
-                        .write();
+                    ask.line(Kind::Closed, StatusCode::OK).reason(reason).write();
                     return;
                 }
             };
+            // hyper has written the `200` answer: the bytes so far are this tunnel's (its
+            // Squid line counts them, in whichever generation it ends).
+            record.answer = ask.sent.take();
+            let ended = Ended::from(&record);
             let handover = Handover {
                 migration: &migration,
                 record,
             };
             let relayed = tunnel::relay(upgraded, origin, from_origin, idle, cut, handover).await;
-            tunnel_ended(&ask, relayed);
+            tunnel_ended(&ask, relayed, ended);
         });
     }
 
@@ -170,13 +173,19 @@ impl Proxy {
                 .parse::<Uri>()
                 .map_err(|e| format!("bad target {:?}: {e}", record.target))?,
             started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            // Not a connection of this generation's: the line's bytes come from the record.
+            sent: Arc::default(),
+            user: record.user.clone(),
         };
+        let ended = Ended::from(&record);
         if let Err(d) = self.recheck(&record, &spliced) {
-            AccessLine::new(Kind::Denied, ask.peer)
-                .request(&ask.method, &ask.target, d.status)
+            ask.line(Kind::Denied, d.status)
                 .rule(d.rule.as_str())
                 .traffic(record.up, record.down, ask.started)
-                .reason(&d.reason)
+                .reason(d.reason)
+                .server(ended.server)
+                .via_parent(ended.via_parent)
+                .wire(ended.answer + record.down)
                 .write();
             return Ok(());
         }
@@ -191,7 +200,7 @@ impl Proxy {
                 migration: &migration,
                 record,
             };
-            tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await);
+            tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await, ended);
         });
         Ok(())
     }
@@ -210,16 +219,37 @@ impl Proxy {
     }
 }
 
+/// What a tunnel's Squid line says besides its totals, kept from its record.
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    server: Option<IpAddr>,
+    via_parent: bool,
+    /// The bytes of the `200` answer the client was sent.
+    answer: u64,
+}
+
+impl From<&TunnelRecord> for Ended {
+    fn from(r: &TunnelRecord) -> Ended {
+        Ended {
+            server: r.server,
+            via_parent: r.via_parent,
+            answer: r.answer,
+        }
+    }
+}
+
 /// The tunnel's access line and metrics, once it really ended (not when it moved on).
-fn tunnel_ended(ask: &Ask, relayed: Relayed) {
+fn tunnel_ended(ask: &Ask, relayed: Relayed, ended: Ended) {
     let Relayed { outcome, up, down } = relayed;
     if outcome.end == "moved" {
         return;
     }
-    AccessLine::new(Kind::Tunnel, ask.peer)
-        .request(&ask.method, &ask.target, StatusCode::OK)
+    metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
+    ask.line(Kind::Tunnel, StatusCode::OK)
         .traffic(up, down, ask.started)
         .outcome(outcome)
+        .server(ended.server)
+        .via_parent(ended.via_parent)
+        .wire(ended.answer + down)
         .write();
-    metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
 }

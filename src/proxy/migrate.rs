@@ -6,7 +6,7 @@
 //! or stays (a batch the successor did not acknowledge). A tunnel that stays relays on and
 //! drains as before. The successor's side is `Proxy::adopt`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,13 @@ pub struct TunnelRecord {
     pub up: u64,
     pub down: u64,
     pub client_unix: bool,
+    /// For the Squid access line, in whichever generation the tunnel ends: the address it
+    /// leads to (the target, or the parent), and the bytes of the `200` answer the client was
+    /// sent. Absent from an older generation's record.
+    #[serde(default)]
+    pub server: Option<IpAddr>,
+    #[serde(default)]
+    pub answer: u64,
     /// Which pipes travel (up, down): each is two fds after the client's and the origin's.
     pub pipes: [bool; 2],
 }

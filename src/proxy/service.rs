@@ -5,6 +5,7 @@
 //! generations: it is handed a [`Drain`] to register tunnels with.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::config::{Config, Parent, Parents};
-use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::access::{self, AccessLine, Kind, Sent};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
 use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
@@ -76,6 +77,20 @@ pub(super) struct Ask {
     /// formatting it is left to the log line, if one is written).
     pub(super) target: Uri,
     pub(super) started: Instant,
+    /// The client connection's byte count, which its access lines take their bytes from.
+    pub(super) sent: Arc<Sent>,
+    /// Who authenticated (with `htpasswd`).
+    pub(super) user: Option<String>,
+}
+
+impl Ask {
+    /// The access line of this request's answer.
+    pub(super) fn line(&self, kind: Kind, status: StatusCode) -> AccessLine {
+        AccessLine::new(kind, self.peer)
+            .request(self.method.clone(), self.target.clone(), status)
+            .sent(self.sent.clone())
+            .user(self.user.clone())
+    }
 }
 
 impl Proxy {
@@ -102,18 +117,22 @@ impl Proxy {
         self.upstream.clone()
     }
 
-    /// Serves one request from `peer`; `lease` is the client connection's origin connection.
+    /// Serves one request from `peer`; `lease` is the client connection's origin connection,
+    /// `sent` what the connection was sent.
     pub async fn serve(
         self: Arc<Self>,
         peer: Peer,
         lease: Arc<OriginLease>,
+        sent: Arc<Sent>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let ask = Ask {
+        let mut ask = Ask {
             peer,
             method: req.method().clone(),
             target: req.uri().clone(),
             started: Instant::now(),
+            sent,
+            user: None,
         };
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
@@ -126,10 +145,9 @@ impl Proxy {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
-        let mut user = None;
         if self.policy.requires_auth() {
             match Box::pin(self.policy.check_auth(req.headers(), client)).await {
-                Ok(u) => user = u,
+                Ok(u) => ask.user = u,
                 Err(d) => return Ok(self.deny(&ask, &d)),
             }
         }
@@ -143,7 +161,7 @@ impl Proxy {
             return Ok(self.refuse(&ask, StatusCode::URI_TOO_LONG, &reason));
         }
         if ask.method == Method::CONNECT {
-            return Ok(Box::pin(self.connect(req, ask, user)).await);
+            return Ok(Box::pin(self.connect(req, ask)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer. One
         // that also carried Content-Length never gets here (the framing layer answers 400:
@@ -194,12 +212,13 @@ impl Proxy {
                 self.refuse(&ask, StatusCode::GATEWAY_TIMEOUT, &reason)
             }
             Ok(Err(e)) => self.origin_failed(&ask, hop, &stats, &e),
-            Ok(Ok(resp)) => match hop {
+            Ok(Ok((resp, server))) => match hop {
                 NextHop::Parent(p) if resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
                     let (status, reason) = parent::refusal(p, resp.status(), "the request");
                     self.refuse(&ask, status, &reason)
                 }
-                _ => self.to_client(resp, stats, ask),
+                NextHop::Parent(_) => self.to_client(resp, server, true, stats, ask),
+                NextHop::Origin { .. } => self.to_client(resp, server, false, stats, ask),
             },
         }
     }
@@ -238,19 +257,35 @@ impl Proxy {
         Ok(())
     }
 
-    /// The origin's response on its way to the client, logged when its body ends.
-    fn to_client(&self, resp: Response<Incoming>, stats: Arc<BodyStats>, ask: Ask) -> Response<Body> {
+    /// The response (from `server`, a parent proxy if `via_parent`) on its way to the client,
+    /// logged when its body ends.
+    fn to_client(
+        &self,
+        resp: Response<Incoming>,
+        server: IpAddr,
+        via_parent: bool,
+        stats: Arc<BodyStats>,
+        ask: Ask,
+    ) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's.
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.append(header::VIA, self.via.clone());
+        let content_type = access::squid_format()
+            .then(|| parts.headers.get(header::CONTENT_TYPE).cloned())
+            .flatten();
         let record = AccessRecord {
             peer: ask.peer,
             method: ask.method,
             target: ask.target,
             status: parts.status,
             started: ask.started,
+            sent: ask.sent,
+            user: ask.user,
+            server,
+            via_parent,
+            content_type,
         };
         Response::from_parts(parts, AccessLogged::new(body, stats, record).boxed())
     }
@@ -296,13 +331,13 @@ impl Proxy {
     /// authentication challenge on a 407.
     pub(super) fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
         let bytes_out = d.reason.len() as u64 + 1;
-        AccessLine::new(Kind::Denied, ask.peer)
-            .request(&ask.method, &ask.target, d.status)
+        metrics::request_done(&ask.method, d.status, ask.started, 0, bytes_out, false);
+        ask.line(Kind::Denied, d.status)
             .rule(d.rule.as_str())
             .traffic(0, bytes_out, ask.started)
-            .reason(&d.reason)
+            .reason(d.reason.clone())
+            .content_type(Some(HeaderValue::from_static(ERROR_CONTENT_TYPE)))
             .write();
-        metrics::request_done(&ask.method, d.status, ask.started, 0, bytes_out, false);
         let mut resp = error_response(d.status, &d.reason);
         // A client that may not use the proxy at all gets nothing more on this connection.
         if d.rule == Rule::AllowClients {
@@ -365,24 +400,25 @@ impl Proxy {
     /// An answer of the proxy's own: `status` with `reason` as its body, logged.
     pub(super) fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
         let bytes_out = reason.len() as u64 + 1;
-        AccessLine::new(Kind::Refused, ask.peer)
-            .request(&ask.method, &ask.target, status)
-            .traffic(0, bytes_out, ask.started)
-            .reason(reason)
-            .write();
         metrics::request_done(&ask.method, status, ask.started, 0, bytes_out, false);
+        ask.line(Kind::Refused, status)
+            .traffic(0, bytes_out, ask.started)
+            .reason(reason.to_string())
+            .content_type(Some(HeaderValue::from_static(ERROR_CONTENT_TYPE)))
+            .write();
         error_response(status, reason)
     }
 }
+
+/// The media type of the proxy's own answers.
+pub const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// A response with `reason` as its one-line body.
 pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{reason}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
     resp
 }
 

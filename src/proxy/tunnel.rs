@@ -24,7 +24,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::proxy::access::Outcome;
+use crate::proxy::access::{Outcome, Sending};
 use crate::proxy::framing::Framed;
 use crate::proxy::migrate::{Migration, TunnelRecord};
 
@@ -38,7 +38,7 @@ pub struct Relayed {
 }
 
 /// The client connection as hyper upgrades it.
-type Client = TokioIo<Framed<Stream>>;
+type Client = TokioIo<Sending<Framed<Stream>>>;
 
 /// Bytes moved per splice call with a default pipe (64 KiB), and the pipe size asked for.
 const CHUNK: usize = 64 * 1024;
@@ -74,7 +74,7 @@ pub async fn relay(
         }
     };
     let mut origin = origin;
-    let (client, held) = parts.io.into_inner().into_parts();
+    let (client, held) = parts.io.into_inner().into_inner().into_parts();
     let mut client = match client {
         Stream::Tcp(s) => End::Tcp(s),
         Stream::Unix(s) => End::Unix(s),

@@ -7,6 +7,7 @@
 //! a parent do not (see [`connect_parent`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,23 @@ use crate::proxy::policy::Policy;
 /// The body of a request to an origin: the client's body, counted and limited (not boxed:
 /// it is the only kind sent).
 pub type UpstreamBody = Counted;
-type Sender = SendRequest<UpstreamBody>;
+
+/// A connection to the next hop, and the address it is connected to (which the Squid access
+/// line names).
+struct Sender {
+    tx: SendRequest<UpstreamBody>,
+    addr: IpAddr,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.tx.is_ready()
+    }
+}
 
 /// Idle origin connections kept per origin.
 const POOL_PER_ORIGIN: usize = 256;
@@ -141,12 +158,13 @@ impl Upstream {
             }
             NextHop::Parent(p) => connect_parent(&p.host, p.port, self.connect_timeout).await?,
         };
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
+        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // Ends when the origin closes, or when the last sender is dropped while idle.
             let _ = conn.await;
         });
-        Ok(sender)
+        Ok(Sender { tx, addr })
     }
 }
 
@@ -185,20 +203,21 @@ impl OriginLease {
         (self.upstream.checkout(origin), None)
     }
 
-    /// Sends `req` to `hop`. A reused connection that turns out closed before the request
-    /// was written is replaced by a new one, once.
+    /// Sends `req` to `hop`; the response comes with the address of the connection it came
+    /// on. A reused connection that turns out closed before the request was written is
+    /// replaced by a new one, once.
     pub async fn send(
         &self,
         hop: NextHop<'_>,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, IpAddr), UpstreamError> {
         let mut req = req;
         let origin = hop.key();
         let (mut reused, key) = self.take(origin);
         loop {
             let fresh = reused.is_none();
             let mut sender = match reused.take() {
-                Some(mut s) => match s.ready().await {
+                Some(mut s) => match s.tx.ready().await {
                     Ok(()) => s,
                     Err(_) => continue,
                 },
@@ -206,10 +225,11 @@ impl OriginLease {
                 // requests, on a kept connection, never run.
                 None => Box::pin(self.upstream.connect(hop)).await?,
             };
-            match sender.try_send_request(req).await {
+            match sender.tx.try_send_request(req).await {
                 Ok(resp) => {
+                    let addr = sender.addr;
                     *lock(&self.current) = Some((key.unwrap_or_else(|| origin.to_string()), sender));
-                    return Ok(resp);
+                    return Ok((resp, addr));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,

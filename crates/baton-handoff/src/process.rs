@@ -60,7 +60,10 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(limit.rlim_cur)
+    // rlim_t is u64 on 64-bit Linux, but c_ulong (u32) on 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
+    let open = limit.rlim_cur as u64;
+    Ok(open)
 }
 
 /// This process's effective user id: who owns the files and sockets it creates.
