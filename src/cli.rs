@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use baton::config::{ADMIN_LISTENER, AccessSink, CONTROL_LISTENER, Config, HostPattern, Parent, Parents};
+use baton::config::{ADMIN_LISTENER, AccessSink, CONTROL_LISTENER, Config, HostPattern, Parent, Parents, TlsFiles};
 use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
+use baton::tls::{TicketKeys, Validity, certs};
 use baton_handoff::listener::needs_bind_capability;
 use baton_handoff::{Forecast, Held, Inherited, ListenAddr, Origin, forecast};
 use serde::Serialize;
@@ -90,7 +91,8 @@ fn start(args: RunArgs, mut inherited: Inherited) -> anyhow::Result<(Runtime, Ge
     let launch = Launch::current(&mut inherited, config_path, args.tag)?;
     let runtime = build_runtime(config.workers)?;
     let pid_file = config.pid_file.clone();
-    let generation = runtime.block_on(Generation::start(launch, config, inherited))?;
+    let mut ready = inherited.ready.take();
+    let generation = runtime.block_on(Generation::start(launch, config, inherited, &mut ready))?;
     Ok((runtime, generation, pid_file))
 }
 
@@ -132,6 +134,12 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     println!("{name}: configuration ok");
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);
+        if let Some(files) = &l.tls {
+            check_certificate(&l.name, files)?;
+        }
+    }
+    if let Some(path) = &config.tls.ticket_keys {
+        check_ticket_keys(path)?;
     }
     println!("  control socket {}", config.control_socket.display());
     match config.workers {
@@ -279,6 +287,55 @@ fn print_parents(p: &Parents) {
     }
 }
 
+/// A TLS listener's pair, as a generation would load it, and its validity: expired or not
+/// yet valid is an error (every client would refuse it), under 14 days left a warning.
+fn check_certificate(listener: &str, files: &TlsFiles) -> anyhow::Result<()> {
+    let cert = certs::load(files).with_context(|| format!("listener `{listener}`"))?;
+    println!(
+        "    TLS certificate {} (key {}): serial {}, {}",
+        files.cert.display(),
+        files.key.display(),
+        cert.serial,
+        cert.subject
+    );
+    let expires = cert.not_after_text();
+    match cert.validity_at(std::time::SystemTime::now()) {
+        Validity::Valid { left } => {
+            let days = left.as_secs() / 86_400;
+            println!("    valid until {expires} ({days} days left)");
+            if left < certs::EXPIRY_WARNING {
+                println!("    warning: the certificate of listener `{listener}` expires in {days} days ({expires})");
+            }
+            Ok(())
+        }
+        Validity::Expired { .. } => anyhow::bail!(
+            "listener `{listener}`: the certificate in {} expired at {expires}",
+            files.cert.display()
+        ),
+        Validity::NotYetValid => anyhow::bail!(
+            "listener `{listener}`: the certificate in {} is not valid yet",
+            files.cert.display()
+        ),
+    }
+}
+
+/// `[tls] ticket_keys`: usable, and not readable by every user (whoever reads it can
+/// decrypt the session tickets, and so resume as any client).
+fn check_ticket_keys(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    TicketKeys::start(None, Some(path))?;
+    println!("  TLS ticket keys from {}", path.display());
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o004 != 0 {
+        println!(
+            "  warning: {} is readable by every user (mode {:o}): chmod o-r",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
 fn control_socket(args: &ClientArgs) -> anyhow::Result<PathBuf> {
     match &args.control {
         Some(p) => Ok(p.clone()),
@@ -408,6 +465,8 @@ struct UpgradeSummary {
     draining_connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     draining_tunnels: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draining_tls_connections: Option<usize>,
     /// With `--wait-drain`: how the drain ended (`null` when the old generation did not say).
     #[serde(skip_serializing_if = "Option::is_none")]
     drain: Option<Option<DrainSummary>>,
@@ -453,6 +512,7 @@ impl UpgradeSummary {
         (self.old_generation, self.new_generation) = (Some(r.old_generation), Some(r.new_generation));
         (self.ready_ms, self.canary_ms) = (Some(r.ready_ms), r.canary_ms);
         (self.draining_connections, self.draining_tunnels) = (Some(r.draining_connections), Some(r.draining_tunnels));
+        self.draining_tls_connections = r.draining_tls_connections;
     }
 
     fn fail(&mut self, result: &str, reason: String) {
@@ -510,6 +570,10 @@ fn print_event(ev: &Event, request: Request) {
 
 fn print_done(r: &UpgradeReport) {
     let (connections, tunnels) = (r.draining_connections, r.draining_tunnels);
+    let connections = match r.draining_tls_connections {
+        Some(tls) if tls > 0 => format!("{connections} connections ({tls} TLS)"),
+        _ => format!("{connections} connections"),
+    };
     match r.canary_ms {
         Some(canary) => {
             println!(
@@ -517,12 +581,12 @@ fn print_done(r: &UpgradeReport) {
                 r.ready_ms, r.new_pid, r.new_generation
             );
             println!(
-                "canary passed after {canary} ms: pid {} serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+                "canary passed after {canary} ms: pid {} serving; old pid {} draining {connections}, {tunnels} tunnels",
                 r.new_pid, r.old_pid
             );
         }
         None => println!(
-            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {connections} connections, {tunnels} tunnels",
+            "ready after {} ms: pid {} (generation {}) serving; old pid {} draining {connections}, {tunnels} tunnels",
             r.ready_ms, r.new_pid, r.new_generation, r.old_pid
         ),
     }

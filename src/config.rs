@@ -41,6 +41,28 @@ pub const ADMIN_LISTENER: &str = "admin";
 pub struct ListenerConfig {
     pub name: String,
     pub addr: ListenAddr,
+    /// `tls = { cert, key }`: clients speak TLS to the proxy (a "secure web proxy").
+    pub tls: Option<TlsFiles>,
+}
+
+/// A TLS listener's certificate chain and private key (PEM files, read by each generation at
+/// start, so a handoff reloads them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[tls]`: what every TLS listener shares.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// A client that has not completed its handshake within this is disconnected.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; a new connection beyond it evicts the oldest.
+    pub max_handshakes: usize,
+    /// Session-ticket key material shared by a fleet (at least 32 bytes); `None`: keys of
+    /// baton's own, handed from generation to generation.
+    pub ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +158,7 @@ pub struct Config {
     pub access_log: AccessLog,
     /// `[upstream]`: parent proxies and which destinations go through them.
     pub parents: Parents,
+    pub tls: TlsSettings,
 }
 
 /// `[admin]`: an HTTP listener for `/metrics`, `/healthz` and `/status`.
@@ -186,6 +209,34 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     upstream: upstream::RawUpstream,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    #[serde(with = "humantime_serde")]
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+    ticket_keys: Option<PathBuf>,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls {
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
+            ticket_keys: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +251,7 @@ struct RawListener {
     name: String,
     address: Option<SocketAddr>,
     path: Option<PathBuf>,
+    tls: Option<RawTlsFiles>,
 }
 
 #[derive(Deserialize)]
@@ -354,7 +406,13 @@ impl Config {
         };
         let mut access = Access::from(raw.access);
         access.htpasswd = access.htpasswd.map(|p| resolve(base, p));
+        let tls = TlsSettings {
+            handshake_timeout: raw.tls.handshake_timeout,
+            max_handshakes: raw.tls.max_handshakes,
+            ticket_keys: raw.tls.ticket_keys.map(|p| resolve(base, p)),
+        };
         Ok(Config {
+            tls,
             admin,
             access_log,
             source: path.map(Path::to_path_buf),
@@ -373,7 +431,7 @@ impl Config {
 }
 
 /// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
-/// `log.access`, a listener's `path`, `upstream.credentials`): a relative one is relative to the directory of the
+/// `log.access`, a listener's `path` and `tls` files, `tls.ticket_keys`, `upstream.credentials`): a relative one is relative to the directory of the
 /// file it is written in (`base`), never to the working directory.
 fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
     match base {
@@ -404,12 +462,18 @@ fn listeners(
         if listeners.iter().any(|o| o.name == l.name) {
             return Err(at("duplicate listener name"));
         }
-        if listeners.iter().any(|o| o.addr == addr) {
+        // Port 0 (any free port) twice is two sockets, not one address twice.
+        let ephemeral = matches!(addr, ListenAddr::Tcp(a) if a.port() == 0);
+        if !ephemeral && listeners.iter().any(|o| o.addr == addr) {
             return Err(at("duplicate listener address"));
         }
         listeners.push(ListenerConfig {
             name: l.name.clone(),
             addr,
+            tls: l.tls.as_ref().map(|t| TlsFiles {
+                cert: resolve(base, t.cert.clone()),
+                key: resolve(base, t.key.clone()),
+            }),
         });
     }
     if listeners.is_empty() {
@@ -451,6 +515,14 @@ fn check_values(raw: &RawConfig) -> Result<(), String> {
         (
             raw.limits.max_header_bytes < 8192,
             "key `limits.max_header_bytes`: must be at least 8192",
+        ),
+        (
+            raw.tls.handshake_timeout.is_zero(),
+            "key `tls.handshake_timeout`: must be greater than zero",
+        ),
+        (
+            raw.tls.max_handshakes == 0,
+            "key `tls.max_handshakes`: must be at least 1",
         ),
     ];
     match rules.iter().find(|(broken, _)| *broken) {
@@ -740,6 +812,30 @@ mod tests {
         // Squid's format is for access lines only.
         let err = parse("format = \"squid\"\n").unwrap_err().to_string();
         assert!(err.contains("line 5") && err.contains("squid"), "{err}");
+    }
+
+    #[test]
+    fn tls_listener_files_are_relative_to_the_file() {
+        let text = "[[listener]]\nname = \"s\"\naddress = \"127.0.0.1:1\"\n\
+            tls = { cert = \"tls/cert.pem\", key = \"/k/key.pem\" }\n\
+            [[listener]]\nname = \"p\"\naddress = \"127.0.0.1:2\"\n\
+            [tls]\nhandshake_timeout = \"3s\"\nticket_keys = \"ticket.key\"\n";
+        let c = Config::parse(text, Some(Path::new("/etc/baton/baton.toml"))).unwrap();
+        let files = c.listeners[0].tls.as_ref().expect("tls");
+        assert_eq!(files.cert, Path::new("/etc/baton/tls/cert.pem"));
+        assert_eq!(files.key, Path::new("/k/key.pem"));
+        assert!(c.listeners[1].tls.is_none());
+        assert_eq!(c.tls.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.tls.max_handshakes, 1024);
+        assert_eq!(c.tls.ticket_keys.as_deref(), Some(Path::new("/etc/baton/ticket.key")));
+        let missing_key = text.replace(", key = \"/k/key.pem\"", "");
+        let err = Config::parse(&missing_key, Some(Path::new("x.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("key"), "{err}");
+        let zero = text.replace("\"3s\"", "\"0s\"");
+        let err = Config::parse(&zero, None).unwrap_err().to_string();
+        assert!(err.contains("tls.handshake_timeout"), "{err}");
     }
 
     #[test]

@@ -121,6 +121,10 @@ pub struct UpgradeReport {
     pub canary_ms: Option<u64>,
     pub draining_connections: usize,
     pub draining_tunnels: usize,
+    /// Of `draining_connections`: those on TLS listeners (absent from daemons before TLS).
+    /// They drain like the others; they are never moved to the new generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_tls_connections: Option<usize>,
 }
 
 /// How the old generation's drain ended (`baton upgrade --wait-drain`).

@@ -7,6 +7,8 @@
 //!   rollback, the accept loop and the drain; it knows nothing about HTTP;
 //! - [`config`]: the TOML configuration, validated once into typed values;
 //! - [`control`]: the control protocol's messages and the typed client the CLI uses;
+//! - [`tls`]: TLS listeners' certificates, session tickets that survive a handoff, and the
+//!   handshake with its limits;
 //! - [`proxy`]: the HTTP side (serving client connections, forwarding, CONNECT tunnels,
 //!   policy, origin connections, access lines and request metrics);
 //! - [`daemon`]: one process's lifecycle (a generation), the control socket's server, the
@@ -18,3 +20,4 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod proxy;
+pub mod tls;

@@ -39,6 +39,8 @@ use crate::daemon::state_dir::{DrainingFile, StateDir};
 use crate::daemon::traffic::Sampler;
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
+use crate::tls::TlsListeners;
+use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
 
 use handoff::{Next, PendingHandoff};
 
@@ -86,6 +88,8 @@ pub struct Generation {
     drain: Drain,
     /// Serves the proxy listeners' connections.
     connections: Arc<Connections>,
+    /// The TLS listeners' acceptors and the ticket keys handed to a successor.
+    tls: TlsListeners,
     commands: mpsc::Receiver<Command>,
     /// For the accept loops of the control socket and the admin listener, and the pinger.
     commands_tx: mpsc::Sender<Command>,
@@ -117,7 +121,16 @@ impl Generation {
     /// Opens every listener (adopting inherited ones) and does everything else that can fail,
     /// then starts accepting and reports ready (to systemd and the pid file when it has no
     /// predecessor, else to the predecessor, which hands those over at its verdict).
-    pub async fn start(launch: Launch, config: Config, mut inherited: Inherited) -> anyhow::Result<Generation> {
+    ///
+    /// `ready` is the predecessor's readiness pipe (`None` for a first generation): taken
+    /// when this generation reports ready, and left in place if it fails before, so that
+    /// the caller can pass the reason on ([`ReadySignal::signal_failed`]).
+    pub async fn start(
+        launch: Launch,
+        config: Config,
+        mut inherited: Inherited,
+        ready: &mut Option<ReadySignal>,
+    ) -> anyhow::Result<Generation> {
         let (commands_tx, commands) = mpsc::channel(64);
         let inherited_names = inherited.names().to_vec();
         spawn_signal_listener(commands_tx.clone())?;
@@ -135,10 +148,12 @@ impl Generation {
                 dir.display()
             );
         }
+        // Certificates before any socket: a broken one fails the handoff, not a listener.
+        let tls = TlsListeners::load(&config, inherited.take_extra(TICKET_KEYS_FD))?;
         let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain).await?;
         let control_addr = ListenAddr::Unix(config.control_socket.clone());
         opened.push(open_listener(&mut inherited, CONTROL_LISTENER, &control_addr).await?);
-        if inherited.ready.is_none() {
+        if ready.is_none() {
             shared.start_ledger();
         }
         let mut admin = None;
@@ -167,6 +182,7 @@ impl Generation {
             listeners: opened,
             drain,
             connections,
+            tls,
             commands,
             commands_tx,
             control_clients: TaskTracker::new(),
@@ -182,13 +198,17 @@ impl Generation {
             drain_waiter: None,
             traffic,
         };
-        generation.report_ready(inherited.ready.take(), inherited.channel.take())?;
+        generation.report_ready(ready, inherited.channel.take())?;
         Ok(generation)
     }
 
     /// The pid file and systemd first (a first generation), then accepting, then the
     /// predecessor hears that we serve.
-    fn report_ready(&mut self, ready: Option<ReadySignal>, channel: Option<PredecessorChannel>) -> anyhow::Result<()> {
+    fn report_ready(
+        &mut self,
+        ready: &mut Option<ReadySignal>,
+        channel: Option<PredecessorChannel>,
+    ) -> anyhow::Result<()> {
         let watched = ready.is_some() && channel.is_some();
         if !watched {
             self.claim_main_process()?;
@@ -198,7 +218,7 @@ impl Generation {
         notify::spawn_watchdog();
         self.start_accepting();
         self.log_serving();
-        let Some(r) = ready else { return Ok(()) };
+        let Some(r) = ready.take() else { return Ok(()) };
         let reported = match (watched, self.config.migrate) {
             (true, true) => r.signal_ready_taking_transfer(),
             (true, false) => r.signal_ready_pinging(),
@@ -273,9 +293,12 @@ impl Generation {
                     Some(ctx) => admin::spawn(socket, ctx.clone(), self.admin_accepting.clone()),
                     None => warn!("an admin listener without [admin]: not served"),
                 },
-                name => self
-                    .connections
-                    .spawn_accept_loop(name.to_string(), socket, self.accepting.clone()),
+                name => self.connections.spawn_accept_loop(
+                    name.to_string(),
+                    socket,
+                    self.tls.acceptor(name),
+                    self.accepting.clone(),
+                ),
             }
         }
     }

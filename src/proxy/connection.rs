@@ -2,10 +2,12 @@
 //! per connection serving HTTP/1.1 (with upgrades for CONNECT) through the [`Proxy`], read
 //! through [`Framed`] (the strict framing rules, whose faults are answered here), and how it
 //! winds down when the generation drains (the grace period for an idle client). All
-//! connections are registered with the generation's [`Drain`].
+//! connections are registered with the generation's [`Drain`]. On a TLS listener the
+//! handshake comes first ([`Handshakes`]: its timeout and bound), then the same HTTP inside.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_handoff::{Drain, Peer, Socket, Stream};
@@ -16,8 +18,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -28,6 +31,8 @@ use crate::proxy::metrics;
 use crate::proxy::service::{Body, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::strict::Fault;
 use crate::proxy::upstream::OriginLease;
+use crate::tls::Handshakes;
+use crate::tls::handshake::Pending;
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -35,6 +40,8 @@ pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_handshakes: usize,
 }
 
 impl From<&Config> for ConnectionSettings {
@@ -43,6 +50,8 @@ impl From<&Config> for ConnectionSettings {
             header_read_timeout: c.timeouts.header_read,
             max_header_bytes: c.limits.max_header_bytes,
             max_connections: c.limits.max_connections,
+            handshake_timeout: c.tls.handshake_timeout,
+            max_handshakes: c.tls.max_handshakes,
         }
     }
 }
@@ -55,6 +64,9 @@ pub struct Connections {
     slots: Arc<Semaphore>,
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    handshakes: Handshakes,
+    /// Open connections on TLS listeners (handshaking or serving).
+    tls_open: Arc<AtomicUsize>,
 }
 
 impl Connections {
@@ -74,6 +86,8 @@ impl Connections {
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             header_read_timeout: settings.header_read_timeout,
             max_header_bytes: settings.max_header_bytes,
+            handshakes: Handshakes::new(settings.handshake_timeout, settings.max_handshakes),
+            tls_open: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -81,29 +95,89 @@ impl Connections {
         &self.proxy
     }
 
+    /// Connections open on TLS listeners now (counted apart in the upgrade report).
+    pub fn tls_connections(&self) -> usize {
+        self.tls_open.load(Ordering::Relaxed)
+    }
+
     /// Accepts on `socket` until draining starts; the socket is dropped (closed in this
-    /// process) when the loop ends.
-    pub fn spawn_accept_loop(self: &Arc<Self>, name: String, socket: Arc<Socket>, stop: CancellationToken) {
+    /// process) when the loop ends. With `tls`, each connection's TLS handshake comes first.
+    pub fn spawn_accept_loop(
+        self: &Arc<Self>,
+        name: String,
+        socket: Arc<Socket>,
+        tls: Option<TlsAcceptor>,
+        stop: CancellationToken,
+    ) {
         let connections = self.clone();
         tokio::spawn(async move {
-            baton_handoff::accept_until(socket, &name, stop, |stream, peer| connections.admit(stream, peer)).await;
+            baton_handoff::accept_until(socket, &name, stop, |stream, peer| {
+                connections.admit(stream, peer, tls.as_ref());
+            })
+            .await;
         });
     }
 
-    fn admit(self: &Arc<Self>, stream: Stream, peer: Peer) {
+    fn admit(self: &Arc<Self>, stream: Stream, peer: Peer, tls: Option<&TlsAcceptor>) {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             warn!(client = %peer, "connection limit reached: answering 503");
-            tokio::spawn(refuse_over_limit(stream));
+            if tls.is_none() {
+                tokio::spawn(refuse_over_limit(stream));
+            }
+            // On a TLS listener a plain-text answer would be garbage to the client: close.
             return;
         };
         let connections = self.clone();
-        self.drain.connections().spawn(async move {
-            connections.serve(stream, peer).await;
-            drop(slot);
-        });
+        match tls.cloned() {
+            None => self.drain.connections().spawn(async move {
+                connections.serve(stream, peer).await;
+                drop(slot);
+            }),
+            Some(acceptor) => {
+                let open = OpenTls::count(&self.tls_open);
+                let pending = self.handshakes.begin();
+                self.drain.connections().spawn(async move {
+                    let _open = open;
+                    if let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await {
+                        connections.serve(tls, peer).await;
+                    }
+                    drop(slot);
+                })
+            }
+        };
     }
 
-    async fn serve(&self, io: Stream, peer: Peer) {
+    /// The TLS handshake, within its limits; a connection cut by the drain deadline, or
+    /// whose handshake fails, is closed (and the reason logged).
+    async fn handshake(
+        &self,
+        pending: Pending,
+        acceptor: &TlsAcceptor,
+        stream: Stream,
+        peer: Peer,
+    ) -> Option<tokio_rustls::server::TlsStream<Stream>> {
+        let cut = self.drain.cut_token();
+        let result = tokio::select! {
+            r = self.handshakes.complete(pending, acceptor, stream) => r,
+            _ = cut.cancelled() => return None,
+        };
+        match result {
+            Ok(tls) => {
+                metrics::tls_handshake("ok");
+                Some(tls)
+            }
+            Err(e) => {
+                metrics::tls_handshake(e.label());
+                AccessLine::new(Kind::Closed, peer).reason(e.to_string()).write();
+                None
+            }
+        }
+    }
+
+    async fn serve<S>(&self, io: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = self.proxy.clone();
         let requests = Arc::new(RequestSignal::default());
         let signal = requests.clone();
@@ -170,6 +244,22 @@ struct Closing<'a>(&'a Sent);
 impl Drop for Closing<'_> {
     fn drop(&mut self) {
         self.0.close();
+    }
+}
+
+/// One open TLS connection in [`Connections::tls_connections`], while it lives.
+struct OpenTls(Arc<AtomicUsize>);
+
+impl OpenTls {
+    fn count(open: &Arc<AtomicUsize>) -> OpenTls {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenTls(open.clone())
+    }
+}
+
+impl Drop for OpenTls {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -31,6 +31,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok`, `failed`, `timeout` or `evicted`.
+    pub result: &'static str,
+}
+
 /// The counters of this process (one generation).
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -40,6 +46,7 @@ pub struct Metrics {
     pub upstream_connect_errors: Family<ReasonLabels, Counter>,
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
+    pub tls_handshakes: Family<ResultLabels, Counter>,
     /// Counter handles resolved once per label set, so that a request does not pay the
     /// family's lock and label hashing: [method][status class], and [http, tunnel].
     request_handles: [[OnceLock<Counter>; 5]; 10],
@@ -54,6 +61,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     bytes_sent: Family::default(),
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
+    tls_handshakes: Family::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     byte_handles: std::array::from_fn(|_| OnceLock::new()),
 });
@@ -94,6 +102,11 @@ impl Metrics {
             "migrated",
             "Live connections this process adopted from the previous generation at a handoff, by kind",
             self.migrated.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
+            self.tls_handshakes.clone(),
         );
     }
 }
@@ -213,4 +226,9 @@ pub fn answered() -> Answered {
         }
     }
     a
+}
+
+/// Records how a TLS handshake ended (`ok`, or a [`crate::tls::HandshakeError`]'s label).
+pub fn tls_handshake(result: &'static str) {
+    get().tls_handshakes.get_or_create(&ResultLabels { result }).inc();
 }

@@ -5,7 +5,8 @@
 //! `LISTEN_FDNAMES` and `LISTEN_PID` = the child's own pid, so any `sd_listen_fds` consumer
 //! accepts them; where each came from goes in `BATON_LISTEN_ORIGINS`; the write end of a
 //! readiness pipe goes as the next fd, its number in `BATON_READY_FD`. The child writes
-//! `ready <pid>\n` once it serves, or the exec failure's errno as `exec-error NNNN\n`. The
+//! `ready <pid>\n` once it serves, the exec failure's errno as `exec-error NNNN\n`, or why it
+//! cannot serve as `failed <reason>\n` before it exits. The
 //! child's end of the channel follows (`BATON_CHANNEL_FD`), then any extra named fds
 //! (`BATON_EXTRA_FDS=name=fd:...`). A child that fails before it is ready may say why:
 //! `failed <reason>\n` ([`crate::ReadySignal::failure_reporter`]).

@@ -1,14 +1,19 @@
 //! Clients of the proxy: a keep-alive HTTP/1.1 connection sending absolute-form requests, and
-//! CONNECT tunnels.
+//! CONNECT tunnels; over plain TCP or, to a TLS listener, over TLS ([`ProxyTls`]).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::tls::ProxyTls;
 
 /// Why a client request failed: the connection itself, or HTTP on it.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +40,12 @@ pub struct ProxyConnection {
 
 impl ProxyConnection {
     pub async fn open(proxy: SocketAddr) -> Result<ProxyConnection, ClientError> {
-        let stream = TcpStream::connect(proxy).await?;
-        let _ = stream.set_nodelay(true);
+        ProxyConnection::open_via(proxy, None).await
+    }
+
+    /// Opens a connection to the proxy, over TLS with `tls` (a TLS listener).
+    pub async fn open_via(proxy: SocketAddr, tls: Option<&ProxyTls>) -> Result<ProxyConnection, ClientError> {
+        let stream = ClientStream::connect(proxy, tls).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         Ok(ProxyConnection { sender })
@@ -79,20 +88,37 @@ fn host_of(url: &str) -> String {
 pub async fn open_tunnel(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(proxy).await?;
     let _ = s.set_nodelay(true);
+    connect_through(&mut s, target).await?;
+    Ok(s)
+}
+
+/// [`open_tunnel`] to a plain listener, or over TLS with `tls`.
+pub async fn open_tunnel_via(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    tls: Option<&ProxyTls>,
+) -> io::Result<ClientStream> {
+    let mut s = ClientStream::connect(proxy, tls).await?;
+    connect_through(&mut s, target).await?;
+    Ok(s)
+}
+
+/// Sends `CONNECT target` on `s` and reads the answer head: a 200, or an error.
+async fn connect_through<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, target: SocketAddr) -> io::Result<()> {
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
-    let head = read_head(&mut s).await?;
+    let head = read_head(s).await?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(std::io::Error::other(format!(
             "CONNECT refused: {}",
             head.lines().next().unwrap_or("")
         )));
     }
-    Ok(s)
+    Ok(())
 }
 
 /// Reads a response head byte by byte (so nothing after it is consumed).
-pub async fn read_head(s: &mut TcpStream) -> std::io::Result<String> {
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -108,4 +134,53 @@ pub async fn read_head(s: &mut TcpStream) -> std::io::Result<String> {
         }
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A connection to the proxy: plain TCP, or TLS to a TLS listener.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    pub async fn connect(proxy: SocketAddr, tls: Option<&ProxyTls>) -> io::Result<ClientStream> {
+        let tcp = TcpStream::connect(proxy).await?;
+        let _ = tcp.set_nodelay(true);
+        match tls {
+            None => Ok(ClientStream::Plain(tcp)),
+            Some(tls) => Ok(ClientStream::Tls(Box::new(tls.connect(tcp).await?))),
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientError, ProxyConnection};
+use crate::tls::ProxyTls;
 
 /// How many failure messages a pool keeps.
 pub const MAX_SAMPLES: usize = 20;
@@ -47,6 +48,8 @@ pub struct LoadSpec {
     /// A status that is expected from some of the answers (a generation known to be bad,
     /// say): counted in [`LoadReport::tolerated`], not as a failure.
     pub tolerate: Option<StatusCode>,
+    /// To a TLS listener: the client side (`None`: plain TCP).
+    pub tls: Option<ProxyTls>,
 }
 
 impl LoadSpec {
@@ -61,12 +64,19 @@ impl LoadSpec {
             timeout: Duration::from_secs(10),
             pause: Duration::ZERO,
             tolerate: None,
+            tls: None,
         }
     }
 
     /// Answers with `status` are counted apart ([`LoadReport::tolerated`]), not as failures.
     pub fn tolerate(mut self, status: StatusCode) -> LoadSpec {
         self.tolerate = Some(status);
+        self
+    }
+
+    /// Speak TLS to the proxy (a TLS listener).
+    pub fn tls(mut self, tls: ProxyTls) -> LoadSpec {
+        self.tls = Some(tls);
         self
     }
 
@@ -316,7 +326,7 @@ impl Worker {
             let attempt = tokio::time::timeout(self.spec.timeout, async {
                 let c = match conn.take() {
                     Some(c) => conn.insert(c),
-                    None => conn.insert(ProxyConnection::open(self.proxy).await?),
+                    None => conn.insert(ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref()).await?),
                 };
                 c.get(&self.spec.url).await
             })
@@ -332,7 +342,10 @@ impl Worker {
         while !stop.is_cancelled() {
             let started = Instant::now();
             let attempt = tokio::time::timeout(self.spec.timeout, async {
-                ProxyConnection::open(self.proxy).await?.get(&self.spec.url).await
+                ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref())
+                    .await?
+                    .get(&self.spec.url)
+                    .await
             })
             .await;
             if self.record(Kind::NewConnection, attempt) {

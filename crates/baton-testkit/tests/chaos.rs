@@ -24,6 +24,15 @@ fn upgrade_under_load_loses_nothing_single_threaded() {
     chaos(10, 4, 1);
 }
 
+/// A TLS listener: 50 handoffs under TLS load (keep-alive requests, new connections that
+/// resume earlier sessions, slow requests, tunnels inside TLS), no client failure. Every
+/// generation loads the certificate and takes the ticket keys over before it accepts.
+#[test]
+fn upgrade_under_tls_load_loses_nothing() {
+    let s = chaos_with(50, 20, 0, &["--tls"]);
+    assert_eq!(s["tls"], true, "{s}");
+}
+
 /// Half the successors are killed at a random moment inside their canary window: those
 /// handoffs fail, the old generation serves on, and clients fail only on the connections a
 /// crashed successor had accepted, at the moment it died.
@@ -69,12 +78,18 @@ fn baton() -> PathBuf {
 }
 
 fn chaos(handoffs: u32, seconds: u32, workers: u32) {
+    chaos_with(handoffs, seconds, workers, &[]);
+}
+
+/// Runs `baton-chaos` with `extra` arguments, asserts a clean run, returns its summary.
+fn chaos_with(handoffs: u32, seconds: u32, workers: u32, extra: &[&str]) -> Value {
     let out = std::process::Command::new(CHAOS)
         .arg("--baton")
         .arg(baton())
         .args(["--handoffs", &handoffs.to_string()])
         .args(["--seconds", &seconds.to_string()])
         .args(["--baton-workers", &workers.to_string()])
+        .args(extra)
         .arg("--json")
         .output()
         .expect("run baton-chaos");
@@ -90,6 +105,7 @@ fn chaos(handoffs: u32, seconds: u32, workers: u32) {
         assert!(s[k].as_u64().unwrap_or(0) > 0, "no {k} traffic: {s}");
     }
     assert!(out.status.success(), "{s}");
+    s
 }
 
 /// The JSON summary `baton-chaos --json` prints.

@@ -3,10 +3,11 @@
 //! drain; or roll back at any of these steps and serve on. The successor's side of the window
 //! (refusing triggers until the verdict) is here too.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+
 use baton_handoff::{
     CanaryFailed, ChildProcess, HandoffError, Passed, PassedFd, PassedListener, Ready, SuccessorSpec, Verdict,
     spawn_successor,
@@ -21,6 +22,7 @@ use crate::daemon::files::write_pid;
 use crate::daemon::launch::PREDECESSOR_BINARY;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{HandoffRecord, HandoffResult};
+use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
 
 /// What a handoff's future resolves to: readiness, then the canary verdict.
 pub(super) enum Step {
@@ -101,7 +103,9 @@ impl Generation {
             HandoffTo::Predecessor => info!(%trigger, "rollback: starting new generation from the previous binary"),
         }
         notify::reloading();
-        let successor = match spawn_successor(&self.successor_spec(to)) {
+        let ticket_keys = self.export_ticket_keys();
+        let spec = self.successor_spec(to, ticket_keys.as_ref().map(AsFd::as_fd));
+        let successor = match spawn_successor(&spec) {
             Ok(s) => s,
             Err(e) => {
                 let record = HandoffRecord::new(started, handoff_result(&e), trigger.to_string(), self.number);
@@ -178,7 +182,22 @@ impl Generation {
         })
     }
 
-    fn successor_spec(&self, to: HandoffTo) -> SuccessorSpec<'_> {
+    /// The TLS ticket keys for the successor, in a sealed memfd. Without them it serves all
+    /// the same, but no client resumes a session from before the handoff: worth a warning,
+    /// not a failed handoff.
+    fn export_ticket_keys(&self) -> Option<OwnedFd> {
+        match self.tls.tickets.export() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("cannot pass the TLS ticket keys on ({e}): sessions will not resume after this handoff");
+                None
+            }
+        }
+    }
+
+    /// What to start: the installed program or (`to`) the predecessor's binary, with our
+    /// listeners, our own binary (to roll back to) and the TLS ticket keys.
+    fn successor_spec<'a>(&'a self, to: HandoffTo, ticket_keys: Option<BorrowedFd<'a>>) -> SuccessorSpec<'a> {
         let listeners = self
             .listeners
             .iter()
@@ -189,15 +208,15 @@ impl Generation {
             })
             .collect();
         // Our own binary goes along, so that the successor can roll back to it.
-        let extra = self
-            .launch
-            .own_binary
-            .iter()
-            .map(|fd| PassedFd {
-                name: PREDECESSOR_BINARY,
-                fd: fd.as_fd(),
-            })
-            .collect();
+        let own_binary = self.launch.own_binary.iter().map(|fd| PassedFd {
+            name: PREDECESSOR_BINARY,
+            fd: fd.as_fd(),
+        });
+        let tickets = ticket_keys.map(|fd| PassedFd {
+            name: TICKET_KEYS_FD,
+            fd,
+        });
+        let extra = own_binary.chain(tickets).collect();
         let binary = match to {
             HandoffTo::Installed => None,
             HandoffTo::Predecessor => self.launch.predecessor_binary.as_ref().map(AsFd::as_fd),
@@ -259,6 +278,7 @@ impl Generation {
             }
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
+        let tls = self.connections.tls_connections();
         let drain = self.begin_drain();
         match passed.transfer {
             Some(transfer) if self.config.migrate => self.connections.proxy().migration().start(transfer),
@@ -274,6 +294,7 @@ impl Generation {
             canary_ms: Some(passed.window.as_millis() as u64),
             draining_connections: connections,
             draining_tunnels: tunnels,
+            draining_tls_connections: Some(tls.min(connections)),
         };
         let record = HandoffRecord {
             canary_ms: report.canary_ms,
@@ -294,6 +315,7 @@ impl Generation {
             canary_ms = report.canary_ms,
             draining_connections = report.draining_connections,
             draining_tunnels = report.draining_tunnels,
+            draining_tls_connections = tls,
             "handoff complete: draining"
         );
         if let Some(r) = pending.reply {

@@ -58,6 +58,10 @@ struct Args {
     /// Keep the work directory (config, baton's log) even when nothing failed.
     #[arg(long)]
     keep_workdir: bool,
+    /// Make the proxy listener a TLS listener (a certificate from a throw-away CA) and speak
+    /// TLS to it; new connections resume earlier sessions, across handoffs too.
+    #[arg(long)]
+    tls: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -72,6 +76,8 @@ impl Args {
 
 #[derive(serde::Serialize)]
 struct Summary {
+    /// The proxy listener spoke TLS (`--tls`).
+    tls: bool,
     handoffs_requested: u32,
     handoffs_ok: u32,
     handoff_failures: Vec<String>,
@@ -153,7 +159,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let origin = testkit::start_origin().await?;
     let echo = testkit::start_echo().await?;
     let baton = Launched::start(args, echo).await?;
-    let traffic = Traffic::start(baton.proxy, origin, echo, args.workers);
+    let traffic = Traffic::start(baton.proxy, origin, echo, args.workers, baton.tls.clone());
     let long = match args.long_tunnels {
         0 => None,
         n => {
@@ -182,6 +188,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || long_intact < long.len();
     let workdir = baton.keep_workdir_if(failed || args.keep_workdir);
     Ok(Summary {
+        tls: args.tls,
         handoffs_requested: args.handoffs,
         handoffs_ok: (handoffs.pids.len() - 1) as u32,
         pids_distinct: handoffs.pids_distinct(),
@@ -220,6 +227,8 @@ struct Launched {
     control: PathBuf,
     first_pid: u32,
     proxy: SocketAddr,
+    /// The client side when the listener speaks TLS.
+    tls: Option<testkit::ProxyTls>,
 }
 
 impl Launched {
@@ -232,9 +241,22 @@ impl Launched {
         std::fs::create_dir_all(&dir)?;
         let control = dir.join("control.sock");
         let config = dir.join("baton.toml");
+        let (tls, tls_line) = if args.tls {
+            let ca = testkit::TestCa::new()?;
+            let (cert, key) = ca.write_leaf(&dir, "proxy", 1, Duration::from_secs(86_400))?;
+            let line = format!(
+                "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                cert.display(),
+                key.display()
+            );
+            (Some(ca.client()?), line)
+        } else {
+            (None, String::new())
+        };
+        let text = config_text(&dir, args.baton_workers, echo.port(), args.canary(), args.drain_ms);
         std::fs::write(
             &config,
-            config_text(&dir, args.baton_workers, echo.port(), args.canary(), args.drain_ms),
+            text.replace(LISTENER_END, &format!("{LISTENER_END}{tls_line}")),
         )?;
         let log = std::fs::File::create(dir.join("baton.log"))?;
         let first = std::process::Command::new(&baton)
@@ -254,6 +276,7 @@ impl Launched {
             control,
             first_pid: first.id(),
             proxy,
+            tls,
         })
     }
 
@@ -266,6 +289,9 @@ impl Launched {
         None
     }
 }
+
+/// The end of the proxy listener's table in [`config_text`] (a `tls` line goes after it).
+const LISTENER_END: &str = "address = \"127.0.0.1:0\"\n";
 
 fn config_text(dir: &Path, baton_workers: usize, connect_port: u16, canary: Duration, drain_ms: u64) -> String {
     let canary = canary.as_millis();
@@ -518,19 +544,26 @@ struct TrafficReport {
 }
 
 impl Traffic {
-    fn start(proxy: SocketAddr, origin: SocketAddr, echo: SocketAddr, workers: usize) -> Traffic {
-        let small = LoadSpec::new(format!("http://{origin}/bytes?n=1024"))
+    fn start(
+        proxy: SocketAddr,
+        origin: SocketAddr,
+        echo: SocketAddr,
+        workers: usize,
+        tls: Option<testkit::ProxyTls>,
+    ) -> Traffic {
+        let mut small = LoadSpec::new(format!("http://{origin}/bytes?n=1024"))
             .body_len(1024)
             .workers(workers, workers)
             .timeout(REQUEST_TIMEOUT);
-        let slow = LoadSpec::new(format!("http://{origin}/slow?ms=2000&n=65536"))
+        let mut slow = LoadSpec::new(format!("http://{origin}/slow?ms=2000&n=65536"))
             .body_len(65536)
             .workers(0, workers)
             .timeout(REQUEST_TIMEOUT);
+        (small.tls, slow.tls) = (tls.clone(), tls.clone());
         Traffic {
             requests: Load::start(proxy, small),
             slow: Load::start(proxy, slow),
-            tunnels: Tunnels::start(proxy, echo, workers),
+            tunnels: Tunnels::start(proxy, echo, workers, tls),
         }
     }
 
@@ -621,11 +654,18 @@ impl TunnelTally {
 }
 
 impl Tunnels {
-    fn start(proxy: SocketAddr, echo: SocketAddr, workers: usize) -> Tunnels {
+    fn start(proxy: SocketAddr, echo: SocketAddr, workers: usize, tls: Option<testkit::ProxyTls>) -> Tunnels {
         let stop = CancellationToken::new();
         let tally = Arc::new(TunnelTally::default());
         let workers = (0..workers)
-            .map(|_| tokio::spawn(tunnel_worker(proxy, echo, tally.clone(), stop.clone())))
+            .map(|_| {
+                let to = Tunnel {
+                    proxy,
+                    echo,
+                    tls: tls.clone(),
+                };
+                tokio::spawn(tunnel_worker(to, tally.clone(), stop.clone()))
+            })
             .collect();
         Tunnels { stop, tally, workers }
     }
@@ -648,9 +688,16 @@ impl Tunnels {
     }
 }
 
-async fn tunnel_worker(proxy: SocketAddr, echo: SocketAddr, tally: Arc<TunnelTally>, stop: CancellationToken) {
+/// Where a tunnel worker's tunnels go: through `proxy` (over TLS with `tls`) to `echo`.
+struct Tunnel {
+    proxy: SocketAddr,
+    echo: SocketAddr,
+    tls: Option<testkit::ProxyTls>,
+}
+
+async fn tunnel_worker(to: Tunnel, tally: Arc<TunnelTally>, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        match tokio::time::timeout(REQUEST_TIMEOUT, one_tunnel(proxy, echo, &tally)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, one_tunnel(&to, &tally)).await {
             Ok(Ok(())) => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);
             }
@@ -661,8 +708,8 @@ async fn tunnel_worker(proxy: SocketAddr, echo: SocketAddr, tally: Arc<TunnelTal
 }
 
 /// A tunnel that echoes 4 KiB messages for 1.5 s, then half-closes and expects a clean EOF.
-async fn one_tunnel(proxy: SocketAddr, echo: SocketAddr, tally: &TunnelTally) -> std::io::Result<()> {
-    let mut t = testkit::open_tunnel(proxy, echo).await?;
+async fn one_tunnel(to: &Tunnel, tally: &TunnelTally) -> std::io::Result<()> {
+    let mut t = testkit::open_tunnel_via(to.proxy, to.echo, to.tls.as_ref()).await?;
     let msg = testkit::pattern(4096);
     let mut back = vec![0u8; msg.len()];
     let until = Instant::now() + Duration::from_millis(1500);

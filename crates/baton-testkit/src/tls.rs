@@ -1,0 +1,127 @@
+//! TLS for tests: a throw-away certificate authority that issues leaf certificates for
+//! 127.0.0.1 and `localhost` with chosen serials and validity (PEM files for baton's `tls`
+//! listener setting and for curl's `--proxy-cacert`), and the client side of a TLS
+//! connection to the proxy ([`ProxyTls`]), which resumes sessions like a browser would.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SerialNumber};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A certificate authority of one test.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub pem: String,
+}
+
+/// A leaf certificate and its key, PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> anyhow::Result<TestCa> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "baton test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate()?;
+        let pem = params.self_signed(&key)?.pem();
+        Ok(TestCa {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// A leaf for 127.0.0.1 and `localhost` with serial `serial` (openssl shows it in hex),
+    /// valid from an hour ago until `valid` from now.
+    pub fn leaf(&self, serial: u64, valid: Duration) -> anyhow::Result<Leaf> {
+        let now = SystemTime::now();
+        self.leaf_between(serial, now - Duration::from_secs(3600), now + valid)
+    }
+
+    /// A leaf (see [`TestCa::leaf`]) valid from `not_before` to `not_after`: expired ones,
+    /// ones not valid yet.
+    pub fn leaf_between(&self, serial: u64, not_before: SystemTime, not_after: SystemTime) -> anyhow::Result<Leaf> {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, "baton test proxy");
+        let bytes = serial.to_be_bytes();
+        let first = bytes.iter().position(|b| *b != 0).unwrap_or(7);
+        params.serial_number = Some(SerialNumber::from_slice(&bytes[first..]));
+        params.not_before = time::OffsetDateTime::from(not_before);
+        params.not_after = time::OffsetDateTime::from(not_after);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes a leaf (see [`TestCa::leaf`]) as `<dir>/<name>.crt` and `<dir>/<name>.key`.
+    pub fn write_leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        serial: u64,
+        valid: Duration,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let leaf = self.leaf(serial, valid)?;
+        let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, leaf.cert_pem)?;
+        std::fs::write(&key, leaf.key_pem)?;
+        Ok((cert, key))
+    }
+
+    /// Writes the CA certificate to `path` (for `--proxy-cacert`, `-CAfile`).
+    pub fn write_ca(&self, path: &Path) -> io::Result<()> {
+        std::fs::write(path, &self.pem)
+    }
+
+    /// A client that trusts this CA and reaches the proxy as `127.0.0.1`.
+    pub fn client(&self) -> anyhow::Result<ProxyTls> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ProxyTls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        })
+    }
+}
+
+/// The client side of TLS to the proxy. Clones share one session cache, so new connections
+/// resume earlier sessions (across handoffs too).
+#[derive(Clone)]
+pub struct ProxyTls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for ProxyTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyTls").field("name", &self.name).finish()
+    }
+}
+
+impl ProxyTls {
+    /// The TLS handshake on a connected TCP stream.
+    pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        self.connector.connect(self.name.clone(), tcp).await
+    }
+}

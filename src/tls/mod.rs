@@ -1,0 +1,14 @@
+//! TLS between clients and the proxy (a "secure web proxy", curl's `--proxy https://`):
+//! certificates loaded and checked per generation ([`certs`]), session tickets whose keys
+//! survive a handoff ([`tickets`]), and the handshake with its limits ([`handshake`]). The
+//! HTTP inside is the proxy's as on a plain listener.
+
+pub mod certs;
+pub mod handshake;
+pub mod listeners;
+pub mod tickets;
+
+pub use certs::{CertError, Certificate, Validity};
+pub use handshake::{HandshakeError, Handshakes};
+pub use listeners::TlsListeners;
+pub use tickets::{TicketError, TicketKeys};
