@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use common::Baton;
 
@@ -25,17 +24,7 @@ fn listener(name: &str, addr: &str) -> String {
 /// `baton check --config <file>` (the configuration names the control socket): (exit
 /// success, stdout + stderr).
 fn check(baton: &Baton) -> (bool, String) {
-    let out = Command::new(common::BATON)
-        .args(["check", "--config"])
-        .arg(&baton.config)
-        .output()
-        .expect("run baton check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::check_config(&baton.config)
 }
 
 #[tokio::test]
