@@ -1,18 +1,20 @@
 //! What each subcommand does and prints. `run` starts a generation; `check` validates a
-//! configuration; `upgrade`, `status` and `stop` are clients of the control socket.
+//! configuration; `upgrade`, `rollback`, `status` and `stop` are clients of the control socket.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use baton::config::{AccessSink, Config, TlsFiles};
+use baton::config::{ADMIN_LISTENER, AccessSink, CONTROL_LISTENER, Config, HostPattern, Parent, Parents, TlsFiles};
 use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
 use baton::tls::{TicketKeys, Validity, certs};
-use baton_handoff::{Inherited, ReadySignal};
+use baton_handoff::listener::needs_bind_capability;
+use baton_handoff::{Forecast, Held, Inherited, ListenAddr, Origin, forecast};
 use serde::Serialize;
+use tokio::runtime::Runtime;
 
 #[derive(clap::Args, Default)]
 pub struct RunArgs {
@@ -47,29 +49,23 @@ pub struct UpgradeArgs {
 }
 
 pub fn run(args: RunArgs, inherited: std::io::Result<Inherited>) -> anyhow::Result<ExitCode> {
-    let mut inherited = inherited.context("cannot take the inherited file descriptors")?;
-    // A successor that fails before it is ready tells its predecessor why (a configuration
-    // line, a certificate file), which then reports it with the exit status.
-    let mut ready = inherited.ready.take();
-    let result = run_generation(args, inherited, &mut ready);
-    if let (Err(e), Some(r)) = (&result, ready.take()) {
-        let _ = r.signal_failed(&format!("{e:#}"));
-    }
-    result
-}
-
-fn run_generation(args: RunArgs, inherited: Inherited, ready: &mut Option<ReadySignal>) -> anyhow::Result<ExitCode> {
-    baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
-    let config_path = args.config.as_deref().map(absolute).transpose()?;
-    let config = Config::load(config_path.as_deref())?;
-    baton::daemon::logging::init(config.log_format, &config.access_log)?;
-    let launch = Launch::current(inherited.program.clone(), config_path, args.tag)?;
-    let runtime = build_runtime(config.workers)?;
-    let pid_file = config.pid_file.clone();
-    let exit = runtime.block_on(async move {
-        let generation = Generation::start(launch, config, inherited, ready).await?;
-        Ok::<_, anyhow::Error>(generation.run().await)
-    })?;
+    let inherited = inherited.context("cannot take the inherited file descriptors")?;
+    // Whatever fails from here until ready, the predecessor hears why (and reports it).
+    let reporter = inherited.ready.as_ref().and_then(|r| r.failure_reporter().ok());
+    let started = start(args, inherited);
+    let (runtime, generation, pid_file) = match started {
+        Ok(s) => {
+            drop(reporter);
+            s
+        }
+        Err(e) => {
+            if let Some(r) = reporter {
+                r.report(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    let exit = runtime.block_on(generation.run());
     // Tasks still parked (reapers, cut tunnels) must not hold the exit up.
     runtime.shutdown_background();
     if !matches!(exit, Exit::HandedOff(_))
@@ -84,7 +80,55 @@ fn run_generation(args: RunArgs, inherited: Inherited, ready: &mut Option<ReadyS
     })
 }
 
-pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+/// Everything up to ready: the configuration, the log, the launch, the runtime, and the
+/// generation's start (listeners, state, readiness).
+fn start(args: RunArgs, mut inherited: Inherited) -> anyhow::Result<(Runtime, Generation, Option<PathBuf>)> {
+    baton_handoff::process::close_on_exec_all().context("cannot mark inherited file descriptors close-on-exec")?;
+    baton_handoff::process::raise_open_files_limit().context("cannot raise the open files limit")?;
+    let config_path = args.config.as_deref().map(absolute).transpose()?;
+    let config = Config::load(config_path.as_deref())?;
+    baton::daemon::logging::init(config.log_format, &config.access_log, inherited.generation)?;
+    let launch = Launch::current(&mut inherited, config_path, args.tag)?;
+    let runtime = build_runtime(config.workers)?;
+    let pid_file = config.pid_file.clone();
+    let mut ready = inherited.ready.take();
+    let generation = runtime.block_on(Generation::start(launch, config, inherited, &mut ready))?;
+    Ok((runtime, generation, pid_file))
+}
+
+/// What the open-files limit allows: `run` raises the soft limit to the hard one.
+fn check_open_files(migrate: bool) {
+    match baton_handoff::process::raise_open_files_limit() {
+        Ok(n) => {
+            println!(
+                "  open files: up to {n} (the hard RLIMIT_NOFILE; a tunnel holds 2 sockets and up to 2 pipes, 6 fds)"
+            );
+            if migrate {
+                println!(
+                    "  migrate: live tunnels move at a handoff; the new generation holds them as the old one lets go, batch by batch"
+                );
+            }
+        }
+        Err(e) => println!("  warning: cannot read the open files limit: {e}"),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The running baton's control socket (default: the configuration's): the check says
+    /// which listeners the next reload adopts, moves, adds and drops.
+    #[arg(long, conflicts_with = "offline")]
+    control: Option<PathBuf>,
+    /// Only validate: ask no running baton (what the unit's ExecStartPre= does, since a
+    /// restart must not wait for a control socket systemd holds but nobody serves yet).
+    #[arg(long)]
+    offline: bool,
+}
+
+pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let path = args.config.as_deref();
     let config = Config::load(path)?;
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
     println!("{name}: configuration ok");
@@ -108,6 +152,8 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if let AccessSink::File(p) = &config.access_log.sink {
         println!("  access log {}", p.display());
     }
+    print_parents(&config.parents);
+    check_open_files(config.migrate);
     let t = &config.timeouts;
     let verdict = t.upgrade + t.canary;
     println!(
@@ -121,7 +167,124 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<ExitCode> {
             "  warning: upgrade + canary ({verdict:?}) must stay below the unit's TimeoutStartSec= (60s in baton.service), or systemd fails the reload first"
         );
     }
-    Ok(ExitCode::SUCCESS)
+    if args.offline {
+        warn_privileged(&config);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let control = args.control.clone().unwrap_or_else(|| config.control_socket.clone());
+    let ok = match client_runtime()?.block_on(running_status(&control)) {
+        Some(status) => print_forecast(&config, &status),
+        None => {
+            println!(
+                "  no baton answers on {}: a start binds every listener (or adopts systemd's)",
+                control.display()
+            );
+            warn_privileged(&config);
+            true
+        }
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The running baton's status, if one answers within a second.
+async fn running_status(control: &Path) -> Option<Status> {
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(1), control::status(control));
+    asked.await.ok()?.ok().map(|(status, _)| status)
+}
+
+/// Every listener the configuration has, in the order a generation opens them.
+fn wanted(config: &Config) -> Vec<(&str, ListenAddr)> {
+    let mut wanted: Vec<(&str, ListenAddr)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.addr.clone()))
+        .collect();
+    wanted.push((CONTROL_LISTENER, ListenAddr::Unix(config.control_socket.clone())));
+    if let Some(a) = &config.admin {
+        wanted.push((ADMIN_LISTENER, ListenAddr::Tcp(a.addr)));
+    }
+    wanted
+}
+
+/// What the next reload does with each listener, against the serving generation's status;
+/// `false` when it would fail: an address to bind below the unprivileged ports that the
+/// serving process lacks the capability for.
+fn print_forecast(config: &Config, status: &Status) -> bool {
+    let held: Vec<Held> = status
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let origin = l.origin.as_deref().and_then(Origin::parse).unwrap_or(Origin::Bound);
+            Some(Held {
+                name: l.name.clone(),
+                addr: l.address.parse().ok()?,
+                origin,
+            })
+        })
+        .collect();
+    let wanted = wanted(config);
+    let refs: Vec<(&str, &ListenAddr)> = wanted.iter().map(|(n, a)| (*n, a)).collect();
+    let (forecasts, dropped) = forecast(&held, &refs);
+    println!(
+        "  the next reload of the serving baton (pid {}, generation {}):",
+        status.pid, status.generation
+    );
+    let mut ok = true;
+    for ((name, addr), f) in wanted.iter().zip(&forecasts) {
+        let what = match f {
+            Forecast::Adopt => "adopted".to_string(),
+            Forecast::Rename { from } => format!("adopted (renamed from {from})"),
+            Forecast::KeptElsewhere { passed } => {
+                format!("kept at {passed}: systemd passes that socket (change the socket unit to move it)")
+            }
+            Forecast::Move { from } => format!("moved from {from}: bound anew, the old address closes"),
+            Forecast::Bind => "added: bound".to_string(),
+        };
+        println!("    {name} {addr}: {what}");
+        let binds = matches!(f, Forecast::Move { .. } | Forecast::Bind);
+        if binds && needs_bind_capability(addr, Some(status.pid)) {
+            ok = false;
+            println!(
+                "    error: {name}: binding {addr} needs CAP_NET_BIND_SERVICE, which the serving baton (pid {}) lacks: the reload would fail (grant it with AmbientCapabilities=CAP_NET_BIND_SERVICE and restart, or pass the socket from a socket unit)",
+                status.pid
+            );
+        }
+    }
+    for h in dropped {
+        println!("    {} {}: dropped: closed", h.name, h.addr);
+    }
+    ok
+}
+
+/// Without a running baton: a low port needs a capability this process may lack (unless
+/// systemd passes the socket, which this check cannot see).
+fn warn_privileged(config: &Config) {
+    for (name, addr) in wanted(config) {
+        if needs_bind_capability(&addr, None) {
+            println!(
+                "  warning: {name}: binding {addr} needs CAP_NET_BIND_SERVICE, which this process lacks (fine if systemd passes the socket)"
+            );
+        }
+    }
+}
+
+/// `[upstream]` as `baton check` shows it (whether credentials are set, never what they are).
+fn print_parents(p: &Parents) {
+    let list = |patterns: &[HostPattern]| patterns.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let to = |parent: Option<&std::sync::Arc<Parent>>| match parent {
+        Some(p) if p.authorization.is_some() => format!("{p} (with credentials)"),
+        Some(p) => p.to_string(),
+        None => "directly".to_string(),
+    };
+    if !p.bypass.is_empty() {
+        println!("  bypass (directly): {}", list(&p.bypass));
+    }
+    for r in &p.routes {
+        println!("  route {} -> {}", list(&r.hosts), to(r.parent.as_ref()));
+    }
+    if p.default.is_some() || !p.routes.is_empty() {
+        println!("  every other destination -> {}", to(p.default.as_ref()));
+    }
 }
 
 /// A TLS listener's pair, as a generation would load it, and its validity: expired or not
@@ -239,7 +402,7 @@ fn events(socket: &Path, request: Request, json: bool) -> anyhow::Result<ExitCod
         if json {
             println!("{}", control::answer_line(&ev).trim_end());
         } else {
-            print_event(&ev);
+            print_event(&ev, request);
         }
     }))?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -249,10 +412,23 @@ fn events(socket: &Path, request: Request, json: bool) -> anyhow::Result<ExitCod
 /// upgrade report: pids, generations, time to ready, connections handed to the drain, with
 /// `--wait-drain` how they ended, and the reason on failure).
 pub fn upgrade(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
-    let socket = control_socket(&args.client)?;
     let request = Request::Upgrade {
         wait_drain: args.wait_drain,
     };
+    handoff(&args, request)
+}
+
+/// `baton rollback`: a handoff to the binary the serving generation's predecessor ran,
+/// reported like `baton upgrade`.
+pub fn rollback(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
+    let request = Request::Rollback {
+        wait_drain: args.wait_drain,
+    };
+    handoff(&args, request)
+}
+
+fn handoff(args: &UpgradeArgs, request: Request) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(&args.client)?;
     if !args.client.json {
         return events(&socket, request, false);
     }
@@ -304,6 +480,7 @@ struct DrainSummary {
     connections: usize,
     tunnels: usize,
     finished: usize,
+    moved: usize,
     cut: usize,
     drain_ms: u64,
 }
@@ -364,22 +541,27 @@ impl From<DrainOutcome> for DrainSummary {
             connections: d.connections,
             tunnels: d.tunnels,
             finished: d.finished,
+            moved: d.moved,
             cut: d.cut,
             drain_ms: d.drain_ms,
         }
     }
 }
 
-fn print_event(ev: &Event) {
+fn print_event(ev: &Event, request: Request) {
+    let what = match request {
+        Request::Rollback { .. } => "rollback",
+        _ => "upgrade",
+    };
     match ev {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
         Event::Drained(d) => println!(
-            "old pid {} drained in {} ms: {} finished, {} cut at the drain timeout",
-            d.old_pid, d.drain_ms, d.finished, d.cut
+            "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
+            d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
         ),
-        Event::Failed { reason } => eprintln!("upgrade failed, old generation serves on: {reason}"),
-        Event::Refused { reason } => eprintln!("upgrade refused: {reason}"),
+        Event::Failed { reason } => eprintln!("{what} failed, old generation serves on: {reason}"),
+        Event::Refused { reason } => eprintln!("{what} refused: {reason}"),
         Event::Error { reason } => eprintln!("error: {reason}"),
         Event::Stopping => println!("stopping: draining"),
         Event::Unknown => {}
@@ -419,14 +601,26 @@ fn print_status(s: &Status) {
     println!("workers     {}", s.workers);
     println!("started     {} (unix)", s.started_unix);
     println!("connections {}", s.active_connections);
-    println!("tunnels     {}", s.active_tunnels);
+    if s.adopted_tunnels > 0 {
+        println!(
+            "tunnels     {} ({} moved in from the previous generation)",
+            s.active_tunnels, s.adopted_tunnels
+        );
+    } else {
+        println!("tunnels     {}", s.active_tunnels);
+    }
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }
     );
+    let now = std::time::SystemTime::now();
     for d in &s.draining {
+        let age = d
+            .draining_seconds(now)
+            .map(|a| format!(" for {a:.1} s"))
+            .unwrap_or_default();
         println!(
-            "draining    pid {} (generation {}): {} connections, {} tunnels",
+            "draining    pid {} (generation {}){age}: {} connections, {} tunnels",
             d.pid, d.generation, d.connections, d.tunnels
         );
     }

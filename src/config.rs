@@ -8,6 +8,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod upstream;
+pub use upstream::{HostPattern, Parent, Parents, Route};
+
 /// The configuration used when no file is given: one loopback listener, loopback clients only.
 pub const EMBEDDED_DEFAULT: &str = r#"
 [[listener]]
@@ -111,6 +114,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[log] access_format`: the operational formats, or Squid's native access-log format
+/// (`squid`), which log analysers for Squid read (GoAccess, SARG, Calamaris).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Text,
+    Json,
+    Squid,
+}
+
+impl From<LogFormat> for AccessFormat {
+    fn from(f: LogFormat) -> AccessFormat {
+        match f {
+            LogFormat::Text => AccessFormat::Text,
+            LogFormat::Json => AccessFormat::Json,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -122,6 +145,9 @@ pub struct Config {
     /// `workers`: runtime worker threads; `None` (0 in the file): one per CPU this process may
     /// run on. One worker means tokio's single-threaded scheduler (see `main.rs`).
     pub workers: Option<usize>,
+    /// `migrate`: at a handoff, live CONNECT tunnels move to the new generation (else they
+    /// drain here, as before).
+    pub migrate: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub access: Access,
@@ -130,6 +156,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[log] access`, `access_format`: where access lines go.
     pub access_log: AccessLog,
+    /// `[upstream]`: parent proxies and which destinations go through them.
+    pub parents: Parents,
     pub tls: TlsSettings,
 }
 
@@ -152,7 +180,11 @@ pub enum AccessSink {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AccessLog {
     pub sink: AccessSink,
-    pub format: LogFormat,
+    pub format: AccessFormat,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -164,6 +196,8 @@ struct RawConfig {
     pid_file: Option<PathBuf>,
     #[serde(default)]
     workers: usize,
+    #[serde(default = "yes")]
+    migrate: bool,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -173,6 +207,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    upstream: upstream::RawUpstream,
     #[serde(default)]
     tls: RawTls,
 }
@@ -326,7 +362,7 @@ struct RawLog {
     /// "stderr" or a file path (relative: to the configuration file's directory).
     access: Option<String>,
     /// Defaults to `format`.
-    access_format: Option<LogFormat>,
+    access_format: Option<AccessFormat>,
 }
 
 impl Config {
@@ -363,6 +399,7 @@ impl Config {
         check_values(&raw).map_err(&invalid)?;
         let admin = admin(raw.admin.as_ref(), &listeners).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
+        let parents = upstream::parents(text, &raw.upstream, base).map_err(&invalid)?;
         let control_socket = match raw.control_socket {
             Some(p) => resolve(base, p),
             None => default_control_socket(env).ok_or_else(|| invalid(no_default_control_socket(path)))?,
@@ -383,16 +420,18 @@ impl Config {
             control_socket,
             pid_file: raw.pid_file.map(|p| resolve(base, p)),
             workers: (raw.workers > 0).then_some(raw.workers),
+            migrate: raw.migrate,
             timeouts: Timeouts::from(raw.timeouts),
             limits: Limits::from(raw.limits),
             access,
             log_format: raw.log.format,
+            parents,
         })
     }
 }
 
 /// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
-/// `log.access`, a listener's `path` and `tls` files, `tls.ticket_keys`): a relative one is relative to the directory of the
+/// `log.access`, a listener's `path` and `tls` files, `tls.ticket_keys`, `upstream.credentials`): a relative one is relative to the directory of the
 /// file it is written in (`base`), never to the working directory.
 fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
     match base {
@@ -512,7 +551,7 @@ fn access_log(raw: &RawLog, base: Option<&Path>) -> Result<AccessLog, String> {
     };
     Ok(AccessLog {
         sink,
-        format: raw.access_format.unwrap_or(raw.format),
+        format: raw.access_format.unwrap_or(raw.format.into()),
     })
 }
 
@@ -754,6 +793,25 @@ mod tests {
         // A file named without a directory: relative to the working directory, where it is.
         let c = Config::parse(text, Some(Path::new("baton.toml"))).unwrap();
         assert_eq!(c.access.htpasswd.as_deref(), Some(Path::new("htpasswd")));
+    }
+
+    #[test]
+    fn access_format_follows_format_and_may_be_squid_alone() {
+        let listener = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n";
+        let parse = |log: &str| Config::parse(&format!("{listener}[log]\n{log}"), Some(Path::new("x.toml")));
+        assert_eq!(parse("").unwrap().access_log.format, AccessFormat::Text);
+        assert_eq!(
+            parse("format = \"json\"\n").unwrap().access_log.format,
+            AccessFormat::Json
+        );
+        let squid = parse("format = \"json\"\naccess_format = \"squid\"\n").unwrap();
+        assert_eq!(
+            (squid.log_format, squid.access_log.format),
+            (LogFormat::Json, AccessFormat::Squid)
+        );
+        // Squid's format is for access lines only.
+        let err = parse("format = \"squid\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 5") && err.contains("squid"), "{err}");
     }
 
     #[test]

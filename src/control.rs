@@ -7,7 +7,8 @@
 //!
 //! Compatibility across one version either way matters because `systemctl reload` runs the
 //! *new* CLI against the *old* daemon, and an old CLI may talk to a new daemon:
-//! - request lines are the same since version 1 (0.1.0);
+//! - request lines are the same since version 1 (0.1.0), plus `rollback`, which a daemon
+//!   that does not know it answers with an error naming the command;
 //! - every answer carries the protocol version as `"v"` (absent: version 1);
 //! - both sides ignore fields they do not know, and a client ignores events it does not know
 //!   ([`Event::Unknown`]). `tests/control_compat.rs` replays version 1's recorded messages.
@@ -30,6 +31,11 @@ pub enum Request {
     Upgrade {
         wait_drain: bool,
     },
+    /// Hand off to the binary the serving generation's predecessor ran (a daemon older than
+    /// this request answers "unknown command").
+    Rollback {
+        wait_drain: bool,
+    },
     Status,
     Stop,
 }
@@ -40,6 +46,8 @@ impl Request {
         match self {
             Request::Upgrade { wait_drain: false } => "upgrade",
             Request::Upgrade { wait_drain: true } => "upgrade wait-drain",
+            Request::Rollback { wait_drain: false } => "rollback",
+            Request::Rollback { wait_drain: true } => "rollback wait-drain",
             Request::Status => "status",
             Request::Stop => "stop",
         }
@@ -50,10 +58,12 @@ impl Request {
         match line.trim() {
             "upgrade" => Ok(Request::Upgrade { wait_drain: false }),
             "upgrade wait-drain" => Ok(Request::Upgrade { wait_drain: true }),
+            "rollback" => Ok(Request::Rollback { wait_drain: false }),
+            "rollback wait-drain" => Ok(Request::Rollback { wait_drain: true }),
             "status" => Ok(Request::Status),
             "stop" => Ok(Request::Stop),
             other => Err(format!(
-                "unknown command `{other}` (upgrade, upgrade wait-drain, status, stop)"
+                "unknown command `{other}` (upgrade, upgrade wait-drain, rollback, rollback wait-drain, status, stop)"
             )),
         }
     }
@@ -126,18 +136,22 @@ pub struct DrainOutcome {
     pub tunnels: usize,
     /// Those that ended by themselves ...
     pub finished: usize,
+    /// ... those that moved to the new generation (tunnels; absent from version 2) ...
+    #[serde(default)]
+    pub moved: usize,
     /// ... and those cut at the drain timeout.
     pub cut: usize,
     pub drain_ms: u64,
 }
 
 impl DrainOutcome {
-    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport) -> DrainOutcome {
+    pub fn from_report(old_pid: u32, r: &baton_handoff::DrainReport, moved: usize) -> DrainOutcome {
         DrainOutcome {
             old_pid,
             connections: r.connections,
             tunnels: r.tunnels,
-            finished: (r.connections + r.tunnels).saturating_sub(r.cut),
+            finished: (r.connections + r.tunnels).saturating_sub(r.cut + moved),
+            moved,
             cut: r.cut,
             drain_ms: r.millis,
         }
@@ -150,6 +164,10 @@ pub struct ListenerStatus {
     /// As [`ListenAddr`] displays it: `host:port` or `unix:/path`.
     pub address: String,
     pub adopted: bool,
+    /// Who bound it: `supervisor` (systemd passed it) or `bound` (a generation bound it);
+    /// absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A draining generation's remaining work, as the serving generation reports it.
@@ -159,6 +177,19 @@ pub struct DrainingGeneration {
     pub generation: u64,
     pub connections: usize,
     pub tunnels: usize,
+    /// When it began draining (Unix time, milliseconds). Absent from generations of versions
+    /// that did not publish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+}
+
+impl DrainingGeneration {
+    /// Seconds it has been draining at `now`; `None` when its start is unknown. A wall clock
+    /// stepped back reads as 0, not negative.
+    pub fn draining_seconds(&self, now: std::time::SystemTime) -> Option<f64> {
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.since_unix_ms?);
+        Some(now.duration_since(since).map_or(0.0, |d| d.as_secs_f64()))
+    }
 }
 
 /// The answer to `status`.
@@ -181,6 +212,13 @@ pub struct Status {
     /// Older generations still draining.
     #[serde(default)]
     pub draining: Vec<DrainingGeneration>,
+    /// While this generation's canary window runs: the pid of the previous generation, which
+    /// watches it (and still serves the connections it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched_by: Option<u32>,
+    /// Tunnels this generation adopted from the previous one at its handoff.
+    #[serde(default)]
+    pub adopted_tunnels: u64,
 }
 
 impl Status {
@@ -297,6 +335,8 @@ mod tests {
         for r in [
             Request::Upgrade { wait_drain: false },
             Request::Upgrade { wait_drain: true },
+            Request::Rollback { wait_drain: false },
+            Request::Rollback { wait_drain: true },
             Request::Status,
             Request::Stop,
         ] {
@@ -317,5 +357,23 @@ mod tests {
         assert_eq!(ev, Event::Unknown);
         let ev: Event = serde_json::from_str(r#"{"v":3,"event":"failed","reason":"x","extra":1}"#).unwrap();
         assert_eq!(ev, Event::Failed { reason: "x".into() });
+    }
+
+    #[test]
+    fn draining_age_from_the_published_start() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // A draining file of a version without `since_unix_ms` still reads; its age is unknown.
+        let old: DrainingGeneration =
+            serde_json::from_str(r#"{"pid":7,"generation":1,"connections":2,"tunnels":0}"#).unwrap();
+        assert_eq!(old.since_unix_ms, None);
+        assert_eq!(old.draining_seconds(UNIX_EPOCH + Duration::from_secs(5)), None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("since"));
+        let d = DrainingGeneration {
+            since_unix_ms: Some(10_000),
+            ..old
+        };
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(d.draining_seconds(at(12_500)), Some(2.5));
+        assert_eq!(d.draining_seconds(at(9_000)), Some(0.0), "a clock stepped back");
     }
 }

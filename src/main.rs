@@ -3,7 +3,6 @@
 mod cli;
 mod manual;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -23,13 +22,14 @@ struct Cli {
 enum Cmd {
     /// Run the proxy (the default). Without --config it serves the embedded default.
     Run(cli::RunArgs),
-    /// Validate a configuration and print what it would listen on (like nginx -t).
-    Check {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    /// Validate a configuration and print what it would listen on (like nginx -t); against a
+    /// running baton, what the next reload does with each listener.
+    Check(cli::CheckArgs),
     /// Hand over to a new generation (re-reads the binary and config) and wait for the outcome.
     Upgrade(cli::UpgradeArgs),
+    /// Hand over to a new generation of the binary the serving generation took over from
+    /// (held open since, whatever is installed now), re-reading the config; wait for the outcome.
+    Rollback(cli::UpgradeArgs),
     /// Show the serving generation.
     Status(cli::ClientArgs),
     /// Stop gracefully: drain, then exit.
@@ -46,8 +46,9 @@ fn main() -> ExitCode {
     let command = Cli::parse().command.unwrap_or(Cmd::Run(cli::RunArgs::default()));
     let result = match command {
         Cmd::Run(args) => cli::run(args, inherited),
-        Cmd::Check { config } => cli::check(config.as_deref()),
+        Cmd::Check(args) => cli::check(&args),
         Cmd::Upgrade(args) => cli::upgrade(args),
+        Cmd::Rollback(args) => cli::rollback(args),
         Cmd::Status(args) => cli::status(args),
         Cmd::Stop(args) => cli::stop(args),
         Cmd::Manual(args) => manual::run(&args, Cli::command()),

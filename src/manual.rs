@@ -42,7 +42,9 @@ client connection.
 On a trigger (baton upgrade, systemctl reload baton, SIGUSR2 or SIGHUP) the running process \
 starts the binary installed at the path it was started from, hands it the listening sockets, \
 waits until the new generation serves, and only then stops accepting and drains. If the new \
-binary or configuration fails, the old generation serves on and the failure is reported.
+binary or configuration fails, the old generation serves on and the failure is reported. \
+baton rollback hands off the same way to the binary the serving generation took over from, \
+held open since, for a new binary that passed its canary window but turned out wrong.
 
 Without a subcommand baton runs the proxy with its embedded default configuration: one \
 listener on 127.0.0.1:8080, loopback clients only.";
@@ -476,7 +478,9 @@ mod tests {
             assert!(
                 config.contains(&format!("\\fB{}\\fR = ", roff_code(key)))
                     || config.contains(&format!(".SS \"[{key}]\""))
-                    || config.contains(&format!(".SS \"[[{key}]]\"")),
+                    || config.contains(&format!(".SS \"[[{key}]]\""))
+                    // A nested table: `[[upstream.route]]`.
+                    || config.contains(&format!(".{key}]]\"")),
                 "baton.toml.5 lacks key {key}"
             );
         }

@@ -101,14 +101,18 @@ fn upgrade_to_programs_that_never_serve(baton: &Baton, program: &Path, pid: u32)
     assert_rolled_back(baton, pid, "never ready");
 }
 
-/// The real binary with a configuration that does not parse: it says why on stderr and exits
-/// 1; the configuration is restored afterwards.
+/// The real binary with a configuration that does not parse: it says why on stderr and to
+/// its predecessor (so `baton upgrade` shows the file and line), and exits 1; the
+/// configuration is restored afterwards.
 fn upgrade_with_a_broken_configuration(baton: &Baton, program: &Path, pid: u32) {
     install_copy(Path::new(BATON), program);
     let good_config = std::fs::read_to_string(&baton.config).unwrap();
     std::fs::write(&baton.config, format!("{good_config}\nthis is = = not toml\n")).unwrap();
     let (ok, out) = baton.cli(&["upgrade"]);
-    assert!(!ok && out.contains("exit status 1"), "{out}");
+    assert!(
+        !ok && out.contains("exited before it was ready: ") && out.contains("baton.toml: line"),
+        "{out}"
+    );
     assert!(
         baton.log().contains("baton.toml: line"),
         "the child says why on stderr:\n{}",
@@ -227,7 +231,9 @@ async fn successor_inherits_only_the_listeners() {
     ))
     .await;
     let old = baton.pid();
-    // An open tunnel gives the old generation sockets that must not leak into the new one.
+    // An open tunnel gives the old generation sockets that must not leak into the new one
+    // (kept in the old generation: the new one is told not to take tunnels).
+    baton.set_top_level("migrate = false");
     let _tunnel = testkit::open_tunnel(baton.proxy, echo).await.unwrap();
     // The old generation's fds before the handoff: listeners, the tunnel's two sockets, ...
     let old_fds = socket_inodes(old);
@@ -237,10 +243,20 @@ async fn successor_inherits_only_the_listeners() {
     assert_ne!(new, old, "status must come from the new generation");
     assert!(alive(old), "old generation should still drain the tunnel");
     let new_fds = socket_inodes(new);
+    // The binary, held open (O_PATH) twice: its own (for its successor's rollback) and its
+    // predecessor's (passed on purpose, for its own).
+    let binary = std::fs::canonicalize(common::BATON)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let binaries = new_fds.iter().filter(|(_, t)| *t == binary).count();
+    assert_eq!(binaries, 2, "its own binary and its predecessor's: {new_fds:?}");
     let shared: Vec<&(i32, String)> = new_fds
         .iter()
         // anon_inode names (epoll, eventfd) are the same text in every process: skip them.
-        .filter(|(fd, t)| *fd > 2 && !t.starts_with("anon_inode:") && old_fds.iter().any(|(_, ot)| ot == t))
+        .filter(|(fd, t)| {
+            *fd > 2 && !t.starts_with("anon_inode:") && *t != binary && old_fds.iter().any(|(_, ot)| ot == t)
+        })
         .collect();
     // Exactly the proxy listener and the control socket, as fds 3 and 4.
     let fds: Vec<i32> = shared.iter().map(|(fd, _)| *fd).collect();

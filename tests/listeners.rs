@@ -138,7 +138,11 @@ async fn control_and_admin_listeners_follow_the_configuration() {
 #[tokio::test]
 async fn a_socket_passed_by_the_service_manager_wins_over_the_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let (passed, configured) = (free_port(), free_port());
+    // The configured port stays bound (not listening) by the test, so no other test's
+    // ephemeral listener can take it; a baton that tried to bind it would fail to start.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (passed, configured) = (free_port(), reserved.local_addr().unwrap().port());
     let config = dir.path().join("baton.toml");
     let text = common::config_text(dir.path(), "").replace("127.0.0.1:0", &format!("127.0.0.1:{configured}"));
     std::fs::write(&config, text).unwrap();

@@ -484,17 +484,7 @@ fn check(dir: &Path, cert: &Path, key: &Path, extra: &str) -> (bool, String) {
         key.display()
     );
     std::fs::write(&config, text).expect("config");
-    let out = Command::new(common::BATON)
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("baton check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::check_config(&config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

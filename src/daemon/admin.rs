@@ -1,6 +1,7 @@
 //! The optional admin listener (`[admin] address`): `/metrics` (Prometheus text format via
-//! `prometheus-client`), `/healthz` (200 serving, 503 draining) and `/status` (the JSON of
-//! `baton status --json`). It is handed over like the other listeners (name `admin`). A
+//! `prometheus-client`), `/healthz` (200 serving, 503 draining), `/status` (the JSON of
+//! `baton status --json`), and the status page for people, `/` (`daemon::status_page`) with
+//! the `/status.json` its script polls. It is handed over like the other listeners (name `admin`). A
 //! generation that hands off stops serving it at once, so a scrape always reaches the serving
 //! generation, which also reports the draining ones; a generation stopping without a successor
 //! keeps answering (`/healthz` 503) until it exits.
@@ -23,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::ADMIN_LISTENER;
-use crate::control::answer_line;
+use crate::control::{Status, answer_line};
 use crate::daemon::control_server::Command;
 use crate::daemon::exporter;
 use crate::daemon::state_dir::StateDir;
+use crate::daemon::status_page;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -81,25 +83,7 @@ impl Admin {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into()));
         }
         Ok(match req.uri().path() {
-            "/metrics" => {
-                let mut out = String::new();
-                match prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
-                    Ok(()) => {
-                        let mut r = text(StatusCode::OK, out);
-                        r.headers_mut().insert(
-                            header::CONTENT_TYPE,
-                            header::HeaderValue::from_static(
-                                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                            ),
-                        );
-                        r
-                    }
-                    Err(e) => text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot encode metrics: {e}\n"),
-                    ),
-                }
-            }
+            "/metrics" => self.metrics(),
             "/healthz" => {
                 if self.ctx.drain.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
@@ -107,35 +91,87 @@ impl Admin {
                     text(StatusCode::OK, "serving\n".into())
                 }
             }
-            "/status" => self.status().await,
+            // The same line as `baton status --json`, protocol version included.
+            "/status" => match self.status().await {
+                Ok(st) => json(answer_line(&st)),
+                Err(answer) => answer,
+            },
+            "/" => page(),
+            "/status.json" => match self.status().await {
+                Ok(st) => json(status_page::document(
+                    &st,
+                    &self.ctx.state,
+                    std::time::SystemTime::now(),
+                )),
+                Err(answer) => answer,
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /status\n".into(),
+                "not found: try /, /metrics, /healthz, /status, /status.json\n".into(),
             ),
         })
     }
 
-    async fn status(&self) -> Response<Full<Bytes>> {
-        let (tx, rx) = oneshot::channel();
-        if self.ctx.commands.send(Command::Status(tx)).await.is_err() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "exiting\n".into());
-        }
-        match tokio::time::timeout(Duration::from_secs(5), rx).await {
-            // The same line as `baton status --json`, protocol version included.
-            Ok(Ok(st)) => {
-                let mut r = text(StatusCode::OK, answer_line(&st));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-            _ => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no answer from the generation\n".into(),
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut out = String::new();
+        match prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
+            Ok(()) => with_type(
+                text(StatusCode::OK, out),
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            ),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode metrics: {e}\n"),
             ),
         }
     }
+
+    /// The controller's status, or the answer that says why there is none.
+    async fn status(&self) -> Result<Status, Response<Full<Bytes>>> {
+        let (tx, rx) = oneshot::channel();
+        if self.ctx.commands.send(Command::Status(tx)).await.is_err() {
+            return Err(text(StatusCode::SERVICE_UNAVAILABLE, "exiting\n".into()));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(st)) => Ok(st),
+            _ => Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no answer from the generation\n".into(),
+            )),
+        }
+    }
+}
+
+/// The status page: never cached (it is tiny, and must match the JSON of this version).
+fn page() -> Response<Full<Bytes>> {
+    let mut r = with_type(
+        text(StatusCode::OK, status_page::HTML.into()),
+        "text/html; charset=utf-8",
+    );
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(status_page::CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut r = with_type(text(StatusCode::OK, body), "application/json");
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn with_type(mut r: Response<Full<Bytes>>, content_type: &'static str) -> Response<Full<Bytes>> {
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

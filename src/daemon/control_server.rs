@@ -18,12 +18,23 @@ use crate::control::{Event, Request, Status, answer_line};
 pub enum Command {
     Upgrade {
         trigger: Trigger,
+        to: HandoffTo,
         reply: Option<mpsc::Sender<Event>>,
     },
     Status(oneshot::Sender<Status>),
     Stop(Trigger),
-    /// The predecessor's canary window ended (this generation's own pinger reports it).
-    PredecessorVerdict(Verdict),
+    /// The predecessor's canary window ended (this generation's own pinger reports it, and
+    /// hears back once the controller took it in).
+    PredecessorVerdict(Verdict, oneshot::Sender<()>),
+}
+
+/// Which binary a handoff starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffTo {
+    /// The file at the program path now (an upgrade, a reload).
+    Installed,
+    /// The binary the predecessor ran, held open since (`baton rollback`).
+    Predecessor,
 }
 
 /// What asked for a handoff or a stop.
@@ -69,7 +80,10 @@ async fn serve_client<S: AsyncRead + AsyncWrite>(stream: S, commands: mpsc::Send
         return;
     }
     match Request::parse(&line) {
-        Ok(Request::Upgrade { wait_drain }) => upgrade(&mut write, &commands, wait_drain).await,
+        Ok(Request::Upgrade { wait_drain }) => upgrade(&mut write, &commands, HandoffTo::Installed, wait_drain).await,
+        Ok(Request::Rollback { wait_drain }) => {
+            upgrade(&mut write, &commands, HandoffTo::Predecessor, wait_drain).await;
+        }
         Ok(Request::Status) => {
             let (tx, rx) = oneshot::channel();
             if commands.send(Command::Status(tx)).await.is_ok()
@@ -90,10 +104,16 @@ async fn serve_client<S: AsyncRead + AsyncWrite>(stream: S, commands: mpsc::Send
 }
 
 /// Streams a handoff's events; without `wait_drain` the answer ends with its outcome.
-async fn upgrade<W: AsyncWrite + Unpin>(write: &mut W, commands: &mpsc::Sender<Command>, wait_drain: bool) {
+async fn upgrade<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    commands: &mpsc::Sender<Command>,
+    to: HandoffTo,
+    wait_drain: bool,
+) {
     let (tx, mut rx) = mpsc::channel(8);
     let cmd = Command::Upgrade {
         trigger: Trigger::Control,
+        to,
         reply: Some(tx),
     };
     if commands.send(cmd).await.is_err() {

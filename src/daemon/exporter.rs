@@ -1,6 +1,7 @@
 //! What `/metrics` exports: the proxy's request counters (`proxy::metrics`), this
-//! generation's live gauges, the draining generations (from the state directory) and the
-//! ledger that outlives generations (handoffs, phase durations, drains), read at scrape time.
+//! generation's live gauges, the draining generations (from the state directory, with how long
+//! each has been draining) and the ledger that outlives generations (handoffs, phase
+//! durations, drains), read at scrape time.
 
 use baton_handoff::Drain;
 use prometheus_client::collector::Collector;
@@ -9,7 +10,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+use std::time::SystemTime;
 
+use crate::control::DrainingGeneration;
 use crate::daemon::state_dir::{HandoffResult, Ledger, StateDir};
 
 /// The registry `/metrics` encodes, metric names prefixed `baton_`.
@@ -89,13 +92,30 @@ impl Live {
         for (name, help, tunnels) in families {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for d in &draining {
-                let labels = [("pid", d.pid.to_string()), ("generation", d.generation.to_string())];
                 let v = if tunnels { d.tunnels } else { d.connections };
-                ConstGauge::new(v as i64).encode(family.encode_family(&labels)?)?;
+                ConstGauge::new(v as i64).encode(family.encode_family(&draining_labels(d))?)?;
             }
         }
-        Ok(())
+        encode_draining_age(encoder, &draining)
     }
+}
+
+fn draining_labels(d: &DrainingGeneration) -> [(&'static str, String); 2] {
+    [("pid", d.pid.to_string()), ("generation", d.generation.to_string())]
+}
+
+/// One series per draining generation that published when it began (all but those of older
+/// versions); like the other draining series, it vanishes when the generation exits.
+fn encode_draining_age(encoder: &mut DescriptorEncoder, draining: &[DrainingGeneration]) -> Encoded {
+    let help = "Seconds since an older generation began draining";
+    let mut family = encoder.encode_descriptor("draining_age_seconds", help, None, MetricType::Gauge)?;
+    let now = SystemTime::now();
+    for d in draining {
+        if let Some(age) = d.draining_seconds(now) {
+            ConstGauge::new(age).encode(family.encode_family(&draining_labels(d))?)?;
+        }
+    }
+    Ok(())
 }
 
 fn encode_ledger(encoder: &mut DescriptorEncoder, ledger: &Ledger) -> Encoded {

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use baton_handoff::{
-    Drain, DrainReport, Inherited, ListenAddr, Listener, PredecessorChannel, ReadySignal, open_listener,
+    Drain, DrainReport, Inherited, ListenAddr, Listener, Origin, PredecessorChannel, ReadySignal, open_listener,
 };
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
@@ -31,11 +31,12 @@ use tracing::{info, warn};
 use crate::config::{ADMIN_LISTENER, CONTROL_LISTENER, Config};
 use crate::control::{DrainOutcome, Event, ListenerStatus, Status};
 use crate::daemon::admin::{self, AdminContext};
-use crate::daemon::control_server::{self, Command, Trigger};
+use crate::daemon::control_server::{self, Command, HandoffTo, Trigger};
 use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
+use crate::daemon::traffic::Sampler;
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 use crate::tls::TlsListeners;
@@ -102,6 +103,9 @@ pub struct Generation {
     admin_accepting: CancellationToken,
     /// While its predecessor's canary window runs: triggers are refused.
     predecessor_watching: bool,
+    /// Names of inherited sockets this generation did not keep under that name: removed
+    /// from systemd's fd store when it becomes the serving generation.
+    stale_stored: Vec<String>,
     stop_requests: u32,
     /// Shared with the other generations: draining counts and the metrics ledger.
     shared: StateDir,
@@ -109,6 +113,8 @@ pub struct Generation {
     draining_file: Option<DrainingFile>,
     /// `baton upgrade --wait-drain`: told how the drain ended.
     drain_waiter: Option<mpsc::Sender<Event>>,
+    /// With an admin listener: adds this generation's requests to the status page's history.
+    traffic: Option<Sampler>,
 }
 
 impl Generation {
@@ -126,6 +132,7 @@ impl Generation {
         ready: &mut Option<ReadySignal>,
     ) -> anyhow::Result<Generation> {
         let (commands_tx, commands) = mpsc::channel(64);
+        let inherited_names = inherited.names().to_vec();
         spawn_signal_listener(commands_tx.clone())?;
         let drain = Drain::new();
         // First: a control socket or state directory another user could tamper with is
@@ -150,7 +157,9 @@ impl Generation {
             shared.start_ledger();
         }
         let mut admin = None;
+        let mut traffic = None;
         if let Some(a) = &config.admin {
+            traffic = Some(Sampler::spawn(shared.clone()));
             opened.push(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?);
             admin = Some(AdminContext {
                 drain: drain.clone(),
@@ -160,6 +169,10 @@ impl Generation {
             });
         }
         close_unused(&mut inherited);
+        let stale_stored = inherited_names
+            .into_iter()
+            .filter(|n| !opened.iter().any(|l| &l.name == n && l.opened.is_adopted()))
+            .collect();
         let mut generation = Generation {
             launch,
             number: inherited.generation,
@@ -177,11 +190,13 @@ impl Generation {
             accepting: CancellationToken::new(),
             admin_accepting: CancellationToken::new(),
             predecessor_watching: false,
+            stale_stored,
             stop_requests: 0,
             config,
             shared,
             draining_file: None,
             drain_waiter: None,
+            traffic,
         };
         generation.report_ready(ready, inherited.channel.take())?;
         Ok(generation)
@@ -204,16 +219,17 @@ impl Generation {
         self.start_accepting();
         self.log_serving();
         let Some(r) = ready.take() else { return Ok(()) };
-        let reported = if watched {
-            r.signal_ready_pinging()
-        } else {
-            r.signal_ready()
+        let reported = match (watched, self.config.migrate) {
+            (true, true) => r.signal_ready_taking_transfer(),
+            (true, false) => r.signal_ready_pinging(),
+            (false, _) => r.signal_ready(),
         };
         reported.context("cannot report readiness to the previous generation")?;
         if let Some(channel) = channel {
             self.predecessor_watching = true;
             notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
-            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone());
+            let proxy = self.connections.proxy().clone();
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), proxy);
         }
         Ok(())
     }
@@ -222,10 +238,24 @@ impl Generation {
     /// a successor whose predecessor went away without a verdict.
     fn claim_main_process(&self) -> anyhow::Result<()> {
         notify::ready(&self.status_line());
+        self.sync_fd_store();
         if let Some(path) = &self.config.pid_file {
             write_pid_file(path).with_context(|| format!("cannot write pid file {}", path.display()))?;
         }
         Ok(())
+    }
+
+    /// Puts the listeners this generation bound itself into systemd's fd store, once it is
+    /// the serving generation (a successor that fails its canary must not leave its sockets
+    /// there).
+    fn sync_fd_store(&self) {
+        let bound: Vec<_> = self
+            .listeners
+            .iter()
+            .filter(|l| l.origin == Origin::Bound)
+            .map(|l| (l.name.as_str(), l.socket.as_fd()))
+            .collect();
+        notify::sync_fd_store(&self.stale_stored, &bound);
     }
 
     fn log_serving(&self) {
@@ -317,12 +347,15 @@ impl Generation {
             Command::Status(reply) => {
                 let _ = reply.send(self.status(handoff.is_some()));
             }
-            Command::Upgrade { trigger, reply } => {
-                if let Some(p) = self.begin_handoff(trigger, reply, handoff.as_ref()) {
+            Command::Upgrade { trigger, to, reply } => {
+                if let Some(p) = self.begin_handoff((trigger, to), reply, handoff.as_ref()) {
                     *handoff = Some(p);
                 }
             }
-            Command::PredecessorVerdict(verdict) => self.predecessor_verdict(verdict),
+            Command::PredecessorVerdict(verdict, taken) => {
+                self.predecessor_verdict(verdict);
+                let _ = taken.send(());
+            }
             Command::Stop(trigger) => {
                 self.stop_requests += 1;
                 if self.stop_requests > 1 {
@@ -346,7 +379,8 @@ impl Generation {
 
     async fn exit_drained(&mut self, handed_off: bool, report: DrainReport) -> Exit {
         let (connections, tunnels, cut, ms) = (report.connections, report.tunnels, report.cut, report.millis);
-        info!(connections, tunnels, cut, ms, "drained; exiting");
+        let (moved, stayed) = self.connections.proxy().migration().counts();
+        info!(connections, tunnels, moved, stayed, cut, ms, "drained; exiting");
         self.drain_finished(handed_off, &report).await;
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
@@ -382,15 +416,20 @@ impl Generation {
     /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
     /// the draining file (the serving generation stops reporting us).
     async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
-        let outcome = DrainOutcome::from_report(self.pid, report);
+        let (moved, _stayed) = self.connections.proxy().migration().counts();
+        let outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
         if handed_off {
             self.shared.record(|l| {
                 l.drain.observe(report.millis as f64 / 1000.0);
                 l.drain_finished += outcome.finished as u64;
                 l.drain_cut += outcome.cut as u64;
+                l.drained(self.pid, report.millis, outcome.cut);
             });
         }
         self.draining_file = None;
+        if let Some(t) = &self.traffic {
+            t.flush();
+        }
         if let Some(w) = self.drain_waiter.take() {
             let _ = w.send(Event::Drained(outcome)).await;
         }
@@ -420,6 +459,7 @@ impl Generation {
                     name: l.name.clone(),
                     address: l.bound.to_string(),
                     adopted: l.opened.is_adopted(),
+                    origin: Some(l.origin.as_str().to_string()),
                 })
                 .collect(),
             active_connections: self.drain.active_connections(),
@@ -427,6 +467,11 @@ impl Generation {
             handoff_in_progress: handoff_running,
             config: self.launch.config_path.as_ref().map(|p| p.display().to_string()),
             draining: self.shared.draining(),
+            // The previous generation forked this one: it is our parent while it watches.
+            watched_by: self
+                .predecessor_watching
+                .then(|| nix::unistd::getppid().as_raw() as u32),
+            adopted_tunnels: self.connections.proxy().migration().adopted(),
         }
     }
 }
@@ -457,13 +502,23 @@ async fn open_proxy(
     Ok((opened, connections))
 }
 
-/// Pings the predecessor during its canary window and tells the controller the verdict.
-fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>) {
+/// Pings the predecessor during its canary window, tells the controller the verdict, then
+/// adopts the tunnels the predecessor hands over.
+fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>, proxy: Arc<Proxy>) {
     tokio::spawn(async move {
         let connections = move || drain.active_connections() + drain.active_tunnels();
         let verdict = channel.ping_until_verdict(connections).await;
-        let verdict = verdict.unwrap_or(baton_handoff::Verdict::Gone);
-        let _ = commands.send(Command::PredecessorVerdict(verdict)).await;
+        let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
+        let (taken, taken_rx) = tokio::sync::oneshot::channel();
+        let _ = commands.send(Command::PredecessorVerdict(verdict, taken)).await;
+        let _ = taken_rx.await;
+        if let Some(handed) = handed {
+            // The predecessor reports the handoff done only now: a trigger that follows
+            // its report finds this generation out of its window.
+            if handed.confirm_verdict().await.is_ok() {
+                proxy.adopt(handed).await;
+            }
+        }
     });
 }
 
@@ -502,10 +557,12 @@ fn spawn_signal_listener(commands: mpsc::Sender<Command>) -> anyhow::Result<()> 
             let cmd = match sig {
                 SIGUSR2 => Command::Upgrade {
                     trigger: Trigger::Signal("SIGUSR2"),
+                    to: HandoffTo::Installed,
                     reply: None,
                 },
                 SIGHUP => Command::Upgrade {
                     trigger: Trigger::Signal("SIGHUP"),
+                    to: HandoffTo::Installed,
                     reply: None,
                 },
                 SIGTERM => Command::Stop(Trigger::Signal("SIGTERM")),

@@ -1,37 +1,70 @@
-//! How this process was started, which is what a successor must exec, and the runtime it
-//! runs on.
+//! How this process was started, which is what a successor must exec (and what a rollback
+//! returns to), and the runtime it runs on.
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use baton_handoff::Inherited;
+
+/// The name under which a generation passes its own binary to its successor.
+pub const PREDECESSOR_BINARY: &str = "predecessor-binary";
 
 /// How this process was started: what a successor must exec.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Launch {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub config_path: Option<PathBuf>,
     pub tag: Option<String>,
+    /// This process's own binary (`/proc/self/exe`, `O_PATH`), opened at start and passed to
+    /// the successor, which can roll back to it whatever was installed at the path since.
+    /// `None` without /proc.
+    pub own_binary: Option<OwnedFd>,
+    /// The binary of the generation this one took over from, for `baton rollback`; `None`
+    /// for a first generation (or a predecessor too old to pass it).
+    pub predecessor_binary: Option<OwnedFd>,
 }
 
 impl Launch {
-    /// This process's launch: `program` as inherited from a predecessor (the path the first
-    /// generation resolved), else resolved now; the arguments as given.
+    /// This process's launch: the program and the arguments as inherited from a predecessor
+    /// (what the first generation was started as), else this process's own; its own binary
+    /// and its predecessor's.
     pub fn current(
-        program: Option<PathBuf>,
+        inherited: &mut Inherited,
         config_path: Option<PathBuf>,
         tag: Option<String>,
     ) -> anyhow::Result<Launch> {
-        let program = match program {
+        let program = match inherited.program.clone() {
             Some(p) => p,
             None => resolve_program()?,
         };
+        let args = inherited
+            .args
+            .clone()
+            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let own_binary = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open("/proc/self/exe");
+        let own_binary = match own_binary {
+            Ok(fd) => Some(OwnedFd::from(fd)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot open this process's binary (/proc/self/exe): {e}; the next generation cannot roll back to it"
+                );
+                None
+            }
+        };
         Ok(Launch {
             program,
-            args: std::env::args_os().skip(1).collect(),
+            args,
             config_path,
             tag,
+            own_binary,
+            predecessor_binary: inherited.take_extra(PREDECESSOR_BINARY),
         })
     }
 }

@@ -1,7 +1,8 @@
 //! One baton process: a generation's lifecycle ([`generation`]) and everything around it
 //! that is not HTTP proxying: how it was launched ([`launch`]), the control socket's server
-//! ([`control_server`]), the admin listener ([`admin`]) and its metrics ([`exporter`]), the
-//! state shared between generations ([`state_dir`]), files written for other processes
+//! ([`control_server`]), the admin listener ([`admin`]) with its metrics ([`exporter`]) and
+//! its status page ([`status_page`], [`traffic`]), the state shared between generations
+//! ([`state_dir`]), files written for other processes
 //! ([`files`]), systemd's notify protocol ([`notify`]) and logging ([`logging`]).
 
 pub mod admin;
@@ -13,3 +14,5 @@ pub mod launch;
 pub mod logging;
 pub mod notify;
 pub mod state_dir;
+pub mod status_page;
+pub mod traffic;

@@ -1,8 +1,11 @@
 //! systemd's notify protocol. Every call is a no-op without `NOTIFY_SOCKET`, so baton runs
 //! the same with or without systemd; a failed send is logged, never fatal.
 
+use std::os::fd::BorrowedFd;
+
+use baton_handoff::inherit::STORED_NAME_PREFIX;
 use sd_notify::NotifyState;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -54,6 +57,36 @@ pub fn stopping(status: &str) {
 
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
+}
+
+/// Keeps the listening sockets this generation bound itself in systemd's fd store
+/// (`FileDescriptorStoreMax=` in the unit), so that a restart after a crash gets them back
+/// with their accept queues: first `FDSTOREREMOVE=1` for the names whose socket it no
+/// longer keeps (the configuration dropped, moved or renamed them), then `FDSTORE=1` for
+/// each of `bound` under `FDNAME=bound.<name>` (systemd ignores a socket it holds already).
+/// Nothing happens without systemd.
+pub fn sync_fd_store(stale: &[String], bound: &[(&str, BorrowedFd<'_>)]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    for name in stale {
+        let stored = format!("{STORED_NAME_PREFIX}{name}");
+        send(&[NotifyState::FdStoreRemove, NotifyState::FdName(&stored)]);
+    }
+    let mut kept = Vec::new();
+    for (name, fd) in bound {
+        let stored = format!("{STORED_NAME_PREFIX}{name}");
+        // systemd's rule for FDNAME: printable ASCII without ':', at most 255 bytes.
+        if stored.len() > 255 || !stored.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            warn!(listener = %name, "not kept in systemd's fd store: the name is not printable ASCII of at most 249 bytes");
+            continue;
+        }
+        match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(&stored)], &[*fd]) {
+            Ok(()) => kept.push(*name),
+            Err(e) => warn!(listener = %name, "cannot pass the listener to systemd's fd store: {e}"),
+        }
+    }
+    info!(kept = %kept.join(","), removed = %stale.join(","), "systemd's fd store holds the listeners baton bound");
 }
 
 /// Pings systemd's watchdog at half its interval, when `WATCHDOG_USEC` asks for it.

@@ -3,13 +3,16 @@
 //! use (`files::DirRule`): another user able to write to them could redirect what baton
 //! writes, so baton refuses to start instead.
 //!
-//! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels,
+//! - `draining/<pid>.json`: a draining generation's remaining connections and tunnels, and
+//!   when it began draining (Unix time, so that `baton status --json` shows it as is),
 //!   rewritten atomically (write + rename) every 250 ms and removed when it exits, so the
 //!   serving generation can report them (files of dead pids are ignored and removed);
 //! - `ledger.json` (+ `ledger.lock`): what outlives a generation — handoffs by result, the
-//!   spawn→ready and drain durations, connections that finished or were cut in drains —
-//!   updated under an exclusive `flock` by whichever generation saw the event. A generation
-//!   started without a predecessor starts a new ledger.
+//!   spawn→ready and drain durations, connections that finished or were cut in drains, the
+//!   last handoffs one by one — updated under an exclusive `flock` by whichever generation
+//!   saw the event. A generation started without a predecessor starts a new ledger;
+//! - `traffic.json` (+ `traffic.lock`): requests per second over the last minutes, added to
+//!   by every live generation (`daemon::traffic` owns its format).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -118,6 +121,92 @@ pub struct Ledger {
     pub drain_cut: u64,
     /// Connections a successor that failed its canary had open at its last ping: lost.
     pub canary_lost: u64,
+    /// The last [`RECENT_HANDOFFS`] handoffs (refused triggers included), by start time,
+    /// oldest first.
+    pub recent: Vec<HandoffRecord>,
+}
+
+impl Ledger {
+    /// Adds a finished drain to the record of the handoff `old_pid` made (its last `ok` one).
+    pub fn drained(&mut self, old_pid: u32, drain_ms: u64, cut: usize) {
+        let ok = HandoffResult::Ok.as_str();
+        if let Some(r) = self
+            .recent
+            .iter_mut()
+            .rev()
+            .find(|r| r.old_pid == old_pid && r.result == ok)
+        {
+            r.drain_ms = Some(drain_ms);
+            r.drain_cut = Some(cut);
+        }
+    }
+}
+
+/// How many handoffs the ledger keeps one by one.
+pub const RECENT_HANDOFFS: usize = 30;
+/// A failure's reason is cut to this many characters in a [`HandoffRecord`].
+const MAX_REASON: usize = 300;
+
+/// One handoff as the status page shows it: when, between which generations, its phases and
+/// how it ended. Written by the old generation when the outcome is known; its drain is added
+/// when the drain ends.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HandoffRecord {
+    /// When the trigger arrived (ms since the Unix epoch).
+    pub started_unix_ms: u64,
+    /// A [`HandoffResult::as_str`].
+    pub result: String,
+    /// What asked for it: `SIGUSR2`, `SIGHUP`, `control socket`.
+    pub trigger: String,
+    pub old_pid: u32,
+    pub old_generation: u64,
+    /// None when no successor was started (refused, spawn error).
+    pub new_pid: Option<u32>,
+    /// Spawn to readiness.
+    pub ready_ms: Option<u64>,
+    /// The canary window passed, or how long the successor lived in it before it failed.
+    pub canary_ms: Option<u64>,
+    /// What the old generation handed to its drain ...
+    pub draining_connections: usize,
+    pub draining_tunnels: usize,
+    /// ... and, once drained, how long it took and how many were cut at the drain timeout.
+    pub drain_ms: Option<u64>,
+    pub drain_cut: Option<usize>,
+    /// Why it failed or was refused.
+    pub reason: Option<String>,
+}
+
+impl HandoffRecord {
+    /// A record of a handoff `old_generation` (this process) started at `started`.
+    pub fn new(
+        started: std::time::SystemTime,
+        result: HandoffResult,
+        trigger: String,
+        old_generation: u64,
+    ) -> HandoffRecord {
+        let started_unix_ms = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        HandoffRecord {
+            started_unix_ms,
+            result: result.as_str().into(),
+            trigger,
+            old_pid: std::process::id(),
+            old_generation,
+            ..HandoffRecord::default()
+        }
+    }
+
+    /// With `reason`, cut to a bounded length so the ledger stays small.
+    pub fn because(mut self, reason: &str) -> HandoffRecord {
+        let mut r: String = reason.chars().take(MAX_REASON).collect();
+        if r.len() < reason.len() {
+            r.push('…');
+        }
+        self.reason = Some(r);
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -174,34 +263,59 @@ impl StateDir {
 
     /// Reads the ledger (empty if none).
     pub fn ledger(&self) -> Ledger {
-        std::fs::read(self.dir.join("ledger.json"))
+        self.read_json("ledger")
+    }
+
+    /// Read-modify-write of the ledger under an exclusive lock.
+    pub fn update_ledger(&self, f: impl FnOnce(&mut Ledger)) -> std::io::Result<()> {
+        self.update_json("ledger", f)
+    }
+
+    /// Reads `<name>.json` (the default value if it is missing or unreadable).
+    pub fn read_json<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
+        std::fs::read(self.dir.join(format!("{name}.json")))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
 
-    /// Read-modify-write of the ledger under an exclusive lock. The lock file is shared by
-    /// the generations, so it cannot be created exclusively; it is never opened through a
-    /// symlink, and lives in the private state directory.
-    pub fn update_ledger(&self, f: impl FnOnce(&mut Ledger)) -> std::io::Result<()> {
+    /// Read-modify-write of `<name>.json` under an exclusive lock on `<name>.lock`. The lock
+    /// file is shared by the generations, so it cannot be created exclusively; it is never
+    /// opened through a symlink, and lives in the private state directory.
+    pub fn update_json<T>(&self, name: &str, f: impl FnOnce(&mut T)) -> std::io::Result<()>
+    where
+        T: Serialize + serde::de::DeserializeOwned + Default,
+    {
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(self.dir.join("ledger.lock"))?;
+            .open(self.dir.join(format!("{name}.lock")))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| std::io::Error::from(e))?;
-        let mut ledger = self.ledger();
-        f(&mut ledger);
-        let text = serde_json::to_vec(&ledger).map_err(std::io::Error::other)?;
-        write_atomically(&self.dir.join("ledger.json"), &text)
+        let mut value: T = self.read_json(name);
+        f(&mut value);
+        let text = serde_json::to_vec(&value).map_err(std::io::Error::other)?;
+        write_atomically(&self.dir.join(format!("{name}.json")), &text)
     }
 
-    /// Counts one handoff that ended with `result`.
-    pub fn count_handoff(&self, result: HandoffResult) {
-        self.record(|l| *l.handoffs.entry(result.as_str().into()).or_default() += 1);
+    /// Counts one handoff by its result, keeps its record among the recent ones, and applies
+    /// `also` in the same ledger update.
+    pub fn record_handoff(&self, record: HandoffRecord, also: impl FnOnce(&mut Ledger)) {
+        self.record(|l| {
+            *l.handoffs.entry(record.result.clone()).or_default() += 1;
+            // In the order they started: a refusal during a canary window is recorded before
+            // the handoff whose verdict was still pending.
+            let at = l
+                .recent
+                .partition_point(|r| r.started_unix_ms <= record.started_unix_ms);
+            l.recent.insert(at, record);
+            let excess = l.recent.len().saturating_sub(RECENT_HANDOFFS);
+            l.recent.drain(..excess);
+            also(l);
+        });
     }
 
     /// Like [`StateDir::update_ledger`], logging instead of failing: metrics never stop baton.
@@ -241,6 +355,10 @@ impl StateDir {
     pub fn publish_draining(&self, generation: u64, drain: Drain) -> DrainingFile {
         let path = self.draining_dir().join(format!("{}.json", std::process::id()));
         let stopped = Arc::new(Mutex::new(false));
+        let since_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .ok();
         let file = DrainingFile {
             path: path.clone(),
             stopped: stopped.clone(),
@@ -251,6 +369,7 @@ impl StateDir {
                 generation,
                 connections: drain.active_connections(),
                 tunnels: drain.active_tunnels(),
+                since_unix_ms,
             };
             let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
             if *guard {
@@ -310,6 +429,40 @@ mod tests {
         assert_eq!(pairs.last().unwrap().1, 1);
         s.start_ledger();
         assert_eq!(s.ledger(), Ledger::default());
+    }
+
+    #[test]
+    fn recent_handoffs_are_bounded_in_start_order_and_get_their_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
+        s.create().unwrap();
+        s.start_ledger();
+        let at = |ms| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        for i in 0..RECENT_HANDOFFS as u64 + 5 {
+            s.record_handoff(
+                HandoffRecord::new(at(1000 + i), HandoffResult::Ok, "SIGUSR2".into(), i),
+                |_| {},
+            );
+        }
+        // A refusal recorded before the verdict of a handoff that started earlier.
+        let refused = HandoffRecord::new(at(5000), HandoffResult::Refused, "control socket".into(), 9);
+        s.record_handoff(refused.because(&"x".repeat(1000)), |_| {});
+        let late = HandoffRecord::new(at(4000), HandoffResult::Ok, "SIGHUP".into(), 8);
+        s.record_handoff(late, |l| l.drained(std::process::id(), 1500, 2));
+        let l = s.ledger();
+        assert_eq!(l.recent.len(), RECENT_HANDOFFS);
+        assert_eq!(l.handoffs["ok"], RECENT_HANDOFFS as u64 + 6);
+        assert_eq!(l.handoffs["refused"], 1);
+        let starts: Vec<u64> = l.recent.iter().map(|r| r.started_unix_ms).collect();
+        assert!(starts.is_sorted(), "{starts:?}");
+        let n = l.recent.len();
+        assert_eq!(
+            (l.recent[n - 2].trigger.as_str(), l.recent[n - 2].drain_ms),
+            ("SIGHUP", Some(1500))
+        );
+        assert_eq!(l.recent[n - 2].drain_cut, Some(2));
+        assert_eq!(l.recent[n - 1].result, "refused");
+        assert!(l.recent[n - 1].reason.as_ref().unwrap().chars().count() <= MAX_REASON + 1);
     }
 
     #[test]

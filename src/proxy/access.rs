@@ -1,16 +1,49 @@
 //! The access log: one line per answered request, refusal, tunnel, or connection hyper
 //! closed itself, all written by [`AccessLine::write`] under the target [`ACCESS_TARGET`]
-//! (the daemon's logging sends that target to its own sink). The fields keep one order, and
-//! a field without a value is left out.
+//! (the daemon's logging sends that target to its own sink). As text or JSON the fields keep
+//! one order, and a field without a value is left out.
+//!
+//! In Squid's native format (`access_format = "squid"`, laid out by [`squid`]) a line logs
+//! the bytes written to the client, status line and header included, as Squid does. Each
+//! client connection counts them ([`Sent`], through the [`Sending`] stream hyper writes to),
+//! and the line of an answer waits until the answer has been written.
 
-use std::time::Instant;
+mod squid;
+
+use std::borrow::Cow;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
 
 use baton_handoff::Peer;
-use http::{Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{info, warn};
+
+use squid::Code;
 
 /// The `tracing` target of access lines.
 pub const ACCESS_TARGET: &str = "baton::access";
+
+/// Whether lines are in Squid's format: one setting for the whole process, like the
+/// `tracing` subscriber the lines go to.
+static SQUID: AtomicBool = AtomicBool::new(false);
+
+/// Writes access lines in Squid's native format from now on (called once by the logging
+/// setup, before anything is served).
+pub fn use_squid_format() {
+    SQUID.store(true, Ordering::Relaxed);
+}
+
+/// Whether access lines are in Squid's format; what only that format logs (the answer's
+/// content type) is collected only then.
+pub fn squid_format() -> bool {
+    SQUID.load(Ordering::Relaxed)
+}
 
 /// What the line is about; it sets the message and the level (refusals are warnings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +61,12 @@ pub enum Kind {
 }
 
 /// One access line. Build it with [`AccessLine::new`] and the setters, then write it.
-#[derive(Debug, Clone)]
-pub struct AccessLine<'a> {
+#[derive(Debug)]
+pub struct AccessLine {
     kind: Kind,
     client: Peer,
-    method: Option<&'a Method>,
-    target: Option<&'a Uri>,
+    method: Option<Method>,
+    target: Option<Uri>,
     status: Option<u16>,
     rule: Option<&'static str>,
     bytes_in: Option<u64>,
@@ -43,7 +76,20 @@ pub struct AccessLine<'a> {
     complete: Option<bool>,
     outcome: Option<&'static str>,
     relay: Option<&'static str>,
-    reason: Option<&'a str>,
+    reason: Option<Cow<'static, str>>,
+    squid: SquidPart,
+}
+
+/// What only the Squid line shows, and the byte count it takes its bytes from.
+#[derive(Debug, Default)]
+struct SquidPart {
+    user: Option<String>,
+    server: Option<IpAddr>,
+    via_parent: bool,
+    content_type: Option<HeaderValue>,
+    sent: Option<Arc<Sent>>,
+    /// Bytes written to the client, when the line knows them itself (a tunnel's).
+    wire: Option<u64>,
 }
 
 /// How a tunnel ended (`outcome`), and how its bytes moved (`relay`: `splice` or `copy`).
@@ -59,8 +105,8 @@ impl From<&'static str> for Outcome {
     }
 }
 
-impl<'a> AccessLine<'a> {
-    pub fn new(kind: Kind, client: Peer) -> AccessLine<'a> {
+impl AccessLine {
+    pub fn new(kind: Kind, client: Peer) -> AccessLine {
         AccessLine {
             kind,
             client,
@@ -75,11 +121,12 @@ impl<'a> AccessLine<'a> {
             outcome: None,
             relay: None,
             reason: None,
+            squid: SquidPart::default(),
         }
     }
 
     /// The request as the client sent it, and its answer's status.
-    pub fn request(mut self, method: &'a Method, target: &'a Uri, status: StatusCode) -> Self {
+    pub fn request(mut self, method: Method, target: Uri, status: StatusCode) -> Self {
         (self.method, self.target, self.status) = (Some(method), Some(target), Some(status.as_u16()));
         self
     }
@@ -115,14 +162,69 @@ impl<'a> AccessLine<'a> {
         self
     }
 
-    pub fn reason(mut self, reason: &'a str) -> Self {
-        self.reason = Some(reason);
+    pub fn reason(mut self, reason: impl Into<Cow<'static, str>>) -> Self {
+        self.reason = Some(reason.into());
         self
     }
 
-    pub fn write(&self) {
-        let method = self.method.map(tracing::field::display);
-        let target = self.target.map(tracing::field::display);
+    /// The client connection's byte count: a Squid line takes its bytes from it.
+    pub fn sent(mut self, sent: Arc<Sent>) -> Self {
+        self.squid.sent = Some(sent);
+        self
+    }
+
+    /// Squid line only: the authenticated user.
+    pub fn user(mut self, user: Option<String>) -> Self {
+        self.squid.user = user;
+        self
+    }
+
+    /// Squid line only: the address baton connected to for the client.
+    pub fn server(mut self, server: Option<IpAddr>) -> Self {
+        self.squid.server = server;
+        self
+    }
+
+    /// Squid line only: the server is a parent proxy (`FIRSTUP_PARENT`, not `HIER_DIRECT`).
+    pub fn via_parent(mut self, via_parent: bool) -> Self {
+        self.squid.via_parent = via_parent;
+        self
+    }
+
+    /// Squid line only: the answer's `Content-Type`.
+    pub fn content_type(mut self, value: Option<HeaderValue>) -> Self {
+        self.squid.content_type = value;
+        self
+    }
+
+    /// Squid line only: the bytes written to the client, when the caller counted them (a
+    /// tunnel: its `200` answer and the payload).
+    pub fn wire(mut self, bytes: u64) -> Self {
+        self.squid.wire = Some(bytes);
+        self
+    }
+
+    /// Writes the line. In Squid's format the line of an answer (a response, a refusal)
+    /// waits in the connection's [`Sent`] until the answer has been written.
+    pub fn write(mut self) {
+        if !squid_format() {
+            return self.write_fields();
+        }
+        let answer = matches!(self.kind, Kind::Request | Kind::Refused | Kind::Denied);
+        match (self.squid.sent.take(), self.squid.wire) {
+            (Some(sent), None) if answer => sent.hold(self),
+            (Some(sent), None) => self.write_squid(sent.take()),
+            (_, wire) => {
+                let bytes = wire.or(self.bytes_out).unwrap_or(0);
+                self.write_squid(bytes);
+            }
+        }
+    }
+
+    fn write_fields(&self) {
+        let method = self.method.as_ref().map(tracing::field::display);
+        let target = self.target.as_ref().map(tracing::field::display);
+        let reason = self.reason.as_deref();
         macro_rules! line {
             ($level:ident, $message:literal) => {
                 $level!(
@@ -138,7 +240,7 @@ impl<'a> AccessLine<'a> {
                     complete = self.complete,
                     outcome = self.outcome,
                     relay = self.relay,
-                    reason = self.reason,
+                    reason,
                     $message
                 )
             };
@@ -150,5 +252,253 @@ impl<'a> AccessLine<'a> {
             Kind::Denied => line!(warn, "denied"),
             Kind::Closed => line!(info, "closed"),
         }
+    }
+
+    /// The Squid line, `bytes` being what was written to the client for it.
+    fn write_squid(&self, bytes: u64) {
+        let (code, aborted) = self.squid_code();
+        let entry = squid::Entry {
+            at: SystemTime::now(),
+            elapsed_ms: self.started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            client: match self.client {
+                Peer::Ip(a) => Some(a.ip()),
+                Peer::Local => None,
+            },
+            code,
+            aborted,
+            status: self.status.unwrap_or(0),
+            bytes,
+            method: self.method.as_ref(),
+            url: self.target.as_ref().ok_or_else(|| self.why_no_url()),
+            user: self.squid.user.as_deref(),
+            server: self.squid.server,
+            via_parent: self.squid.via_parent,
+            content_type: self.squid.content_type.as_ref().map(HeaderValue::as_bytes),
+        };
+        match self.kind {
+            Kind::Refused | Kind::Denied => warn!(target: "baton::access", "{entry}"),
+            Kind::Request | Kind::Tunnel | Kind::Closed => info!(target: "baton::access", "{entry}"),
+        }
+    }
+
+    /// Squid's result code, and whether the transfer was cut short.
+    fn squid_code(&self) -> (Code, bool) {
+        match self.kind {
+            Kind::Request => (Code::Miss, self.complete == Some(false)),
+            Kind::Tunnel => (Code::Tunnel, !matches!(self.outcome, Some("closed" | "idle timeout"))),
+            Kind::Denied => (Code::Denied, false),
+            // The origin failed or did not answer in time: a miss that failed, for Squid too.
+            Kind::Refused if matches!(self.status, Some(502 | 504)) => (Code::Miss, false),
+            Kind::Refused | Kind::Closed => (Code::None, false),
+        }
+    }
+
+    /// What Squid writes (after `error:`) in place of the URL of a request it could not read.
+    fn why_no_url(&self) -> &'static str {
+        match (self.kind, self.status) {
+            (Kind::Closed, _) => "transaction-end-before-headers",
+            (_, Some(431)) => "request-too-large",
+            _ => "invalid-request",
+        }
+    }
+}
+
+/// What one client connection was sent, counted by [`Sending`]: every byte written to it
+/// (status lines, headers, bodies with their chunk framing), and the Squid line of the
+/// answer being written, which waits for the answer's last byte. hyper drops a response's
+/// body (whose drop writes the line) or receives the proxy's own answer before it writes
+/// that response's last bytes, and it flushes the stream only once it has written all it
+/// buffered: so a line held until the next flush sees its whole answer. Each line takes the
+/// bytes written since the line before it; a connection's lines add up to what it was sent.
+#[derive(Debug, Default)]
+pub struct Sent {
+    written: AtomicU64,
+    /// Whether a line waits: read at every flush without taking the lock.
+    waiting: AtomicBool,
+    state: Mutex<SentState>,
+}
+
+#[derive(Debug, Default)]
+struct SentState {
+    /// `written` when the last line took its share.
+    mark: u64,
+    line: Option<AccessLine>,
+    closed: bool,
+}
+
+impl SentState {
+    fn share(&mut self, written: &AtomicU64) -> u64 {
+        let now = written.load(Ordering::Relaxed);
+        let share = now.saturating_sub(self.mark);
+        self.mark = now;
+        share
+    }
+}
+
+impl Sent {
+    /// The bytes written since the last line took its share (a tunnel's `200` answer).
+    pub fn take(&self) -> u64 {
+        self.lock().share(&self.written)
+    }
+
+    /// The connection has ended: a waiting line is written now, with what was written.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        self.release(state);
+    }
+
+    /// Holds the line of an answer being written until the next flush.
+    fn hold(&self, line: AccessLine) {
+        let mut state = self.lock();
+        if state.closed {
+            let bytes = state.share(&self.written);
+            drop(state);
+            return line.write_squid(bytes);
+        }
+        // A pipelined answer while the previous one's line still waits (its last bytes not
+        // yet written): that line takes what was written so far, this one the rest.
+        let earlier = state.line.take().map(|l| (state.share(&self.written), l));
+        state.line = Some(line);
+        self.waiting.store(true, Ordering::Relaxed);
+        drop(state);
+        if let Some((bytes, l)) = earlier {
+            l.write_squid(bytes);
+        }
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn flushed(&self) {
+        if self.waiting.load(Ordering::Relaxed) {
+            self.release(self.lock());
+        }
+    }
+
+    /// Writes the waiting line, if any, with its share (outside the lock).
+    fn release(&self, mut state: MutexGuard<'_, SentState>) {
+        self.waiting.store(false, Ordering::Relaxed);
+        let Some(line) = state.line.take() else { return };
+        let bytes = state.share(&self.written);
+        drop(state);
+        line.write_squid(bytes);
+    }
+
+    /// The state is plain numbers and a line: a panic elsewhere cannot leave it half-made.
+    fn lock(&self) -> MutexGuard<'_, SentState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A client connection's stream as hyper reads and writes it: counts what is written into
+/// [`Sent`], and lets a waiting line go when hyper flushes.
+#[derive(Debug)]
+pub struct Sending<S> {
+    io: S,
+    sent: Arc<Sent>,
+}
+
+impl<S> Sending<S> {
+    pub fn new(io: S, sent: Arc<Sent>) -> Sending<S> {
+        Sending { io, sent }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sending<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sending<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.sent.wrote(n);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.sent.wrote(n);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.sent.flushed();
+        }
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> AccessLine {
+        AccessLine::new(Kind::Request, Peer::Local)
+    }
+
+    #[test]
+    fn a_held_line_takes_the_bytes_written_until_the_next_flush() {
+        let sent = Sent::default();
+        sent.wrote(100);
+        sent.hold(line());
+        sent.wrote(50);
+        assert_eq!(sent.lock().mark, 0, "waits for the flush");
+        sent.flushed();
+        assert_eq!(sent.lock().mark, 150);
+        assert!(sent.lock().line.is_none());
+        sent.wrote(7);
+        sent.flushed();
+        assert_eq!(sent.take(), 7, "bytes no line took yet are the next line's");
+    }
+
+    #[test]
+    fn lines_add_up_to_what_the_connection_was_sent() {
+        let sent = Sent::default();
+        sent.hold(line());
+        sent.wrote(10);
+        // Pipelined: the next answer's line arrives before the flush.
+        sent.hold(line());
+        assert_eq!(sent.lock().mark, 10);
+        sent.wrote(5);
+        sent.close();
+        assert_eq!(sent.lock().mark, 15);
+        // After the close a line is written at once, with what was written since.
+        sent.wrote(3);
+        sent.hold(line());
+        assert!(sent.lock().line.is_none());
+        assert_eq!(sent.lock().mark, 18);
     }
 }

@@ -101,6 +101,12 @@ impl Auth {
         Ok(user)
     }
 
+    /// Whether `user` is in the file (a moved tunnel's user must still be; its password
+    /// was checked when the tunnel opened and is not kept).
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// bcrypt, off the runtime's worker threads and at most one per CPU at once. An unknown
     /// user costs the same as a known one.
     async fn verify(&self, user: &str, password: String) -> bool {

@@ -2,6 +2,7 @@
 //! its faults blamed on the client) and the origin's response body (counted, and logged
 //! when it ends).
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,10 +11,10 @@ use std::time::Instant;
 
 use baton_handoff::Peer;
 use bytes::Bytes;
-use http::{Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode, Uri};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
-use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::access::{AccessLine, Kind, Sent};
 use crate::proxy::metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -123,6 +124,14 @@ pub struct AccessRecord {
     pub target: Uri,
     pub status: StatusCode,
     pub started: Instant,
+    /// The client connection's byte count (for the Squid line).
+    pub sent: Arc<Sent>,
+    /// For the Squid line: the authenticated user, the next hop's address, the content type.
+    pub user: Option<String>,
+    pub server: IpAddr,
+    /// `server` is a parent proxy.
+    pub via_parent: bool,
+    pub content_type: Option<HeaderValue>,
 }
 
 /// The response body on its way to the client; writes the access line and the request
@@ -130,6 +139,9 @@ pub struct AccessRecord {
 pub struct AccessLogged {
     inner: Incoming,
     bytes_out: u64,
+    /// The body said it ended. A chunked `Incoming` never reports `is_end_stream` (its
+    /// length is unknown), so its end is seen here.
+    ended: bool,
     request_body: Arc<BodyStats>,
     record: Option<AccessRecord>,
 }
@@ -139,6 +151,7 @@ impl AccessLogged {
         AccessLogged {
             inner,
             bytes_out: 0,
+            ended: false,
             request_body,
             record: Some(record),
         }
@@ -150,10 +163,10 @@ impl HttpBody for AccessLogged {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes_out += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => self.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
     }
@@ -171,12 +184,17 @@ impl Drop for AccessLogged {
     fn drop(&mut self) {
         if let Some(r) = self.record.take() {
             let bytes_in = self.request_body.bytes();
-            AccessLine::new(Kind::Request, r.peer)
-                .request(&r.method, &r.target, r.status)
-                .traffic(bytes_in, self.bytes_out, r.started)
-                .complete(self.inner.is_end_stream())
-                .write();
             metrics::request_done(&r.method, r.status, r.started, bytes_in, self.bytes_out, false);
+            AccessLine::new(Kind::Request, r.peer)
+                .request(r.method, r.target, r.status)
+                .traffic(bytes_in, self.bytes_out, r.started)
+                .complete(self.ended || self.inner.is_end_stream())
+                .sent(r.sent)
+                .user(r.user)
+                .server(Some(r.server))
+                .via_parent(r.via_parent)
+                .content_type(r.content_type)
+                .write();
         }
     }
 }

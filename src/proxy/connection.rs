@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::proxy::access::{AccessLine, Kind};
+use crate::proxy::access::{AccessLine, Kind, Sending, Sent};
 use crate::proxy::framing::{Framed, RequestSignal};
 use crate::proxy::metrics;
-use crate::proxy::service::{Body, Proxy, error_response};
+use crate::proxy::service::{Body, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::strict::Fault;
 use crate::proxy::upstream::OriginLease;
 use crate::tls::Handshakes;
@@ -89,6 +89,10 @@ impl Connections {
             handshakes: Handshakes::new(settings.handshake_timeout, settings.max_handshakes),
             tls_open: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// Connections open on TLS listeners now (counted apart in the upgrade report).
@@ -164,8 +168,7 @@ impl Connections {
             }
             Err(e) => {
                 metrics::tls_handshake(e.label());
-                let reason = e.to_string();
-                AccessLine::new(Kind::Closed, peer).reason(&reason).write();
+                AccessLine::new(Kind::Closed, peer).reason(e.to_string()).write();
                 None
             }
         }
@@ -179,14 +182,19 @@ impl Connections {
         let requests = Arc::new(RequestSignal::default());
         let signal = requests.clone();
         let lease = Arc::new(OriginLease::new(self.proxy.upstream()));
+        let sent = Arc::new(Sent::default());
+        // Declared before the connection, so dropped after it: a Squid line still waiting
+        // when the connection ends (its client gone) is written then.
+        let _closing = Closing(&sent);
+        let count = sent.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let index = signal.start();
             if let Some(fault) = signal.fault(index) {
-                return Either::Left(std::future::ready(refuse_fault(peer, &req, fault)));
+                return Either::Left(std::future::ready(refuse_fault(peer, &count, &req, fault)));
             }
             // The framing waits for a CONNECT's answer: a 2xx makes the rest a tunnel.
             let connect = (req.method() == Method::CONNECT).then(|| signal.clone());
-            let served = proxy.clone().serve(peer, lease.clone(), req);
+            let served = proxy.clone().serve(peer, lease.clone(), count.clone(), req);
             Either::Right(async move {
                 let resp = served.await;
                 if let Some(signal) = connect {
@@ -195,7 +203,7 @@ impl Connections {
                 resp
             })
         });
-        let io = Framed::new(io, requests.clone(), self.max_header_bytes);
+        let io = Sending::new(Framed::new(io, requests.clone(), self.max_header_bytes), sent.clone());
         let conn = self.http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
         let draining = self.drain.draining();
@@ -214,7 +222,7 @@ impl Connections {
                 let grace = if seen == 0 { self.header_read_timeout } else { IDLE_GRACE };
                 tokio::select! {
                     biased;
-                    r = conn.as_mut() => return log_end(peer, r),
+                    r = conn.as_mut() => return log_end(peer, &sent, r),
                     _ = requests.wait_beyond(seen) => {}
                     _ = quiet_for(&requests, grace) => {}
                     _ = cut.cancelled() => return,
@@ -226,7 +234,16 @@ impl Connections {
                 }
             }
         };
-        log_end(peer, result);
+        log_end(peer, &sent, result);
+    }
+}
+
+/// Closes a connection's [`Sent`] when dropped.
+struct Closing<'a>(&'a Sent);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -258,15 +275,22 @@ async fn quiet_for(requests: &RequestSignal, grace: Duration) {
 /// The answer to a request whose head broke a rule of [`crate::proxy::strict`]: the status
 /// and the reason, and the connection closes after it (its framing may not be what hyper
 /// made of it).
-fn refuse_fault(peer: Peer, req: &Request<Incoming>, fault: Fault) -> Result<Response<Body>, Infallible> {
+fn refuse_fault(
+    peer: Peer,
+    sent: &Arc<Sent>,
+    req: &Request<Incoming>,
+    fault: Fault,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let bytes_out = fault.reason.len() as u64 + 1;
+    metrics::request_done(req.method(), fault.status, started, 0, bytes_out, false);
     AccessLine::new(Kind::Refused, peer)
-        .request(req.method(), req.uri(), fault.status)
+        .request(req.method().clone(), req.uri().clone(), fault.status)
         .traffic(0, bytes_out, started)
         .reason(fault.reason)
+        .sent(sent.clone())
+        .content_type(Some(HeaderValue::from_static(ERROR_CONTENT_TYPE)))
         .write();
-    metrics::request_done(req.method(), fault.status, started, 0, bytes_out, false);
     let mut resp = error_response(fault.status, fault.reason);
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -279,14 +303,17 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// hyper answers unparsable input itself (400, or 431 for an oversized head) and closes; the
 /// reason goes to the access log here. Other endings (resets, a vanished peer) are routine.
-fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
+fn log_end(peer: Peer, sent: &Arc<Sent>, result: Result<(), hyper::Error>) {
     let Err(e) = result else { return };
     let status = match () {
         () if e.is_parse_too_large() => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         () if e.is_parse() => StatusCode::BAD_REQUEST,
         () if e.is_timeout() => {
             let reason = "request head not received within header_read";
-            AccessLine::new(Kind::Closed, peer).reason(reason).write();
+            AccessLine::new(Kind::Closed, peer)
+                .reason(reason)
+                .sent(sent.clone())
+                .write();
             return;
         }
         () => {
@@ -294,10 +321,10 @@ fn log_end(peer: Peer, result: Result<(), hyper::Error>) {
             return;
         }
     };
-    let reason = e.to_string();
     AccessLine::new(Kind::Refused, peer)
         .status(status)
-        .reason(&reason)
+        .reason(e.to_string())
+        .sent(sent.clone())
         .write();
 }
 

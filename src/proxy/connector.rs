@@ -1,6 +1,9 @@
 //! Connecting to origins and CONNECT targets: resolve, check every address against the
-//! [`Policy`], connect only to addresses it approved.
+//! [`Policy`], connect only to addresses it approved. And connecting to a parent proxy,
+//! which the operator chose: it is not held to the destination rules (they apply to the
+//! destinations it reaches, see `Policy::check_name`).
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -35,23 +38,42 @@ pub async fn connect_checked(
     port: u16,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
+    let attempt = async { connect_first(policy.resolve_checked(host, port).await?).await };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| ConnectError::TimedOut(timeout))?
+}
+
+/// Resolves and connects to a parent proxy (`host` without brackets) within `timeout`.
+pub async fn connect_parent(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let attempt = async {
-        let addrs = policy.resolve_checked(host, port).await?;
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(ConnectError::Io(
-            last.unwrap_or_else(|| std::io::Error::other("no address")),
-        ))
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| ConnectError::Resolve(format!("cannot resolve {host}: {e}")))?
+                .collect(),
+        };
+        connect_first(addrs).await
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| ConnectError::TimedOut(timeout))?
+}
+
+/// Connects to the first of `addrs` that accepts.
+async fn connect_first(addrs: Vec<SocketAddr>) -> Result<TcpStream, ConnectError> {
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ConnectError::Io(
+        last.unwrap_or_else(|| std::io::Error::other("no address")),
+    ))
 }

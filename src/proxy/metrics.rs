@@ -44,6 +44,8 @@ pub struct Metrics {
     pub bytes_received: Family<KindLabels, Counter>,
     pub bytes_sent: Family<KindLabels, Counter>,
     pub upstream_connect_errors: Family<ReasonLabels, Counter>,
+    /// Connections adopted from the previous generation at a handoff, by kind.
+    pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
     /// Counter handles resolved once per label set, so that a request does not pay the
     /// family's lock and label hashing: [method][status class], and [http, tunnel].
@@ -58,6 +60,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     bytes_received: Family::default(),
     bytes_sent: Family::default(),
     upstream_connect_errors: Family::default(),
+    migrated: Family::default(),
     tls_handshakes: Family::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     byte_handles: std::array::from_fn(|_| OnceLock::new()),
@@ -94,6 +97,11 @@ impl Metrics {
             "upstream_connect_errors",
             "Failed connects to origins and CONNECT targets",
             self.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "migrated",
+            "Live connections this process adopted from the previous generation at a handoff, by kind",
+            self.migrated.clone(),
         );
         registry.register(
             "tls_handshakes",
@@ -186,6 +194,38 @@ pub fn upstream_connect_error(timeout: bool) {
             reason: if timeout { "timeout" } else { "error" },
         })
         .inc();
+}
+
+/// `n` connections of `kind` adopted from the previous generation.
+pub fn migrated(kind: &'static str, n: u64) {
+    get().migrated.get_or_create(&KindLabels { kind }).inc_by(n);
+}
+
+/// Requests answered by this process so far, by outcome: what the status page's traffic
+/// history samples. Read from the request counters themselves, so a request pays nothing more.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answered {
+    pub requests: u64,
+    /// 4xx: refused (policy, limits, malformed requests).
+    pub client_errors: u64,
+    /// 5xx: the origin or the proxy failed (502, 503, 504).
+    pub server_errors: u64,
+}
+
+pub fn answered() -> Answered {
+    let mut a = Answered::default();
+    for by_class in &get().request_handles {
+        for (ci, handle) in by_class.iter().enumerate() {
+            let n = handle.get().map_or(0, Counter::get);
+            a.requests += n;
+            match CLASSES[ci] {
+                "4xx" => a.client_errors += n,
+                "5xx" => a.server_errors += n,
+                _ => {}
+            }
+        }
+    }
+    a
 }
 
 /// Records how a TLS handshake ended (`ok`, or a [`crate::tls::HandshakeError`]'s label).

@@ -5,12 +5,16 @@
 pub mod access;
 pub mod auth;
 pub mod body;
+pub mod connect;
 pub mod connection;
 pub mod connector;
 pub mod framing;
 pub mod hop_by_hop;
 pub mod metrics;
+pub mod migrate;
+pub mod parent;
 pub mod policy;
+pub mod route;
 pub mod service;
 pub mod strict;
 pub mod target;

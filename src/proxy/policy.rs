@@ -166,6 +166,43 @@ impl Policy {
         self.auth.as_ref().map(|_| self.challenge.as_str())
     }
 
+    /// The rules that apply to a tunnel another generation opened: its client, its user,
+    /// its target (host and port) and the origin address it connected to (`None`: through a
+    /// parent proxy, the name only).
+    pub fn recheck_tunnel(
+        &self,
+        client: Option<IpAddr>,
+        user: Option<&str>,
+        target: &str,
+        origin: Option<SocketAddr>,
+    ) -> Result<(), Denial> {
+        if let Some(ip) = client {
+            self.check_client(ip)?;
+        }
+        if let Some(auth) = &self.auth
+            && !user.is_some_and(|u| auth.knows(u))
+        {
+            let who = user.map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
+            return Err(deny(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                Rule::Htpasswd,
+                format!("{who} is no longer allowed"),
+            ));
+        }
+        let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
+        let port = port.parse().unwrap_or(0);
+        self.check_connect_port(port)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match origin {
+            Some(addr) => {
+                self.check_host(host)?;
+                self.check_address(addr)
+            }
+            // Through a parent: what the name shows (see `check_name`).
+            None => self.check_name(host, port),
+        }
+    }
+
     pub fn check_connect_port(&self, port: u16) -> Result<(), Denial> {
         if self.access.connect_ports.contains(&port) {
             return Ok(());
@@ -240,6 +277,26 @@ impl Policy {
             wildcard |= o.ip().is_unspecified();
         }
         wildcard && (ip.is_loopback() || ip.is_unspecified() || host_addresses().contains(&ip))
+    }
+
+    /// The destination rules as far as the name shows them, for a destination that a parent
+    /// proxy reaches (baton does not resolve it: the parent does, with its own DNS):
+    /// `deny_hosts`; a destination written as an IP address against the address rules and
+    /// this proxy's own listeners; a name under a non-empty `allow_destinations` is refused,
+    /// since its addresses cannot be seen. `deny_destinations` cannot see a name's addresses.
+    pub fn check_name(&self, host: &str, port: u16) -> Result<(), Denial> {
+        self.check_host(host)?;
+        match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            Ok(ip) => self.check_address(SocketAddr::new(ip, port)),
+            Err(_) if !self.access.allow_destinations.is_empty() => Err(deny(
+                StatusCode::FORBIDDEN,
+                Rule::AllowDestinations,
+                format!(
+                    "destination {host} is a name that a parent proxy resolves, so baton cannot check it against allow_destinations"
+                ),
+            )),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Resolves `host` and checks every address it yields: a name cannot smuggle a denied
@@ -321,6 +378,23 @@ mod tests {
         let err = p.resolve_checked("127.0.0.1", 3128).await.unwrap_err();
         assert!(matches!(err, ResolveError::Denied(d) if d.rule == Rule::Loop));
         assert!(p.resolve_checked("127.0.0.1", 3129).await.is_ok());
+    }
+
+    #[test]
+    fn names_through_a_parent_are_checked_as_far_as_they_show() {
+        let p = policy(|a| {
+            a.deny_hosts = vec!["*.internal".into()];
+            a.deny_destinations = vec!["10.0.0.0/8".parse().unwrap()];
+        });
+        p.set_identity(vec!["127.0.0.1:3128".parse().unwrap()], "t".into());
+        assert!(matches!(p.check_name("db.internal", 80), Err(d) if d.rule == Rule::DenyHosts));
+        assert!(matches!(p.check_name("10.1.1.1", 80), Err(d) if d.rule == Rule::DenyDestinations));
+        assert!(matches!(p.check_name("127.0.0.1", 3128), Err(d) if d.rule == Rule::Loop));
+        // A name's addresses are the parent's business: deny_destinations cannot see them.
+        assert!(p.check_name("example.org", 80).is_ok());
+        let allow = policy(|a| a.allow_destinations = vec!["192.0.2.0/24".parse().unwrap()]);
+        assert!(allow.check_name("[::ffff:192.0.2.7]", 80).is_ok());
+        assert!(matches!(allow.check_name("example.org", 80), Err(d) if d.rule == Rule::AllowDestinations));
     }
 
     #[test]

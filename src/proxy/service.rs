@@ -1,9 +1,11 @@
-//! The forward proxy service: absolute-form HTTP/1.1 requests go to the origin over a kept
-//! or pooled origin connection, CONNECT opens a TCP tunnel. Errors are answers with a
+//! The forward proxy service: absolute-form HTTP/1.1 requests go to the origin, or to the
+//! parent proxy `route` chooses, over a kept or pooled connection; CONNECT opens a TCP
+//! tunnel, directly or through the parent's CONNECT. Errors are answers with a
 //! one-line reason, never a dropped connection. Knows nothing about fork/exec or
 //! generations: it is handed a [`Drain`] to register tunnels with.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,16 +17,18 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::config::Config;
-use crate::proxy::access::{AccessLine, Kind};
+use crate::config::{Config, Parent, Parents};
+use crate::proxy::access::{self, AccessLine, Kind, Sent};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
-use crate::proxy::connector::{ConnectError, connect_checked};
+use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
+use crate::proxy::migrate::Migration;
+use crate::proxy::parent;
 use crate::proxy::policy::{Denial, Policy, Rule};
+use crate::proxy::route::next_hop;
 use crate::proxy::target::{check_target, target_len};
-use crate::proxy::tunnel::{self, Relayed};
-use crate::proxy::upstream::{OriginLease, Upstream, UpstreamError};
+use crate::proxy::upstream::{NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -37,6 +41,8 @@ pub struct ProxySettings {
     pub upstream_idle: Duration,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
+    /// `[upstream]`: which destinations go through which parent proxy.
+    pub parents: Arc<Parents>,
 }
 
 impl From<&Config> for ProxySettings {
@@ -48,26 +54,43 @@ impl From<&Config> for ProxySettings {
             upstream_idle: c.timeouts.upstream_idle,
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
+            parents: Arc::new(c.parents.clone()),
         }
     }
 }
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
-    settings: ProxySettings,
-    policy: Arc<Policy>,
-    drain: Drain,
-    via: HeaderValue,
+    pub(super) settings: ProxySettings,
+    pub(super) policy: Arc<Policy>,
+    pub(super) drain: Drain,
+    /// Moving this generation's tunnels to the next one (`connect`).
+    pub(super) migration: Arc<Migration>,
+    pub(super) via: HeaderValue,
 }
 
 /// One request as the access log and the metrics see it.
-struct Ask {
-    peer: Peer,
-    method: Method,
+pub(super) struct Ask {
+    pub(super) peer: Peer,
+    pub(super) method: Method,
     /// The target as the client sent it (cloning a `Uri` only bumps reference counts;
     /// formatting it is left to the log line, if one is written).
-    target: Uri,
-    started: Instant,
+    pub(super) target: Uri,
+    pub(super) started: Instant,
+    /// The client connection's byte count, which its access lines take their bytes from.
+    pub(super) sent: Arc<Sent>,
+    /// Who authenticated (with `htpasswd`).
+    pub(super) user: Option<String>,
+}
+
+impl Ask {
+    /// The access line of this request's answer.
+    pub(super) fn line(&self, kind: Kind, status: StatusCode) -> AccessLine {
+        AccessLine::new(kind, self.peer)
+            .request(self.method.clone(), self.target.clone(), status)
+            .sent(self.sent.clone())
+            .user(self.user.clone())
+    }
 }
 
 impl Proxy {
@@ -79,8 +102,14 @@ impl Proxy {
             settings,
             policy,
             drain,
+            migration: Arc::default(),
             via,
         }
+    }
+
+    /// Moving this generation's tunnels out at a handoff.
+    pub fn migration(&self) -> &Arc<Migration> {
+        &self.migration
     }
 
     /// The origin connection pool, for each client connection's [`OriginLease`].
@@ -88,18 +117,22 @@ impl Proxy {
         self.upstream.clone()
     }
 
-    /// Serves one request from `peer`; `lease` is the client connection's origin connection.
+    /// Serves one request from `peer`; `lease` is the client connection's origin connection,
+    /// `sent` what the connection was sent.
     pub async fn serve(
         self: Arc<Self>,
         peer: Peer,
         lease: Arc<OriginLease>,
+        sent: Arc<Sent>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let ask = Ask {
+        let mut ask = Ask {
             peer,
             method: req.method().clone(),
             target: req.uri().clone(),
             started: Instant::now(),
+            sent,
+            user: None,
         };
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
@@ -112,10 +145,11 @@ impl Proxy {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
-        if self.policy.requires_auth()
-            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client)).await
-        {
-            return Ok(self.deny(&ask, &d));
+        if self.policy.requires_auth() {
+            match Box::pin(self.policy.check_auth(req.headers(), client)).await {
+                Ok(u) => ask.user = u,
+                Err(d) => return Ok(self.deny(&ask, &d)),
+            }
         }
         if req.headers().contains_key(header::VIA)
             && let Err(d) = self.policy.check_via(req.headers())
@@ -154,30 +188,51 @@ impl Proxy {
             let reason = format!("request body larger than {max} bytes");
             return self.refuse(&ask, StatusCode::PAYLOAD_TOO_LARGE, &reason);
         }
+        let hop = match next_hop(&self.settings.parents, host) {
+            None => NextHop::Origin { authority, host, port },
+            Some(p) => match self.policy.check_name(host, port) {
+                Ok(()) => NextHop::Parent(p),
+                Err(d) => return self.deny(&ask, &d),
+            },
+        };
         let (mut parts, body) = req.into_parts();
         if let Some(answer) = self.answer_max_forwards(&mut parts) {
             return answer;
         }
-        if let Err(reason) = self.to_origin(&mut parts, authority) {
+        if let Err(reason) = self.to_next_hop(&mut parts, authority, hop) {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, reason);
         }
         let stats = Arc::new(BodyStats::default());
         let body = Counted::new(body, stats.clone(), self.settings.max_body_bytes);
-        let sent = lease.send(authority, host, port, Request::from_parts(parts, body));
+        let sent = lease.send(hop, Request::from_parts(parts, body));
         match tokio::time::timeout(self.settings.upstream_response, sent).await {
             Err(_) => {
                 let wait = self.settings.upstream_response;
-                let reason = format!("origin {authority} did not answer within {wait:?}");
+                let reason = format!("{hop} did not answer within {wait:?}");
                 self.refuse(&ask, StatusCode::GATEWAY_TIMEOUT, &reason)
             }
-            Ok(Err(e)) => self.origin_failed(&ask, authority, &stats, &e),
-            Ok(Ok(resp)) => self.to_client(resp, stats, ask),
+            Ok(Err(e)) => self.origin_failed(&ask, hop, &stats, &e),
+            Ok(Ok((resp, server))) => match hop {
+                NextHop::Parent(p) if resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+                    let (status, reason) = parent::refusal(p, resp.status(), "the request");
+                    self.refuse(&ask, status, &reason)
+                }
+                NextHop::Parent(_) => self.to_client(resp, server, true, stats, ask),
+                NextHop::Origin { .. } => self.to_client(resp, server, false, stats, ask),
+            },
         }
     }
 
-    /// Makes the client's request head the origin's: hop-by-hop fields out, Host from the
-    /// target, `Via` added, the origin-form target (RFC 9112 §3.2.1).
-    fn to_origin(&self, parts: &mut http::request::Parts, authority: &str) -> Result<(), &'static str> {
+    /// Makes the client's request head the next hop's: hop-by-hop fields out (the client's
+    /// `Proxy-Authorization` with them), Host from the target, `Via` added; for an origin the
+    /// origin-form target (RFC 9112 §3.2.1), for a parent the absolute form without userinfo
+    /// and baton's own credentials for the parent.
+    fn to_next_hop(
+        &self,
+        parts: &mut http::request::Parts,
+        authority: &str,
+        hop: NextHop<'_>,
+    ) -> Result<(), &'static str> {
         strip_hop_by_hop(&mut parts.headers);
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
@@ -190,33 +245,54 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         parts.headers.append(header::VIA, self.via.clone());
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        match hop {
+            NextHop::Origin { .. } => {
+                parts.uri = parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            }
+            NextHop::Parent(p) => to_parent(parts, authority, p)?,
+        }
         Ok(())
     }
 
-    /// The origin's response on its way to the client, logged when its body ends.
-    fn to_client(&self, resp: Response<Incoming>, stats: Arc<BodyStats>, ask: Ask) -> Response<Body> {
+    /// The response (from `server`, a parent proxy if `via_parent`) on its way to the client,
+    /// logged when its body ends.
+    fn to_client(
+        &self,
+        resp: Response<Incoming>,
+        server: IpAddr,
+        via_parent: bool,
+        stats: Arc<BodyStats>,
+        ask: Ask,
+    ) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's.
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.append(header::VIA, self.via.clone());
+        let content_type = access::squid_format()
+            .then(|| parts.headers.get(header::CONTENT_TYPE).cloned())
+            .flatten();
         let record = AccessRecord {
             peer: ask.peer,
             method: ask.method,
             target: ask.target,
             status: parts.status,
             started: ask.started,
+            sent: ask.sent,
+            user: ask.user,
+            server,
+            via_parent,
+            content_type,
         };
         Response::from_parts(parts, AccessLogged::new(body, stats, record).boxed())
     }
 
-    /// The answer when the origin exchange failed: the client's fault (its body too large or
-    /// malformed), a policy refusal of the resolved address, or the origin's.
-    fn origin_failed(&self, ask: &Ask, authority: &str, stats: &BodyStats, e: &UpstreamError) -> Response<Body> {
+    /// The answer when the exchange with the next hop failed: the client's fault (its body
+    /// too large or malformed), a policy refusal of the resolved address, or the next hop's.
+    fn origin_failed(&self, ask: &Ask, hop: NextHop<'_>, stats: &BodyStats, e: &UpstreamError) -> Response<Body> {
         if let Some(fault) = stats.fault() {
             let mut resp = self.refuse(ask, fault.status(), &fault.to_string());
             resp.headers_mut()
@@ -225,14 +301,14 @@ impl Proxy {
         }
         let (status, reason) = match e {
             UpstreamError::Connect(ConnectError::Denied(d)) => return self.deny(ask, d),
-            UpstreamError::Connect(c) => return self.connect_failed(ask, &format!("origin {authority}"), c),
-            UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("origin {authority} failed: {h}")),
+            UpstreamError::Connect(c) => return self.connect_failed(ask, &hop.to_string(), c),
+            UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("{hop} failed: {h}")),
         };
         self.refuse(ask, status, &reason)
     }
 
     /// A failed connect to `what` (an origin or a CONNECT target): 504 on a timeout, else 502.
-    fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
+    pub(super) fn connect_failed(&self, ask: &Ask, what: &str, e: &ConnectError) -> Response<Body> {
         if let ConnectError::Denied(d) = e {
             return self.deny(ask, d);
         }
@@ -251,55 +327,17 @@ impl Proxy {
         }
     }
 
-    async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
-        let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
-            return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
-        };
-        let port = authority.port_u16().unwrap_or(443);
-        if let Err(d) = self.policy.check_connect_port(port) {
-            return self.deny(&ask, &d);
-        }
-        let connected = connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect).await;
-        let origin = match connected {
-            Ok(s) => s,
-            Err(e) => return self.connect_failed(&ask, authority.as_str(), &e),
-        };
-        let idle = self.settings.tunnel_idle;
-        let cut = self.drain.cut_token();
-        self.drain.tunnels().spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    let reason = format!("tunnel upgrade failed: {e}");
-                    AccessLine::new(Kind::Closed, ask.peer)
-                        .request(&ask.method, &ask.target, StatusCode::OK)
-                        .reason(&reason)
-                        .write();
-                    return;
-                }
-            };
-            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, idle, cut).await;
-            AccessLine::new(Kind::Tunnel, ask.peer)
-                .request(&ask.method, &ask.target, StatusCode::OK)
-                .traffic(up, down, ask.started)
-                .outcome(outcome)
-                .write();
-            metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
-        });
-        Response::new(empty())
-    }
-
     /// A policy refusal: like [`Proxy::refuse`], with the deciding rule in the log and the
     /// authentication challenge on a 407.
-    fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
+    pub(super) fn deny(&self, ask: &Ask, d: &Denial) -> Response<Body> {
         let bytes_out = d.reason.len() as u64 + 1;
-        AccessLine::new(Kind::Denied, ask.peer)
-            .request(&ask.method, &ask.target, d.status)
+        metrics::request_done(&ask.method, d.status, ask.started, 0, bytes_out, false);
+        ask.line(Kind::Denied, d.status)
             .rule(d.rule.as_str())
             .traffic(0, bytes_out, ask.started)
-            .reason(&d.reason)
+            .reason(d.reason.clone())
+            .content_type(Some(HeaderValue::from_static(ERROR_CONTENT_TYPE)))
             .write();
-        metrics::request_done(&ask.method, d.status, ask.started, 0, bytes_out, false);
         let mut resp = error_response(d.status, &d.reason);
         // A client that may not use the proxy at all gets nothing more on this connection.
         if d.rule == Rule::AllowClients {
@@ -360,26 +398,27 @@ impl Proxy {
     }
 
     /// An answer of the proxy's own: `status` with `reason` as its body, logged.
-    fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
+    pub(super) fn refuse(&self, ask: &Ask, status: StatusCode, reason: &str) -> Response<Body> {
         let bytes_out = reason.len() as u64 + 1;
-        AccessLine::new(Kind::Refused, ask.peer)
-            .request(&ask.method, &ask.target, status)
-            .traffic(0, bytes_out, ask.started)
-            .reason(reason)
-            .write();
         metrics::request_done(&ask.method, status, ask.started, 0, bytes_out, false);
+        ask.line(Kind::Refused, status)
+            .traffic(0, bytes_out, ask.started)
+            .reason(reason.to_string())
+            .content_type(Some(HeaderValue::from_static(ERROR_CONTENT_TYPE)))
+            .write();
         error_response(status, reason)
     }
 }
+
+/// The media type of the proxy's own answers.
+pub const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// A response with `reason` as its one-line body.
 pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{reason}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
     resp
 }
 
@@ -389,7 +428,7 @@ fn full(s: String) -> Body {
         .boxed()
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     http_body_util::Empty::new()
         .map_err(|never: Infallible| match never {})
         .boxed()
@@ -398,6 +437,22 @@ fn empty() -> Body {
 /// `Via: 1.1 <token>` (the token is checked to be a valid field value by the configuration).
 fn via_header(policy: &Policy) -> HeaderValue {
     HeaderValue::from_str(&format!("1.1 {}", policy.via_token())).unwrap_or(HeaderValue::from_static("1.1 baton"))
+}
+
+/// The head of a request to a parent: the absolute-form target (without any `user@`, which
+/// is not the parent's business), and baton's `Proxy-Authorization` for it.
+fn to_parent(parts: &mut http::request::Parts, authority: &str, parent: &Parent) -> Result<(), &'static str> {
+    let has_userinfo = parts.uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if has_userinfo {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = format!("http://{authority}{pq}")
+            .parse()
+            .map_err(|_| "invalid request target")?;
+    }
+    if let Some(auth) = &parent.authorization {
+        parts.headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+    }
+    Ok(())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -1,10 +1,13 @@
-//! Connections to origins. Each client connection holds a lease ([`OriginLease`]) on the
-//! origin connection its last request used (a keep-alive client usually asks the same
-//! origin again: no pool lookup, no lock contention, no hand-off to another task); when the
-//! client connection ends, that origin connection goes back to a shared pool, where the next
-//! client connection to the same origin finds it. Connects go through the [`Policy`] (see [`connect_checked`]).
+//! Connections to origins and parent proxies, pooled by next hop ([`NextHop::key`]). Each
+//! client connection holds a lease ([`OriginLease`]) on the connection its last request used
+//! (a keep-alive client usually asks the same origin again: no pool lookup, no lock
+//! contention, no hand-off to another task); when the client connection ends, that connection
+//! goes back to a shared pool, where the next client connection to the same next hop finds
+//! it. Connects to origins go through the [`Policy`] (see [`connect_checked`]); connects to
+//! a parent do not (see [`connect_parent`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,14 +16,31 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
+use crate::config::Parent;
 use crate::proxy::body::Counted;
-use crate::proxy::connector::{ConnectError, connect_checked};
+use crate::proxy::connector::{ConnectError, connect_checked, connect_parent};
 use crate::proxy::policy::Policy;
 
 /// The body of a request to an origin: the client's body, counted and limited (not boxed:
 /// it is the only kind sent).
 pub type UpstreamBody = Counted;
-type Sender = SendRequest<UpstreamBody>;
+
+/// A connection to the next hop, and the address it is connected to (which the Squid access
+/// line names).
+struct Sender {
+    tx: SendRequest<UpstreamBody>,
+    addr: IpAddr,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.tx.is_ready()
+    }
+}
 
 /// Idle origin connections kept per origin.
 const POOL_PER_ORIGIN: usize = 256;
@@ -33,7 +53,41 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
-/// The shared pool of idle origin connections, keyed by `host:port`.
+/// Where a request's connection goes.
+#[derive(Debug, Clone, Copy)]
+pub enum NextHop<'a> {
+    /// The origin itself (`authority` is its `host:port`), connected to through the policy.
+    Origin {
+        authority: &'a str,
+        host: &'a str,
+        port: u16,
+    },
+    /// A parent proxy, which receives the request in absolute form.
+    Parent(&'a Parent),
+}
+
+impl NextHop<'_> {
+    /// The pool key: an origin's `host:port`, or the parent's key (which no `host:port`
+    /// equals, so a parent and an origin at the same address never share connections).
+    pub fn key(&self) -> &str {
+        match self {
+            NextHop::Origin { authority, .. } => authority,
+            NextHop::Parent(p) => &p.pool_key,
+        }
+    }
+}
+
+impl std::fmt::Display for NextHop<'_> {
+    /// How answers name it: `origin host:port` or `parent proxy host:port`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NextHop::Origin { authority, .. } => write!(f, "origin {authority}"),
+            NextHop::Parent(p) => p.fmt(f),
+        }
+    }
+}
+
+/// The shared pool of idle connections, keyed by [`NextHop::key`].
 pub struct Upstream {
     policy: Arc<Policy>,
     connect_timeout: Duration,
@@ -97,14 +151,20 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, host: &str, port: u16) -> Result<Sender, UpstreamError> {
-        let stream = connect_checked(&self.policy, host, port, self.connect_timeout).await?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+    async fn connect(&self, hop: NextHop<'_>) -> Result<Sender, UpstreamError> {
+        let stream = match hop {
+            NextHop::Origin { host, port, .. } => {
+                connect_checked(&self.policy, host, port, self.connect_timeout).await?
+            }
+            NextHop::Parent(p) => connect_parent(&p.host, p.port, self.connect_timeout).await?,
+        };
+        let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
+        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // Ends when the origin closes, or when the last sender is dropped while idle.
             let _ = conn.await;
         });
-        Ok(sender)
+        Ok(Sender { tx, addr })
     }
 }
 
@@ -143,32 +203,33 @@ impl OriginLease {
         (self.upstream.checkout(origin), None)
     }
 
-    /// Sends `req` to `origin` (`host:port`). A reused connection that turns out closed
-    /// before the request was written is replaced by a new one, once.
+    /// Sends `req` to `hop`; the response comes with the address of the connection it came
+    /// on. A reused connection that turns out closed before the request was written is
+    /// replaced by a new one, once.
     pub async fn send(
         &self,
-        origin: &str,
-        host: &str,
-        port: u16,
+        hop: NextHop<'_>,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, IpAddr), UpstreamError> {
         let mut req = req;
+        let origin = hop.key();
         let (mut reused, key) = self.take(origin);
         loop {
             let fresh = reused.is_none();
             let mut sender = match reused.take() {
-                Some(mut s) => match s.ready().await {
+                Some(mut s) => match s.tx.ready().await {
                     Ok(()) => s,
                     Err(_) => continue,
                 },
                 // Boxed: connecting (DNS, TCP, handshake) is a large future that most
                 // requests, on a kept connection, never run.
-                None => Box::pin(self.upstream.connect(host, port)).await?,
+                None => Box::pin(self.upstream.connect(hop)).await?,
             };
-            match sender.try_send_request(req).await {
+            match sender.tx.try_send_request(req).await {
                 Ok(resp) => {
+                    let addr = sender.addr;
                     *lock(&self.current) = Some((key.unwrap_or_else(|| origin.to_string()), sender));
-                    return Ok(resp);
+                    return Ok((resp, addr));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,

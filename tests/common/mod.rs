@@ -120,6 +120,13 @@ impl Baton {
         Baton::attach(child, dir, path).await
     }
 
+    /// Puts a top-level key into the configuration file (before its tables), for the next
+    /// generation to read.
+    pub fn set_top_level(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(&self.config, format!("{line}\n{text}")).expect("write config");
+    }
+
     /// Polls the control socket until it answers or `timeout` passes (then panics with the log).
     pub async fn wait_status(&mut self, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
@@ -202,6 +209,25 @@ fn spawn_retrying_etxtbsy(mut spawn: impl FnMut() -> std::io::Result<Child>) -> 
     panic!("binary stayed busy (ETXTBSY) for 1 s");
 }
 
+/// `baton check --config <config>`: (exit success, stdout + stderr).
+pub fn check_config(config: &Path) -> (bool, String) {
+    let out = Command::new(BATON)
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .expect("run baton check");
+    (out.status.success(), output_text(&out))
+}
+
+/// A finished command's stdout, then its stderr.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The status as JSON (for tests that index it), from the typed client's answer line.
 /// Runs `baton <args> --control <control>`; returns (success, stdout+stderr).
 pub fn cli_at(control: &Path, args: &[&str]) -> (bool, String) {
@@ -211,12 +237,7 @@ pub fn cli_at(control: &Path, args: &[&str]) -> (bool, String) {
         .arg(control)
         .output()
         .expect("run baton cli");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    (out.status.success(), output_text(&out))
 }
 
 pub async fn status(control: &Path) -> Option<serde_json::Value> {

@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 listeners: vec![PassedListener { name, fd, origin }],
                 extra: vec![],
                 generation: generation + 1,
+                binary: None,
             };
             match async { spawn_successor(&spec)?.await_ready(Duration::from_secs(10)).await }.await {
                 Ok(ready) => break ready,

@@ -3,19 +3,23 @@
 //! generation keeps its listening sockets and watches it for a *canary window*: the
 //! successor sends `ping <open connections>\n` every [`PING_EVERY`]; it fails the canary if
 //! it exits or stays silent for [`SILENCE`]. At the verdict the old generation sends
-//! `pass\n` and the successor is on its own; a failed successor is killed and reaped.
+//! `pass\n` and the successor is on its own; a failed successor is killed and reaped. A
+//! successor that offered it at readiness then receives live connections over the same
+//! channel ([`crate::transfer`]).
 //!
-//! [`Watch`] is the old generation's side, [`PredecessorChannel`] the successor's.
+//! [`Watch`] is the old generation's side, [`PredecessorChannel`] the successor's. Each text
+//! line is one message of a SOCK_SEQPACKET pair ([`crate::wire`]).
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
+
+use crate::process::ChildProcess;
+use crate::transfer::{Incoming, Transfer};
+use crate::wire::Wire;
 
 /// How often a successor pings during its predecessor's canary window.
 pub const PING_EVERY: Duration = Duration::from_millis(250);
@@ -25,20 +29,32 @@ pub const SILENCE: Duration = Duration::from_secs(1);
 /// A successor that reported ready, as its predecessor watches it.
 #[derive(Debug)]
 pub struct Watch {
-    pid: Pid,
+    child: ChildProcess,
     exited: oneshot::Receiver<String>,
     channel: OwnedFd,
-    /// Whether it pings (a successor of an older version only reports ready).
-    pings: bool,
+    offers: Offers,
     ready_at: Instant,
 }
 
+/// What a successor said it does, on its readiness line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offers {
+    /// It pings (`canary`; a successor of an older version only reports ready).
+    pub pings: bool,
+    /// It confirms the verdict once taken in (`confirms`).
+    pub confirms: bool,
+    /// It takes live connections in our version of the transfer (`xfer=N`).
+    pub takes_transfer: bool,
+}
+
 /// The canary passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Passed {
     pub window: Duration,
     /// Connections it had open at its last ping.
     pub connections: u64,
+    /// The way to move live connections to it, if it offered to take them.
+    pub transfer: Option<Transfer>,
 }
 
 /// The canary failed: the successor was killed (if it still ran) and reaped.
@@ -54,26 +70,29 @@ pub struct CanaryFailed {
 }
 
 impl Watch {
-    pub(crate) fn new(pid: Pid, exited: oneshot::Receiver<String>, channel: OwnedFd, pings: bool) -> Watch {
+    pub(crate) fn new(
+        child: ChildProcess,
+        exited: oneshot::Receiver<String>,
+        channel: OwnedFd,
+        offers: Offers,
+    ) -> Watch {
         Watch {
-            pid,
+            child,
             exited,
             channel,
-            pings,
+            offers,
             ready_at: Instant::now(),
         }
     }
 
     /// Watches the successor for `window`. Call it inside a tokio runtime.
     pub async fn canary(mut self, window: Duration) -> Result<Passed, CanaryFailed> {
-        let stream = std::os::unix::net::UnixStream::from(self.channel);
-        let opened = stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream));
-        let Ok(stream) = opened else {
+        let Ok(wire) = Wire::new(self.channel) else {
             let reason = "the channel is unusable".to_string();
-            return Err(fail(self.pid, Some(&mut self.exited), self.ready_at, reason, 0).await);
+            return Err(fail(&self.child, Some(&mut self.exited), self.ready_at, reason, 0).await);
         };
-        let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let offers = self.offers;
+        let pass = |wire, connections| pass(wire, window, connections, offers);
         let mut connections = 0;
         let mut last_ping = Instant::now();
         // Past the window but not heard from lately: the verdict waits for one more ping (a
@@ -91,43 +110,61 @@ impl Watch {
                     break format!("exited: {}", status.unwrap_or_else(|_| "unknown".into()));
                 }
                 () = &mut deadline, if !overtime => {
-                    if self.pings && last_ping.elapsed() > 2 * PING_EVERY {
+                    if self.offers.pings && last_ping.elapsed() > 2 * PING_EVERY {
                         overtime = true;
                         continue;
                     }
-                    return Ok(pass(write, window, connections).await);
+                    return Ok(pass(wire, connections).await);
                 }
-                line = lines.next_line(), if self.pings => match line {
-                    Ok(Some(l)) => {
-                        connections = l.strip_prefix("ping ").and_then(|n| n.trim().parse().ok()).unwrap_or(connections);
+                message = wire.recv(), if self.offers.pings => match message {
+                    Ok(Some(m)) => {
+                        let text = String::from_utf8_lossy(&m.bytes);
+                        connections = text.trim().strip_prefix("ping ").and_then(|n| n.parse().ok()).unwrap_or(connections);
                         last_ping = Instant::now();
                         if overtime {
-                            return Ok(pass(write, window, connections).await);
+                            return Ok(pass(wire, connections).await);
                         }
                     }
                     _ => break "closed the channel".to_string(),
                 },
-                () = tokio::time::sleep_until(silent_until), if self.pings => {
+                () = tokio::time::sleep_until(silent_until), if self.offers.pings => {
                     break format!("no liveness ping for {SILENCE:?}");
                 }
             }
         };
         let exited = (!reaped).then_some(&mut self.exited);
-        Err(fail(self.pid, exited, self.ready_at, reason, connections).await)
+        Err(fail(&self.child, exited, self.ready_at, reason, connections).await)
     }
 }
 
-/// Tells the successor it passed. Told or not (it may be exiting this instant), it is on its
-/// own now.
-async fn pass(mut write: tokio::net::unix::OwnedWriteHalf, window: Duration, connections: u64) -> Passed {
-    let _ = write.write_all(b"pass\n").await;
-    Passed { window, connections }
+/// Tells the successor it passed, and waits (up to [`SILENCE`]) until it confirms it took
+/// the verdict in, if it said it would: a trigger sent once the handoff is reported done
+/// then finds it out of its window. Told or not (it may be exiting this instant), it is on
+/// its own now. The newline is for successors of older versions, which read lines.
+async fn pass(wire: Wire, window: Duration, connections: u64, offers: Offers) -> Passed {
+    let told = wire.send(b"pass\n", &[]).await.is_ok();
+    if told && offers.confirms {
+        let seen = async {
+            // Pings sent before our `pass` arrived may come first.
+            while let Ok(Some(m)) = wire.recv().await {
+                if m.bytes.as_slice() == b"seen" {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SILENCE, seen).await;
+    }
+    Passed {
+        window,
+        connections,
+        transfer: (told && offers.takes_transfer).then(|| Transfer::new(wire)),
+    }
 }
 
 /// Kills and reaps the successor unless it was reaped already (`exited` is `None`);
 /// describes how it failed.
 async fn fail(
-    pid: Pid,
+    child: &ChildProcess,
     exited: Option<&mut oneshot::Receiver<String>>,
     ready_at: Instant,
     reason: String,
@@ -135,12 +172,12 @@ async fn fail(
 ) -> CanaryFailed {
     let lived = ready_at.elapsed();
     if let Some(exited) = exited {
-        // Never signal a pid that was reaped: it may name another process by now.
-        let _ = kill(pid, Signal::SIGKILL);
+        // Through the pidfd: even if the reaper got it meanwhile, no other process is hit.
+        let _ = child.signal(Signal::SIGKILL);
         let _ = exited.await;
     }
     CanaryFailed {
-        pid: pid.as_raw() as u32,
+        pid: child.pid(),
         reason,
         lived,
         connections,
@@ -167,23 +204,22 @@ impl PredecessorChannel {
     }
 
     /// Pings every [`PING_EVERY`] with `connections()` until the verdict. Call it inside a
-    /// tokio runtime, once this generation serves.
-    pub async fn ping_until_verdict(self, connections: impl Fn() -> usize) -> io::Result<Verdict> {
-        let stream = std::os::unix::net::UnixStream::from(self.0);
-        stream.set_nonblocking(true)?;
-        let (read, mut write) = UnixStream::from_std(stream)?.into_split();
-        let mut lines = BufReader::new(read).lines();
+    /// tokio runtime, once this generation serves. With `Passed` comes the channel's
+    /// receiving side: the predecessor's live connections arrive there, if it sends any.
+    pub async fn ping_until_verdict(self, connections: impl Fn() -> usize) -> io::Result<(Verdict, Option<Incoming>)> {
+        let wire = Wire::new(self.0)?;
         let mut tick = tokio::time::interval(PING_EVERY);
+        // A predecessor that sent `pass` and exited at once makes our next ping fail while
+        // its `pass` still waits to be read: after a failed ping, only the read decides.
+        let mut pinging = true;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if write.write_all(format!("ping {}\n", connections()).as_bytes()).await.is_err() {
-                        return Ok(Verdict::Gone);
-                    }
+                _ = tick.tick(), if pinging => {
+                    pinging = wire.send(format!("ping {}\n", connections()).as_bytes(), &[]).await.is_ok();
                 }
-                line = lines.next_line() => return Ok(match line {
-                    Ok(Some(l)) if l.trim() == "pass" => Verdict::Passed,
-                    _ => Verdict::Gone,
+                message = wire.recv() => return Ok(match message {
+                    Ok(Some(m)) if m.bytes.trim_ascii() == b"pass" => (Verdict::Passed, Some(Incoming::new(wire))),
+                    _ => (Verdict::Gone, None),
                 }),
             }
         }

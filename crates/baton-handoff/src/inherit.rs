@@ -2,8 +2,10 @@
 //! readiness pipe of a predecessor, and its generation number. Everything is read from the
 //! environment once, and the variables are removed so that none of it leaks further.
 
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::channel::PredecessorChannel;
@@ -17,13 +19,22 @@ pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 pub const GENERATION_ENV: &str = "BATON_GENERATION";
 /// The program path the first generation resolved; every successor execs the same path.
 pub const PROGRAM_ENV: &str = "BATON_PROGRAM";
+/// The arguments the first generation was started with ([`encode_args`]); every successor
+/// gets the same, whatever a wrapper installed at the program path added to its own.
+pub const ARGS_ENV: &str = "BATON_ARGS";
 /// Where each passed socket came from, `:`-separated like `LISTEN_FDNAMES`: `supervisor`
 /// (systemd passed it to the first generation) or `bound` (a generation bound it).
 pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
+/// The name a listening socket a generation bound itself has in systemd's fd store
+/// (`FDSTORE=1`, `FDNAME=bound.<listener name>`): systemd passes it back at a restart after
+/// a crash, and the prefix tells it from a socket unit's (whose address wins over the
+/// configuration, while a stored socket is re-bound when the configuration moved it). A
+/// socket unit's `FileDescriptorName=` must not start with it.
+pub const STORED_NAME_PREFIX: &str = "bound.";
 /// Other fds passed by name: `name=fd:name=fd` (see [`crate::PassedFd`]).
 pub const EXTRA_FDS_ENV: &str = "BATON_EXTRA_FDS";
 /// Every variable of the protocol: read and removed by a successor, replaced for its own.
-pub(crate) const PROTOCOL_ENV: [&str; 10] = [
+pub(crate) const PROTOCOL_ENV: [&str; 11] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -32,6 +43,7 @@ pub(crate) const PROTOCOL_ENV: [&str; 10] = [
     CHANNEL_FD_ENV,
     GENERATION_ENV,
     PROGRAM_ENV,
+    ARGS_ENV,
     ORIGINS_ENV,
     EXTRA_FDS_ENV,
 ];
@@ -55,6 +67,9 @@ pub struct Inherited {
     pub generation: u64,
     /// The program the first generation resolved, for successors to exec.
     pub program: Option<PathBuf>,
+    /// The arguments the first generation was started with, for successors; `None` for a
+    /// first generation (or a predecessor too old to say).
+    pub args: Option<Vec<OsString>>,
     /// Other fds the predecessor passed by name, not taken yet.
     extra: Vec<(String, OwnedFd)>,
 }
@@ -70,19 +85,20 @@ impl Inherited {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(FIRST_LISTEN_FD);
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        let mut names: Vec<String> = std::env::var("LISTEN_FDNAMES")
             .map(|v| v.split(':').map(str::to_string).collect())
             .unwrap_or_default();
         let passed = first_fd..first_fd + fds.len() as RawFd;
         let ready = inherited_fd(READY_FD_ENV, &passed)?.map(ReadySignal);
         let channel = inherited_fd(CHANNEL_FD_ENV, &passed)?.map(PredecessorChannel::new);
         let extra = extra_fds_from_env(&passed)?;
-        let origins = origins_from_env(fds.len(), ready.is_some());
+        let origins = origins_from_env(&mut names, fds.len(), ready.is_some());
         let generation = std::env::var(GENERATION_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
         let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
+        let args = std::env::var_os(ARGS_ENV).map(|v| decode_args(&v));
         // SAFETY: the caller guarantees no other thread runs yet.
         unsafe {
             for var in PROTOCOL_ENV {
@@ -100,6 +116,7 @@ impl Inherited {
             channel,
             generation,
             program,
+            args,
             extra,
         })
     }
@@ -116,6 +133,7 @@ impl Inherited {
             channel: None,
             generation: 1,
             program: None,
+            args: None,
             extra: Vec::new(),
         }
     }
@@ -134,6 +152,12 @@ impl Inherited {
 
     pub fn is_empty(&self) -> bool {
         self.fds.len() == 0
+    }
+
+    /// The names of the passed sockets, in order (those from systemd's fd store without
+    /// [`STORED_NAME_PREFIX`]).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The first untaken socket called `name`.
@@ -233,11 +257,20 @@ fn extra_fds_from_env(listeners: &std::ops::Range<RawFd>) -> io::Result<Vec<(Str
 }
 
 /// Each socket's origin. A first generation (no readiness pipe) got its sockets from the
-/// service manager; a successor reads what its predecessor wrote. A predecessor too old to
-/// say counts as having bound them.
-fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
+/// service manager: from its socket units, or from its fd store, where a generation keeps
+/// the sockets it bound itself under [`STORED_NAME_PREFIX`] and the name (the prefix is
+/// removed here); a successor reads what its predecessor wrote. A predecessor too old to say
+/// counts as having bound them.
+fn origins_from_env(names: &mut [String], count: usize, from_predecessor: bool) -> Vec<Origin> {
     if !from_predecessor {
-        return vec![Origin::Supervisor; count];
+        let mut origins = vec![Origin::Supervisor; count];
+        for (name, origin) in names.iter_mut().zip(origins.iter_mut()) {
+            if let Some(stored) = name.strip_prefix(STORED_NAME_PREFIX) {
+                *name = stored.to_string();
+                *origin = Origin::Bound;
+            }
+        }
+        return origins;
     }
     let listed = std::env::var(ORIGINS_ENV).unwrap_or_default();
     let mut origins: Vec<Origin> = listed.split(':').filter_map(Origin::parse).collect();
@@ -245,9 +278,47 @@ fn origins_from_env(count: usize, from_predecessor: bool) -> Vec<Origin> {
     origins
 }
 
-/// The longest reason [`ReadySignal::signal_failed`] passes on (well below a pipe's buffer,
-/// so the write never blocks a process that is about to exit).
-pub const MAX_REASON_BYTES: usize = 2000;
+/// `args` as one environment value: each argument's bytes with `%` and newline escaped
+/// (`%25`, `%0A`), each followed by a newline. [`decode_args`] reads it back.
+pub fn encode_args(args: &[OsString]) -> OsString {
+    let mut out = Vec::new();
+    for a in args {
+        for &b in a.as_bytes() {
+            match b {
+                b'%' => out.extend_from_slice(b"%25"),
+                b'\n' => out.extend_from_slice(b"%0A"),
+                b => out.push(b),
+            }
+        }
+        out.push(b'\n');
+    }
+    OsString::from_vec(out)
+}
+
+/// The arguments [`encode_args`] wrote.
+pub fn decode_args(value: &OsStr) -> Vec<OsString> {
+    let bytes = value.as_bytes();
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if value.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|&b| b == b'\n')
+        .map(|a| {
+            let mut arg = Vec::with_capacity(a.len());
+            let mut i = 0;
+            while i < a.len() {
+                match &a[i..] {
+                    [b'%', b'2', b'5', ..] => (arg.push(b'%'), i += 3),
+                    [b'%', b'0', b'A', ..] => (arg.push(b'\n'), i += 3),
+                    [b, ..] => (arg.push(*b), i += 1),
+                    [] => unreachable!("i < len"),
+                };
+            }
+            OsString::from_vec(arg)
+        })
+        .collect()
+}
 
 /// The write end of the readiness pipe, held by a new generation until it serves.
 pub struct ReadySignal(OwnedFd);
@@ -260,29 +331,71 @@ impl ReadySignal {
 
     /// Tells the predecessor we serve and will ping over the channel during its canary
     /// window ([`PredecessorChannel::ping_until_verdict`]): a promise, since a successor
-    /// that says so and stays silent fails the canary.
+    /// that says so and stays silent fails the canary. It also promises to confirm the
+    /// verdict ([`crate::Incoming::confirm_verdict`]); the predecessor waits for that (up
+    /// to [`crate::channel::SILENCE`]) before it calls the handoff done.
     pub fn signal_ready_pinging(self) -> io::Result<()> {
-        self.write(&format!("ready {} canary\n", std::process::id()))
+        self.write(&format!("ready {} canary confirms\n", std::process::id()))
     }
 
-    /// Tells the predecessor why we cannot serve (we exit next): `failed <reason>`. Its
-    /// handoff error then carries the reason beside the exit status, so `baton upgrade` and
-    /// the old generation's log say what was wrong (a file, a line) and not only "exit
-    /// status 1". A predecessor that does not know the line waits for the exit as before.
-    pub fn signal_failed(self, reason: &str) -> io::Result<()> {
-        let mut one_line: String = reason.replace(['\n', '\r'], " ");
-        if one_line.len() > MAX_REASON_BYTES {
-            let mut end = MAX_REASON_BYTES;
-            while !one_line.is_char_boundary(end) {
-                end -= 1;
-            }
-            one_line.truncate(end);
-        }
-        self.write(&format!("failed {one_line}\n"))
+    /// As [`ReadySignal::signal_ready_pinging`], and offers to take the predecessor's live
+    /// connections after its verdict ([`crate::transfer`]): a promise to read the
+    /// [`crate::Incoming`] that comes with [`crate::Verdict::Passed`].
+    pub fn signal_ready_taking_transfer(self) -> io::Result<()> {
+        let version = crate::transfer::TRANSFER_VERSION;
+        self.write(&format!(
+            "ready {} canary confirms xfer={version}\n",
+            std::process::id()
+        ))
+    }
+
+    /// A second handle on the pipe, for saying why this generation could not start
+    /// ([`FailureReporter::report`]) after the start consumed or dropped this one. Drop it
+    /// once the start succeeded: it holds the pipe open.
+    pub fn failure_reporter(&self) -> io::Result<FailureReporter> {
+        Ok(FailureReporter(self.0.try_clone()?))
     }
 
     fn write(self, line: &str) -> io::Result<()> {
         let mut f = std::fs::File::from(self.0);
         io::Write::write_all(&mut f, line.as_bytes())
+    }
+}
+
+/// Tells the predecessor why this generation could not start: it reports the reason with
+/// the failed handoff instead of only an exit status.
+pub struct FailureReporter(OwnedFd);
+
+impl FailureReporter {
+    /// Writes `failed <reason>` (on one line). Best effort: the predecessor reports the exit
+    /// status when this does not arrive.
+    pub fn report(self, reason: &str) {
+        let line = format!("failed {}\n", reason.replace('\n', "; "));
+        let mut f = std::fs::File::from(self.0);
+        let _ = io::Write::write_all(&mut f, line.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_survive_the_environment() {
+        for args in [
+            vec![],
+            vec![OsString::new()],
+            vec!["run".into(), "--config".into(), "/etc/a b%0A.toml".into()],
+            vec![
+                "a\nb".into(),
+                "%".into(),
+                "".into(),
+                OsString::from_vec(vec![0xff, b'%']),
+            ],
+        ] {
+            let encoded = encode_args(&args);
+            assert!(!encoded.as_bytes().contains(&0));
+            assert_eq!(decode_args(&encoded), args, "{encoded:?}");
+        }
     }
 }

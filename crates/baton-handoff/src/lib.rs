@@ -19,6 +19,8 @@
 //!   ([`Successor::await_ready`]), and rolling back when it fails;
 //! - [`channel`]: the two-way channel between the generations: the canary window after
 //!   ready ([`Watch::canary`]) and the successor's liveness pings;
+//! - [`transfer`]: moving live connections (opaque records with their fds) to the successor
+//!   over that channel once its canary passed ([`Transfer`], [`Incoming`]);
 //! - [`drain`]: stopping gracefully ([`Drain`]);
 //! - [`process`]: fd and process hygiene around fork.
 //!
@@ -30,11 +32,17 @@ pub mod inherit;
 pub mod listener;
 pub mod process;
 pub mod successor;
+pub mod transfer;
+mod wire;
 
 pub use channel::{CanaryFailed, Passed, PredecessorChannel, Verdict, Watch};
 pub use drain::{Drain, DrainReport};
-pub use inherit::{Inherited, ReadySignal};
+pub use inherit::{FailureReporter, Inherited, ReadySignal};
 pub use listener::{
-    ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind, open_listener,
+    Forecast, Held, ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind,
+    forecast, open_listener,
 };
+pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};
+pub use transfer::{Incoming, Item, TRANSFER_VERSION, Transfer, TransferError, batches};
+pub use wire::MAX_FDS_PER_MESSAGE;

@@ -45,6 +45,10 @@ pub enum ListenError {
         owner: u32,
         uid: u32,
     },
+    #[error(
+        "listener `{name}`: cannot bind {addr}: ports below {start} need CAP_NET_BIND_SERVICE, which this process lacks (not in its effective capability set); grant it (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE, then restart the service) or have a socket unit pass the socket"
+    )]
+    Privileged { name: String, addr: ListenAddr, start: u16 },
     #[error("listener `{name}`: cannot adopt the inherited socket")]
     Adopt {
         name: String,
@@ -114,7 +118,7 @@ impl Origin {
         }
     }
 
-    pub(crate) fn parse(s: &str) -> Option<Origin> {
+    pub fn parse(s: &str) -> Option<Origin> {
         match s {
             "supervisor" => Some(Origin::Supervisor),
             "bound" => Some(Origin::Bound),
@@ -294,7 +298,8 @@ impl Opened {
 
 /// Opens the listener `name` at `addr` by the one rule for every listener:
 ///
-/// 1. An inherited socket of the same name at the configured address is adopted.
+/// 1. An inherited socket of the same name at the configured address is adopted (unless it
+///    is a Unix socket a generation bound whose file is gone: it is bound anew).
 /// 2. An inherited socket of the same name elsewhere: the service manager's wins over the
 ///    configuration (with a warning naming both); one a generation bound is closed and the
 ///    configured address is bound anew (the configuration moved it).
@@ -309,7 +314,10 @@ pub async fn open_listener(inherited: &mut Inherited, name: &str, addr: &ListenA
     if let Some(idx) = inherited.position_by_name(name) {
         let (socket, origin) = inherited.take(idx).map_err(adopt_err)?;
         let actual = socket.local_addr().map_err(adopt_err)?;
-        if addr.is_served_by(&actual) {
+        // A Unix socket whose file was removed (its runtime directory cleaned while systemd
+        // kept the socket in its fd store) takes no new connection: bound anew below.
+        let unreachable = matches!(&actual, ListenAddr::Unix(p) if std::fs::symlink_metadata(p).is_err());
+        if addr.is_served_by(&actual) && !(unreachable && origin == Origin::Bound) {
             return Ok(listener(name, socket, actual, origin, Opened::Adopted));
         }
         if origin == Origin::Supervisor {
@@ -341,6 +349,64 @@ pub async fn open_listener(inherited: &mut Inherited, name: &str, addr: &ListenA
     Ok(listener(name, socket, bound, Origin::Bound, Opened::Bound))
 }
 
+/// A socket the serving generation holds, as its status reports it: for [`forecast`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub name: String,
+    pub addr: ListenAddr,
+    pub origin: Origin,
+}
+
+/// What [`open_listener`] will do with a configured listener at the next handoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forecast {
+    /// The held socket of the same name and address is adopted.
+    Adopt,
+    /// The held socket at this address, now called `from`, is adopted under the new name.
+    Rename { from: String },
+    /// The service manager's socket of this name, at `passed`, wins over the configuration.
+    KeptElsewhere { passed: ListenAddr },
+    /// The configured address changed: the held socket at `from` is closed, the new one bound.
+    Move { from: ListenAddr },
+    /// Nothing held matches: the address is bound.
+    Bind,
+}
+
+/// Forecasts [`open_listener`]'s rule for each of `wanted` (name and address, in the order
+/// they are opened) against the sockets a serving generation holds: `baton check` says what
+/// the next handoff will do. Returns the forecasts and the held sockets nothing takes, which
+/// the next generation closes (dropped).
+pub fn forecast<'h>(held: &'h [Held], wanted: &[(&str, &ListenAddr)]) -> (Vec<Forecast>, Vec<&'h Held>) {
+    let mut taken = vec![false; held.len()];
+    let mut forecasts = Vec::with_capacity(wanted.len());
+    for (name, addr) in wanted {
+        let free = |i: &usize, taken: &[bool]| !taken[*i];
+        let by_name = (0..held.len()).find(|i| free(i, &taken) && held[*i].name == *name);
+        let by_addr = || (0..held.len()).find(|i| free(i, &taken) && held[*i].addr == **addr);
+        let f = if let Some(i) = by_name {
+            taken[i] = true;
+            let h = &held[i];
+            if addr.is_served_by(&h.addr) {
+                Forecast::Adopt
+            } else if h.origin == Origin::Supervisor {
+                Forecast::KeptElsewhere { passed: h.addr.clone() }
+            } else {
+                Forecast::Move { from: h.addr.clone() }
+            }
+        } else if let Some(i) = by_addr().filter(|_| !addr.is_ephemeral()) {
+            taken[i] = true;
+            Forecast::Rename {
+                from: held[i].name.clone(),
+            }
+        } else {
+            Forecast::Bind
+        };
+        forecasts.push(f);
+    }
+    let dropped = held.iter().zip(&taken).filter(|(_, t)| !**t).map(|(h, _)| h).collect();
+    (forecasts, dropped)
+}
+
 fn listener(name: &str, socket: Socket, bound: ListenAddr, origin: Origin, opened: Opened) -> Listener {
     Listener {
         name: name.to_string(),
@@ -370,7 +436,14 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             }
             .map_err(bind_err)?;
             sock.set_reuseaddr(true).map_err(bind_err)?;
-            sock.bind(*a).map_err(bind_err)?;
+            sock.bind(*a).map_err(|e| match e.raw_os_error() {
+                Some(libc::EACCES) if needs_bind_capability(addr, None) => ListenError::Privileged {
+                    name: name.to_string(),
+                    addr: addr.clone(),
+                    start: unprivileged_port_start(),
+                },
+                _ => bind_err(e),
+            })?;
             Ok(Socket::Tcp(sock.listen(BACKLOG).map_err(bind_err)?))
         }
         ListenAddr::Unix(p) => {
@@ -400,6 +473,24 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             Ok(Socket::Unix(l))
         }
     }
+}
+
+/// The lowest port a process without `CAP_NET_BIND_SERVICE` may bind
+/// (`net.ipv4.ip_unprivileged_port_start`; 1024 where it cannot be read).
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Whether binding `addr` needs `CAP_NET_BIND_SERVICE` and process `pid` (`None`: this one)
+/// lacks it. A process whose capabilities cannot be read is given the benefit of the doubt.
+pub fn needs_bind_capability(addr: &ListenAddr, pid: Option<u32>) -> bool {
+    let ListenAddr::Tcp(a) = addr else { return false };
+    a.port() != 0
+        && a.port() < unprivileged_port_start()
+        && !crate::process::has_capability(pid, crate::process::CAP_NET_BIND_SERVICE).unwrap_or(true)
 }
 
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
@@ -578,6 +669,57 @@ mod tests {
         let err = bind("t", &ListenAddr::Unix(file.clone())).await.unwrap_err();
         assert!(matches!(err, ListenError::NotASocket { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    }
+
+    #[test]
+    fn the_forecast_follows_the_rule() {
+        let tcp = |s: &str| ListenAddr::Tcp(s.parse().unwrap());
+        let held = |name: &str, addr: &str, origin| Held {
+            name: name.into(),
+            addr: tcp(addr),
+            origin,
+        };
+        let held = [
+            held("proxy", "127.0.0.1:8080", Origin::Supervisor),
+            held("side", "127.0.0.1:8081", Origin::Bound),
+            held("eph", "127.0.0.2:40000", Origin::Bound),
+            held("old", "127.0.0.1:8082", Origin::Bound),
+            held("was", "127.0.0.1:8083", Origin::Bound),
+            held("sd", "127.0.0.1:8084", Origin::Supervisor),
+        ];
+        let (a, b, c, d, e, f) = (
+            tcp("127.0.0.1:8080"),
+            tcp("127.0.0.1:9081"),
+            tcp("127.0.0.2:0"),
+            tcp("127.0.0.1:8083"),
+            tcp("127.0.0.1:9000"),
+            tcp("127.0.0.1:9084"),
+        );
+        let wanted = [
+            ("proxy", &a),
+            ("side", &b),
+            ("eph", &c),
+            ("renamed", &d),
+            ("new", &e),
+            ("sd", &f),
+        ];
+        let (forecasts, dropped) = forecast(&held, &wanted);
+        assert_eq!(
+            forecasts,
+            vec![
+                Forecast::Adopt,
+                Forecast::Move {
+                    from: tcp("127.0.0.1:8081")
+                },
+                Forecast::Adopt,
+                Forecast::Rename { from: "was".into() },
+                Forecast::Bind,
+                Forecast::KeptElsewhere {
+                    passed: tcp("127.0.0.1:8084")
+                },
+            ]
+        );
+        assert_eq!(dropped.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["old"]);
     }
 
     #[test]

@@ -8,7 +8,13 @@
 //! `ready <pid>\n` once it serves, the exec failure's errno as `exec-error NNNN\n`, or why it
 //! cannot serve as `failed <reason>\n` before it exits. The
 //! child's end of the channel follows (`BATON_CHANNEL_FD`), then any extra named fds
-//! (`BATON_EXTRA_FDS=name=fd:...`).
+//! (`BATON_EXTRA_FDS=name=fd:...`). A child that fails before it is ready may say why:
+//! `failed <reason>\n` ([`crate::ReadySignal::failure_reporter`]).
+//!
+//! The program is the path the first generation was started from (`BATON_PROGRAM`), with
+//! the arguments it was started with (`BATON_ARGS`), so that a wrapper installed at the path
+//! changes only the process it starts; or, to roll back, a binary held open by fd
+//! ([`SuccessorSpec::binary`]), executed with `execveat(2)`.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -17,18 +23,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 use crate::channel::Watch;
 use crate::inherit::{
-    CHANNEL_FD_ENV, EXTRA_FDS_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV,
-    READY_FD_ENV,
+    ARGS_ENV, CHANNEL_FD_ENV, EXTRA_FDS_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV,
+    READY_FD_ENV, encode_args,
 };
 use crate::listener::Origin;
+use crate::process::ChildProcess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
@@ -48,6 +53,9 @@ pub enum HandoffError {
     },
     #[error("new generation (pid {pid}) exited before it was ready: {status}")]
     ChildExited { pid: u32, status: String },
+    /// The child said why it could not start (its configuration, a listener, ...).
+    #[error("new generation (pid {pid}) exited before it was ready: {reason}")]
+    StartFailed { pid: u32, reason: String },
     #[error("new generation (pid {pid}) was not ready within {timeout:?}; killed")]
     Timeout { pid: u32, timeout: Duration },
     #[error("handoff i/o")]
@@ -72,16 +80,22 @@ pub struct PassedFd<'a> {
 /// What to start: a program (absolute path), its arguments, the listeners to pass, and any
 /// other named fds.
 pub struct SuccessorSpec<'a> {
+    /// The path to execute, `argv[0]` and `BATON_PROGRAM` (what the successor's own
+    /// successors execute).
     pub program: &'a Path,
     pub args: &'a [OsString],
     pub listeners: Vec<PassedListener<'a>>,
     pub extra: Vec<PassedFd<'a>>,
     pub generation: u64,
+    /// Execute this binary (an fd, `O_PATH` is enough) instead of the file at `program`:
+    /// a rollback to a binary an install has replaced since. `program` stays what the
+    /// successor records, so its next plain handoff executes the path again.
+    pub binary: Option<BorrowedFd<'a>>,
 }
 
 /// A spawned successor that has not reported ready yet.
 pub struct Successor {
-    pid: Pid,
+    child: ChildProcess,
     program: PathBuf,
     ready: OwnedFd,
     channel: OwnedFd,
@@ -142,6 +156,9 @@ impl ExecImage {
         envp.push(cstr(OsStr::new(&format!("{CHANNEL_FD_ENV}={}", ready_fd + 1)))?);
         envp.push(cstr(OsStr::new(&extra_fds_env(&spec.extra, ready_fd + 2)?))?);
         envp.push(cstr(OsStr::new(&format!("{GENERATION_ENV}={}", spec.generation)))?);
+        let mut args_env = OsString::from(format!("{ARGS_ENV}="));
+        args_env.push(encode_args(spec.args));
+        envp.push(cstr(&args_env)?);
         let mut program_env = OsString::from(format!("{PROGRAM_ENV}="));
         program_env.push(spec.program.as_os_str());
         envp.push(cstr(&program_env)?);
@@ -175,10 +192,12 @@ fn extra_fds_env(extra: &[PassedFd<'_>], first: RawFd) -> io::Result<String> {
 /// Fork+execs the successor with our listeners as fds 3.., then the readiness pipe's write
 /// end and the child's end of the channel.
 pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffError> {
-    nix::unistd::access(spec.program, nix::unistd::AccessFlags::X_OK).map_err(|e| HandoffError::NotExecutable {
-        path: spec.program.to_path_buf(),
-        source: e.into(),
-    })?;
+    if spec.binary.is_none() {
+        nix::unistd::access(spec.program, nix::unistd::AccessFlags::X_OK).map_err(|e| HandoffError::NotExecutable {
+            path: spec.program.to_path_buf(),
+            source: e.into(),
+        })?;
+    }
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let (channel, channel_child) = channel_pair()?;
     let passed: Vec<BorrowedFd<'_>> = spec
@@ -196,6 +215,9 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         .iter()
         .map(|fd| dup_above(*fd, floor))
         .collect::<io::Result<Vec<_>>>()?;
+    // The binary to execute by fd, out of the way of the dup2 calls too.
+    let binary = spec.binary.map(|fd| dup_above(fd, floor)).transpose()?;
+    let exec_fd = binary.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     let mut image = ExecImage::new(spec, ready_target)?;
     let argv: Vec<*const libc::c_char> = image
         .argv
@@ -221,30 +243,33 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     let forked = unsafe { nix::unistd::fork() };
     if let Ok(nix::unistd::ForkResult::Child) = forked {
         // SAFETY: as above; the pointers point at memory the child's copy keeps alive.
-        unsafe { exec_child(&source_fds, ready_target, pid_slot, program, &argv, &envp) }
+        unsafe { exec_child(&source_fds, ready_target, pid_slot, (exec_fd, program), &argv, &envp) }
     }
     restore_signals(&blocked);
     let pid = match forked.map_err(HandoffError::Fork)? {
         nix::unistd::ForkResult::Parent { child } => child,
         nix::unistd::ForkResult::Child => unreachable!("the child execs or exits in exec_child"),
     };
-    drop((sources, ready_w, channel_child, image));
+    // Before anything waits for it: an unreaped child's pid names it.
+    let child = ChildProcess::new(pid);
+    drop((sources, binary, ready_w, channel_child, image));
     Ok(Successor {
-        pid,
+        exited: spawn_reaper(child.clone())?,
+        child,
         program: spec.program.to_path_buf(),
         ready: ready_r,
         channel,
-        exited: spawn_reaper(pid)?,
         started: Instant::now(),
     })
 }
 
-/// A connected pair of Unix stream sockets, close-on-exec: ours and the child's.
+/// A connected pair of Unix seqpacket sockets (messages keep their bounds and their fds),
+/// close-on-exec: ours and the child's.
 fn channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     Ok(socketpair(
         AddressFamily::Unix,
-        SockType::Stream,
+        SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )?)
@@ -264,20 +289,15 @@ fn restore_signals(old: &nix::sys::signal::SigSet) {
 }
 
 /// The successor is our child until we exit: reap it whenever it ends, so it never lingers
-/// as a zombie (a blocking waitpid per child; there is at most one spawn at a time). The
-/// receiver gets how it ended.
-fn spawn_reaper(pid: Pid) -> io::Result<oneshot::Receiver<String>> {
+/// as a zombie (a blocking wait per child, through its pidfd; there is at most one spawn at
+/// a time). The receiver gets how it ended.
+fn spawn_reaper(child: ChildProcess) -> io::Result<oneshot::Receiver<String>> {
     let (tx, exited) = oneshot::channel();
-    std::thread::Builder::new().name(format!("reap-{pid}")).spawn(move || {
-        let status = loop {
-            match waitpid(pid, None) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Ok(s) => break describe_status(s),
-                Err(e) => break format!("wait failed: {e}"),
-            }
-        };
-        let _ = tx.send(status);
-    })?;
+    std::thread::Builder::new()
+        .name(format!("reap-{}", child.pid()))
+        .spawn(move || {
+            let _ = tx.send(child.wait_blocking());
+        })?;
     Ok(exited)
 }
 
@@ -296,7 +316,7 @@ unsafe fn exec_child(
     sources: &[RawFd],
     ready_target: RawFd,
     pid_slot: *mut u8,
-    program: *const libc::c_char,
+    (exec_fd, program): (RawFd, *const libc::c_char),
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
 ) -> ! {
@@ -338,7 +358,20 @@ unsafe fn exec_child(
         // process that forked while it was being written); that passes within moments.
         let mut errno = 0;
         for _ in 0..50 {
-            libc::execve(program, argv.as_ptr(), envp.as_ptr());
+            if exec_fd >= 0 {
+                // execveat(fd, "", argv, envp, AT_EMPTY_PATH): the file the fd names, wherever
+                // (and whether) it is linked now. A raw syscall: no libc wrapper allocates.
+                libc::syscall(
+                    libc::SYS_execveat,
+                    exec_fd,
+                    c"".as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            } else {
+                libc::execve(program, argv.as_ptr(), envp.as_ptr());
+            }
             errno = *libc::__errno_location();
             if errno != libc::ETXTBSY {
                 break;
@@ -394,17 +427,14 @@ unsafe fn cloexec_from(first: RawFd) {
     }
 }
 
-fn describe_status(s: WaitStatus) -> String {
-    match s {
-        WaitStatus::Exited(_, code) => format!("exit status {code}"),
-        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
-        other => format!("{other:?}"),
-    }
-}
-
 impl Successor {
     pub fn pid(&self) -> u32 {
-        self.pid.as_raw() as u32
+        self.child.pid()
+    }
+
+    /// The child, to signal it through its pidfd while its readiness is awaited.
+    pub fn process(&self) -> ChildProcess {
+        self.child.clone()
     }
 
     /// Waits for the readiness line. On exit, exec failure or timeout the child is killed and
@@ -412,30 +442,21 @@ impl Successor {
     pub async fn await_ready(mut self, timeout: Duration) -> Result<Ready, HandoffError> {
         let pid = self.pid();
         let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)?;
-        let read_line = async {
-            let mut buf = Vec::with_capacity(64);
-            let mut chunk = [0u8; 64];
-            loop {
-                let n = pipe.read(&mut chunk).await?;
-                if n == 0 || chunk[..n].contains(&b'\n') {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return Ok::<_, io::Error>(String::from_utf8_lossy(&buf).trim().to_string());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > crate::inherit::MAX_REASON_BYTES + 64 {
-                    return Ok(String::from_utf8_lossy(&buf).to_string());
-                }
-            }
-        };
+        let read_line = read_line(&mut pipe);
+        tokio::pin!(read_line);
         let outcome = tokio::select! {
             // The pipe first: a failed exec writes its errno there and then exits, and the
             // errno says more than the exit status.
             biased;
-            line = read_line => Some(line?),
-            // The child died while something it started still holds the pipe open.
+            line = &mut read_line => Some(line?),
+            // The child died (perhaps while something it started still holds the pipe open).
             status = &mut self.exited => {
                 let status = status.unwrap_or_else(|_| "unknown".into());
-                return Err(HandoffError::ChildExited { pid, status });
+                // What it wrote before it exited may not have been read yet: its reason says
+                // more than its exit status.
+                let last = tokio::time::timeout(Duration::from_millis(250), &mut read_line).await;
+                let said = last.ok().and_then(Result::ok).and_then(|l| line_error(&l, pid, &self.program));
+                return Err(said.unwrap_or(HandoffError::ChildExited { pid, status }));
             }
             _ = tokio::time::sleep(timeout) => None,
         };
@@ -443,29 +464,26 @@ impl Successor {
             Some(line) if line.starts_with("ready") => {
                 // `ready <pid> canary`: it pings over the channel (older successors do not).
                 let pings = line.split_whitespace().any(|w| w == "canary");
+                let ours = format!("xfer={}", crate::transfer::TRANSFER_VERSION);
+                let takes_transfer = line.split_whitespace().any(|w| w == ours);
+                let confirms = line.split_whitespace().any(|w| w == "confirms");
                 let after = self.started.elapsed();
-                let watch = Watch::new(self.pid, self.exited, self.channel, pings);
+                let offers = crate::channel::Offers {
+                    pings,
+                    confirms,
+                    takes_transfer,
+                };
+                let watch = Watch::new(self.child, self.exited, self.channel, offers);
                 return Ok(Ready { pid, after, watch });
             }
-            // `failed <reason>`: it will exit; the error says why, with the exit status.
-            Some(line) if line.starts_with("failed ") => {
-                let reason = line["failed ".len()..].trim().to_string();
+            Some(line) if line_error(&line, pid, &self.program).is_some() => {
+                let failure = line_error(&line, pid, &self.program).unwrap_or(HandoffError::Timeout { pid, timeout });
+                // It exits next; one that lingers is killed below.
                 let left = timeout.saturating_sub(self.started.elapsed());
-                match tokio::time::timeout(left, &mut self.exited).await {
-                    Ok(status) => {
-                        let status = status.unwrap_or_else(|_| "unknown".into());
-                        let status = format!("{status}: {reason}");
-                        return Err(HandoffError::ChildExited { pid, status });
-                    }
-                    Err(_) => HandoffError::Timeout { pid, timeout },
+                if tokio::time::timeout(left, &mut self.exited).await.is_ok() {
+                    return Err(failure);
                 }
-            }
-            Some(line) if line.starts_with("exec-error") => {
-                let errno = line.rsplit(' ').next().and_then(|e| e.parse().ok()).unwrap_or(0);
-                HandoffError::Exec {
-                    path: self.program.clone(),
-                    errno: nix::errno::Errno::from_raw(errno),
-                }
+                failure
             }
             // EOF without a line: the child closed the pipe, which almost always means it is
             // exiting; a child that closes it and lives on is killed at the timeout.
@@ -481,8 +499,38 @@ impl Successor {
             }
             None => HandoffError::Timeout { pid, timeout },
         };
-        let _ = kill(self.pid, Signal::SIGKILL);
+        let _ = self.child.signal(Signal::SIGKILL);
         let _ = self.exited.await;
         Err(failure)
+    }
+}
+
+/// The failure a line from the child `pid` reports: `failed <reason>` (it could not start)
+/// or `exec-error <errno>` (the exec of `program` failed); `None` for anything else.
+fn line_error(line: &str, pid: u32, program: &Path) -> Option<HandoffError> {
+    if let Some(reason) = line.strip_prefix("failed ") {
+        return Some(HandoffError::StartFailed {
+            pid,
+            reason: reason.to_string(),
+        });
+    }
+    let errno = line.strip_prefix("exec-error ")?.trim().parse().unwrap_or(0);
+    Some(HandoffError::Exec {
+        path: program.to_path_buf(),
+        errno: nix::errno::Errno::from_raw(errno),
+    })
+}
+
+/// The first line the child writes into the readiness pipe (or what it wrote before EOF),
+/// trimmed; at most about 4 KiB.
+async fn read_line(pipe: &mut tokio::net::unix::pipe::Receiver) -> io::Result<String> {
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = pipe.read(&mut chunk).await?;
+        buf.extend_from_slice(&chunk[..n]);
+        if n == 0 || chunk[..n].contains(&b'\n') || buf.len() > 4096 {
+            return Ok(String::from_utf8_lossy(&buf).trim().to_string());
+        }
     }
 }

@@ -13,9 +13,10 @@ use baton_handoff::{PassedFd, SuccessorSpec, spawn_successor};
 async fn an_extra_fd_arrives_under_its_name() -> Result<(), Box<dyn std::error::Error>> {
     let (mut read_end, write_end) = std::io::pipe()?;
     // The shell finds its fd from the variable, writes the variable and a word through it,
-    // then reports ready as a successor must.
-    let script =
-        r#"fd=${BATON_EXTRA_FDS#probe=}; echo "$BATON_EXTRA_FDS hello" >&$fd; echo "ready $$" >&$BATON_READY_FD"#;
+    // then reports ready as a successor must, and lives until the channel closes (a child
+    // that exits at once may be seen exiting before its ready line is read).
+    let script = r#"fd=${BATON_EXTRA_FDS#probe=}; echo "$BATON_EXTRA_FDS hello" >&$fd; exec 5>&-;
+        echo "ready $$" >&$BATON_READY_FD; read _ <&$BATON_CHANNEL_FD"#;
     let args = [OsString::from("-c"), OsString::from(script)];
     let spec = SuccessorSpec {
         program: Path::new("/bin/sh"),
@@ -26,6 +27,7 @@ async fn an_extra_fd_arrives_under_its_name() -> Result<(), Box<dyn std::error::
             fd: write_end.as_fd(),
         }],
         generation: 2,
+        binary: None,
     };
     let ready = spawn_successor(&spec)?.await_ready(Duration::from_secs(10)).await?;
     drop(spec);
@@ -50,6 +52,7 @@ async fn a_name_with_a_separator_is_refused_before_fork() {
             fd: w.as_fd(),
         }],
         generation: 2,
+        binary: None,
     };
     let err = spawn_successor(&spec).err().expect("a name with ':' must be refused");
     assert!(

@@ -10,19 +10,26 @@
 //!   ([`ProxyConnection`]) and a CONNECT tunnel opener ([`open_tunnel`]);
 //! - [`load`]: a background client pool ([`Load`]) that counts every request that does not
 //!   end in a complete 200, for "nothing fails while baton hands off";
+//! - [`tunnels`]: long-lived CONNECT tunnels that echo hash-checked data ([`LongTunnels`]);
 //! - [`tls`]: a test certificate authority and the TLS client side, for TLS listeners;
-//! - [`data`]: the deterministic bodies the origin serves ([`pattern`]) and [`sha256_hex`].
+//! - [`data`]: the deterministic bodies the origin serves ([`pattern`]) and [`sha256_hex`];
+//! - [`browser`]: a headless Chromium driven over the DevTools protocol ([`Browser`]), for
+//!   pages whose own scripts must run.
 
+pub mod browser;
 pub mod client;
 pub mod data;
 pub mod echo;
 pub mod load;
 pub mod origin;
 pub mod tls;
+pub mod tunnels;
 
+pub use browser::Browser;
 pub use client::{ClientError, ClientStream, ProxyConnection, open_tunnel, open_tunnel_via, read_head};
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
 pub use origin::start_origin;
 pub use tls::{ProxyTls, TestCa};
+pub use tunnels::{LongTunnels, TunnelReport};

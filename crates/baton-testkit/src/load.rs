@@ -45,6 +45,9 @@ pub struct LoadSpec {
     pub timeout: Duration,
     /// A worker's pause between two requests.
     pub pause: Duration,
+    /// A status that is expected from some of the answers (a generation known to be bad,
+    /// say): counted in [`LoadReport::tolerated`], not as a failure.
+    pub tolerate: Option<StatusCode>,
     /// To a TLS listener: the client side (`None`: plain TCP).
     pub tls: Option<ProxyTls>,
 }
@@ -60,8 +63,15 @@ impl LoadSpec {
             new_connection_workers: 1,
             timeout: Duration::from_secs(10),
             pause: Duration::ZERO,
+            tolerate: None,
             tls: None,
         }
+    }
+
+    /// Answers with `status` are counted apart ([`LoadReport::tolerated`]), not as failures.
+    pub fn tolerate(mut self, status: StatusCode) -> LoadSpec {
+        self.tolerate = Some(status);
+        self
     }
 
     /// Speak TLS to the proxy (a TLS listener).
@@ -98,6 +108,8 @@ impl LoadSpec {
 pub struct LoadReport {
     /// Requests answered 200 with a complete body.
     pub ok: u64,
+    /// Requests answered with [`LoadSpec::tolerate`]'s status.
+    pub tolerated: u64,
     /// Everything else: refused or failed connections, errors, other statuses, wrong body
     /// lengths, timeouts.
     pub failed: u64,
@@ -127,10 +139,14 @@ impl LoadReport {
 
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ok, ", self.ok)?;
+        if self.tolerated > 0 {
+            write!(f, "{} tolerated, ", self.tolerated)?;
+        }
         write!(
             f,
-            "{} ok, {} failed ({} closed before a response, {} of them on a reused keep-alive connection), {} reconnects",
-            self.ok, self.failed, self.closed_before_response, self.closed_on_reuse, self.reconnects
+            "{} failed ({} closed before a response, {} of them on a reused keep-alive connection), {} reconnects",
+            self.failed, self.closed_before_response, self.closed_on_reuse, self.reconnects
         )?;
         for s in &self.samples {
             write!(f, "\n  {s}")?;
@@ -190,6 +206,7 @@ impl Load {
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
+    tolerated: AtomicU64,
     failed: AtomicU64,
     closed_before_response: AtomicU64,
     closed_on_reuse: AtomicU64,
@@ -223,6 +240,7 @@ impl Tally {
     fn report(&self) -> LoadReport {
         LoadReport {
             ok: self.ok.load(Ordering::Relaxed),
+            tolerated: self.tolerated.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             closed_before_response: self.closed_before_response.load(Ordering::Relaxed),
             closed_on_reuse: self.closed_on_reuse.load(Ordering::Relaxed),
@@ -356,6 +374,10 @@ impl Worker {
                 if status == StatusCode::OK && self.spec.body_len.is_none_or(|n| n == body.len()) =>
             {
                 self.tally.ok.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Ok(Ok((status, _))) if Some(status) == self.spec.tolerate => {
+                self.tally.tolerated.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
             Ok(Ok((status, body))) => Failure::Answer {

@@ -3,23 +3,25 @@
 //! drain; or roll back at any of these steps and serve on. The successor's side of the window
 //! (refusing triggers until the verdict) is here too.
 
-use std::time::Duration;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use baton_handoff::{
-    CanaryFailed, HandoffError, Passed, PassedFd, PassedListener, Ready, SuccessorSpec, Verdict, spawn_successor,
+    CanaryFailed, ChildProcess, HandoffError, Passed, PassedFd, PassedListener, Ready, SuccessorSpec, Verdict,
+    spawn_successor,
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{DrainFuture, Generation, State};
 use crate::control::{Event, UpgradeReport};
-use crate::daemon::control_server::Trigger;
+use crate::daemon::control_server::{HandoffTo, Trigger};
 use crate::daemon::files::write_pid;
+use crate::daemon::launch::PREDECESSOR_BINARY;
 use crate::daemon::notify;
-use crate::daemon::state_dir::HandoffResult;
+use crate::daemon::state_dir::{HandoffRecord, HandoffResult};
 use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
 
 /// What a handoff's future resolves to: readiness, then the canary verdict.
@@ -33,6 +35,12 @@ type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Sen
 /// A handoff in progress.
 pub(super) struct PendingHandoff {
     pid: u32,
+    /// The successor, signalled through its pidfd.
+    child: ChildProcess,
+    to: HandoffTo,
+    trigger: Trigger,
+    /// When the trigger arrived: the start of the handoff's record.
+    started: SystemTime,
     reply: Option<mpsc::Sender<Event>>,
     /// From spawn to ready, once ready (then the canary window runs).
     ready_after: Option<Duration>,
@@ -47,11 +55,19 @@ pub(super) enum Next {
 }
 
 impl PendingHandoff {
+    /// Its record for the ledger, ending with `result`.
+    fn record(&self, result: HandoffResult, old_generation: u64) -> HandoffRecord {
+        HandoffRecord {
+            new_pid: Some(self.pid),
+            ready_ms: self.ready_after.map(|d| d.as_millis() as u64),
+            ..HandoffRecord::new(self.started, result, self.trigger.to_string(), old_generation)
+        }
+    }
+
     /// Kills the successor (this generation stops) and tells whoever asked.
     pub(super) async fn abandon(self, reason: &str) {
         warn!(pid = self.pid, "{reason} during a handoff: killing the new generation");
-        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.signal(nix::sys::signal::Signal::SIGKILL);
         if let Some(r) = self.reply {
             let _ = r.send(Event::Failed { reason: reason.into() }).await;
         }
@@ -59,30 +75,41 @@ impl PendingHandoff {
 }
 
 impl Generation {
-    /// Starts a handoff, unless one runs, this generation drains, or its own predecessor
-    /// still watches it: then the trigger is refused with the reason.
+    /// Starts a handoff to the installed binary or, rolling back, to the predecessor's,
+    /// unless one runs, this generation drains, its own predecessor still watches it, or
+    /// there is no predecessor's binary: then the trigger is refused with the reason.
     pub(super) fn begin_handoff(
         &mut self,
-        trigger: Trigger,
+        (trigger, to): (Trigger, HandoffTo),
         reply: Option<mpsc::Sender<Event>>,
         running: Option<&PendingHandoff>,
     ) -> Option<PendingHandoff> {
-        if let Some(reason) = self.refusal(running) {
-            warn!(%trigger, result = HandoffResult::Refused.as_str(), "handoff refused: {reason}");
-            self.shared.count_handoff(HandoffResult::Refused);
+        let started = SystemTime::now();
+        self.notice_predecessor_drain();
+        if let Some(reason) = self.refusal(running, to) {
+            let result = HandoffResult::Refused;
+            warn!(%trigger, result = result.as_str(), "handoff refused: {reason}");
+            let record = HandoffRecord::new(started, result, trigger.to_string(), self.number);
+            self.shared.record_handoff(record.because(&reason), |_| {});
             if let Some(r) = reply {
                 let _ = r.try_send(Event::Refused { reason });
             }
             return None;
         }
-        info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
+        match to {
+            HandoffTo::Installed => {
+                info!(%trigger, program = %self.launch.program.display(), "handoff: starting new generation");
+            }
+            HandoffTo::Predecessor => info!(%trigger, "rollback: starting new generation from the previous binary"),
+        }
         notify::reloading();
         let ticket_keys = self.export_ticket_keys();
-        let spec = self.successor_spec(ticket_keys.as_ref().map(AsFd::as_fd));
+        let spec = self.successor_spec(to, ticket_keys.as_ref().map(AsFd::as_fd));
         let successor = match spawn_successor(&spec) {
             Ok(s) => s,
             Err(e) => {
-                self.roll_back(&e, reply.as_ref());
+                let record = HandoffRecord::new(started, handoff_result(&e), trigger.to_string(), self.number);
+                self.roll_back(&e, reply.as_ref(), record);
                 return None;
             }
         };
@@ -100,13 +127,42 @@ impl Generation {
         let timeout = self.config.timeouts.upgrade;
         Some(PendingHandoff {
             pid,
+            child: successor.process(),
+            to,
+            trigger,
+            started,
             reply,
             ready_after: None,
             future: Box::pin(async move { Step::Ready(successor.await_ready(timeout).await) }),
         })
     }
 
-    fn refusal(&self, running: Option<&PendingHandoff>) -> Option<String> {
+    /// The predecessor publishes its draining file at its verdict, before it answers
+    /// `baton upgrade`, while its `pass` may still be on its way here: a trigger sent right
+    /// after that answer must not be refused for a canary window that is over.
+    fn notice_predecessor_drain(&mut self) {
+        if !self.predecessor_watching {
+            return;
+        }
+        // The predecessor forked this generation: it is our parent.
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        if self.shared.draining().iter().any(|d| d.pid == parent) {
+            info!("the previous generation drains: its canary verdict passed");
+            self.predecessor_watching = false;
+        }
+    }
+
+    fn refusal(&self, running: Option<&PendingHandoff>, to: HandoffTo) -> Option<String> {
+        if to == HandoffTo::Predecessor && self.launch.predecessor_binary.is_none() {
+            return Some(if self.number == 1 {
+                "nothing to roll back to: this generation (1) was started directly, not handed over from a previous binary".into()
+            } else {
+                format!(
+                    "nothing to roll back to: generation {} got no binary from its predecessor (a version without rollback)",
+                    self.number
+                )
+            });
+        }
         if self.state == State::Draining {
             return Some("this generation is draining; send the trigger to the serving one".into());
         }
@@ -139,7 +195,9 @@ impl Generation {
         }
     }
 
-    fn successor_spec<'a>(&'a self, ticket_keys: Option<BorrowedFd<'a>>) -> SuccessorSpec<'a> {
+    /// What to start: the installed program or (`to`) the predecessor's binary, with our
+    /// listeners, our own binary (to roll back to) and the TLS ticket keys.
+    fn successor_spec<'a>(&'a self, to: HandoffTo, ticket_keys: Option<BorrowedFd<'a>>) -> SuccessorSpec<'a> {
         let listeners = self
             .listeners
             .iter()
@@ -149,18 +207,27 @@ impl Generation {
                 origin: l.origin,
             })
             .collect();
+        // Our own binary goes along, so that the successor can roll back to it.
+        let own_binary = self.launch.own_binary.iter().map(|fd| PassedFd {
+            name: PREDECESSOR_BINARY,
+            fd: fd.as_fd(),
+        });
+        let tickets = ticket_keys.map(|fd| PassedFd {
+            name: TICKET_KEYS_FD,
+            fd,
+        });
+        let extra = own_binary.chain(tickets).collect();
+        let binary = match to {
+            HandoffTo::Installed => None,
+            HandoffTo::Predecessor => self.launch.predecessor_binary.as_ref().map(AsFd::as_fd),
+        };
         SuccessorSpec {
             program: &self.launch.program,
             args: &self.launch.args,
             listeners,
-            extra: ticket_keys
-                .map(|fd| PassedFd {
-                    name: TICKET_KEYS_FD,
-                    fd,
-                })
-                .into_iter()
-                .collect(),
+            extra,
             generation: self.number + 1,
+            binary,
         }
     }
 
@@ -168,7 +235,8 @@ impl Generation {
     pub(super) async fn handoff_step(&mut self, mut pending: PendingHandoff, step: Step) -> Next {
         match step {
             Step::Ready(Err(e)) => {
-                self.roll_back(&e, pending.reply.as_ref());
+                let record = pending.record(handoff_result(&e), self.number);
+                self.roll_back(&e, pending.reply.as_ref(), record);
                 Next::Over
             }
             Step::Ready(Ok(ready)) => {
@@ -212,6 +280,11 @@ impl Generation {
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         let tls = self.connections.tls_connections();
         let drain = self.begin_drain();
+        match passed.transfer {
+            Some(transfer) if self.config.migrate => self.connections.proxy().migration().start(transfer),
+            Some(_) => info!("migrate = false: tunnels drain here"),
+            None => info!("the new generation does not take tunnels: they drain here"),
+        }
         let report = UpgradeReport {
             old_pid: self.pid,
             new_pid: pending.pid,
@@ -223,11 +296,17 @@ impl Generation {
             draining_tunnels: tunnels,
             draining_tls_connections: Some(tls.min(connections)),
         };
-        self.shared.count_handoff(HandoffResult::Ok);
+        let record = HandoffRecord {
+            canary_ms: report.canary_ms,
+            draining_connections: connections,
+            draining_tunnels: tunnels,
+            ..pending.record(HandoffResult::Ok, self.number)
+        };
         self.shared
-            .record(|l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
+            .record_handoff(record, |l| l.spawn_to_ready.observe(ready_after.as_secs_f64()));
         info!(
             result = "ok",
+            rollback = pending.to == HandoffTo::Predecessor,
             old_pid = report.old_pid,
             new_pid = report.new_pid,
             old_generation = report.old_generation,
@@ -267,19 +346,23 @@ impl Generation {
             lost_connections = failed.connections,
             "handoff failed, serving on: {reason}"
         );
-        self.shared.count_handoff(result);
-        self.shared.record(|l| l.canary_lost += failed.connections);
+        let record = HandoffRecord {
+            canary_ms: Some(failed.lived.as_millis() as u64),
+            ..pending.record(result, self.number)
+        };
+        self.shared
+            .record_handoff(record.because(&reason), |l| l.canary_lost += failed.connections);
         notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
         if let Some(r) = pending.reply {
             let _ = r.try_send(Event::Failed { reason });
         }
     }
 
-    pub(super) fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>) {
+    pub(super) fn roll_back(&mut self, e: &HandoffError, reply: Option<&mpsc::Sender<Event>>, record: HandoffRecord) {
         let result = handoff_result(e);
         let reason = describe(e);
         error!(result = result.as_str(), "handoff failed, serving on: {reason}");
-        self.shared.count_handoff(result);
+        self.shared.record_handoff(record.because(&reason), |_| {});
         self.state = State::Serving;
         notify::rolled_back(&format!("serving (last handoff failed: {reason})"));
         if let Some(r) = reply {
@@ -292,7 +375,10 @@ impl Generation {
     pub(super) fn predecessor_verdict(&mut self, verdict: Verdict) {
         self.predecessor_watching = false;
         match verdict {
-            Verdict::Passed => info!("canary passed: this generation serves alone"),
+            Verdict::Passed => {
+                info!("canary passed: this generation serves alone");
+                self.sync_fd_store();
+            }
             Verdict::Gone => {
                 warn!("the previous generation went away without a verdict: taking over");
                 if let Err(e) = self.claim_main_process() {
@@ -318,7 +404,9 @@ fn describe(e: &dyn std::error::Error) -> String {
 /// How a failed handoff is counted.
 fn handoff_result(e: &HandoffError) -> HandoffResult {
     match e {
-        HandoffError::ChildExited { .. } | HandoffError::Exec { .. } => HandoffResult::ChildExit,
+        HandoffError::ChildExited { .. } | HandoffError::StartFailed { .. } | HandoffError::Exec { .. } => {
+            HandoffResult::ChildExit
+        }
         HandoffError::Timeout { .. } => HandoffResult::Timeout,
         HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
     }

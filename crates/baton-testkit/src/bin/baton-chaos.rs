@@ -45,6 +45,19 @@ struct Args {
     /// baton's canary window in ms (default: 1000 with --crash-after-ready, else 100).
     #[arg(long)]
     canary_ms: Option<u64>,
+    /// Long tunnels: echo hash-checked data for the whole run, across every handoff (they
+    /// move to each new generation; none may break).
+    #[arg(long, default_value_t = 0)]
+    long_tunnels: usize,
+    /// How often each long tunnel sends its 4 KiB (ms).
+    #[arg(long, default_value_t = 20)]
+    long_tunnel_every_ms: u64,
+    /// baton's drain timeout in ms.
+    #[arg(long, default_value_t = 30_000)]
+    drain_ms: u64,
+    /// Keep the work directory (config, baton's log) even when nothing failed.
+    #[arg(long)]
+    keep_workdir: bool,
     /// Make the proxy listener a TLS listener (a certificate from a throw-away CA) and speak
     /// TLS to it; new connections resume earlier sessions, across handoffs too.
     #[arg(long)]
@@ -96,6 +109,16 @@ struct Summary {
     failures_elsewhere: u64,
     /// The longest a new connection waited for its complete answer (accept included).
     max_new_connection_ms: u64,
+    /// `--long-tunnels`: how many, how many came through intact, bytes echoed, and the
+    /// first few that broke.
+    long_tunnels: usize,
+    long_tunnels_intact: usize,
+    long_tunnel_bytes: u64,
+    long_tunnel_problems: Vec<String>,
+    /// From each successful handoff's verdict to its old generation's exit (it waits only
+    /// for its own requests in flight: slow ones take 2 s).
+    old_exit_ms_median: u64,
+    old_exit_ms_max: u64,
     /// Kept when something failed: config and baton's log.
     workdir: Option<String>,
 }
@@ -109,6 +132,8 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Long tunnels hold two sockets each here (client and echo server).
+    baton_handoff::process::raise_open_files_limit().context("cannot raise RLIMIT_NOFILE")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let summary = runtime.block_on(run(&args))?;
     if args.json {
@@ -122,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         && (crashed > 0 || summary.keepalive_retries == 0)
         && summary.handoffs_ok + crashed == summary.handoffs_requested
         && summary.handoff_failures.is_empty()
+        && summary.long_tunnels_intact == summary.long_tunnels
         && summary.pids_distinct
         && summary.old_generations_exited_zero == summary.old_generations;
     std::process::exit(if clean { 0 } else { 1 });
@@ -134,19 +160,33 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let echo = testkit::start_echo().await?;
     let baton = Launched::start(args, echo).await?;
     let traffic = Traffic::start(baton.proxy, origin, echo, args.workers, baton.tls.clone());
+    let long = match args.long_tunnels {
+        0 => None,
+        n => {
+            let every = Duration::from_millis(args.long_tunnel_every_ms);
+            Some(testkit::LongTunnels::open(baton.proxy, echo, n, 4096, every).await?)
+        }
+    };
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let handoffs = Handoffs::run(&baton, args).await?;
+    let mut handoffs = Handoffs::run(&baton, args).await?;
     let total = Duration::from_secs(args.seconds);
     tokio::time::sleep(total.saturating_sub(started.elapsed()).max(Duration::from_millis(2500))).await;
     let traffic = traffic.finish().await;
+    let long = match long {
+        Some(l) => l.finish().await,
+        None => Vec::new(),
+    };
+    let exits = handoffs.old_exit_times().await;
 
     let final_status = wait_status(&baton.control).await?;
     let (exited_zero, old_problems) = stop_generations(&handoffs.pids).await;
     let (failures_at_crashes, failures_elsewhere) = traffic.failures_around(&handoffs.crashes);
-    let failed = failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty();
-    let workdir = baton.keep_workdir_if(failed);
+    let long_intact = long.iter().filter(|r| r.is_intact()).count();
+    let failed =
+        failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || long_intact < long.len();
+    let workdir = baton.keep_workdir_if(failed || args.keep_workdir);
     Ok(Summary {
         tls: args.tls,
         handoffs_requested: args.handoffs,
@@ -171,6 +211,12 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         failures_at_crashes,
         failures_elsewhere,
         max_new_connection_ms: traffic.requests.max_new_connection_ms,
+        long_tunnels: long.len(),
+        long_tunnels_intact: long_intact,
+        long_tunnel_bytes: long.iter().map(|r| r.bytes).sum(),
+        long_tunnel_problems: long.iter().filter_map(|r| r.error.clone()).take(5).collect(),
+        old_exit_ms_median: exits.get(exits.len() / 2).copied().unwrap_or(0),
+        old_exit_ms_max: exits.last().copied().unwrap_or(0),
         workdir,
     })
 }
@@ -207,7 +253,7 @@ impl Launched {
         } else {
             (None, String::new())
         };
-        let text = config_text(&dir, args.baton_workers, echo.port(), args.canary());
+        let text = config_text(&dir, args.baton_workers, echo.port(), args.canary(), args.drain_ms);
         std::fs::write(
             &config,
             text.replace(LISTENER_END, &format!("{LISTENER_END}{tls_line}")),
@@ -247,12 +293,12 @@ impl Launched {
 /// The end of the proxy listener's table in [`config_text`] (a `tls` line goes after it).
 const LISTENER_END: &str = "address = \"127.0.0.1:0\"\n";
 
-fn config_text(dir: &Path, baton_workers: usize, connect_port: u16, canary: Duration) -> String {
+fn config_text(dir: &Path, baton_workers: usize, connect_port: u16, canary: Duration, drain_ms: u64) -> String {
     let canary = canary.as_millis();
     format!(
         "control_socket = \"{}\"\npid_file = \"{}\"\nworkers = {baton_workers}\n\
          [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
-         [timeouts]\ndrain = \"30s\"\nupgrade = \"10s\"\ncanary = \"{canary}ms\"\n\
+         [timeouts]\ndrain = \"{drain_ms}ms\"\nupgrade = \"10s\"\ncanary = \"{canary}ms\"\n\
          [access]\nconnect_ports = [{connect_port}]\n",
         dir.join("control.sock").display(),
         dir.join("baton.pid").display(),
@@ -279,6 +325,8 @@ struct Handoffs {
     crashes: Vec<Instant>,
     /// Connections the crashed successors had open at their last ping (baton's report).
     lost_reported: u64,
+    /// Per successful handoff: how long its old generation lived after the verdict.
+    exits: Vec<JoinHandle<u64>>,
 }
 
 impl Handoffs {
@@ -289,6 +337,7 @@ impl Handoffs {
             ready_ms_max: 0,
             crashes: Vec::new(),
             lost_reported: 0,
+            exits: Vec::new(),
         };
         let spacing = Duration::from_millis(args.seconds * 1000 / 2 / u64::from(args.handoffs.max(1)));
         let mut dice = Dice::new();
@@ -300,6 +349,7 @@ impl Handoffs {
             let planned = crash.is_some();
             match (handoff(&baton.control, crash).await?, planned) {
                 ((Ok(report), _), false) => {
+                    h.exits.push(tokio::spawn(exit_ms(report.old_pid, Instant::now())));
                     h.pids.push(report.new_pid);
                     h.ready_ms_max = h.ready_ms_max.max(report.ready_ms);
                 }
@@ -314,12 +364,34 @@ impl Handoffs {
         Ok(h)
     }
 
+    /// The old generations' times from verdict to exit, in ms, sorted.
+    async fn old_exit_times(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for h in self.exits.drain(..) {
+            out.push(h.await.unwrap_or(u64::MAX));
+        }
+        out.sort_unstable();
+        out
+    }
+
     fn pids_distinct(&self) -> bool {
         let mut distinct = self.pids.clone();
         distinct.sort_unstable();
         distinct.dedup();
         distinct.len() == self.pids.len()
     }
+}
+
+/// Milliseconds from `since` until `pid` exits (a zombie counts as exited), polled every
+/// 5 ms for at most a minute.
+async fn exit_ms(pid: u32, since: Instant) -> u64 {
+    for _ in 0..12_000 {
+        if !baton_handoff::process::alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    since.elapsed().as_millis() as u64
 }
 
 /// `lived N ms, M connections lost` in a canary failure's reason: M.

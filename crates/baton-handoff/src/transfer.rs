@@ -1,0 +1,373 @@
+//! Moving live connections to the successor once its canary passed: each connection is an
+//! [`Item`], an opaque record (the server's own encoding) with its fds. Items travel in
+//! batches over the channel, one message each, never split across messages; the successor
+//! acknowledges each batch once it holds the fds. The old generation keeps its copies until
+//! then: a batch that is refused, truncated or never acknowledged (the successor died) comes
+//! back to it whole, and it carries on with those connections.
+//!
+//! A batch: `XFER`, the protocol version (u16, big-endian), the item count (u16), then per
+//! item its fd count (u16) and record length (u32) and the record; the fds in item order.
+//! The answers are text: `ack <items>` or `nack <reason>`; the old generation ends with
+//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=1`): a successor that
+//! does not offer ours gets no batches, and the old generation drains as before.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use crate::wire::{MAX_FDS_PER_MESSAGE, Message, Wire};
+
+/// The version of the batch format this build speaks.
+pub const TRANSFER_VERSION: u16 = 1;
+/// Record bytes per batch at most, well inside the channel's socket buffer.
+const MAX_BATCH_BYTES: usize = 96 * 1024;
+const MAGIC: &[u8; 4] = b"XFER";
+
+/// One connection on the move: the server's record of it and its fds.
+#[derive(Debug)]
+pub struct Item {
+    pub record: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Why a batch did not move. Its items come back with it.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("the new generation refused the batch: {0}")]
+    Refused(String),
+    #[error("no acknowledgement within {0:?}")]
+    Timeout(Duration),
+    #[error("the new generation closed the channel")]
+    Closed,
+    #[error("an item is too big to send ({fds} fds, {bytes} record bytes)")]
+    TooBig { fds: usize, bytes: usize },
+    #[error("channel i/o")]
+    Io(#[from] io::Error),
+}
+
+/// The old generation's side, after the canary passed.
+#[derive(Debug)]
+pub struct Transfer {
+    wire: Wire,
+}
+
+impl Transfer {
+    pub(crate) fn new(wire: Wire) -> Transfer {
+        Transfer { wire }
+    }
+
+    /// Sends one batch (see [`batches`]) and waits up to `timeout` for its acknowledgement.
+    /// On success the items are dropped (our copies close: the successor holds its own);
+    /// on failure they come back.
+    pub async fn send_batch(
+        &mut self,
+        items: Vec<Item>,
+        timeout: Duration,
+    ) -> Result<usize, (TransferError, Vec<Item>)> {
+        let (fds, bytes) = weight(&items);
+        if fds > MAX_FDS_PER_MESSAGE || bytes > MAX_BATCH_BYTES {
+            return Err((TransferError::TooBig { fds, bytes }, items));
+        }
+        match self.exchange(&items, timeout).await {
+            Ok(()) => Ok(items.len()),
+            Err(e) => Err((e, items)),
+        }
+    }
+
+    async fn exchange(&mut self, items: &[Item], timeout: Duration) -> Result<(), TransferError> {
+        let raw: Vec<RawFd> = items
+            .iter()
+            .flat_map(|i| i.fds.iter().map(AsRawFd::as_raw_fd))
+            .collect();
+        self.wire.send(&encode(items), &raw).await?;
+        let answer = tokio::time::timeout(timeout, self.answer())
+            .await
+            .map_err(|_| TransferError::Timeout(timeout))??;
+        let text = String::from_utf8_lossy(&answer.bytes);
+        match text.trim().split_once(' ') {
+            Some(("ack", n)) if n.parse() == Ok(items.len()) => Ok(()),
+            Some(("nack", why)) => Err(TransferError::Refused(why.to_string())),
+            _ => Err(TransferError::Refused(format!("unexpected answer {:?}", text.trim()))),
+        }
+    }
+
+    /// The successor's next answer, past any canary-window message still in the channel (a
+    /// ping it sent before our `pass` reached it, its `seen`).
+    async fn answer(&self) -> Result<Message, TransferError> {
+        loop {
+            let Some(m) = self.wire.recv().await? else {
+                return Err(TransferError::Closed);
+            };
+            if !(m.bytes.starts_with(b"ping") || m.bytes.as_slice() == b"seen") {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Tells the successor that nothing more comes.
+    pub async fn finish(self) {
+        let _ = self.wire.send(b"done", &[]).await;
+    }
+}
+
+/// Splits values holding items into batches that each fit one message; an item is never
+/// split. An item too big for any message gets a batch of its own, which
+/// [`Transfer::send_batch`] refuses.
+pub fn batches<T>(values: Vec<T>, item: impl Fn(&T) -> &Item) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut current = Vec::new();
+    let (mut fds, mut bytes) = (0, 0);
+    for value in values {
+        let i = item(&value);
+        let (f, b) = (i.fds.len(), i.record.len() + 6);
+        let full = fds + f > MAX_FDS_PER_MESSAGE || bytes + b > MAX_BATCH_BYTES || current.len() == u16::MAX as usize;
+        if full && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            (fds, bytes) = (0, 0);
+        }
+        (fds, bytes) = (fds + f, bytes + b);
+        current.push(value);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn weight(items: &[Item]) -> (usize, usize) {
+    let fds = items.iter().map(|i| i.fds.len()).sum();
+    let bytes = items.iter().map(|i| i.record.len() + 6).sum();
+    (fds, bytes)
+}
+
+fn encode(items: &[Item]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + weight(items).1);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&TRANSFER_VERSION.to_be_bytes());
+    out.extend_from_slice(&(items.len() as u16).to_be_bytes());
+    for item in items {
+        out.extend_from_slice(&(item.fds.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(item.record.len() as u32).to_be_bytes());
+        out.extend_from_slice(&item.record);
+    }
+    out
+}
+
+/// Parses a batch, handing each item its fds in order. Any inconsistency refuses the whole
+/// batch (its fds close here; the sender still has its copies).
+fn decode(message: Message) -> Result<Vec<Item>, String> {
+    if message.truncated {
+        return Err("truncated (fds beyond RLIMIT_NOFILE, or too many bytes)".into());
+    }
+    let b = &message.bytes;
+    let rest = b.strip_prefix(MAGIC).ok_or("not a batch")?;
+    let (version, rest) = take_u16(rest)?;
+    if version != TRANSFER_VERSION {
+        return Err(format!("version {version}, this build speaks {TRANSFER_VERSION}"));
+    }
+    let (count, mut rest) = take_u16(rest)?;
+    let mut fds = message.fds.into_iter();
+    let mut items = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (nfds, r) = take_u16(rest)?;
+        let (len, r) = take_u32(r)?;
+        let record = r.get(..len as usize).ok_or("record past the end")?.to_vec();
+        rest = &r[len as usize..];
+        let fds: Vec<OwnedFd> = fds.by_ref().take(nfds as usize).collect();
+        if fds.len() != nfds as usize {
+            return Err("fewer fds than the records name".into());
+        }
+        items.push(Item { record, fds });
+    }
+    if !rest.is_empty() || fds.next().is_some() {
+        return Err("bytes or fds left over".into());
+    }
+    Ok(items)
+}
+
+fn take_u16(b: &[u8]) -> Result<(u16, &[u8]), String> {
+    let (n, rest) = b.split_first_chunk::<2>().ok_or("short batch")?;
+    Ok((u16::from_be_bytes(*n), rest))
+}
+
+fn take_u32(b: &[u8]) -> Result<(u32, &[u8]), String> {
+    let (n, rest) = b.split_first_chunk::<4>().ok_or("short batch")?;
+    Ok((u32::from_be_bytes(*n), rest))
+}
+
+/// The successor's side, after its predecessor's verdict.
+#[derive(Debug)]
+pub struct Incoming {
+    wire: Wire,
+}
+
+impl Incoming {
+    pub(crate) fn new(wire: Wire) -> Incoming {
+        Incoming { wire }
+    }
+
+    /// Tells the predecessor that this generation took its verdict in: it reports the
+    /// handoff done only then (a successor that said `confirms` at readiness owes this).
+    pub async fn confirm_verdict(&self) -> io::Result<()> {
+        self.wire.send(b"seen", &[]).await
+    }
+
+    /// The next batch, acknowledged: from here its connections are ours. `None` once the
+    /// predecessor said `done` or went away. A batch that cannot be taken whole is refused
+    /// (the predecessor keeps it) and the next one is awaited.
+    pub async fn next_batch(&mut self) -> io::Result<Option<Vec<Item>>> {
+        loop {
+            let Some(message) = self.wire.recv().await? else {
+                return Ok(None);
+            };
+            if message.bytes.as_slice() == b"done" {
+                return Ok(None);
+            }
+            match decode(message) {
+                Ok(items) => {
+                    self.wire.send(format!("ack {}", items.len()).as_bytes(), &[]).await?;
+                    return Ok(Some(items));
+                }
+                Err(why) => self.wire.send(format!("nack {why}").as_bytes(), &[]).await?,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: usize, record: &[u8]) -> Item {
+        let fds = (0..n)
+            .map(|_| std::fs::File::open("/dev/null").map(OwnedFd::from))
+            .collect::<io::Result<Vec<_>>>()
+            .expect("open /dev/null");
+        Item {
+            record: record.to_vec(),
+            fds,
+        }
+    }
+
+    fn pair() -> (Transfer, Incoming) {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+        let wire = |fd| Wire::new(fd).expect("register");
+        (Transfer::new(wire(a)), Incoming::new(wire(b)))
+    }
+
+    #[tokio::test]
+    async fn a_moved_pipe_carries_its_bytes_to_the_other_side() {
+        use std::io::{Read, Write};
+        let (mut transfer, mut incoming) = pair();
+        let (r, mut w) = std::io::pipe().expect("pipe");
+        w.write_all(b"in flight").expect("write");
+        let item = Item {
+            record: b"pipe".to_vec(),
+            fds: vec![OwnedFd::from(r)],
+        };
+        let receiving = tokio::spawn(async move { incoming.next_batch().await });
+        let sent = transfer.send_batch(vec![item], Duration::from_secs(5)).await;
+        assert_eq!(sent.map_err(|(e, _)| e.to_string()), Ok(1));
+        let mut got = receiving.await.expect("join").expect("recv").expect("a batch");
+        assert_eq!(got[0].record, b"pipe");
+        drop(w);
+        let mut text = String::new();
+        std::fs::File::from(got.remove(0).fds.remove(0))
+            .read_to_string(&mut text)
+            .expect("read");
+        assert_eq!(text, "in flight");
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_dies_before_its_ack_gives_the_batch_back() {
+        let (mut transfer, incoming) = pair();
+        let dying = tokio::spawn(async move {
+            // Read the batch (the fds arrive), then go away without answering.
+            let got = incoming.wire.recv().await;
+            drop(incoming);
+            got.map(|m| m.map(|m| m.fds.len()))
+        });
+        let items = vec![item(6, b"tunnel"), item(6, b"tunnel")];
+        let (err, back) = transfer
+            .send_batch(items, Duration::from_secs(5))
+            .await
+            .expect_err("no ack must fail the batch");
+        assert!(matches!(err, TransferError::Closed), "{err:?}");
+        assert_eq!(
+            back.iter().map(|i| i.fds.len()).sum::<usize>(),
+            12,
+            "every fd is still ours"
+        );
+        assert_eq!(dying.await.expect("join").expect("recv"), Some(12));
+    }
+
+    #[tokio::test]
+    async fn a_late_ping_before_the_ack_is_not_taken_for_the_answer() {
+        let (mut transfer, mut incoming) = pair();
+        incoming.wire.send(b"ping 3\n", &[]).await.expect("ping");
+        let receiving = tokio::spawn(async move { incoming.next_batch().await.map(|b| b.map(|b| b.len())) });
+        let sent = transfer.send_batch(vec![item(2, b"x")], Duration::from_secs(5)).await;
+        assert_eq!(sent.map_err(|(e, _)| e.to_string()), Ok(1));
+        assert_eq!(receiving.await.expect("join").expect("recv"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_does_not_answer_times_out_and_the_batch_comes_back() {
+        let (mut transfer, _silent) = pair();
+        let (err, back) = transfer
+            .send_batch(vec![item(1, b"x")], Duration::from_millis(100))
+            .await
+            .expect_err("silence must fail the batch");
+        assert!(matches!(err, TransferError::Timeout(_)), "{err:?}");
+        assert_eq!(back.len(), 1);
+    }
+
+    #[test]
+    fn batches_never_split_an_item_and_respect_the_fd_limit() {
+        let items: Vec<Item> = (0..100).map(|_| item(6, b"tunnel")).collect();
+        let b = batches(items, |i| i);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![42, 42, 16]);
+        assert!(
+            b.iter()
+                .all(|batch| batch.iter().map(|i| i.fds.len()).sum::<usize>() <= MAX_FDS_PER_MESSAGE)
+        );
+    }
+
+    #[test]
+    fn a_batch_decodes_to_what_was_encoded() {
+        let items = vec![item(2, b"one"), item(0, b""), item(3, b"three")];
+        let bytes = encode(&items);
+        let fds = items.into_iter().flat_map(|i| i.fds).collect();
+        let back = decode(Message {
+            bytes,
+            fds,
+            truncated: false,
+        })
+        .expect("decodes");
+        let shape: Vec<(usize, &[u8])> = back.iter().map(|i| (i.fds.len(), i.record.as_slice())).collect();
+        assert_eq!(shape, vec![(2, &b"one"[..]), (0, &b""[..]), (3, &b"three"[..])]);
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_batch_is_refused() {
+        let items = vec![item(2, b"one")];
+        let bytes = encode(&items);
+        let fds: Vec<OwnedFd> = items.into_iter().flat_map(|i| i.fds).collect();
+        let short = Message {
+            bytes: bytes.clone(),
+            fds: Vec::new(),
+            truncated: true,
+        };
+        assert!(decode(short).unwrap_err().contains("truncated"));
+        let mut other = bytes;
+        other[5] = 9;
+        let foreign = Message {
+            bytes: other,
+            fds,
+            truncated: false,
+        };
+        assert!(decode(foreign).unwrap_err().contains("version"));
+    }
+}

@@ -1,0 +1,255 @@
+//! CONNECT: opening a tunnel to its target and relaying it until it ends or moves to the
+//! next generation, and adopting the tunnels the previous generation hands over (checked
+//! against this generation's policy, which a reload may have narrowed).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_handoff::{Incoming as Handed, Item, Peer};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::config::Parent;
+
+use crate::proxy::access::Kind;
+use crate::proxy::connector::connect_checked;
+use crate::proxy::metrics;
+use crate::proxy::migrate::TunnelRecord;
+use crate::proxy::parent::{self, ParentError};
+use crate::proxy::route::next_hop;
+use crate::proxy::service::{Ask, Body, Proxy, empty};
+use crate::proxy::tunnel::{self, Counters, Handover, Relayed, Spliced};
+
+impl Proxy {
+    pub(super) async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
+        let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
+            return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
+        };
+        let port = authority.port_u16().unwrap_or(443);
+        if let Err(d) = self.policy.check_connect_port(port) {
+            return self.deny(&ask, &d);
+        }
+        let parent = next_hop(&self.settings.parents, authority.host());
+        let opened = match parent {
+            Some(p) => self.connect_via(p, &authority, &req, &ask).await,
+            None => connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect)
+                .await
+                .map(|s| (s, Bytes::new()))
+                .map_err(|e| self.connect_failed(&ask, authority.as_str(), &e)),
+        };
+        let (origin, from_origin) = match opened {
+            Ok(o) => o,
+            Err(answer) => return answer,
+        };
+        let record = TunnelRecord {
+            client: match ask.peer {
+                Peer::Ip(a) => Some(a),
+                Peer::Local => None,
+            },
+            target: authority.to_string(),
+            user: ask.user.clone(),
+            via_parent: parent.is_some(),
+            started_ms: TunnelRecord::now_ms(),
+            ..TunnelRecord::default()
+        };
+        self.spawn_tunnel(req, ask, record, origin, from_origin);
+        Response::new(empty())
+    }
+
+    /// A tunnel through `parent`'s CONNECT, after the destination rules that the name shows;
+    /// `Err`: the answer for the client.
+    async fn connect_via(
+        &self,
+        parent: &Parent,
+        authority: &http::uri::Authority,
+        req: &Request<Incoming>,
+        ask: &Ask,
+    ) -> Result<(TcpStream, Bytes), Response<Body>> {
+        if let Err(d) = self
+            .policy
+            .check_name(authority.host(), authority.port_u16().unwrap_or(443))
+        {
+            return Err(self.deny(ask, &d));
+        }
+        let (connect, response) = (self.settings.upstream_connect, self.settings.upstream_response);
+        let opened = parent::open_tunnel(parent, req.uri(), req.headers(), &self.via, connect, response);
+        match opened.await {
+            Ok(opened) => Ok((opened.stream, opened.early)),
+            Err(ParentError::Connect(e)) => Err(self.connect_failed(ask, &parent.to_string(), &e)),
+            Err(ParentError::Refused(status)) => {
+                let (status, reason) = parent::refusal(parent, status, &format!("CONNECT {authority}"));
+                Err(self.refuse(ask, status, &reason))
+            }
+            Err(ParentError::Silent(wait)) => {
+                let reason = format!("{parent} did not answer CONNECT {authority} within {wait:?}");
+                Err(self.refuse(ask, StatusCode::GATEWAY_TIMEOUT, &reason))
+            }
+            Err(ParentError::Http(e)) => {
+                let reason = format!("{parent} failed on CONNECT {authority}: {e}");
+                Err(self.refuse(ask, StatusCode::BAD_GATEWAY, &reason))
+            }
+        }
+    }
+
+    /// Relays the tunnel once hyper hands over the client connection (after the 200 this
+    /// request is answered with), registered with the drain; movable at a handoff.
+    fn spawn_tunnel(
+        &self,
+        req: Request<Incoming>,
+        ask: Ask,
+        mut record: TunnelRecord,
+        origin: TcpStream,
+        from_origin: Bytes,
+    ) {
+        // For the Squid line: the address the tunnel leads to (the target, or the parent).
+        record.server = origin.peer_addr().ok().map(|a| a.ip());
+        let (idle, cut, migration) = (
+            self.settings.tunnel_idle,
+            self.drain.cut_token(),
+            self.migration.clone(),
+        );
+        self.drain.tunnels().spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    let reason = format!("tunnel upgrade failed: {e}");
+                    ask.line(Kind::Closed, StatusCode::OK).reason(reason).write();
+                    return;
+                }
+            };
+            // hyper has written the `200` answer: the bytes so far are this tunnel's (its
+            // Squid line counts them, in whichever generation it ends).
+            record.answer = ask.sent.take();
+            let ended = Ended::from(&record);
+            let handover = Handover {
+                migration: &migration,
+                record,
+            };
+            let relayed = tunnel::relay(upgraded, origin, from_origin, idle, cut, handover).await;
+            tunnel_ended(&ask, relayed, ended);
+        });
+    }
+
+    /// Adopts the tunnels the previous generation sends until it is done or gone.
+    pub async fn adopt(self: Arc<Self>, mut handed: Handed) {
+        let (mut adopted, mut refused) = (0u64, 0u64);
+        loop {
+            match handed.next_batch().await {
+                Ok(Some(items)) => {
+                    for item in items {
+                        match self.adopt_one(item) {
+                            Ok(()) => adopted += 1,
+                            Err(why) => {
+                                refused += 1;
+                                warn!("a tunnel from the previous generation was dropped: {why}");
+                            }
+                        }
+                    }
+                    info!(adopted, refused, "tunnels adopted from the previous generation");
+                }
+                Ok(None) => return,
+                Err(e) => return warn!("receiving tunnels from the previous generation failed: {e}"),
+            }
+        }
+    }
+
+    /// One moved tunnel: relays on here, unless this generation's policy denies it now
+    /// (it is closed then, and the line names the rule).
+    fn adopt_one(&self, item: Item) -> Result<(), String> {
+        let record = TunnelRecord::decode(&item.record)?;
+        let spliced = Spliced::from_fds(&record, item.fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
+        metrics::migrated("tunnel", 1);
+        self.migration.count_adopted();
+        let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
+        let ask = Ask {
+            peer: record.client.map_or(Peer::Local, Peer::Ip),
+            method: Method::CONNECT,
+            target: record
+                .target
+                .parse::<Uri>()
+                .map_err(|e| format!("bad target {:?}: {e}", record.target))?,
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            // Not a connection of this generation's: the line's bytes come from the record.
+            sent: Arc::default(),
+            user: record.user.clone(),
+        };
+        let ended = Ended::from(&record);
+        if let Err(d) = self.recheck(&record, &spliced) {
+            ask.line(Kind::Denied, d.status)
+                .rule(d.rule.as_str())
+                .traffic(record.up, record.down, ask.started)
+                .reason(d.reason)
+                .server(ended.server)
+                .via_parent(ended.via_parent)
+                .wire(ended.answer + record.down)
+                .write();
+            return Ok(());
+        }
+        let counters = Counters::starting_at(record.up, record.down);
+        let (idle, cut, migration) = (
+            self.settings.tunnel_idle,
+            self.drain.cut_token(),
+            self.migration.clone(),
+        );
+        self.drain.tunnels().spawn(async move {
+            let handover = Handover {
+                migration: &migration,
+                record,
+            };
+            tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await, ended);
+        });
+        Ok(())
+    }
+
+    /// This generation's rules, applied to a tunnel another generation opened.
+    fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), crate::proxy::policy::Denial> {
+        let client: Option<IpAddr> = record.client.map(|a| a.ip());
+        // Through a parent, the origin socket leads to the parent: only the name is checked.
+        let origin = if record.via_parent {
+            None
+        } else {
+            spliced.origin_addr().ok()
+        };
+        self.policy
+            .recheck_tunnel(client, record.user.as_deref(), &record.target, origin)
+    }
+}
+
+/// What a tunnel's Squid line says besides its totals, kept from its record.
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    server: Option<IpAddr>,
+    via_parent: bool,
+    /// The bytes of the `200` answer the client was sent.
+    answer: u64,
+}
+
+impl From<&TunnelRecord> for Ended {
+    fn from(r: &TunnelRecord) -> Ended {
+        Ended {
+            server: r.server,
+            via_parent: r.via_parent,
+            answer: r.answer,
+        }
+    }
+}
+
+/// The tunnel's access line and metrics, once it really ended (not when it moved on).
+fn tunnel_ended(ask: &Ask, relayed: Relayed, ended: Ended) {
+    let Relayed { outcome, up, down } = relayed;
+    if outcome.end == "moved" {
+        return;
+    }
+    metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
+    ask.line(Kind::Tunnel, StatusCode::OK)
+        .traffic(up, down, ask.started)
+        .outcome(outcome)
+        .server(ended.server)
+        .via_parent(ended.via_parent)
+        .wire(ended.answer + down)
+        .write();
+}

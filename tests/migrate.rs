@@ -1,0 +1,276 @@
+//! Live CONNECT tunnels move to the new generation at a handoff (issue 13): none is cut or
+//! corrupted, the old generation exits as soon as its own work is done (not at the drain
+//! deadline), and each tunnel writes one access line at its real end, with its totals across
+//! generations. A successor that will not take them, or dies taking them, leaves them with
+//! the old generation, which relays on.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use baton::control::{self, Event, Request};
+use common::{Baton, alive, connect_ports, testkit, wait_for};
+use testkit::{LongTunnels, TunnelReport, start_echo};
+
+/// `baton upgrade` through the typed client: the pid of the generation that handed over.
+async fn upgrade(baton: &Baton) -> u32 {
+    let mut events = Vec::new();
+    control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| {
+        events.push(e)
+    })
+    .await
+    .expect("control socket");
+    match events.last() {
+        Some(Event::Done(r)) => r.old_pid,
+        other => panic!("upgrade failed: {other:?}\n{}", baton_log(baton)),
+    }
+}
+
+fn baton_log(baton: &Baton) -> String {
+    let log = baton.log();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn raise_own_fd_limit() {
+    baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
+}
+
+fn assert_intact(reports: &[TunnelReport], n: usize, log: &str) {
+    assert_eq!(reports.len(), n);
+    let broken: Vec<_> = reports.iter().filter(|r| !r.is_intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of {n} tunnels broke: {:?}\n{log}",
+        broken.len(),
+        broken.first()
+    );
+}
+
+/// Access lines of tunnels (the CONNECT lines that end with how the tunnel ended).
+fn tunnel_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("CONNECT") && l.contains("outcome="))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_tunnels_survive_twenty_handoffs_intact() {
+    let echo = start_echo().await.expect("echo");
+    let mut baton = Baton::start(&format!(
+        "{}\n[timeouts]\ndrain = \"10s\"\n",
+        connect_ports(&[echo.port()])
+    ))
+    .await;
+    let tunnels = LongTunnels::open(baton.proxy, echo, 20, 4096, Duration::from_millis(20))
+        .await
+        .expect("open tunnels");
+    let mut slowest = Duration::ZERO;
+    for round in 0..20 {
+        let before = tunnels.round_trips();
+        let old = upgrade(&baton).await;
+        let handed = Instant::now();
+        // Nothing of its own in flight: the old generation goes long before its 10 s drain
+        // deadline (it takes tens of ms; the bound is for a loaded machine).
+        wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+            (!alive(old)).then_some(())
+        })
+        .await;
+        let took = handed.elapsed();
+        slowest = slowest.max(took);
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: the old generation exited {took:?} after the verdict\n{}",
+            baton_log(&baton)
+        );
+        // Bytes flow through the new generation before the next round.
+        wait_for(Duration::from_secs(5), "round trips after the handoff", || async {
+            (tunnels.round_trips() >= before + 40).then_some(())
+        })
+        .await;
+    }
+    println!("20 handoffs: the slowest old generation exited {slowest:?} after its verdict");
+    let reports = tunnels.finish().await;
+    let log = baton.log();
+    assert_intact(&reports, 20, &baton_log(&baton));
+    // One line per tunnel, at its real end, in the last generation, with the bytes of all 20.
+    let status = baton.status().await;
+    assert_eq!(status["generation"], 21, "{status}");
+    assert_eq!(
+        status["adopted_tunnels"], 20,
+        "the last generation adopted all 20: {status}"
+    );
+    wait_for(Duration::from_secs(5), "20 tunnel access lines", || async {
+        (tunnel_lines(&baton.log()).len() >= 20).then_some(())
+    })
+    .await;
+    let lines = tunnel_lines(&log);
+    let log = baton.log();
+    let lines_now = tunnel_lines(&log);
+    assert_eq!(lines_now.len(), 20, "{lines:?}");
+    assert!(
+        lines_now
+            .iter()
+            .all(|l| l.contains("outcome=\"closed\"") || l.contains("outcome=closed")),
+        "{lines_now:?}"
+    );
+    let moved = log.matches("tunnels handed to the new generation").count();
+    assert!(
+        moved >= 20,
+        "each handoff moved the tunnels: {moved} reports\n{}",
+        baton_log(&baton)
+    );
+    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton.wait_exit(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_tunnels_move_in_one_handoff() {
+    raise_own_fd_limit();
+    let echo = start_echo().await.expect("echo");
+    let mut baton = Baton::start(&format!(
+        "{}\n[timeouts]\ndrain = \"5s\"\n",
+        connect_ports(&[echo.port()])
+    ))
+    .await;
+    let tunnels = LongTunnels::open(baton.proxy, echo, 1000, 64, Duration::from_millis(200))
+        .await
+        .expect("open tunnels");
+    wait_for(Duration::from_secs(10), "every tunnel to carry bytes", || async {
+        (tunnels.round_trips() >= 2000).then_some(())
+    })
+    .await;
+    let old = upgrade(&baton).await;
+    let handed = Instant::now();
+    wait_for(Duration::from_secs(5), "the old generation to exit", || async {
+        (!alive(old)).then_some(())
+    })
+    .await;
+    let gone_after = handed.elapsed();
+    let before = tunnels.round_trips();
+    wait_for(
+        Duration::from_secs(10),
+        "round trips through the new generation",
+        || async { (tunnels.round_trips() >= before + 2000).then_some(()) },
+    )
+    .await;
+    let reports = tunnels.finish().await;
+    assert_intact(&reports, 1000, &baton_log(&baton));
+    let log = baton.log();
+    assert!(log.contains("moved=1000"), "all 1000 moved\n{}", baton_log(&baton));
+    assert!(
+        gone_after < Duration::from_secs(3),
+        "the old generation lingered {gone_after:?}"
+    );
+    println!("1000 tunnels: the old generation exited {gone_after:?} after the verdict");
+    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton.wait_exit(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
+    let echo = start_echo().await.expect("echo");
+    let mut baton = Baton::start(&format!(
+        "{}\n[timeouts]\ndrain = \"1s\"\n",
+        connect_ports(&[echo.port()])
+    ))
+    .await;
+    let tunnels = LongTunnels::open(baton.proxy, echo, 5, 512, Duration::from_millis(20))
+        .await
+        .expect("open tunnels");
+    // The new generation's configuration turns moving off: it does not offer to take them.
+    baton.set_top_level("migrate = false");
+    let old = upgrade(&baton).await;
+    wait_for(
+        Duration::from_secs(5),
+        "the old generation to exit at its drain deadline",
+        || async { (!alive(old)).then_some(()) },
+    )
+    .await;
+    // Each tunnel sees the cut at its next round trip.
+    wait_for(Duration::from_secs(5), "all 5 tunnels to see the cut", || async {
+        (tunnels.broken() == 5).then_some(())
+    })
+    .await;
+    let reports = tunnels.finish().await;
+    let intact = reports.iter().filter(|r| r.is_intact()).count();
+    assert_eq!(
+        intact,
+        0,
+        "drained tunnels are cut at the deadline: {reports:?}\n{}",
+        baton.log()
+    );
+    let log = baton.log();
+    assert!(
+        log.contains("does not take tunnels: they drain here"),
+        "{}",
+        baton_log(&baton)
+    );
+    assert_eq!(log.matches("cut at drain timeout").count(), 5, "{}", baton_log(&baton));
+    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton.wait_exit(Duration::from_secs(10)).await;
+}
+
+/// A successor that passes its predecessor's canary window, offers to take its tunnels, and
+/// dies as the first batch arrives, before acknowledging it: the handoff protocol by hand
+/// (`BATON_READY_FD` gets `ready <pid> canary xfer=1`; `BATON_CHANNEL_FD`, a seqpacket
+/// socket, gets a ping every 250 ms until `pass`; the next message is the batch).
+const FAKE_SUCCESSOR: &str = r#"#!/usr/bin/env python3
+import os, socket, sys
+os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=1\n" % os.getpid())
+chan = socket.socket(fileno=int(os.environ["BATON_CHANNEL_FD"]))
+chan.settimeout(0.25)
+passed = False
+for _ in range(400):
+    if not passed:
+        chan.send(b"ping 0\n")
+    try:
+        msg = chan.recv(262144)
+    except socket.timeout:
+        continue
+    if not msg:
+        sys.exit("the predecessor closed the channel")
+    if msg.startswith(b"pass"):
+        passed = True
+    elif passed and msg.startswith(b"XFER"):
+        print("fake successor: got a batch of %d bytes; dying before the ack" % len(msg), file=sys.stderr)
+        os._exit(3)
+sys.exit("no batch within 100 s")
+"#;
+
+/// The fake successor above takes the first batch and dies before acknowledging it: the
+/// old generation keeps every tunnel and relays on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_mid_transfer_loses_no_tunnel() {
+    let echo = start_echo().await.expect("echo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let program = dir.path().join("baton-copy");
+    std::fs::copy(common::BATON, &program).expect("copy baton");
+    let config = format!("{}\n[timeouts]\ndrain = \"30s\"\n", connect_ports(&[echo.port()]));
+    let baton = Baton::start_in(dir, &program, &config, &[]).await;
+    let tunnels = LongTunnels::open(baton.proxy, echo, 10, 1024, Duration::from_millis(20))
+        .await
+        .expect("open tunnels");
+    // The next "binary" is the fake successor, installed over the program path.
+    let staged = program.with_extension("new");
+    std::fs::write(&staged, FAKE_SUCCESSOR).expect("write the fake");
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&staged, &program).expect("install the fake");
+    let old = upgrade(&baton).await;
+    wait_for(Duration::from_secs(10), "the failed batch to be logged", || async {
+        baton.log().contains("tunnels stay in this generation").then_some(())
+    })
+    .await;
+    let before = tunnels.round_trips();
+    wait_for(
+        Duration::from_secs(5),
+        "round trips through the old generation",
+        || async { (tunnels.round_trips() >= before + 100).then_some(()) },
+    )
+    .await;
+    assert!(alive(old), "the old generation relays on");
+    let reports = tunnels.finish().await;
+    assert_intact(&reports, 10, &baton_log(&baton));
+    assert!(baton.log().contains("dying before the ack"), "{}", baton_log(&baton));
+    baton.signal(old, nix::sys::signal::Signal::SIGKILL);
+}
