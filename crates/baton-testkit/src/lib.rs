@@ -22,4 +22,4 @@ pub use client::{ClientError, ProxyConnection, open_tunnel, read_head};
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
-pub use origin::start_origin;
+pub use origin::{start_counted_origin, start_origin};
