@@ -9,6 +9,7 @@ pub mod connection;
 pub mod connector;
 pub mod framing;
 pub mod hop_by_hop;
+pub mod http1;
 pub mod metrics;
 pub mod policy;
 pub mod service;

@@ -4,10 +4,10 @@
 //! generations: it is handed a [`Drain`] to register tunnels with.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use baton_handoff::{Drain, Peer};
+use baton_handoff::{Drain, Peer, Stream};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -23,7 +23,7 @@ use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
 use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::target::{check_target, target_len};
-use crate::proxy::tunnel::{self, Relayed};
+use crate::proxy::tunnel::{self, Accepted};
 use crate::proxy::upstream::{OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -35,6 +35,7 @@ pub struct ProxySettings {
     pub upstream_response: Duration,
     pub tunnel_idle: Duration,
     pub upstream_idle: Duration,
+    pub idle_per_host: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
 }
@@ -46,6 +47,7 @@ impl From<&Config> for ProxySettings {
             upstream_response: c.timeouts.upstream_response,
             tunnel_idle: c.timeouts.tunnel_idle,
             upstream_idle: c.timeouts.upstream_idle,
+            idle_per_host: c.limits.idle_per_host,
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
         }
@@ -60,6 +62,29 @@ pub struct Proxy {
     via: HeaderValue,
 }
 
+/// What a client connection lends the service while it is busy: its origin connection
+/// (kept from one request to the next, and given back to the pool with the `Client` when
+/// the client goes idle), and where an accepted CONNECT leaves its tunnel until hyper has
+/// written the answer and given the stream back ([`Proxy::start_tunnel`]).
+pub struct Client {
+    lease: OriginLease,
+    tunnel: Mutex<Option<Accepted>>,
+}
+
+impl Client {
+    pub fn new(upstream: Arc<Upstream>) -> Client {
+        Client {
+            lease: OriginLease::new(upstream),
+            tunnel: Mutex::new(None),
+        }
+    }
+
+    /// The tunnel a CONNECT answered with a 2xx opened, if any.
+    pub fn take_tunnel(&self) -> Option<Accepted> {
+        self.tunnel.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
 /// One request as the access log and the metrics see it.
 struct Ask {
     peer: Peer,
@@ -72,7 +97,12 @@ struct Ask {
 
 impl Proxy {
     pub fn new(settings: ProxySettings, policy: Arc<Policy>, drain: Drain) -> Proxy {
-        let upstream = Upstream::new(policy.clone(), settings.upstream_connect, settings.upstream_idle);
+        let upstream = Upstream::new(
+            policy.clone(),
+            settings.upstream_connect,
+            settings.upstream_idle,
+            settings.idle_per_host,
+        );
         let via = via_header(&policy);
         Proxy {
             upstream,
@@ -83,16 +113,26 @@ impl Proxy {
         }
     }
 
-    /// The origin connection pool, for each client connection's [`OriginLease`].
+    /// The origin connection pool, for each busy client connection's [`Client`].
     pub fn upstream(&self) -> Arc<Upstream> {
         self.upstream.clone()
     }
 
-    /// Serves one request from `peer`; `lease` is the client connection's origin connection.
+    /// Relays the tunnel a CONNECT opened over the client's `stream` (`early`: the bytes
+    /// the client sent behind its CONNECT head), registered with the drain as a tunnel.
+    pub fn start_tunnel(&self, accepted: Accepted, stream: Stream, early: Vec<u8>) {
+        let idle = self.settings.tunnel_idle;
+        let cut = self.drain.cut_token();
+        self.drain
+            .tunnels()
+            .spawn(tunnel::serve(accepted, stream, early, idle, cut));
+    }
+
+    /// Serves one request from `peer`; `client` is what its connection lends the service.
     pub async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        lease: Arc<OriginLease>,
+        client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let ask = Ask {
@@ -108,12 +148,12 @@ impl Proxy {
         }
         // The rarer and larger futures (authentication, CONNECT) are boxed: this future is
         // moved whole at every request, and its size is that of its largest state.
-        let client = match peer {
+        let client_ip = match peer {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
         if self.policy.requires_auth()
-            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client)).await
+            && let Err(d) = Box::pin(self.policy.check_auth(req.headers(), client_ip)).await
         {
             return Ok(self.deny(&ask, &d));
         }
@@ -127,15 +167,15 @@ impl Proxy {
             return Ok(self.refuse(&ask, StatusCode::URI_TOO_LONG, &reason));
         }
         if ask.method == Method::CONNECT {
-            return Ok(Box::pin(self.connect(req, ask)).await);
+            return Ok(Box::pin(self.connect(&client, req, ask)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer. One
         // that also carried Content-Length never gets here (the framing layer answers 400:
         // RFC 9112 §6.1); the close is kept as a second line of defence against smuggling.
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
-        // Boxed too: hyper moves this future whole once per request, and forwarding is its
-        // largest state (measured: 493 fewer instructions a request, docs/benchmarks.md).
-        let mut resp = Box::pin(self.forward(&lease, req, ask)).await;
+        // Not boxed: the connection boxes this whole future (hyper's `poll_without_shutdown`
+        // wants it `Unpin`), and forwarding is its common state.
+        let mut resp = self.forward(&client.lease, req, ask).await;
         if close_after {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -251,7 +291,7 @@ impl Proxy {
         }
     }
 
-    async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
+    async fn connect(&self, client: &Client, req: Request<Incoming>, ask: Ask) -> Response<Body> {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
@@ -264,28 +304,16 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return self.connect_failed(&ask, authority.as_str(), &e),
         };
-        let idle = self.settings.tunnel_idle;
-        let cut = self.drain.cut_token();
-        self.drain.tunnels().spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    let reason = format!("tunnel upgrade failed: {e}");
-                    AccessLine::new(Kind::Closed, ask.peer)
-                        .request(&ask.method, &ask.target, StatusCode::OK)
-                        .reason(&reason)
-                        .write();
-                    return;
-                }
-            };
-            let Relayed { outcome, up, down } = tunnel::relay(upgraded, origin, idle, cut).await;
-            AccessLine::new(Kind::Tunnel, ask.peer)
-                .request(&ask.method, &ask.target, StatusCode::OK)
-                .traffic(up, down, ask.started)
-                .outcome(outcome)
-                .write();
-            metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
-        });
+        // The target is copied: the request's shares hyper's read buffer, which the tunnel
+        // would otherwise keep alive (8 KiB) for as long as it runs.
+        let target = Uri::try_from(authority.as_str()).unwrap_or_else(|_| Uri::from_static("/"));
+        let accepted = Accepted {
+            origin,
+            peer: ask.peer,
+            target,
+            started: ask.started,
+        };
+        *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(accepted);
         Response::new(empty())
     }
 

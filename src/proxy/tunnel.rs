@@ -1,28 +1,27 @@
 //! Relaying a CONNECT tunnel. When both ends are TCP sockets (the usual case) the bytes move
 //! with splice(2) through a pipe per direction, never copied into user space (faster than a
-//! buffered copy, docs/benchmarks.md; it costs four pipe fds per tunnel); otherwise a
-//! buffered copy. Either way: half-close is passed on, an idle tunnel ends after `idle` (the
-//! activity is counted as bytes move), and a drain deadline (`cut`) ends it at once. The
-//! access line says which (`relay="splice"` or `"copy"`).
+//! buffered copy, docs/benchmarks.md); otherwise a buffered copy. A direction's pipe (two
+//! fds) is made when its first byte waits to move, so an idle tunnel holds none. Either way:
+//! half-close is passed on, an idle tunnel ends after `idle` (the activity is counted as
+//! bytes move), and a drain deadline (`cut`) ends it at once. The access line says which
+//! (`relay="splice"` or `"copy"`).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use baton_handoff::Stream;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use baton_handoff::{Peer, Stream};
+use http::{Method, StatusCode, Uri};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::access::Outcome;
-use crate::proxy::framing::Framed;
+use crate::proxy::access::{AccessLine, Kind, Outcome};
+use crate::proxy::metrics;
 
 /// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
 /// origin→client).
@@ -33,42 +32,57 @@ pub struct Relayed {
     pub down: u64,
 }
 
-/// The client connection as hyper upgrades it.
-type Client = TokioIo<Framed<Stream>>;
+/// A tunnel the service opened for a CONNECT it answered with a 2xx: the target's socket and
+/// what its access line says.
+#[derive(Debug)]
+pub struct Accepted {
+    pub origin: TcpStream,
+    pub peer: Peer,
+    /// The request target, owned (not a slice of hyper's read buffer).
+    pub target: Uri,
+    pub started: Instant,
+}
 
 /// Bytes moved per splice call with a default pipe (64 KiB), and the pipe size asked for.
 const CHUNK: usize = 64 * 1024;
 const PIPE_SIZE: usize = 256 * 1024;
 
-/// Relays between the upgraded client connection and the origin until both sides closed,
-/// either failed, the tunnel idled for `idle`, or `cut` fired.
-pub async fn relay(upgraded: Upgraded, origin: TcpStream, idle: Duration, cut: CancellationToken) -> Relayed {
-    let activity = Arc::new(AtomicU64::new(0));
-    let up = Arc::new(AtomicU64::new(0));
-    let down = Arc::new(AtomicU64::new(0));
-    let client = upgraded.downcast::<Client>();
-    let spliced = matches!(&client, Ok(parts) if matches!(parts.io.inner().get_ref(), Stream::Tcp(_)));
+/// Relays `accepted` over the client's `stream` (`early`: bytes the client sent behind its
+/// CONNECT head), then writes its access line and metrics.
+pub async fn serve(accepted: Accepted, stream: Stream, early: Vec<u8>, idle: Duration, cut: CancellationToken) {
+    let Accepted {
+        origin,
+        peer,
+        target,
+        started,
+    } = accepted;
+    let Relayed { outcome, up, down } = relay(stream, early, origin, idle, cut).await;
+    AccessLine::new(Kind::Tunnel, peer)
+        .request(&Method::CONNECT, &target, StatusCode::OK)
+        .traffic(up, down, started)
+        .outcome(outcome)
+        .write();
+    metrics::request_done(&Method::CONNECT, StatusCode::OK, started, up, down, true);
+}
+
+/// Relays between the client's stream and the origin until both sides closed, either
+/// failed, the tunnel idled for `idle`, or `cut` fired.
+pub async fn relay(client: Stream, early: Vec<u8>, origin: TcpStream, idle: Duration, cut: CancellationToken) -> Relayed {
+    let activity = AtomicU64::new(0);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let spliced = matches!(client, Stream::Tcp(_));
     let moving = async {
-        // The client connection is the accepted `Stream` that hyper upgraded, read through
-        // the framing layer, which steps aside for the tunnel.
+        let mut origin = origin;
+        // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say).
+        if !early.is_empty() {
+            origin.write_all(&early).await?;
+            up.fetch_add(early.len() as u64, Ordering::Relaxed);
+        }
+        drop(early);
         match client {
-            Ok(parts) => {
-                let mut origin = origin;
-                let (client, held) = parts.io.into_inner().into_parts();
-                // Bytes the client sent right behind its CONNECT head (a TLS ClientHello, say):
-                // those hyper read, then those the framing held back.
-                for early in [&parts.read_buf[..], &held[..]] {
-                    if !early.is_empty() {
-                        origin.write_all(early).await?;
-                        up.fetch_add(early.len() as u64, Ordering::Relaxed);
-                    }
-                }
-                match client {
-                    Stream::Tcp(client) => splice_both(&client, &origin, &activity, &up, &down).await,
-                    Stream::Unix(client) => copy_both(client, origin, &activity, &up, &down).await,
-                }
-            }
-            Err(upgraded) => copy_both(TokioIo::new(upgraded), origin, &activity, &up, &down).await,
+            Stream::Tcp(client) => splice_both(&client, &origin, &activity, &up, &down).await,
+            Stream::Unix(client) => copy_both(client, origin, &activity, &up, &down).await,
         }
     };
     let end = tokio::select! {
@@ -109,12 +123,10 @@ async fn splice_both(
 }
 
 async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64, total: &AtomicU64) -> io::Result<()> {
+    // No pipe until a byte waits to move (or the sender closes): idle tunnels hold none.
+    from.readable().await?;
     let (pipe_r, pipe_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A bigger pipe moves more per syscall; if the limit refuses, 64 KiB still works.
-    let chunk = match nix::fcntl::fcntl(&pipe_w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32)) {
-        Ok(n) if n > 0 => n as usize,
-        _ => CHUNK,
-    };
+    let chunk = pipe_size(&pipe_w);
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let n = from
@@ -137,6 +149,21 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream, activity: &AtomicU64, 
         }
         total.fetch_add(n as u64, Ordering::Relaxed);
         activity.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Asks for a [`PIPE_SIZE`] pipe (a bigger pipe moves more per syscall) and returns the size
+/// the pipe has. The kernel refuses the size for a user past `fs.pipe-user-pages-soft` (and,
+/// past it, makes new pipes a page or two): the pipe then works at whatever size it got.
+fn pipe_size(pipe_w: &OwnedFd) -> usize {
+    if let Ok(n) = fcntl(pipe_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+        && n > 0
+    {
+        return n as usize;
+    }
+    match fcntl(pipe_w, FcntlArg::F_GETPIPE_SZ) {
+        Ok(n) if n > 0 => n as usize,
+        _ => CHUNK,
     }
 }
 
