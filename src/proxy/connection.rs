@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::proxy::access::{AccessLine, Kind};
 use crate::proxy::framing::RequestSignal;
+use crate::proxy::heap;
 use crate::proxy::http1::{Ended, Parked, Stretch, Tracked};
 use crate::proxy::metrics;
 use crate::proxy::service::{Body, Client, Proxy, error_response};
@@ -79,6 +80,7 @@ impl Connections {
             .max_header_size(settings.max_header_bytes)
             .max_buf_size(settings.max_header_bytes)
             .keep_alive(true);
+        heap::spawn_trimmer();
         Arc::new(Connections {
             proxy,
             drain,
@@ -193,6 +195,7 @@ impl Connections {
         let Some(parked) = idle.parked.take() else {
             return false;
         };
+        let _busy = heap::Busy::new();
         let signal = Arc::new(RequestSignal::default());
         let client = Arc::new(Client::new(self.proxy.upstream()));
         let service = self.service(*peer, signal.clone(), client.clone());

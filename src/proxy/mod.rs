@@ -8,6 +8,7 @@ pub mod body;
 pub mod connection;
 pub mod connector;
 pub mod framing;
+pub mod heap;
 pub mod hop_by_hop;
 pub mod http1;
 pub mod metrics;
