@@ -36,9 +36,11 @@ async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
 }
 
 async fn wait_idle(admin: SocketAddr, n: usize) {
-    wait_for(Duration::from_secs(15), &format!("{n} idle client connections"), || async move {
-        (metric(admin, "baton_client_connections_idle").await? == n as f64).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(15),
+        &format!("{n} idle client connections"),
+        || async move { (metric(admin, "baton_client_connections_idle").await? == n as f64).then_some(()) },
+    )
     .await;
 }
 
@@ -95,7 +97,11 @@ async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
     let head = read_head(s).await.unwrap();
     let len: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
         .expect("content-length");
     let mut body = vec![0; len];
     s.read_exact(&mut body).await.unwrap();
@@ -123,7 +129,10 @@ async fn a_pipelined_request_right_after_idle_is_answered() {
     }
     wait_idle(admin, 1).await;
     let data = pattern(70_000);
-    let post = format!("POST http://{origin}/sha256 HTTP/1.1\r\nHost: {origin}\r\nContent-Length: {}\r\n\r\n", data.len());
+    let post = format!(
+        "POST http://{origin}/sha256 HTTP/1.1\r\nHost: {origin}\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
     s.write_all(post.as_bytes()).await.unwrap();
     s.write_all(&data).await.unwrap();
     let (head, body) = read_response(&mut s).await;

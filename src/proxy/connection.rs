@@ -112,9 +112,7 @@ impl Connections {
             served: false,
             stalled: false,
         };
-        self.drain
-            .connections()
-            .spawn(self.clone().serve(idle, peer, slot));
+        self.drain.connections().spawn(self.clone().serve(idle, peer, slot));
     }
 
     /// The connection's task; `slot` is its place under the connection limit, given back
@@ -123,6 +121,7 @@ impl Connections {
     /// captures in place (an `async fn` would also keep a second copy of its arguments);
     /// and each await is a statement of its own (a temporary lives to the end of its
     /// statement: two futures in one would both take room).
+    #[allow(clippy::manual_async_fn)] // see above
     fn serve(self: Arc<Self>, mut idle: Idle, peer: Peer, slot: OwnedSemaphorePermit) -> impl Future<Output = ()> {
         async move {
             let _slot = &slot;
@@ -287,8 +286,12 @@ impl Connections {
         peer: Peer,
         signal: Arc<RequestSignal>,
         client: Arc<Client>,
-    ) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Tracked<Body>>, Error = Infallible, Future = Answer>
-    + Unpin
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Tracked<Body>>,
+        Error = Infallible,
+        Future = Answer,
+    > + Unpin
     + Send
     + 'static {
         let proxy = self.proxy.clone();
@@ -420,7 +423,9 @@ mod tests {
         let proxy = Arc::new(Proxy::new(ProxySettings::from(&config), policy, drain.clone()));
         let connections = Connections::new(proxy, drain, &ConnectionSettings::from(&config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (stream, addr) = listener.accept().await.unwrap();
         let idle = Idle {
             parked: Some(Parked::new(Stream::Tcp(stream))),

@@ -212,7 +212,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         let start = buf.filled().len();
         let polled = this.poll_framed(cx, buf);
         let signal = &this.signal;
-        signal.set_io(IO_READ_BLOCKED, polled.is_pending() && this.parser.phase != Phase::Connect);
+        signal.set_io(
+            IO_READ_BLOCKED,
+            polled.is_pending() && this.parser.phase != Phase::Connect,
+        );
         signal.set_io(IO_BETWEEN, this.is_between());
         if buf.filled().len() > start {
             signal.set_io(IO_DELIVERED, true);

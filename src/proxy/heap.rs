@@ -70,7 +70,11 @@ fn trim() {
     // SAFETY: malloc_trim only returns free memory to the system; glibc documents it as
     // MT-Safe, and it takes no pointer.
     let released = unsafe { libc::malloc_trim(0) };
-    tracing::debug!(released, micros = started.elapsed().as_micros() as u64, "heap trimmed after a burst");
+    tracing::debug!(
+        released,
+        micros = started.elapsed().as_micros() as u64,
+        "heap trimmed after a burst"
+    );
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
