@@ -12,8 +12,8 @@
 //!   closes at once without writing anything), polls it to its end without shutting the
 //!   stream (`poll_without_shutdown`) and takes it apart (`into_parts`);
 //! - what is left is a [`Parked`] connection: the bare stream and the bytes hyper had read
-//!   but not parsed. It is served again by a new [`Stretch`], or (issue 13) handed to
-//!   another process whole.
+//!   but not parsed. It is served again by a new [`Stretch`]; its fd and those bytes are all
+//!   of it, so it could as well be handed to another process (a successor generation).
 //!
 //! A stretch also ends when hyper ends the connection itself ([`Ended::Done`]: the client
 //! closed, `Connection: close`, or a CONNECT answered 2xx, whose stream becomes the tunnel's).
