@@ -33,7 +33,6 @@ use std::task::{Context, Poll, ready};
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 use crate::proxy::strict::{self, Fault, Framing, Head};
 
@@ -46,7 +45,6 @@ pub struct RequestSignal {
     begun: AtomicU64,
     started: AtomicU64,
     finished: AtomicU64,
-    notify: Notify,
     fault: OnceLock<(u64, Fault)>,
     connect: AtomicU8,
     waker: AtomicWaker,
@@ -71,10 +69,7 @@ const IO_DELIVERED: u8 = 8;
 impl RequestSignal {
     /// A request reached the service; returns its index on the connection (from 0).
     pub fn start(&self) -> u64 {
-        let index = self.started.fetch_add(1, Ordering::AcqRel);
-        // notify_one keeps a permit if nobody waits yet: no lost wake-up.
-        self.notify.notify_one();
-        index
+        self.started.fetch_add(1, Ordering::AcqRel)
     }
 
     pub fn started(&self) -> u64 {
@@ -84,12 +79,6 @@ impl RequestSignal {
     /// Whether a request has begun (its first byte was read) that the service has not seen.
     pub fn busy(&self) -> bool {
         self.begun.load(Ordering::Acquire) > self.started()
-    }
-
-    pub async fn wait_beyond(&self, seen: u64) {
-        while self.started() <= seen {
-            self.notify.notified().await;
-        }
     }
 
     /// The fault found in the head of request `index`, if any (and in any later one: after a
