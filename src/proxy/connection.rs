@@ -303,10 +303,10 @@ impl Connections {
             }
             // The framing waits for a CONNECT's answer: a 2xx makes the rest a tunnel.
             let connect = req.method() == Method::CONNECT;
-            let served = proxy.clone().serve(peer, client.clone(), req);
-            let signal = signal.clone();
+            let (proxy, client, signal) = (proxy.clone(), client.clone(), signal.clone());
+            // The service's future is made inside the box, not moved into it: it is large.
             Box::pin(async move {
-                let Ok(resp) = served.await;
+                let Ok(resp) = proxy.serve(peer, client, req).await;
                 if connect {
                     signal.answered_connect(resp.status().is_success());
                 }

@@ -117,9 +117,14 @@ impl RequestSignal {
     }
 
     fn set_io(&self, bit: u8, on: bool) {
-        // Only the connection's own task reads and writes these bits.
+        self.update_io(bit, if on { bit } else { 0 });
+    }
+
+    /// Sets the `mask` bits to those of `bits`, with one load and at most one store (only the
+    /// connection's own task reads and writes them).
+    fn update_io(&self, mask: u8, bits: u8) {
         let io = self.io.load(Ordering::Relaxed);
-        let next = if on { io | bit } else { io & !bit };
+        let next = (io & !mask) | bits;
         if next != io {
             self.io.store(next, Ordering::Relaxed);
         }
@@ -200,15 +205,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         let this = self.get_mut();
         let start = buf.filled().len();
         let polled = this.poll_framed(cx, buf);
-        let signal = &this.signal;
-        signal.set_io(
-            IO_READ_BLOCKED,
-            polled.is_pending() && this.parser.phase != Phase::Connect,
-        );
-        signal.set_io(IO_BETWEEN, this.is_between());
-        if buf.filled().len() > start {
-            signal.set_io(IO_DELIVERED, true);
-        }
+        let blocked = polled.is_pending() && this.parser.phase != Phase::Connect;
+        let delivered = buf.filled().len() > start;
+        let bit = |on: bool, bit: u8| if on { bit } else { 0 };
+        let bits = bit(blocked, IO_READ_BLOCKED) | bit(this.is_between(), IO_BETWEEN) | bit(delivered, IO_DELIVERED);
+        // DELIVERED is only ever set: it says whether any byte was handed over.
+        let mask = IO_READ_BLOCKED | IO_BETWEEN | bit(delivered, IO_DELIVERED);
+        this.signal.update_io(mask, bits);
         polled
     }
 }
