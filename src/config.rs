@@ -87,6 +87,8 @@ pub struct Limits {
     pub max_uri_bytes: usize,
     /// `None`: no limit.
     pub max_body_bytes: Option<u64>,
+    /// Idle origin connections kept per origin (per next hop); more are closed.
+    pub idle_per_host: usize,
 }
 
 /// Who may use the proxy and where it may go; see `policy.rs`.
@@ -298,6 +300,7 @@ struct RawLimits {
     max_header_bytes: usize,
     max_uri_bytes: usize,
     max_body_bytes: u64,
+    idle_per_host: usize,
 }
 
 impl Default for RawLimits {
@@ -308,6 +311,7 @@ impl Default for RawLimits {
             max_header_bytes: 64 * 1024,
             max_uri_bytes: 8192,
             max_body_bytes: 0,
+            idle_per_host: 32,
         }
     }
 }
@@ -578,6 +582,7 @@ impl From<RawLimits> for Limits {
             max_header_bytes: l.max_header_bytes,
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
+            idle_per_host: l.idle_per_host,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! against this generation's policy, which a reload may have narrowed).
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use baton_handoff::{Incoming as Handed, Item, Peer};
@@ -21,11 +21,13 @@ use crate::proxy::metrics;
 use crate::proxy::migrate::TunnelRecord;
 use crate::proxy::parent::{self, ParentError};
 use crate::proxy::route::next_hop;
-use crate::proxy::service::{Ask, Body, Proxy, empty};
-use crate::proxy::tunnel::{self, Counters, Handover, Relayed, Spliced};
+use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
+use crate::proxy::tunnel::{self, Counters, Early, Handover, Relayed, Spliced, TunnelClient};
 
 impl Proxy {
-    pub(super) async fn connect(&self, req: Request<Incoming>, ask: Ask) -> Response<Body> {
+    /// Opens the tunnel and leaves it with `client` ([`Proxy::start_tunnel`] relays it once
+    /// hyper has written the `200`).
+    pub(super) async fn connect(&self, client: &Client, req: Request<Incoming>, mut ask: Ask) -> Response<Body> {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
@@ -56,7 +58,16 @@ impl Proxy {
             started_ms: TunnelRecord::now_ms(),
             ..TunnelRecord::default()
         };
-        self.spawn_tunnel(req, ask, record, origin, from_origin);
+        // The target is copied: the request's shares hyper's read buffer, which the tunnel
+        // would otherwise keep alive (8 KiB) for as long as it runs.
+        ask.target = Uri::try_from(authority.as_str()).unwrap_or_else(|_| Uri::from_static("/"));
+        let accepted = Accepted {
+            origin,
+            from_origin,
+            ask,
+            record,
+        };
+        *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(accepted);
         Response::new(empty())
     }
 
@@ -95,41 +106,36 @@ impl Proxy {
         }
     }
 
-    /// Relays the tunnel once hyper hands over the client connection (after the 200 this
-    /// request is answered with), registered with the drain; movable at a handoff.
-    fn spawn_tunnel(
-        &self,
-        req: Request<Incoming>,
-        ask: Ask,
-        mut record: TunnelRecord,
-        origin: TcpStream,
-        from_origin: Bytes,
-    ) {
+    /// Relays the tunnel a CONNECT opened over the client's connection, once hyper has
+    /// written the `200` (`unread`: the bytes the client sent behind its CONNECT head;
+    /// `answer`: the bytes of the `200`, which its Squid line counts in whichever generation
+    /// it ends), registered with the drain; movable at a handoff.
+    pub fn start_tunnel(&self, accepted: Accepted, client: TunnelClient, unread: Vec<u8>, answer: u64) {
+        let Accepted {
+            origin,
+            from_origin,
+            ask,
+            mut record,
+        } = accepted;
         // For the Squid line: the address the tunnel leads to (the target, or the parent).
         record.server = origin.peer_addr().ok().map(|a| a.ip());
+        record.answer = answer;
         let (idle, cut, migration) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
             self.migration.clone(),
         );
+        let early = Early {
+            to_origin: unread,
+            to_client: from_origin,
+        };
         self.drain.tunnels().spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(e) => {
-                    let reason = format!("tunnel upgrade failed: {e}");
-                    ask.line(Kind::Closed, StatusCode::OK).reason(reason).write();
-                    return;
-                }
-            };
-            // hyper has written the `200` answer: the bytes so far are this tunnel's (its
-            // Squid line counts them, in whichever generation it ends).
-            record.answer = ask.sent.take();
             let ended = Ended::from(&record);
             let handover = Handover {
                 migration: &migration,
                 record,
             };
-            let relayed = tunnel::relay(upgraded, origin, from_origin, idle, cut, handover).await;
+            let relayed = tunnel::relay(client, origin, early, idle, cut, handover).await;
             tunnel_ended(&ask, relayed, ended);
         });
     }

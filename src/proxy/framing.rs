@@ -33,34 +33,43 @@ use std::task::{Context, Poll, ready};
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 use crate::proxy::strict::{self, Fault, Framing, Head};
 
 /// What a connection's requests look like to the drain and to the service: requests begun
-/// (a first byte read) and started (handed to the service), the fault found in a head, and
-/// the answer to a CONNECT the framing waits for.
+/// (a first byte read), started (handed to the service) and finished (their response body
+/// dropped by hyper: written, or abandoned), the fault found in a head, the answer to a
+/// CONNECT the framing waits for, and where the stream stands ([`RequestSignal::at_rest`]).
 #[derive(Default)]
 pub struct RequestSignal {
     begun: AtomicU64,
     started: AtomicU64,
-    notify: Notify,
+    finished: AtomicU64,
     fault: OnceLock<(u64, Fault)>,
     connect: AtomicU8,
     waker: AtomicWaker,
+    /// [`Framed`]'s view of the stream: the `IO_*` bits.
+    io: AtomicU8,
 }
 
 const UNDECIDED: u8 = 0;
 const TUNNEL: u8 = 1;
 const REFUSED: u8 = 2;
 
+/// hyper's last read found the stream empty (it would block).
+const IO_READ_BLOCKED: u8 = 1;
+/// No write since the last flush. hyper flushes its IO only once its own write buffer is
+/// empty, so this also says that buffer is.
+const IO_FLUSHED: u8 = 2;
+/// The framing is between requests and holds no byte back.
+const IO_BETWEEN: u8 = 4;
+/// Some byte was handed to hyper.
+const IO_DELIVERED: u8 = 8;
+
 impl RequestSignal {
     /// A request reached the service; returns its index on the connection (from 0).
     pub fn start(&self) -> u64 {
-        let index = self.started.fetch_add(1, Ordering::AcqRel);
-        // notify_one keeps a permit if nobody waits yet: no lost wake-up.
-        self.notify.notify_one();
-        index
+        self.started.fetch_add(1, Ordering::AcqRel)
     }
 
     pub fn started(&self) -> u64 {
@@ -72,16 +81,53 @@ impl RequestSignal {
         self.begun.load(Ordering::Acquire) > self.started()
     }
 
-    pub async fn wait_beyond(&self, seen: u64) {
-        while self.started() <= seen {
-            self.notify.notified().await;
-        }
-    }
-
     /// The fault found in the head of request `index`, if any (and in any later one: after a
     /// fault the framing is no longer followed, and the connection closes).
     pub fn fault(&self, index: u64) -> Option<Fault> {
         self.fault.get().filter(|(at, _)| index >= *at).map(|(_, f)| *f)
+    }
+
+    /// A response body was dropped by hyper (all of it written, or the exchange abandoned).
+    pub fn finish(&self) {
+        self.finished.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether hyper's connection is idle and can be taken apart without losing anything:
+    /// every request begun was started and its response finished, the framing is between
+    /// requests, hyper's write buffer is flushed and its last read found nothing. On a
+    /// connection that has not started a request, hyper must not have been handed a byte
+    /// (say a lone CRLF it keeps in its buffer): only then is its state the initial one.
+    pub fn at_rest(&self) -> bool {
+        let io = self.io.load(Ordering::Relaxed);
+        let started = self.started();
+        io & (IO_READ_BLOCKED | IO_FLUSHED | IO_BETWEEN) == IO_READ_BLOCKED | IO_FLUSHED | IO_BETWEEN
+            && self.begun.load(Ordering::Acquire) == started
+            && self.finished.load(Ordering::Acquire) == started
+            && (started > 0 || io & IO_DELIVERED == 0)
+    }
+
+    /// Whether a CONNECT was answered with a 2xx: the rest of the stream is a tunnel's.
+    pub fn tunnel(&self) -> bool {
+        self.connect.load(Ordering::Acquire) == TUNNEL
+    }
+
+    /// Whether everything hyper wrote has reached the stream.
+    pub fn flushed(&self) -> bool {
+        self.io.load(Ordering::Relaxed) & IO_FLUSHED != 0
+    }
+
+    fn set_io(&self, bit: u8, on: bool) {
+        self.update_io(bit, if on { bit } else { 0 });
+    }
+
+    /// Sets the `mask` bits to those of `bits`, with one load and at most one store (only the
+    /// connection's own task reads and writes them).
+    fn update_io(&self, mask: u8, bits: u8) {
+        let io = self.io.load(Ordering::Relaxed);
+        let next = (io & !mask) | bits;
+        if next != io {
+            self.io.store(next, Ordering::Relaxed);
+        }
     }
 
     /// The service answered a CONNECT: with a 2xx the rest of the stream is the tunnel's.
@@ -125,12 +171,19 @@ pub struct Framed<S> {
 impl<S> Framed<S> {
     /// `max_head` is hyper's head limit: a longer head is hyper's to refuse (431).
     pub fn new(io: S, signal: std::sync::Arc<RequestSignal>, max_head: usize) -> Framed<S> {
+        Framed::resume(io, Vec::new(), signal, max_head)
+    }
+
+    /// Like [`Framed::new`], on a stream of which `unread` was read already (by an earlier
+    /// `Framed` and hyper, which parsed none of it): those bytes are read first.
+    pub fn resume(io: S, unread: Vec<u8>, signal: std::sync::Arc<RequestSignal>, max_head: usize) -> Framed<S> {
+        signal.set_io(IO_FLUSHED | IO_BETWEEN, true);
         Framed {
             io,
             parser: Parser::new(max_head),
             signal,
             out: Held::default(),
-            raw: Held::default(),
+            raw: Held { buf: unread, pos: 0 },
         }
     }
 
@@ -150,6 +203,27 @@ impl<S> Framed<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let start = buf.filled().len();
+        let polled = this.poll_framed(cx, buf);
+        let blocked = polled.is_pending() && this.parser.phase != Phase::Connect;
+        let delivered = buf.filled().len() > start;
+        let bit = |on: bool, bit: u8| if on { bit } else { 0 };
+        let bits = bit(blocked, IO_READ_BLOCKED) | bit(this.is_between(), IO_BETWEEN) | bit(delivered, IO_DELIVERED);
+        // DELIVERED is only ever set: it says whether any byte was handed over.
+        let mask = IO_READ_BLOCKED | IO_BETWEEN | bit(delivered, IO_DELIVERED);
+        this.signal.update_io(mask, bits);
+        polled
+    }
+}
+
+impl<S: AsyncRead + Unpin> Framed<S> {
+    /// Between requests, with no byte held back.
+    fn is_between(&self) -> bool {
+        matches!(self.parser.phase, Phase::Idle { .. }) && self.out.is_empty() && self.raw.is_empty()
+    }
+
+    fn poll_framed(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -202,7 +276,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.signal.set_io(IO_FLUSHED, false);
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -210,7 +286,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.signal.set_io(IO_FLUSHED, false);
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -218,7 +296,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framed<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            this.signal.set_io(IO_FLUSHED, true);
+        }
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

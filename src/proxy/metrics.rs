@@ -10,6 +10,7 @@ use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,8 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// Client connections idle right now (parked between requests, or not yet sent one).
+    pub idle_connections: Gauge,
     /// Counter handles resolved once per label set, so that a request does not pay the
     /// family's lock and label hashing: [method][status class], and [http, tunnel].
     request_handles: [[OnceLock<Counter>; 5]; 10],
@@ -62,6 +65,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    idle_connections: Gauge::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     byte_handles: std::array::from_fn(|_| OnceLock::new()),
 });
@@ -108,6 +112,29 @@ impl Metrics {
             "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
             self.tls_handshakes.clone(),
         );
+        registry.register(
+            "client_connections_idle",
+            "Client connections of this process that are idle: between requests (no HTTP state \
+             held, their origin connection back in the pool) or before their first",
+            self.idle_connections.clone(),
+        );
+    }
+}
+
+/// One idle client connection, counted in `client_connections_idle` while it lives.
+pub struct IdleConnection(());
+
+impl IdleConnection {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> IdleConnection {
+        get().idle_connections.inc();
+        IdleConnection(())
+    }
+}
+
+impl Drop for IdleConnection {
+    fn drop(&mut self) {
+        get().idle_connections.dec();
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use baton_handoff::{Drain, Peer};
@@ -23,7 +23,7 @@ use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
 use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
-use crate::proxy::migrate::Migration;
+use crate::proxy::migrate::{Migration, TunnelRecord};
 use crate::proxy::parent;
 use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::route::next_hop;
@@ -39,6 +39,7 @@ pub struct ProxySettings {
     pub upstream_response: Duration,
     pub tunnel_idle: Duration,
     pub upstream_idle: Duration,
+    pub idle_per_host: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
     /// `[upstream]`: which destinations go through which parent proxy.
@@ -52,6 +53,7 @@ impl From<&Config> for ProxySettings {
             upstream_response: c.timeouts.upstream_response,
             tunnel_idle: c.timeouts.tunnel_idle,
             upstream_idle: c.timeouts.upstream_idle,
+            idle_per_host: c.limits.idle_per_host,
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
             parents: Arc::new(c.parents.clone()),
@@ -67,6 +69,42 @@ pub struct Proxy {
     /// Moving this generation's tunnels to the next one (`connect`).
     pub(super) migration: Arc<Migration>,
     pub(super) via: HeaderValue,
+}
+
+/// What a client connection lends the service while it is busy: its origin connection
+/// (kept from one request to the next, and given back to the pool with the `Client` when
+/// the client goes idle), what the connection was sent (for the Squid lines), and where an
+/// accepted CONNECT leaves its tunnel until hyper has written the answer and given the
+/// stream back ([`Proxy::start_tunnel`]).
+pub struct Client {
+    lease: OriginLease,
+    pub(super) sent: Arc<Sent>,
+    pub(super) tunnel: Mutex<Option<Accepted>>,
+}
+
+impl Client {
+    pub fn new(upstream: Arc<Upstream>, sent: Arc<Sent>) -> Client {
+        Client {
+            lease: OriginLease::new(upstream),
+            sent,
+            tunnel: Mutex::new(None),
+        }
+    }
+
+    /// The tunnel a CONNECT answered with a 2xx opened, if any.
+    pub fn take_tunnel(&self) -> Option<Accepted> {
+        self.tunnel.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// A tunnel that a CONNECT answered with a 2xx opened, waiting for hyper to write the
+/// answer and give the client's stream back.
+pub struct Accepted {
+    pub(super) origin: tokio::net::TcpStream,
+    /// Bytes read from the origin side behind a parent proxy's answer.
+    pub(super) from_origin: Bytes,
+    pub(super) ask: Ask,
+    pub(super) record: TunnelRecord,
 }
 
 /// One request as the access log and the metrics see it.
@@ -95,7 +133,12 @@ impl Ask {
 
 impl Proxy {
     pub fn new(settings: ProxySettings, policy: Arc<Policy>, drain: Drain) -> Proxy {
-        let upstream = Upstream::new(policy.clone(), settings.upstream_connect, settings.upstream_idle);
+        let upstream = Upstream::new(
+            policy.clone(),
+            settings.upstream_connect,
+            settings.upstream_idle,
+            settings.idle_per_host,
+        );
         let via = via_header(&policy);
         Proxy {
             upstream,
@@ -112,18 +155,16 @@ impl Proxy {
         &self.migration
     }
 
-    /// The origin connection pool, for each client connection's [`OriginLease`].
+    /// The origin connection pool, for each busy client connection's [`Client`].
     pub fn upstream(&self) -> Arc<Upstream> {
         self.upstream.clone()
     }
 
-    /// Serves one request from `peer`; `lease` is the client connection's origin connection,
-    /// `sent` what the connection was sent.
+    /// Serves one request from `peer`; `client` is what its connection lends the service.
     pub async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        lease: Arc<OriginLease>,
-        sent: Arc<Sent>,
+        client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         let mut ask = Ask {
@@ -131,7 +172,7 @@ impl Proxy {
             method: req.method().clone(),
             target: req.uri().clone(),
             started: Instant::now(),
-            sent,
+            sent: client.sent.clone(),
             user: None,
         };
         if let Peer::Ip(addr) = peer
@@ -141,12 +182,12 @@ impl Proxy {
         }
         // The rarer and larger futures (authentication, CONNECT) are boxed: this future is
         // moved whole at every request, and its size is that of its largest state.
-        let client = match peer {
+        let client_ip = match peer {
             Peer::Ip(a) => Some(a.ip()),
             Peer::Local => None,
         };
         if self.policy.requires_auth() {
-            match Box::pin(self.policy.check_auth(req.headers(), client)).await {
+            match Box::pin(self.policy.check_auth(req.headers(), client_ip)).await {
                 Ok(u) => ask.user = u,
                 Err(d) => return Ok(self.deny(&ask, &d)),
             }
@@ -161,15 +202,15 @@ impl Proxy {
             return Ok(self.refuse(&ask, StatusCode::URI_TOO_LONG, &reason));
         }
         if ask.method == Method::CONNECT {
-            return Ok(Box::pin(self.connect(req, ask)).await);
+            return Ok(Box::pin(self.connect(&client, req, ask)).await);
         }
         // Any request framed by Transfer-Encoding closes its connection after the answer. One
         // that also carried Content-Length never gets here (the framing layer answers 400:
         // RFC 9112 §6.1); the close is kept as a second line of defence against smuggling.
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
-        // Boxed too: hyper moves this future whole once per request, and forwarding is its
-        // largest state (measured: 493 fewer instructions a request, docs/benchmarks.md).
-        let mut resp = Box::pin(self.forward(&lease, req, ask)).await;
+        // Not boxed: the connection boxes this whole future (hyper's `poll_without_shutdown`
+        // wants it `Unpin`), and forwarding is its common state.
+        let mut resp = self.forward(&client.lease, req, ask).await;
         if close_after {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

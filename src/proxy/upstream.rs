@@ -1,10 +1,13 @@
-//! Connections to origins and parent proxies, pooled by next hop ([`NextHop::key`]). Each
+//! Connections to origins and parent proxies, pooled by next hop ([`NextHop::key`]). A busy
 //! client connection holds a lease ([`OriginLease`]) on the connection its last request used
 //! (a keep-alive client usually asks the same origin again: no pool lookup, no lock
-//! contention, no hand-off to another task); when the client connection ends, that connection
-//! goes back to a shared pool, where the next client connection to the same next hop finds
-//! it. Connects to origins go through the [`Policy`] (see [`connect_checked`]); connects to
-//! a parent do not (see [`connect_parent`]).
+//! contention, no hand-off to another task). The lease lapses when the client goes idle (the
+//! connection module drops it with hyper's state, after a short linger) or leaves: the
+//! connection goes back to a shared pool, where the next request to the same next hop finds
+//! it. The pool keeps at most `idle_per_host` idle connections per next hop and closes the
+//! rest, so idle connections are bounded per next hop (the parent, when one is used), never
+//! one per idle client. Connects to origins go through the [`Policy`] (see
+//! [`connect_checked`]); connects to a parent do not (see [`connect_parent`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -41,9 +44,6 @@ impl Sender {
         self.tx.is_ready()
     }
 }
-
-/// Idle origin connections kept per origin.
-const POOL_PER_ORIGIN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -94,17 +94,20 @@ pub struct Upstream {
     /// How long an idle origin connection is kept (`timeouts.upstream_idle`; keep it below
     /// the origins' own keep-alive timeout, commonly 60-75 s).
     max_idle: Duration,
+    /// Idle connections kept per origin (`limits.idle_per_host`); one more is closed.
+    per_host: usize,
     idle: Mutex<HashMap<String, Vec<(Instant, Sender)>>>,
 }
 
 impl Upstream {
     /// Also starts the sweeper that closes idle connections past `max_idle`; it stops when
     /// the `Upstream` is dropped.
-    pub fn new(policy: Arc<Policy>, connect_timeout: Duration, max_idle: Duration) -> Arc<Upstream> {
+    pub fn new(policy: Arc<Policy>, connect_timeout: Duration, max_idle: Duration, per_host: usize) -> Arc<Upstream> {
         let upstream = Arc::new(Upstream {
             policy,
             connect_timeout,
             max_idle,
+            per_host,
             idle: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&upstream);
@@ -146,9 +149,10 @@ impl Upstream {
         let mut idle = lock(&self.idle);
         let list = idle.entry(origin).or_default();
         list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
-        if list.len() < POOL_PER_ORIGIN {
+        if list.len() < self.per_host {
             list.push((Instant::now(), sender));
         }
+        // Otherwise dropped here: the last sender of an idle connection closes it.
     }
 
     async fn connect(&self, hop: NextHop<'_>) -> Result<Sender, UpstreamError> {
@@ -175,7 +179,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One client connection's origin connection, returned to the pool when the client leaves.
+/// A busy client connection's origin connection, returned to the pool when the lease is
+/// dropped (the client went idle or left).
 pub struct OriginLease {
     upstream: Arc<Upstream>,
     current: Mutex<Option<(String, Sender)>>,

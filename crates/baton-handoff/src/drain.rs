@@ -5,6 +5,8 @@
 //! flight and closes, perhaps after a grace period for an idle client), and `cut` when the
 //! deadline passed and whatever still runs must end.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -14,6 +16,9 @@ use tokio_util::task::TaskTracker;
 pub struct Drain {
     /// Cancelled when draining starts: accept loops stop, connections finish and close.
     draining: CancellationToken,
+    /// Set when draining starts, before `draining` is cancelled: what [`Drain::is_draining`]
+    /// reads (the token's own answer takes a lock that every connection would share).
+    begun: Arc<AtomicBool>,
     /// Cancelled at the drain deadline: whatever still runs is ended.
     cut: CancellationToken,
     connections: TaskTracker,
@@ -35,12 +40,16 @@ impl Drain {
         Drain::default()
     }
 
+    /// Cancelled when draining begins. Await it; draining is begun with [`Drain::begin`]
+    /// (cancelling this clone would not set [`Drain::is_draining`]).
     pub fn draining(&self) -> CancellationToken {
         self.draining.clone()
     }
 
+    /// Whether draining has begun ([`Drain::begin`] or [`Drain::drain_until`]); one atomic
+    /// load, cheap enough to ask at every poll of a connection.
     pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.begun.load(Ordering::Acquire)
     }
 
     pub fn cut_token(&self) -> CancellationToken {
@@ -65,6 +74,7 @@ impl Drain {
 
     /// Stops accepting and tells connections to finish; `drain_until` waits for them.
     pub fn begin(&self) {
+        self.begun.store(true, Ordering::Release);
         self.draining.cancel();
     }
 
@@ -79,7 +89,7 @@ impl Drain {
             tunnels: self.tunnels.len(),
             ..DrainReport::default()
         };
-        self.draining.cancel();
+        self.begin();
         self.connections.close();
         self.tunnels.close();
         let all_done = async {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tracing::{info, warn};
 
@@ -200,6 +200,58 @@ impl Socket {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Stream {
+    /// Resolves once a read would not block: a byte arrived, the peer closed, or an error is
+    /// pending. Nothing is read (a one-byte `MSG_PEEK`), so a server can wait here for a
+    /// client's next request without a read buffer. tokio takes a freshly accepted stream
+    /// for readable until a read says otherwise: the peek is that read.
+    pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await
+    }
+
+    /// [`Stream::readable`] as a poll: it keeps no state of its own (it registers `cx` in the
+    /// stream's own reader slot, as a read would), so a task waiting in it stays small.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let peeked = match self {
+                Stream::Tcp(s) => {
+                    std::task::ready!(s.poll_read_ready(cx))?;
+                    s.try_io(Interest::READABLE, || peek(s.as_raw_fd()))
+                }
+                Stream::Unix(s) => {
+                    std::task::ready!(s.poll_read_ready(cx))?;
+                    s.try_io(Interest::READABLE, || peek(s.as_raw_fd()))
+                }
+            };
+            match peeked {
+                // try_io cleared the readiness: the next poll_read_ready waits for an event.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(()) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// Shuts the write side down (a FIN to the peer) now; the stream stays open for reading.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write)?;
+        Ok(())
+    }
+}
+
+/// Looks at the next byte of a non-blocking socket without taking it.
+fn peek(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    nix::sys::socket::recv(fd, &mut byte, nix::sys::socket::MsgFlags::MSG_PEEK)?;
+    Ok(())
 }
 
 impl AsyncRead for Stream {

@@ -30,6 +30,6 @@ pub use client::{ClientError, ClientStream, ProxyConnection, open_tunnel, open_t
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
-pub use origin::start_origin;
+pub use origin::{start_counted_origin, start_origin};
 pub use tls::{ProxyTls, TestCa};
 pub use tunnels::{LongTunnels, TunnelReport};

@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,22 +28,33 @@ type Body = BoxBody<Bytes, Infallible>;
 /// - `GET /headers` the request headers as received, one per line;
 /// - `GET /hang` never answers.
 pub async fn start_origin() -> std::io::Result<SocketAddr> {
+    Ok(start_counted_origin().await?.0)
+}
+
+/// [`start_origin`], and the number of connections it has open (accepted and not yet
+/// closed, by either side): what the proxy holds to it.
+pub async fn start_counted_origin() -> std::io::Result<(SocketAddr, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            counter.fetch_add(1, Ordering::SeqCst);
+            let counter = counter.clone();
             tokio::spawn(async move {
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service_fn(route))
                     .await;
+                counter.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    Ok(addr)
+    Ok((addr, open))
 }
 
 fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
