@@ -600,7 +600,14 @@ fn print_status(s: &Status) {
     println!("state       {}", s.state);
     println!("workers     {}", s.workers);
     println!("started     {} (unix)", s.started_unix);
-    println!("connections {}", s.active_connections);
+    if s.adopted_connections > 0 {
+        println!(
+            "connections {} ({} moved in from the previous generation)",
+            s.active_connections, s.adopted_connections
+        );
+    } else {
+        println!("connections {}", s.active_connections);
+    }
     if s.adopted_tunnels > 0 {
         println!(
             "tunnels     {} ({} moved in from the previous generation)",

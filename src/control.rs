@@ -219,6 +219,9 @@ pub struct Status {
     /// Tunnels this generation adopted from the previous one at its handoff.
     #[serde(default)]
     pub adopted_tunnels: u64,
+    /// Idle client connections this generation adopted from the previous one.
+    #[serde(default)]
+    pub adopted_connections: u64,
 }
 
 impl Status {

@@ -114,7 +114,7 @@ async fn twenty_tunnels_survive_twenty_handoffs_intact() {
             .all(|l| l.contains("outcome=\"closed\"") || l.contains("outcome=closed")),
         "{lines_now:?}"
     );
-    let moved = log.matches("tunnels handed to the new generation").count();
+    let moved = log.matches("handed to the new generation").count();
     assert!(
         moved >= 20,
         "each handoff moved the tunnels: {moved} reports\n{}",
@@ -202,7 +202,7 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
     );
     let log = baton.log();
     assert!(
-        log.contains("does not take tunnels: they drain here"),
+        log.contains("does not take tunnels or connections: they drain here"),
         "{}",
         baton_log(&baton)
     );
@@ -213,11 +213,11 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
 
 /// A successor that passes its predecessor's canary window, offers to take its tunnels, and
 /// dies as the first batch arrives, before acknowledging it: the handoff protocol by hand
-/// (`BATON_READY_FD` gets `ready <pid> canary xfer=1`; `BATON_CHANNEL_FD`, a seqpacket
+/// (`BATON_READY_FD` gets `ready <pid> canary xfer=2`; `BATON_CHANNEL_FD`, a seqpacket
 /// socket, gets a ping every 250 ms until `pass`; the next message is the batch).
 const FAKE_SUCCESSOR: &str = r#"#!/usr/bin/env python3
 import os, socket, sys
-os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=1\n" % os.getpid())
+os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=2\n" % os.getpid())
 chan = socket.socket(fileno=int(os.environ["BATON_CHANNEL_FD"]))
 chan.settimeout(0.25)
 passed = False
@@ -258,7 +258,10 @@ async fn a_successor_that_dies_mid_transfer_loses_no_tunnel() {
     std::fs::rename(&staged, &program).expect("install the fake");
     let old = upgrade(&baton).await;
     wait_for(Duration::from_secs(10), "the failed batch to be logged", || async {
-        baton.log().contains("tunnels stay in this generation").then_some(())
+        baton
+            .log()
+            .contains("stay in this generation (they drain)")
+            .then_some(())
     })
     .await;
     let before = tunnels.round_trips();
@@ -273,4 +276,93 @@ async fn a_successor_that_dies_mid_transfer_loses_no_tunnel() {
     assert_intact(&reports, 10, &baton_log(&baton));
     assert!(baton.log().contains("dying before the ack"), "{}", baton_log(&baton));
     baton.signal(old, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// One raw exchange's answer: the head, then a `Content-Length` body read whole.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let head = testkit::read_head(s).await.expect("a response head");
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.expect("the body");
+    (head, body)
+}
+
+fn get_line(origin: std::net::SocketAddr, path: &str) -> String {
+    format!("GET http://{origin}{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n")
+}
+
+/// Idle keep-alive connections move with the handoff instead of being closed: 10 that
+/// were served, one that never sent a request, and one with a pipelined pair whose first
+/// answer is slow (in flight at the handoff: it finishes in the old generation, the second
+/// is answered without `Connection: close`, and then the connection moves). The old
+/// generation exits long before its 30 s drain deadline; every client then goes on over
+/// the same connection, which only the new generation can be serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_move_and_stay_open() {
+    use tokio::io::AsyncWriteExt;
+    let origin = testkit::start_origin().await.expect("origin");
+    let baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
+    let url = format!("http://{origin}/bytes?n=100");
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = testkit::ProxyConnection::open(baton.proxy).await.expect("connect");
+        let (status, body) = c.get(&url).await.expect("first request");
+        assert_eq!((status.as_u16(), body.len()), (200, 100));
+        clients.push(c);
+    }
+    let mut fresh = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
+    let mut piped = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
+    let pair = get_line(origin, "/slow?ms=1500&n=10") + &get_line(origin, "/bytes?n=20");
+    piped.write_all(pair.as_bytes()).await.expect("pipelined pair");
+
+    let started = Instant::now();
+    let old = upgrade(&baton).await;
+    wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+        (!alive(old)).then_some(())
+    })
+    .await;
+    let gone_after = started.elapsed();
+    for (n, expect) in [(10, "slow"), (20, "second")] {
+        let (head, body) = read_answer(&mut piped).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{expect}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{expect}: {head}"
+        );
+        assert_eq!(body.len(), n);
+    }
+    assert!(
+        gone_after < Duration::from_secs(5),
+        "the old generation waited {gone_after:?} (drain deadline 30 s)\n{}",
+        baton_log(&baton)
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let (status, body) = c
+            .get(&url)
+            .await
+            .unwrap_or_else(|e| panic!("client {i} after the move: {e:?}"));
+        assert_eq!((status.as_u16(), body.len()), (200, 100), "client {i}");
+        assert!(!c.is_closed(), "client {i}'s connection was closed");
+    }
+    for s in [&mut fresh, &mut piped] {
+        s.write_all(get_line(origin, "/bytes?n=30").as_bytes())
+            .await
+            .expect("request after the move");
+        let (head, body) = read_answer(s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.len(), 30);
+    }
+    let status = baton.status().await;
+    assert_eq!(status["adopted_connections"], 12, "{status}");
+    eprintln!("old generation gone {gone_after:?} after the trigger; 12 connections moved");
+    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
 }

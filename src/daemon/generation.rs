@@ -37,6 +37,7 @@ use crate::daemon::launch::Launch;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
 use crate::daemon::traffic::Sampler;
+use crate::proxy::migrate::Kind as MoveKind;
 use crate::proxy::policy::Policy;
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 use crate::tls::TlsListeners;
@@ -228,8 +229,8 @@ impl Generation {
         if let Some(channel) = channel {
             self.predecessor_watching = true;
             notify::status(&format!("{} (the previous generation watches it)", self.status_line()));
-            let proxy = self.connections.proxy().clone();
-            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), proxy);
+            let connections = self.connections.clone();
+            spawn_pinger(channel, self.drain.clone(), self.commands_tx.clone(), connections);
         }
         Ok(())
     }
@@ -471,7 +472,8 @@ impl Generation {
             watched_by: self
                 .predecessor_watching
                 .then(|| nix::unistd::getppid().as_raw() as u32),
-            adopted_tunnels: self.connections.proxy().migration().adopted(),
+            adopted_tunnels: self.connections.proxy().migration().adopted.get(MoveKind::Tunnel),
+            adopted_connections: self.connections.proxy().migration().adopted.get(MoveKind::Connection),
         }
     }
 }
@@ -503,11 +505,16 @@ async fn open_proxy(
 }
 
 /// Pings the predecessor during its canary window, tells the controller the verdict, then
-/// adopts the tunnels the predecessor hands over.
-fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sender<Command>, proxy: Arc<Proxy>) {
+/// adopts the tunnels and idle connections the predecessor hands over.
+fn spawn_pinger(
+    channel: PredecessorChannel,
+    drain: Drain,
+    commands: mpsc::Sender<Command>,
+    connections: Arc<Connections>,
+) {
     tokio::spawn(async move {
-        let connections = move || drain.active_connections() + drain.active_tunnels();
-        let verdict = channel.ping_until_verdict(connections).await;
+        let open = move || drain.active_connections() + drain.active_tunnels();
+        let verdict = channel.ping_until_verdict(open).await;
         let (verdict, handed) = verdict.unwrap_or((baton_handoff::Verdict::Gone, None));
         let (taken, taken_rx) = tokio::sync::oneshot::channel();
         let _ = commands.send(Command::PredecessorVerdict(verdict, taken)).await;
@@ -516,7 +523,7 @@ fn spawn_pinger(channel: PredecessorChannel, drain: Drain, commands: mpsc::Sende
             // The predecessor reports the handoff done only now: a trigger that follows
             // its report finds this generation out of its window.
             if handed.confirm_verdict().await.is_ok() {
-                proxy.adopt(handed).await;
+                connections.adopt(handed).await;
             }
         }
     });

@@ -1,24 +1,25 @@
 //! CONNECT: opening a tunnel to its target and relaying it until it ends or moves to the
-//! next generation, and adopting the tunnels the previous generation hands over (checked
+//! next generation, and adopting a tunnel the previous generation handed over (checked
 //! against this generation's policy, which a reload may have narrowed).
 
 use std::net::IpAddr;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use baton_handoff::{Incoming as Handed, Item, Peer};
+use std::os::fd::OwnedFd;
+
+use baton_handoff::Peer;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
-use tracing::{info, warn};
 
 use crate::config::Parent;
 
 use crate::proxy::access::Kind;
 use crate::proxy::connector::connect_checked;
 use crate::proxy::metrics;
-use crate::proxy::migrate::TunnelRecord;
+use crate::proxy::migrate::{self, TunnelRecord};
 use crate::proxy::parent::{self, ParentError};
 use crate::proxy::route::next_hop;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
@@ -140,36 +141,12 @@ impl Proxy {
         });
     }
 
-    /// Adopts the tunnels the previous generation sends until it is done or gone.
-    pub async fn adopt(self: Arc<Self>, mut handed: Handed) {
-        let (mut adopted, mut refused) = (0u64, 0u64);
-        loop {
-            match handed.next_batch().await {
-                Ok(Some(items)) => {
-                    for item in items {
-                        match self.adopt_one(item) {
-                            Ok(()) => adopted += 1,
-                            Err(why) => {
-                                refused += 1;
-                                warn!("a tunnel from the previous generation was dropped: {why}");
-                            }
-                        }
-                    }
-                    info!(adopted, refused, "tunnels adopted from the previous generation");
-                }
-                Ok(None) => return,
-                Err(e) => return warn!("receiving tunnels from the previous generation failed: {e}"),
-            }
-        }
-    }
-
     /// One moved tunnel: relays on here, unless this generation's policy denies it now
     /// (it is closed then, and the line names the rule).
-    fn adopt_one(&self, item: Item) -> Result<(), String> {
-        let record = TunnelRecord::decode(&item.record)?;
-        let spliced = Spliced::from_fds(&record, item.fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
+    pub(super) fn adopt_tunnel(&self, record: TunnelRecord, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let spliced = Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
         metrics::migrated("tunnel", 1);
-        self.migration.count_adopted();
+        self.migration.count_adopted(migrate::Kind::Tunnel);
         let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
         let ask = Ask {
             peer: record.client.map_or(Peer::Local, Peer::Ip),

@@ -17,13 +17,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use baton_handoff::{Drain, Peer, Socket, Stream};
+use baton_handoff::{Drain, Incoming as Handed, Peer, Socket, Stream};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -35,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::proxy::access::{AccessLine, Kind, Sent};
@@ -43,6 +44,7 @@ use crate::proxy::framing::RequestSignal;
 use crate::proxy::heap;
 use crate::proxy::http1::{ClientIo, Ended, Parked, Stretch, Tracked};
 use crate::proxy::metrics;
+use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::strict::Fault;
 use crate::tls::Handshakes;
@@ -158,6 +160,75 @@ impl Connections {
         });
     }
 
+    /// Adopts the tunnels and idle connections the previous generation sends until it is
+    /// done or gone.
+    pub async fn adopt(self: Arc<Self>, mut handed: Handed) {
+        let mut refused = 0u64;
+        loop {
+            let items = match handed.next_batch().await {
+                Ok(Some(items)) => items,
+                Ok(None) => return,
+                Err(e) => return warn!("receiving from the previous generation failed: {e}"),
+            };
+            for item in items {
+                let adopted = match Moved::decode(&item.record) {
+                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds),
+                    Ok(Moved::Connection(record)) => self.adopt_connection(record, item.fds),
+                    Err(e) => Err(e),
+                };
+                if let Err(why) = adopted {
+                    refused += 1;
+                    warn!("a connection from the previous generation was dropped: {why}");
+                }
+            }
+            let adopted = &self.proxy.migration().adopted;
+            let (tunnels, connections) = (adopted.get(MoveKind::Tunnel), adopted.get(MoveKind::Connection));
+            info!(tunnels, connections, refused, "adopted from the previous generation");
+        }
+    }
+
+    /// One idle client connection the previous generation handed over: served here from
+    /// its next request on, unless this generation's policy no longer admits the client
+    /// (closed then, and the line names the rule).
+    fn adopt_connection(self: &Arc<Self>, record: ConnectionRecord, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+        let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
+            return Err(format!("a connection has {} fds, not 1", fds.len() + 1));
+        };
+        let stream = Stream::from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
+        metrics::migrated("connection", 1);
+        self.proxy.migration().count_adopted(MoveKind::Connection);
+        let peer = record.client.map_or(Peer::Local, Peer::Ip);
+        if let Some(addr) = record.client
+            && let Err(d) = self.proxy.policy.check_client(addr.ip())
+        {
+            AccessLine::new(Kind::Denied, peer)
+                .status(d.status)
+                .rule(d.rule.as_str())
+                .reason(format!("moved connection closed: {}", d.reason))
+                .write();
+            stream.close();
+            return Ok(());
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            warn!(client = %peer, "connection limit reached: a moved connection is closed");
+            stream.close();
+            return Ok(());
+        };
+        let idle_for = Duration::from_millis(record.idle_ms);
+        let idle = Idle {
+            parked: Some(Parked {
+                stream,
+                unread: record.unread.into_boxed_slice(),
+            }),
+            since: Instant::now().checked_sub(idle_for).unwrap_or_else(Instant::now),
+            served: record.served,
+            stalled: false,
+            stay: false,
+        };
+        self.drain.connections().spawn(self.clone().serve(idle, peer, slot));
+        Ok(())
+    }
+
     /// The TLS handshake, within its limits; a connection cut by the drain deadline, or
     /// whose handshake fails, is closed (and the reason logged).
     async fn handshake(
@@ -201,9 +272,18 @@ impl Connections {
         async move {
             let _slot = &slot;
             loop {
-                let readable = self.wait(&idle, &peer).await;
-                if !readable {
-                    return;
+                let woke = self.wait(&idle, &peer).await;
+                match woke {
+                    Wake::Readable => {}
+                    Wake::Close => return,
+                    Wake::Move => {
+                        // Boxed: once per connection at most, and every task would keep room.
+                        let moved = Box::pin(self.depart(&mut idle, &peer)).await;
+                        if moved {
+                            return;
+                        }
+                        continue;
+                    }
                 }
                 let rested = self.busy(&mut idle, &peer).await;
                 if !rested {
@@ -223,15 +303,20 @@ impl Connections {
     /// (answered with `Connection: close`); one that has not sent its first request yet gets
     /// until `header_read` passes. A request counts from its first byte.
     ///
+    /// When the generation hands over with migration, an idle plain connection moves to the
+    /// successor instead (`Move`; migration is requested before draining begins, so the
+    /// drain's wake-up finds it requested).
+    ///
     /// One poll function rather than `select!`s: every idle connection's task is as large as
     /// this state, and it holds only the timer and one drain waiter at a time.
-    async fn wait<T: ClientIo>(&self, idle: &Idle<T>, peer: &Peer) -> bool {
+    async fn wait<T: ClientIo>(&self, idle: &Idle<T>, peer: &Peer) -> Wake {
         let Some(parked) = &idle.parked else {
-            return false;
+            return Wake::Close;
         };
         if !parked.unread.is_empty() && !idle.stalled {
-            return true;
+            return Wake::Readable;
         }
+        let movable = T::MOVABLE && !idle.stay;
         let _counted = metrics::IdleConnection::new();
         let deadline = idle.since + self.header_read_timeout;
         let timer = tokio::time::sleep_until(deadline);
@@ -245,22 +330,71 @@ impl Connections {
         let mut grace = false;
         std::future::poll_fn(|cx| {
             if parked.stream.poll_readable(cx).is_ready() {
-                return Poll::Ready(true);
+                return Poll::Ready(Wake::Readable);
             }
             if drain.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
+                return Poll::Ready(Wake::Close);
+            }
+            if movable && self.drain.is_draining() && self.proxy.migration().is_requested() {
+                return Poll::Ready(Wake::Move);
             }
             if !grace && idle.served && self.drain.is_draining() {
                 grace = true;
                 timer.as_mut().reset(deadline.min(Instant::now() + IDLE_GRACE));
             }
             match timer.as_mut().poll(cx) {
-                Poll::Ready(()) if grace => Poll::Ready(false),
-                Poll::Ready(()) => Poll::Ready(log_idle_timeout(*peer)),
+                Poll::Ready(()) if grace => Poll::Ready(Wake::Close),
+                Poll::Ready(()) => {
+                    log_idle_timeout(*peer);
+                    Poll::Ready(Wake::Close)
+                }
                 Poll::Pending => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// Hands the idle connection to the successor: `true` once it holds it. Otherwise
+    /// (the batch was refused, or the successor is gone) the connection is back in `idle`,
+    /// and stays here: it drains as before.
+    async fn depart<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer) -> bool {
+        let Some(parked) = idle.parked.take() else {
+            return true;
+        };
+        idle.stay = true;
+        let (stream, unread) = parked.into_parts();
+        let (fd, unix) = match stream.into_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(client = %peer, "cannot take an idle connection apart to move it: {e}");
+                return true;
+            }
+        };
+        let record = Moved::Connection(ConnectionRecord {
+            client: match peer {
+                Peer::Ip(a) => Some(*a),
+                Peer::Local => None,
+            },
+            unread,
+            served: idle.served,
+            idle_ms: idle.since.elapsed().as_millis() as u64,
+        });
+        let Err(mut fds) = self.proxy.migration().depart(&record, vec![fd]).await else {
+            return true;
+        };
+        let Moved::Connection(record) = record else {
+            return true;
+        };
+        match fds.pop().map(|fd| T::from_fd(fd, unix)) {
+            Some(Ok(stream)) => {
+                idle.parked = Some(Parked {
+                    stream,
+                    unread: record.unread.into_boxed_slice(),
+                });
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Serves the idle connection with hyper until it comes to rest (`true`: `idle` is
@@ -285,7 +419,8 @@ impl Connections {
             self.max_header_bytes,
             service,
         );
-        let Some(ended) = self.drive(&mut stretch, &signal).await else {
+        let may_move = T::MOVABLE && !idle.stay;
+        let Some(ended) = self.drive(&mut stretch, &signal, may_move).await else {
             return false;
         };
         let served = signal.started() > 0;
@@ -296,6 +431,7 @@ impl Connections {
                     since,
                     served: idle.served || served,
                     stalled: !served,
+                    stay: idle.stay,
                 };
                 true
             }
@@ -315,7 +451,7 @@ impl Connections {
     /// the stretch no longer lingers at rest (the idle connection then gets its grace period
     /// in [`Connections::wait`]), and a request started after that is the last: its
     /// response says `Connection: close`.
-    async fn drive<T, S>(&self, stretch: &mut Stretch<T, S>, signal: &RequestSignal) -> Option<Ended<T>>
+    async fn drive<T, S>(&self, stretch: &mut Stretch<T, S>, signal: &RequestSignal, may_move: bool) -> Option<Ended<T>>
     where
         T: ClientIo,
         S: hyper::service::HttpService<Incoming, ResBody = Tracked<Body>> + Unpin,
@@ -326,7 +462,10 @@ impl Connections {
         let serve = std::future::poll_fn(|cx| {
             let linger = match last {
                 None if self.drain.is_draining() => {
-                    last = Some(signal.started());
+                    // Moving, the connection is not closed after its exchange: it moves
+                    // once at rest. Otherwise a request started after this is the last.
+                    let moving = may_move && self.proxy.migration().is_requested();
+                    last = Some(if moving { u64::MAX } else { signal.started() });
                     Duration::ZERO
                 }
                 None => LINGER,
@@ -406,6 +545,16 @@ impl Connections {
 /// back) wants it `Unpin`.
 type Answer = Pin<Box<dyn Future<Output = Result<Response<Tracked<Body>>, Infallible>> + Send>>;
 
+/// Why an idle connection's wait ended.
+enum Wake {
+    /// The client sent bytes (or closed): serve it.
+    Readable,
+    /// Close it (the wait says why, in the log, when it matters).
+    Close,
+    /// Move it to the successor.
+    Move,
+}
+
 /// An idle connection between two busy stretches.
 struct Idle<T> {
     /// `None` only while a stretch serves it.
@@ -417,6 +566,8 @@ struct Idle<T> {
     /// Its last stretch came to rest without a request: wait for the stream even if bytes
     /// are unread (they did not make a request).
     stalled: bool,
+    /// A move was tried and failed: it stays in this generation.
+    stay: bool,
 }
 
 impl<T: ClientIo> Idle<T> {
@@ -427,6 +578,7 @@ impl<T: ClientIo> Idle<T> {
             since: Instant::now(),
             served: false,
             stalled: false,
+            stay: false,
         }
     }
 }
@@ -464,10 +616,9 @@ impl Drop for OpenTls {
 pub const LINGER: Duration = Duration::from_millis(LINGER_MS);
 const LINGER_MS: u64 = 5;
 
-fn log_idle_timeout(peer: Peer) -> bool {
+fn log_idle_timeout(peer: Peer) {
     let reason = "request head not received within header_read";
     AccessLine::new(Kind::Closed, peer).reason(reason).write();
-    false
 }
 
 /// The answer to a request whose head broke a rule of [`crate::proxy::strict`]: the status

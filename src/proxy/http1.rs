@@ -20,6 +20,7 @@
 //! closed, `Connection: close`, or a CONNECT answered 2xx, whose stream becomes the tunnel's).
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -50,6 +51,15 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
 
     /// The stream as a CONNECT's tunnel relays it.
     fn into_tunnel(self) -> TunnelClient;
+
+    /// Whether an idle connection can move to another process as its fd.
+    const MOVABLE: bool;
+
+    /// The socket, out of the runtime, and whether it is a Unix socket.
+    fn into_fd(self) -> io::Result<(OwnedFd, bool)>;
+
+    /// A socket [`ClientIo::into_fd`] gave (here or in another process), in this runtime.
+    fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Self>;
 }
 
 impl ClientIo for Stream {
@@ -64,6 +74,27 @@ impl ClientIo for Stream {
 
     fn into_tunnel(self) -> TunnelClient {
         TunnelClient::Socket(self)
+    }
+
+    const MOVABLE: bool = true;
+
+    fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
+        Ok(match self {
+            Stream::Tcp(s) => (s.into_std()?.into(), false),
+            Stream::Unix(s) => (s.into_std()?.into(), true),
+        })
+    }
+
+    fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
+        Ok(if unix {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            s.set_nonblocking(true)?;
+            Stream::Unix(tokio::net::UnixStream::from_std(s)?)
+        } else {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            Stream::Tcp(tokio::net::TcpStream::from_std(s)?)
+        })
     }
 }
 
@@ -89,6 +120,18 @@ impl ClientIo for TlsStream<Stream> {
 
     fn into_tunnel(self) -> TunnelClient {
         TunnelClient::Other(Box::new(self))
+    }
+
+    /// Its session state lives in this process (kernel TLS would be needed to move it): a
+    /// TLS connection drains.
+    const MOVABLE: bool = false;
+
+    fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    fn from_fd(_: OwnedFd, _: bool) -> io::Result<Self> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 }
 

@@ -1,10 +1,11 @@
-//! Moving live tunnels to the next generation once its canary passed (the hand-over
+//! Moving live connections to the next generation once its canary passed (the hand-over
 //! protocol is `baton_handoff::transfer`). The old generation's side: [`Migration`] is
 //! requested at the verdict; each spliced tunnel then stops relaying at once (its bytes wait
-//! in the kernel: sockets and pipes) and *departs* with its fds and its [`TunnelRecord`];
-//! one task batches the departures over the channel and tells each tunnel whether it moved
-//! or stays (a batch the successor did not acknowledge). A tunnel that stays relays on and
-//! drains as before. The successor's side is `Proxy::adopt`.
+//! in the kernel: sockets and pipes), and each plain client connection stops as soon as it
+//! is idle between requests, and *departs* with its fds and its [`Moved`] record; one task
+//! batches the departures over the channel and tells each whether it moved or stays (a
+//! batch the successor did not acknowledge). What stays relays on, or is served on, and
+//! drains as before. The successor's side is `Connections::adopt`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -23,6 +24,41 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// After the first departure, how long to wait for the others that woke with it, so that
 /// they share batches.
 const GATHER: Duration = Duration::from_millis(2);
+
+/// A record on the move: what kind of connection, and what the next generation needs to
+/// know of it. Both generations run the same build (the transfer's version is agreed at
+/// readiness), so the kinds are known to both.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Moved {
+    Tunnel(TunnelRecord),
+    Connection(ConnectionRecord),
+}
+
+impl Moved {
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain fields always serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Moved, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("bad record: {e}"))
+    }
+}
+
+/// A client connection idle between requests: one fd, the client socket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// The client's address; `None` for a Unix-socket client.
+    pub client: Option<SocketAddr>,
+    /// Bytes read from the client that no request has used yet (usually none: a request
+    /// that arrives during the move waits in the socket, which moves).
+    pub unread: Vec<u8>,
+    /// Whether it has served a request (for the drain's grace period).
+    pub served: bool,
+    /// How long it had been idle (its `header_read` deadline goes on from there).
+    pub idle_ms: u64,
+}
 
 /// What the next generation needs to know of a tunnel besides its fds: who, where, how
 /// much so far, and how the fds are laid out.
@@ -55,15 +91,6 @@ pub struct TunnelRecord {
 }
 
 impl TunnelRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        // A struct of plain fields always serializes.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<TunnelRecord, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad tunnel record: {e}"))
-    }
-
     /// Milliseconds since the Unix epoch, now.
     pub fn now_ms() -> u64 {
         SystemTime::now()
@@ -76,18 +103,53 @@ impl TunnelRecord {
 /// come back and it stays.
 struct Departure {
     item: Item,
+    kind: Kind,
     back: oneshot::Sender<Result<(), Vec<OwnedFd>>>,
 }
 
-/// One generation's side of moving its tunnels out.
+/// The kinds of connection that move, for the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tunnel = 0,
+    Connection = 1,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Tunnel => "tunnel",
+            Kind::Connection => "connection",
+        }
+    }
+}
+
+/// Counts by [`Kind`].
+#[derive(Debug, Default)]
+pub struct ByKind([AtomicU64; 2]);
+
+impl ByKind {
+    fn add(&self, kind: Kind, n: u64) {
+        self.0[kind as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, kind: Kind) -> u64 {
+        self.0[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.get(Kind::Tunnel) + self.get(Kind::Connection)
+    }
+}
+
+/// One generation's side of moving its tunnels and idle connections out.
 pub struct Migration {
     requested: CancellationToken,
     tx: mpsc::UnboundedSender<Departure>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Departure>>>,
-    moved: AtomicU64,
-    stayed: AtomicU64,
-    /// Tunnels this generation adopted from its predecessor.
-    adopted: AtomicU64,
+    pub moved: ByKind,
+    pub stayed: ByKind,
+    /// Adopted from the previous generation.
+    pub adopted: ByKind,
 }
 
 impl Default for Migration {
@@ -97,40 +159,49 @@ impl Default for Migration {
             requested: CancellationToken::new(),
             tx,
             rx: Mutex::new(Some(rx)),
-            moved: AtomicU64::new(0),
-            stayed: AtomicU64::new(0),
-            adopted: AtomicU64::new(0),
+            moved: ByKind::default(),
+            stayed: ByKind::default(),
+            adopted: ByKind::default(),
         }
     }
 }
 
 impl Migration {
-    /// Resolves once tunnels are to move.
+    /// Resolves once connections are to move.
     pub async fn requested(&self) {
         self.requested.cancelled().await;
     }
 
-    /// (tunnels moved, tunnels that stayed) so far.
+    /// Whether connections are to move (then a draining connection does not close at the
+    /// end of its exchange: it moves once idle).
+    pub fn is_requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
+    /// (moved, stayed) so far, all kinds.
     pub fn counts(&self) -> (u64, u64) {
-        (self.moved.load(Ordering::Relaxed), self.stayed.load(Ordering::Relaxed))
+        (self.moved.total(), self.stayed.total())
     }
 
-    /// Tunnels adopted from the previous generation so far.
-    pub fn adopted(&self) -> u64 {
-        self.adopted.load(Ordering::Relaxed)
+    /// One more adopted from the previous generation.
+    pub fn count_adopted(&self, kind: Kind) {
+        self.adopted.add(kind, 1);
     }
 
-    /// One more tunnel adopted from the previous generation.
-    pub fn count_adopted(&self) {
-        self.adopted.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Called by a tunnel that stopped relaying: `Ok` once the successor holds it (our
-    /// copies are closed by then), else its fds back.
-    pub async fn depart(&self, record: Vec<u8>, fds: Vec<OwnedFd>) -> Result<(), Vec<OwnedFd>> {
+    /// Called by a connection that stopped (a tunnel that stopped relaying, an idle client
+    /// connection): `Ok` once the successor holds it (our copies are closed by then), else
+    /// its fds back.
+    pub async fn depart(&self, moved: &Moved, fds: Vec<OwnedFd>) -> Result<(), Vec<OwnedFd>> {
         let (back, answer) = oneshot::channel();
-        let item = Item { record, fds };
-        if let Err(unsent) = self.tx.send(Departure { item, back }) {
+        let kind = match moved {
+            Moved::Tunnel(_) => Kind::Tunnel,
+            Moved::Connection(_) => Kind::Connection,
+        };
+        let item = Item {
+            record: moved.encode(),
+            fds,
+        };
+        if let Err(unsent) = self.tx.send(Departure { item, kind, back }) {
             return Err(unsent.0.item.fds);
         }
         // The sender answers every departure; if it were gone, so would be the fds.
@@ -157,33 +228,41 @@ impl Migration {
                 all.push(d);
             }
             for batch in batches(all, |d: &Departure| &d.item) {
-                let (items, backs): (Vec<Item>, Vec<_>) = batch.into_iter().map(|d| (d.item, d.back)).unzip();
+                let mut kinds = Vec::with_capacity(batch.len());
+                let (items, backs): (Vec<Item>, Vec<_>) = batch
+                    .into_iter()
+                    .map(|d| {
+                        kinds.push(d.kind);
+                        (d.item, d.back)
+                    })
+                    .unzip();
                 if broken.is_some() {
-                    self.stay(items, backs);
+                    self.stay(&kinds, items, backs);
                     continue;
                 }
                 match transfer.send_batch(items, ACK_TIMEOUT).await {
-                    Ok(n) => {
-                        self.moved.fetch_add(n as u64, Ordering::Relaxed);
-                        for b in backs {
-                            let _ = b.send(Ok(()));
+                    Ok(_) => {
+                        for (kind, back) in kinds.into_iter().zip(backs) {
+                            self.moved.add(kind, 1);
+                            let _ = back.send(Ok(()));
                         }
                     }
                     Err((e, items)) => {
-                        warn!("tunnels stay in this generation (they drain): {e}");
+                        warn!("tunnels and connections stay in this generation (they drain): {e}");
                         broken = Some(e.to_string());
-                        self.stay(items, backs);
+                        self.stay(&kinds, items, backs);
                     }
                 }
             }
-            let (moved, stayed) = self.counts();
-            info!(moved, stayed, "tunnels handed to the new generation");
+            let (tunnels, connections) = (self.moved.get(Kind::Tunnel), self.moved.get(Kind::Connection));
+            let stayed = self.stayed.total();
+            info!(tunnels, connections, stayed, "handed to the new generation");
         }
     }
 
-    fn stay(&self, items: Vec<Item>, backs: Vec<oneshot::Sender<Result<(), Vec<OwnedFd>>>>) {
-        self.stayed.fetch_add(items.len() as u64, Ordering::Relaxed);
-        for (item, back) in items.into_iter().zip(backs) {
+    fn stay(&self, kinds: &[Kind], items: Vec<Item>, backs: Vec<oneshot::Sender<Result<(), Vec<OwnedFd>>>>) {
+        for ((kind, item), back) in kinds.iter().zip(items).zip(backs) {
+            self.stayed.add(*kind, 1);
             let _ = back.send(Err(item.fds));
         }
     }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::proxy::access::Outcome;
-use crate::proxy::migrate::{Migration, TunnelRecord};
+use crate::proxy::migrate::{Migration, Moved, TunnelRecord};
 
 /// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
 /// origin→client).
@@ -225,7 +225,7 @@ impl Spliced {
                 return Ok("error");
             }
         };
-        match h.migration.depart(record.encode(), fds).await {
+        match h.migration.depart(&Moved::Tunnel(record.clone()), fds).await {
             Ok(()) => Ok("moved"),
             Err(fds) => match Spliced::from_fds(&record, fds) {
                 Ok(kept) => Err(kept),

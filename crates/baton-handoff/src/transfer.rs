@@ -8,7 +8,7 @@
 //! A batch: `XFER`, the protocol version (u16, big-endian), the item count (u16), then per
 //! item its fd count (u16) and record length (u32) and the record; the fds in item order.
 //! The answers are text: `ack <items>` or `nack <reason>`; the old generation ends with
-//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=1`): a successor that
+//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=2`): a successor that
 //! does not offer ours gets no batches, and the old generation drains as before.
 
 use std::io;
@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use crate::wire::{MAX_FDS_PER_MESSAGE, Message, Wire};
 
-/// The version of the batch format this build speaks.
-pub const TRANSFER_VERSION: u16 = 1;
+/// The version of the transfer this build speaks. 2: the batch format of 1; what changed
+/// is that a server's records may be of more kinds (baton: idle client connections as well
+/// as tunnels), which a server built for 1 would not know: a version-1 successor is sent
+/// nothing, and the old generation drains as before.
+pub const TRANSFER_VERSION: u16 = 2;
 /// Record bytes per batch at most, well inside the channel's socket buffer.
 const MAX_BATCH_BYTES: usize = 96 * 1024;
 const MAGIC: &[u8; 4] = b"XFER";

@@ -279,12 +279,14 @@ impl Generation {
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         let tls = self.connections.tls_connections();
-        let drain = self.begin_drain();
+        // Migration first: a connection woken by the drain finds it requested, and moves
+        // rather than closing.
         match passed.transfer {
             Some(transfer) if self.config.migrate => self.connections.proxy().migration().start(transfer),
-            Some(_) => info!("migrate = false: tunnels drain here"),
-            None => info!("the new generation does not take tunnels: they drain here"),
+            Some(_) => info!("migrate = false: tunnels and connections drain here"),
+            None => info!("the new generation does not take tunnels or connections: they drain here"),
         }
+        let drain = self.begin_drain();
         let report = UpgradeReport {
             old_pid: self.pid,
             new_pid: pending.pid,
