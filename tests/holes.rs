@@ -69,11 +69,13 @@ fn get(origin: SocketAddr, path: &str) -> String {
 
 /// A keep-alive client has sent the first 20 bytes of its next request when `baton upgrade`
 /// runs, and the rest 1.6 s later (beyond the drain's 1 s grace period): a request counts from
-/// its first byte, so it is answered (with `Connection: close`), not cut.
+/// its first byte, so it is answered (with `Connection: close`), not cut. (With
+/// `migrate = false`; moving, the connection stays open: the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_head_during_the_drain_grace_is_answered() {
     let origin = testkit::start_origin().await.unwrap();
     let baton = Baton::start("").await;
+    baton.set_top_level("migrate = false");
     let mut c = TcpStream::connect(baton.proxy).await.unwrap();
     let mut buf = Vec::new();
     let req = get(origin, "/bytes?n=5");
@@ -195,4 +197,38 @@ async fn tcp_tunnel_is_spliced() {
     assert_eq!(rest, b"late");
     let line = tunnel_relay(&baton).await;
     assert!(line.contains("splice") && line.contains("closed"), "{line}");
+}
+
+/// The same half head at a handoff that moves connections: the old generation answers it
+/// (without `Connection: close`), then the connection moves, and the next request on it is
+/// the new generation's (the old one is gone by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_head_at_a_moving_handoff_is_answered_and_the_connection_moves() {
+    let origin = testkit::start_origin().await.unwrap();
+    let baton = Baton::start("").await;
+    let old = baton.pid();
+    let mut c = TcpStream::connect(baton.proxy).await.unwrap();
+    let mut buf = Vec::new();
+    let req = get(origin, "/bytes?n=5");
+    c.write_all(req.as_bytes()).await.unwrap();
+    response(&mut c, &mut buf).await.expect("first request");
+    c.write_all(&req.as_bytes()[..20]).await.unwrap();
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(ok, "upgrade failed: {out}\n{}", baton.log());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    c.write_all(&req.as_bytes()[20..]).await.expect("rest of the head");
+    let (head, body) = response(&mut c, &mut buf)
+        .await
+        .expect("the request begun before the handoff");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body.len(), 5);
+    common::wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+        (!common::alive(old)).then_some(())
+    })
+    .await;
+    c.write_all(req.as_bytes()).await.unwrap();
+    let (head, body) = response(&mut c, &mut buf).await.expect("a request after the move");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body.len(), 5);
 }
