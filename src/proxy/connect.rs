@@ -130,8 +130,10 @@ impl Proxy {
             to_origin: unread,
             to_client: from_origin,
         };
+        // Boxed before the task captures them: every tunnel's task holds what it captures.
+        let (ask, record) = (Box::new(ask), Box::new(record));
         self.drain.tunnels().spawn(async move {
-            let ended = Ended::from(&record);
+            let ended = Ended::from(&*record);
             let handover = Handover {
                 migration: &migration,
                 record,
@@ -178,6 +180,7 @@ impl Proxy {
             self.drain.cut_token(),
             self.migration.clone(),
         );
+        let (ask, record) = (Box::new(ask), Box::new(record));
         self.drain.tunnels().spawn(async move {
             let handover = Handover {
                 migration: &migration,

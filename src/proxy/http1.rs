@@ -59,6 +59,8 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     fn into_fd(self) -> io::Result<(OwnedFd, bool)>;
 
     /// A socket [`ClientIo::into_fd`] gave (here or in another process), in this runtime.
+    /// It is non-blocking already: the flag belongs to the open file description, which
+    /// SCM_RIGHTS shares (no syscalls to set it again, for each of thousands at a handoff).
     fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Self>;
 }
 
@@ -88,11 +90,9 @@ impl ClientIo for Stream {
     fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
         Ok(if unix {
             let s = std::os::unix::net::UnixStream::from(fd);
-            s.set_nonblocking(true)?;
             Stream::Unix(tokio::net::UnixStream::from_std(s)?)
         } else {
             let s = std::net::TcpStream::from(fd);
-            s.set_nonblocking(true)?;
             Stream::Tcp(tokio::net::TcpStream::from_std(s)?)
         })
     }

@@ -87,6 +87,9 @@ struct Summary {
     /// Requests on a reused keep-alive connection that closed before a response: what a
     /// client would retry (RFC 9112 §9.3.1). Counted in `failures` too.
     keepalive_retries: u64,
+    /// Keep-alive connections the proxy closed between requests (the worker opened a new
+    /// one): what moving idle connections at a handoff avoids.
+    keepalive_closed: u64,
     slow_ok: u64,
     tunnels_ok: u64,
     tunnel_bytes: u64,
@@ -197,6 +200,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         handoff_failures: handoffs.failures,
         requests_ok: traffic.requests.ok,
         keepalive_retries: traffic.requests.closed_on_reuse,
+        keepalive_closed: traffic.requests.reconnects,
         slow_ok: traffic.slow.ok,
         tunnels_ok: traffic.tunnels.ok,
         tunnel_bytes: traffic.tunnels.bytes,
