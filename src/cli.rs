@@ -600,22 +600,11 @@ fn print_status(s: &Status) {
     println!("state       {}", s.state);
     println!("workers     {}", s.workers);
     println!("started     {} (unix)", s.started_unix);
-    if s.adopted_connections > 0 {
-        println!(
-            "connections {} ({} moved in from the previous generation)",
-            s.active_connections, s.adopted_connections
-        );
-    } else {
-        println!("connections {}", s.active_connections);
-    }
-    if s.adopted_tunnels > 0 {
-        println!(
-            "tunnels     {} ({} moved in from the previous generation)",
-            s.active_tunnels, s.adopted_tunnels
-        );
-    } else {
-        println!("tunnels     {}", s.active_tunnels);
-    }
+    println!(
+        "connections {}",
+        with_adopted(s.active_connections, s.adopted_connections)
+    );
+    println!("tunnels     {}", with_adopted(s.active_tunnels, s.adopted_tunnels));
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }
@@ -634,5 +623,14 @@ fn print_status(s: &Status) {
     for l in &s.listeners {
         let inherited = if l.adopted { " (inherited)" } else { "" };
         println!("listener    {} {}{inherited}", l.name, l.address);
+    }
+}
+
+/// `active`, and how many of them came from the previous generation when some did.
+fn with_adopted(active: usize, adopted: u64) -> String {
+    if adopted > 0 {
+        format!("{active} ({adopted} moved in from the previous generation)")
+    } else {
+        active.to_string()
     }
 }

@@ -94,18 +94,7 @@ async fn idle_origin_connections_stay_within_the_pool_bound() {
 
 /// Reads one response (Content-Length framed) from `s`; returns its head and body.
 async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let head = read_head(s).await.unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("content-length");
-    let mut body = vec![0; len];
-    s.read_exact(&mut body).await.unwrap();
-    (head, body)
+    testkit::read_response(s).await.expect("a response")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

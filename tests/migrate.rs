@@ -278,24 +278,6 @@ async fn a_successor_that_dies_mid_transfer_loses_no_tunnel() {
     baton.signal(old, nix::sys::signal::Signal::SIGKILL);
 }
 
-/// One raw exchange's answer: the head, then a `Content-Length` body read whole.
-async fn read_answer(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
-    use tokio::io::AsyncReadExt;
-    let head = testkit::read_head(s).await.expect("a response head");
-    let len = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().to_string())
-        })
-        .and_then(|v| v.parse::<usize>().ok())
-        .expect("content-length");
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.expect("the body");
-    (head, body)
-}
-
 fn get_line(origin: std::net::SocketAddr, path: &str) -> String {
     format!("GET http://{origin}{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n")
 }
@@ -332,7 +314,7 @@ async fn idle_keep_alive_connections_move_and_stay_open() {
     .await;
     let gone_after = started.elapsed();
     for (n, expect) in [(10, "slow"), (20, "second")] {
-        let (head, body) = read_answer(&mut piped).await;
+        let (head, body) = testkit::read_response(&mut piped).await.expect("an answer");
         assert!(head.starts_with("HTTP/1.1 200"), "{expect}: {head}");
         assert!(
             !head.to_ascii_lowercase().contains("connection: close"),
@@ -357,7 +339,7 @@ async fn idle_keep_alive_connections_move_and_stay_open() {
         s.write_all(get_line(origin, "/bytes?n=30").as_bytes())
             .await
             .expect("request after the move");
-        let (head, body) = read_answer(s).await;
+        let (head, body) = testkit::read_response(s).await.expect("an answer");
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert_eq!(body.len(), 30);
     }

@@ -242,14 +242,7 @@ async fn connect(proxy: SocketAddr, target: &str, early: &[u8]) -> (TcpStream, S
 
 /// The body of a refusal after its `head` (Content-Length bytes).
 async fn body_after(s: &mut TcpStream, head: &str) -> String {
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
+    let len = testkit::content_length(head).unwrap_or(0);
     let mut body = vec![0; len];
     s.read_exact(&mut body).await.unwrap();
     String::from_utf8_lossy(&body).into_owned()

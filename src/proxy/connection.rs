@@ -694,8 +694,14 @@ mod tests {
     /// A connection's task is as large as its largest state, the busy one included, and it
     /// is most of what an idle connection costs (the rest is its socket's registration): it
     /// must stay small. (488 bytes when this was written; the idle target is 2 KiB all told.)
-    #[tokio::test]
-    async fn a_connection_task_is_small() {
+    /// Connections on the default configuration, and a connected pair: the client's end,
+    /// the accepted end and the client's address.
+    async fn setup() -> (
+        Arc<Connections>,
+        tokio::net::TcpStream,
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+    ) {
         let config = Config::load(None).unwrap();
         let drain = Drain::new();
         let policy = Arc::new(Policy::new(config.access.clone()).unwrap());
@@ -706,11 +712,61 @@ mod tests {
             .await
             .unwrap();
         let (stream, addr) = listener.accept().await.unwrap();
+        (connections, client, stream, addr)
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let (connections, client, stream, addr) = setup().await;
         let idle = Idle::new(Stream::Tcp(stream));
         let slot = connections.slots.clone().try_acquire_owned().unwrap();
         let task = connections.clone().serve(idle, Peer::Ip(addr), slot);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 640, "the connection task's future is {size} bytes");
         drop((task, client));
+    }
+
+    /// Reads one answer's head and its `Content-Length` body.
+    async fn answer(s: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed: {head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        head
+    }
+
+    /// A connection handed over with a request already read (the record's unread bytes: a
+    /// pipelined request that sat in the old generation's buffer) is served from those
+    /// bytes first, then from its socket, on the same connection.
+    #[tokio::test]
+    async fn an_adopted_connection_serves_its_unread_request_first() {
+        let (connections, mut client, server, addr) = setup().await;
+        let fd: OwnedFd = server.into_std().unwrap().into();
+        // Answered by the proxy itself (port 1 is refused or denied): no origin needed.
+        let request = b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n";
+        let record = ConnectionRecord {
+            client: Some(addr),
+            unread: request.to_vec(),
+            served: true,
+            idle_ms: 0,
+        };
+        connections.adopt_connection(record, vec![fd]).unwrap();
+        let within = Duration::from_secs(5);
+        let first = tokio::time::timeout(within, answer(&mut client)).await.expect("an answer");
+        assert!(first.starts_with("http/1.1 "), "{first}");
+        assert!(!first.contains("connection: close"), "{first}");
+        tokio::io::AsyncWriteExt::write_all(&mut client, request).await.unwrap();
+        let second = tokio::time::timeout(within, answer(&mut client)).await.expect("an answer");
+        assert!(second.starts_with("http/1.1 "), "{second}");
     }
 }

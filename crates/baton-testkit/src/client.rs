@@ -136,6 +136,24 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Strin
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// The `Content-Length` of a response head, if it has one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Reads one `Content-Length`-framed response: its head and its body.
+pub async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(String, Vec<u8>)> {
+    let head = read_head(s).await?;
+    let len = content_length(&head).ok_or_else(|| std::io::Error::other(format!("no content-length: {head}")))?;
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok((head, body))
+}
+
 /// A connection to the proxy: plain TCP, or TLS to a TLS listener.
 pub enum ClientStream {
     Plain(TcpStream),

@@ -26,7 +26,9 @@ pub mod tls;
 pub mod tunnels;
 
 pub use browser::Browser;
-pub use client::{ClientError, ClientStream, ProxyConnection, open_tunnel, open_tunnel_via, read_head};
+pub use client::{
+    ClientError, ClientStream, ProxyConnection, content_length, open_tunnel, open_tunnel_via, read_head, read_response,
+};
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
