@@ -762,11 +762,15 @@ mod tests {
         };
         connections.adopt_connection(record, vec![fd]).unwrap();
         let within = Duration::from_secs(5);
-        let first = tokio::time::timeout(within, answer(&mut client)).await.expect("an answer");
+        let first = tokio::time::timeout(within, answer(&mut client))
+            .await
+            .expect("an answer");
         assert!(first.starts_with("http/1.1 "), "{first}");
         assert!(!first.contains("connection: close"), "{first}");
         tokio::io::AsyncWriteExt::write_all(&mut client, request).await.unwrap();
-        let second = tokio::time::timeout(within, answer(&mut client)).await.expect("an answer");
+        let second = tokio::time::timeout(within, answer(&mut client))
+            .await
+            .expect("an answer");
         assert!(second.starts_with("http/1.1 "), "{second}");
     }
 }
