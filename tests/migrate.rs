@@ -348,3 +348,64 @@ async fn idle_keep_alive_connections_move_and_stay_open() {
     eprintln!("old generation gone {gone_after:?} after the trigger; 12 connections moved");
     baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
 }
+
+/// A client that never comes to rest (it pipelines: 32 requests always wait behind the one
+/// in flight; one that keeps only one waiting comes to rest between answers, and moves)
+/// cannot move, as a connection moves at rest. It is not kept to the drain deadline
+/// either: about a second into the move, the exchange in flight is its last, answered with
+/// `Connection: close`, and the old generation exits long before its 30 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_rests_gets_connection_close_instead_of_a_cut() {
+    use tokio::io::AsyncWriteExt;
+    let origin = testkit::start_origin().await.expect("origin");
+    let baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
+    let mut s = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
+    let request = get_line(origin, "/bytes?n=10");
+    s.write_all(request.repeat(33).as_bytes()).await.expect("33 requests");
+    let (first, _) = testkit::read_response(&mut s).await.expect("first answer");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let started = Instant::now();
+    let trigger = {
+        let control = baton.control.clone();
+        tokio::spawn(async move {
+            let mut events = Vec::new();
+            control::events(&control, Request::Upgrade { wait_drain: false }, |e| events.push(e))
+                .await
+                .expect("control socket");
+            events
+        })
+    };
+    // Keep 32 requests waiting behind the one in flight, until an answer closes.
+    let mut answers = 1;
+    let closed_after = loop {
+        s.write_all(request.as_bytes()).await.expect("next request");
+        let (head, body) = testkit::read_response(&mut s).await.expect("an answer, never a cut");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.len(), 10);
+        answers += 1;
+        if head.to_ascii_lowercase().contains("connection: close") {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no Connection: close after {answers} answers\n{}",
+            baton
+                .log()
+                .lines()
+                .filter(|l| !l.contains("baton::access"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    };
+    let events = trigger.await.expect("upgrade task");
+    let Some(Event::Done(report)) = events.last() else {
+        panic!("upgrade failed: {events:?}")
+    };
+    wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+        (!alive(report.old_pid)).then_some(())
+    })
+    .await;
+    eprintln!("{answers} answers; Connection: close {closed_after:?} after the trigger");
+    assert!(closed_after < Duration::from_secs(10), "{closed_after:?}");
+    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+}

@@ -459,13 +459,19 @@ impl Connections {
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut last = None;
+        // Moving: since when, and how many requests had started then.
+        let mut moving: Option<(Instant, u64)> = None;
         let serve = std::future::poll_fn(|cx| {
             let linger = match last {
                 None if self.drain.is_draining() => {
                     // Moving, the connection is not closed after its exchange: it moves
                     // once at rest. Otherwise a request started after this is the last.
-                    let moving = may_move && self.proxy.migration().is_requested();
-                    last = Some(if moving { u64::MAX } else { signal.started() });
+                    if may_move && self.proxy.migration().is_requested() {
+                        moving = Some((Instant::now(), signal.started()));
+                        last = Some(u64::MAX);
+                    } else {
+                        last = Some(signal.started());
+                    }
                     Duration::ZERO
                 }
                 None => LINGER,
@@ -475,6 +481,15 @@ impl Connections {
             if polled.is_pending() && last.is_some_and(|n| signal.started() > n) {
                 stretch.close_after_current();
                 last = Some(u64::MAX);
+            }
+            // A client that never comes to rest (a request always behind the last) is not
+            // kept to the drain deadline: past MOVE_PATIENCE and a second new request, the
+            // exchange in flight is its last here, as without moving.
+            if polled.is_pending()
+                && moving.is_some_and(|(t, n)| signal.started() > n + 1 && t.elapsed() >= MOVE_PATIENCE)
+            {
+                stretch.close_after_current();
+                moving = None;
             }
             polled
         });
@@ -640,6 +655,10 @@ fn refuse_fault(peer: Peer, sent: &Arc<Sent>, req: &Request<Incoming>, fault: Fa
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
+
+/// How long a busy connection may go without coming to rest once it is to move (it moves at
+/// rest) before its exchange in flight is its last in this generation.
+const MOVE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How long a draining generation keeps an idle keep-alive connection open for the client's
 /// next request (answered with `Connection: close`) before closing it.
