@@ -80,6 +80,9 @@ struct Summary {
     tls: bool,
     handoffs_requested: u32,
     handoffs_ok: u32,
+    /// Triggers refused while `limits.max_draining_generations` drained, retried once one
+    /// had exited.
+    handoffs_deferred: u32,
     handoff_failures: Vec<String>,
     ready_ms_max: u64,
     pids_distinct: bool,
@@ -132,6 +135,8 @@ const CRASH_REACH: Duration = Duration::from_millis(1500);
 /// ... or this long before it (clocks read on different tasks).
 const CRASH_SLACK: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(40);
+/// Refused triggers retried in a run, at most.
+const MAX_DEFERRED: u32 = 50;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -194,6 +199,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         tls: args.tls,
         handoffs_requested: args.handoffs,
         handoffs_ok: (handoffs.pids.len() - 1) as u32,
+        handoffs_deferred: handoffs.deferred,
         pids_distinct: handoffs.pids_distinct(),
         ready_ms_max: handoffs.ready_ms_max,
         old_generations: handoffs.pids.len() - 1,
@@ -331,6 +337,9 @@ struct Handoffs {
     lost_reported: u64,
     /// Per successful handoff: how long its old generation lived after the verdict.
     exits: Vec<JoinHandle<u64>>,
+    /// Triggers refused because `limits.max_draining_generations` were still draining, and
+    /// tried again once one had exited (an operator's move; no client sees it).
+    deferred: u32,
 }
 
 impl Handoffs {
@@ -342,6 +351,7 @@ impl Handoffs {
             crashes: Vec::new(),
             lost_reported: 0,
             exits: Vec::new(),
+            deferred: 0,
         };
         let spacing = Duration::from_millis(args.seconds * 1000 / 2 / u64::from(args.handoffs.max(1)));
         let mut dice = Dice::new();
@@ -351,7 +361,16 @@ impl Handoffs {
                 after: args.canary().mul_f64(0.8 * dice.next()),
             });
             let planned = crash.is_some();
-            match (handoff(&baton.control, crash).await?, planned) {
+            let mut outcome = handoff(&baton.control, crash.clone()).await?;
+            while let (Err(reason), _) = &outcome
+                && reason.contains("still draining")
+                && h.deferred < MAX_DEFERRED
+            {
+                h.deferred += 1;
+                h.wait_for_an_exit().await;
+                outcome = handoff(&baton.control, crash.clone()).await?;
+            }
+            match (outcome, planned) {
                 ((Ok(report), _), false) => {
                     h.exits.push(tokio::spawn(exit_ms(report.old_pid, Instant::now())));
                     h.pids.push(report.new_pid);
@@ -366,6 +385,19 @@ impl Handoffs {
             tokio::time::sleep(spacing).await;
         }
         Ok(h)
+    }
+
+    /// Waits (at most the drain timeout's worth) until one of the old generations still
+    /// draining has exited.
+    async fn wait_for_an_exit(&self) {
+        let old = &self.pids[..self.pids.len().saturating_sub(1)];
+        let draining = old.iter().filter(|p| baton_handoff::process::alive(**p)).count();
+        for _ in 0..6_000 {
+            if old.iter().filter(|p| baton_handoff::process::alive(**p)).count() < draining {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The old generations' times from verdict to exit, in ms, sorted.
@@ -405,6 +437,7 @@ fn lost_connections(reason: &str) -> u64 {
 }
 
 /// A successor to kill `after` its readiness, which its log line `baton serving` shows.
+#[derive(Clone)]
 struct Crash {
     log: PathBuf,
     after: Duration,
