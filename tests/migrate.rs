@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use baton::control::{self, Event, Request};
 use common::{Baton, alive, connect_ports, testkit, wait_for};
-use testkit::{LongTunnels, TunnelReport, start_echo};
+use testkit::{LongTunnels, assert_intact, start_echo};
 
 /// `baton upgrade` through the typed client: the pid of the generation that handed over.
 async fn upgrade(baton: &Baton) -> u32 {
@@ -34,17 +34,6 @@ fn baton_log(baton: &Baton) -> String {
 
 fn raise_own_fd_limit() {
     baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
-}
-
-fn assert_intact(reports: &[TunnelReport], n: usize, log: &str) {
-    assert_eq!(reports.len(), n);
-    let broken: Vec<_> = reports.iter().filter(|r| !r.is_intact()).collect();
-    assert!(
-        broken.is_empty(),
-        "{} of {n} tunnels broke: {:?}\n{log}",
-        broken.len(),
-        broken.first()
-    );
 }
 
 /// Access lines of tunnels (the CONNECT lines that end with how the tunnel ended).

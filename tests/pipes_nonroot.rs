@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Baton, config_text, connect_ports, testkit, wait_for};
-use testkit::{LongTunnels, TunnelReport, start_echo};
+use testkit::{LongTunnels, start_echo};
 
 const NOBODY: u32 = 65534;
 const TUNNELS: usize = 1000;
@@ -143,17 +143,6 @@ fn assert_past_the_soft_limit(soft_pages: u64, pipes: usize) -> bool {
     refused
 }
 
-fn assert_all_intact(reports: &[TunnelReport], log: &str) {
-    assert_eq!(reports.len(), TUNNELS);
-    let broken: Vec<_> = reports.iter().filter(|r| !r.is_intact()).collect();
-    assert!(
-        broken.is_empty(),
-        "{} of {TUNNELS} tunnels broke, e.g. {:?}\n{log}",
-        broken.len(),
-        broken.first()
-    );
-}
-
 /// 1,000 tunnels, each moving hash-checked bytes both ways for a few seconds, through
 /// baton running as `nobody`: 2,000 pipes, which at 256 KiB each would be 512 MiB, 8x the
 /// default soft limit. Every tunnel ends intact; /proc shows baton ran as uid 65534 and
@@ -201,7 +190,7 @@ async fn a_thousand_tunnels_as_nobody_past_the_pipe_soft_limit_stay_intact() {
     let reports = tunnels.finish().await;
     let took = started.elapsed();
 
-    assert_all_intact(&reports, &baton.log());
+    testkit::assert_intact(&reports, TUNNELS, &baton.log());
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     println!(
         "{TUNNELS} tunnels as uid {NOBODY}: opened in {opened_after:?}; {pipes} pipes ({fds} pipe fds) \

@@ -34,4 +34,4 @@ pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
 pub use origin::{start_counted_origin, start_origin};
 pub use tls::{ProxyTls, TestCa};
-pub use tunnels::{LongTunnels, TunnelReport};
+pub use tunnels::{LongTunnels, TunnelReport, assert_intact};

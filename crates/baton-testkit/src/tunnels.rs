@@ -28,6 +28,19 @@ pub struct TunnelReport {
     pub error: Option<String>,
 }
 
+/// Panics unless there are `n` reports and every tunnel came through intact; `context`
+/// (say, the proxy's log) goes into the message.
+pub fn assert_intact(reports: &[TunnelReport], n: usize, context: &str) {
+    assert_eq!(reports.len(), n);
+    let broken: Vec<_> = reports.iter().filter(|r| !r.is_intact()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} of {n} tunnels broke, e.g. {:?}\n{context}",
+        broken.len(),
+        broken.first()
+    );
+}
+
 impl TunnelReport {
     pub fn is_intact(&self) -> bool {
         self.error.is_none() && self.sent_sha256 == self.received_sha256
