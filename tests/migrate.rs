@@ -32,6 +32,18 @@ fn baton_log(baton: &Baton) -> String {
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
+/// baton with `[timeouts] drain` and CONNECT allowed to a fresh echo server, and `n` long
+/// tunnels through it, each echoing `chunk` bytes every `every`.
+async fn baton_with_tunnels(drain: &str, n: usize, chunk: usize, every: Duration) -> (Baton, LongTunnels) {
+    let echo = start_echo().await.expect("echo");
+    let config = format!("{}\n[timeouts]\ndrain = \"{drain}\"\n", connect_ports(&[echo.port()]));
+    let baton = Baton::start(&config).await;
+    let tunnels = LongTunnels::open(baton.proxy, echo, n, chunk, every)
+        .await
+        .expect("open tunnels");
+    (baton, tunnels)
+}
+
 fn raise_own_fd_limit() {
     baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
 }
@@ -45,15 +57,7 @@ fn tunnel_lines(log: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_tunnels_survive_twenty_handoffs_intact() {
-    let echo = start_echo().await.expect("echo");
-    let mut baton = Baton::start(&format!(
-        "{}\n[timeouts]\ndrain = \"10s\"\n",
-        connect_ports(&[echo.port()])
-    ))
-    .await;
-    let tunnels = LongTunnels::open(baton.proxy, echo, 20, 4096, Duration::from_millis(20))
-        .await
-        .expect("open tunnels");
+    let (mut baton, tunnels) = baton_with_tunnels("10s", 20, 4096, Duration::from_millis(20)).await;
     let mut slowest = Duration::ZERO;
     for round in 0..20 {
         let before = tunnels.round_trips();
@@ -116,15 +120,7 @@ async fn twenty_tunnels_survive_twenty_handoffs_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tunnels_move_in_one_handoff() {
     raise_own_fd_limit();
-    let echo = start_echo().await.expect("echo");
-    let mut baton = Baton::start(&format!(
-        "{}\n[timeouts]\ndrain = \"5s\"\n",
-        connect_ports(&[echo.port()])
-    ))
-    .await;
-    let tunnels = LongTunnels::open(baton.proxy, echo, 1000, 64, Duration::from_millis(200))
-        .await
-        .expect("open tunnels");
+    let (mut baton, tunnels) = baton_with_tunnels("5s", 1000, 64, Duration::from_millis(200)).await;
     wait_for(Duration::from_secs(10), "every tunnel to carry bytes", || async {
         (tunnels.round_trips() >= 2000).then_some(())
     })
@@ -158,15 +154,7 @@ async fn a_thousand_tunnels_move_in_one_handoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
-    let echo = start_echo().await.expect("echo");
-    let mut baton = Baton::start(&format!(
-        "{}\n[timeouts]\ndrain = \"1s\"\n",
-        connect_ports(&[echo.port()])
-    ))
-    .await;
-    let tunnels = LongTunnels::open(baton.proxy, echo, 5, 512, Duration::from_millis(20))
-        .await
-        .expect("open tunnels");
+    let (mut baton, tunnels) = baton_with_tunnels("1s", 5, 512, Duration::from_millis(20)).await;
     // The new generation's configuration turns moving off: it does not offer to take them.
     baton.set_top_level("migrate = false");
     let old = upgrade(&baton).await;
