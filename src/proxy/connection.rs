@@ -206,12 +206,12 @@ impl Connections {
                 .rule(d.rule.as_str())
                 .reason(format!("moved connection closed: {}", d.reason))
                 .write();
-            stream.close();
+            self.drain.connections().spawn(stream.close(self.drain.cut_token()));
             return Ok(());
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             warn!(client = %peer, "connection limit reached: a moved connection is closed");
-            stream.close();
+            self.drain.connections().spawn(stream.close(self.drain.cut_token()));
             return Ok(());
         };
         let idle_for = Duration::from_millis(record.idle_ms);
@@ -502,7 +502,8 @@ impl Connections {
     }
 
     /// hyper ended the connection without shutting the stream down: a CONNECT answered with
-    /// a 2xx hands it to its tunnel; anything else is closed (FIN first, as hyper would).
+    /// a 2xx hands it to its tunnel; anything else is closed (FIN first, as hyper would, then
+    /// a lingering close on a task the drain waits for).
     fn done<T: ClientIo>(&self, parked: Parked<T>, client: &Client, signal: &RequestSignal) {
         let (stream, unread) = parked.into_parts();
         if let Some(tunnel) = client.take_tunnel() {
@@ -515,7 +516,7 @@ impl Connections {
             let reason = "tunnel not started: the answer to CONNECT was not written";
             tunnel.ask.line(Kind::Closed, StatusCode::OK).reason(reason).write();
         }
-        stream.close();
+        self.drain.connections().spawn(stream.close(self.drain.cut_token()));
     }
 
     /// The service hyper calls for each request of a stretch: the [`Proxy`], with the

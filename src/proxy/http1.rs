@@ -32,9 +32,10 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::proxy::access::{Sending, Sent};
 use crate::proxy::framing::{Framed, RequestSignal};
@@ -46,8 +47,11 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// Resolves once a read would not block, without reading (see [`Stream::readable`]).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
-    /// Closes a stream hyper ended without shutting it down (a FIN, as hyper would).
-    fn close(self);
+    /// Closes a stream hyper ended without shutting it down: a FIN, as hyper would, then
+    /// a lingering close ([`linger`]). The future is for the drain's connection tracker, so
+    /// that a generation does not exit (and reset the socket) while it lingers; `cut` (the
+    /// drain deadline) ends it.
+    fn close(self, cut: CancellationToken) -> impl Future<Output = ()> + Send + 'static;
 
     /// The stream as a CONNECT's tunnel relays it.
     fn into_tunnel(self) -> TunnelClient;
@@ -69,9 +73,10 @@ impl ClientIo for Stream {
         Stream::poll_readable(self, cx)
     }
 
-    fn close(self) {
+    async fn close(self, cut: CancellationToken) {
         // Fails only on a stream already gone.
         let _ = self.shutdown_write();
+        linger(self, cut).await;
     }
 
     fn into_tunnel(self) -> TunnelClient {
@@ -111,11 +116,15 @@ impl ClientIo for TlsStream<Stream> {
         socket.poll_readable(cx)
     }
 
-    fn close(mut self) {
-        // close_notify, then the FIN: on a task of its own, bounded.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.shutdown()).await;
-        });
+    async fn close(mut self, cut: CancellationToken) {
+        // close_notify, then the FIN, bounded; then what the client still sends is read and
+        // discarded on the socket (records after our close_notify mean nothing to us).
+        let shut = tokio::time::timeout(Duration::from_secs(5), self.shutdown());
+        tokio::select! {
+            _ = shut => {}
+            () = cut.cancelled() => return,
+        }
+        linger(self.into_inner().0, cut).await;
     }
 
     fn into_tunnel(self) -> TunnelClient {
@@ -132,6 +141,36 @@ impl ClientIo for TlsStream<Stream> {
 
     fn from_fd(_: OwnedFd, _: bool) -> io::Result<Self> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// How long a closing connection is read at most, in all, between two reads, and in bytes
+/// (nginx's `lingering_time` and `lingering_timeout` are 30 s and 5 s; shorter here, as a
+/// lingering socket holds an fd outside the connection limit).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_READ: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// The close RFC 9112 §9.6 asks of a server that closes with requests possibly unread (a
+/// pipelining client, or one writing its next request while the answer with
+/// `Connection: close` is on its way): the write side is already shut, and what the client
+/// still sends is read and discarded until it closes too, or for a bounded time and number
+/// of bytes. Closing a socket with unread bytes sends a reset, and a reset that arrives
+/// before the client read the last answer makes its TCP stack drop that answer.
+async fn linger(mut stream: Stream, cut: CancellationToken) {
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut discarded = 0;
+    let mut buf = [0u8; 2048];
+    while discarded < LINGER_BYTES {
+        let until = deadline.min(Instant::now() + LINGER_READ);
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(until, stream.read(&mut buf)) => r,
+            () = cut.cancelled() => return,
+        };
+        match read {
+            Ok(Ok(n)) if n > 0 => discarded += n,
+            _ => return,
+        }
     }
 }
 
