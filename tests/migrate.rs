@@ -113,8 +113,7 @@ async fn twenty_tunnels_survive_twenty_handoffs_intact() {
         "each handoff moved the tunnels: {moved} reports\n{}",
         baton_log(&baton)
     );
-    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
-    baton.wait_exit(Duration::from_secs(10)).await;
+    baton.stop(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,8 +147,7 @@ async fn a_thousand_tunnels_move_in_one_handoff() {
         "the old generation lingered {gone_after:?}"
     );
     println!("1000 tunnels: the old generation exited {gone_after:?} after the verdict");
-    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
-    baton.wait_exit(Duration::from_secs(10)).await;
+    baton.stop(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,8 +182,7 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
         baton_log(&baton)
     );
     assert_eq!(log.matches("cut at drain timeout").count(), 5, "{}", baton_log(&baton));
-    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
-    baton.wait_exit(Duration::from_secs(10)).await;
+    baton.stop(Duration::from_secs(10)).await;
 }
 
 /// A successor that passes its predecessor's canary window, offers to take its tunnels, and
@@ -269,7 +266,7 @@ fn get_line(origin: std::net::SocketAddr, path: &str) -> String {
 async fn idle_keep_alive_connections_move_and_stay_open() {
     use tokio::io::AsyncWriteExt;
     let origin = testkit::start_origin().await.expect("origin");
-    let baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
+    let mut baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
     let url = format!("http://{origin}/bytes?n=100");
     let mut clients = Vec::new();
     for _ in 0..10 {
@@ -323,7 +320,7 @@ async fn idle_keep_alive_connections_move_and_stay_open() {
     let status = baton.status().await;
     assert_eq!(status["adopted_connections"], 12, "{status}");
     eprintln!("old generation gone {gone_after:?} after the trigger; 12 connections moved");
-    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton.stop(Duration::from_secs(10)).await;
 }
 
 /// A client that never comes to rest (it pipelines: 32 requests always wait behind the one
@@ -335,7 +332,7 @@ async fn idle_keep_alive_connections_move_and_stay_open() {
 async fn a_client_that_never_rests_gets_connection_close_instead_of_a_cut() {
     use tokio::io::AsyncWriteExt;
     let origin = testkit::start_origin().await.expect("origin");
-    let baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
+    let mut baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
     let mut s = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
     let request = get_line(origin, "/bytes?n=10");
     s.write_all(request.repeat(33).as_bytes()).await.expect("33 requests");
@@ -389,5 +386,5 @@ async fn a_client_that_never_rests_gets_connection_close_instead_of_a_cut() {
     .await;
     eprintln!("{answers} answers; Connection: close {closed_after:?} after the trigger");
     assert!(closed_after < Duration::from_secs(10), "{closed_after:?}");
-    baton.signal(baton.pid(), nix::sys::signal::Signal::SIGTERM);
+    baton.stop(Duration::from_secs(10)).await;
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,6 +69,7 @@ impl Baton {
                 .arg(&config)
                 .args(extra_args)
                 .env("BATON_LOG", "info")
+                .process_group(0)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log.try_clone().expect("log fd"))
@@ -108,7 +110,11 @@ impl Baton {
                 }
                 None => Command::new(BATON),
             };
-            cmd.arg("run").arg("--config").arg(&path).env("BATON_LOG", "info");
+            cmd.arg("run")
+                .arg("--config")
+                .arg(&path)
+                .env("BATON_LOG", "info")
+                .process_group(0);
             if let Some(d) = cwd {
                 cmd.current_dir(d);
             }
@@ -184,16 +190,40 @@ impl Baton {
     }
 }
 
+impl Baton {
+    /// Stops the serving generation as an operator does (SIGTERM) and asserts a clean stop:
+    /// it exits within `within`, having logged its drain's end (`drained; exiting`), and the
+    /// first generation, our child, exited 0 (the others are not our children: their
+    /// status cannot be read here, so their log line is the witness).
+    pub async fn stop(&mut self, within: Duration) {
+        let serving = self.status().await["pid"].as_u64().expect("status pid") as u32;
+        let drained_before = self.log().matches("drained; exiting").count();
+        self.signal(serving, nix::sys::signal::Signal::SIGTERM);
+        wait_for(within, "the serving generation to exit after SIGTERM", || async {
+            (!alive(serving)).then_some(())
+        })
+        .await;
+        let log = self.log();
+        assert!(
+            log.matches("drained; exiting").count() > drained_before,
+            "generation {serving} exited without ending its drain:\n{log}"
+        );
+        let code = self.wait_exit(within).await;
+        assert_eq!(code, Some(0), "the first generation's exit status\n{log}");
+    }
+}
+
 impl Drop for Baton {
+    /// Kills every generation this test started, exactly: each runs in the process group
+    /// of the first (successors inherit it), which no other process shares. Says so when
+    /// one was still running: a test that meant to stop baton cleanly did not.
     fn drop(&mut self) {
-        // Every generation this test started: the pid file names the serving one.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("baton.pid"))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-        {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            eprintln!("killed the baton generations still running in process group {group}");
+        }
     }
 }
 
