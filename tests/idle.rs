@@ -159,7 +159,12 @@ async fn a_tunnel_opens_on_a_connection_that_was_idle_and_idle_tunnels_hold_no_p
     .await;
     // A tunnel that moved nothing yet holds none; its first byte brings them.
     let mut quiet = open_tunnel(baton.proxy, echo).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its relay runs once the generation counts it (a relay that made pipes at its start
+    // would have them then); the first tunnel's pipes are the witness that they show.
+    wait_for(Duration::from_secs(5), "the quiet tunnel's relay to run", || async {
+        (baton.status().await["active_tunnels"] == 2).then_some(())
+    })
+    .await;
     assert_eq!(pipe_fds(baton.pid()), base + 4, "an idle tunnel holds a pipe");
     quiet.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
