@@ -65,6 +65,14 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// The seed of the dice that choose which successors crash, and when (default: from the
+    /// clock). The summary prints it, so that a failing run can be replayed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Refused triggers (`max_draining_generations` still draining) that may be retried; a
+    /// run that needs more fails: handoffs that pile up draining generations are a finding.
+    #[arg(long, default_value_t = 10)]
+    max_deferred: u32,
 }
 
 impl Args {
@@ -83,6 +91,8 @@ struct Summary {
     /// Triggers refused while `limits.max_draining_generations` drained, retried once one
     /// had exited.
     handoffs_deferred: u32,
+    /// The dice's seed (`--seed` replays the run's choices).
+    seed: u64,
     handoff_failures: Vec<String>,
     ready_ms_max: u64,
     pids_distinct: bool,
@@ -135,8 +145,6 @@ const CRASH_REACH: Duration = Duration::from_millis(1500);
 /// ... or this long before it (clocks read on different tasks).
 const CRASH_SLACK: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(40);
-/// Refused triggers retried in a run, at most.
-const MAX_DEFERRED: u32 = 50;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -154,6 +162,7 @@ fn main() -> anyhow::Result<()> {
     let clean = summary.failures_elsewhere == 0
         && (crashed > 0 || summary.keepalive_retries == 0)
         && summary.handoffs_ok + crashed == summary.handoffs_requested
+        && summary.handoffs_deferred <= args.max_deferred
         && summary.handoff_failures.is_empty()
         && summary.long_tunnels_intact == summary.long_tunnels
         && summary.pids_distinct
@@ -200,6 +209,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         handoffs_requested: args.handoffs,
         handoffs_ok: (handoffs.pids.len() - 1) as u32,
         handoffs_deferred: handoffs.deferred,
+        seed: handoffs.seed,
         pids_distinct: handoffs.pids_distinct(),
         ready_ms_max: handoffs.ready_ms_max,
         old_generations: handoffs.pids.len() - 1,
@@ -340,10 +350,12 @@ struct Handoffs {
     /// Triggers refused because `limits.max_draining_generations` were still draining, and
     /// tried again once one had exited (an operator's move; no client sees it).
     deferred: u32,
+    seed: u64,
 }
 
 impl Handoffs {
     async fn run(baton: &Launched, args: &Args) -> anyhow::Result<Handoffs> {
+        let mut dice = Dice::new(args.seed);
         let mut h = Handoffs {
             pids: vec![baton.first_pid],
             failures: Vec::new(),
@@ -352,9 +364,9 @@ impl Handoffs {
             lost_reported: 0,
             exits: Vec::new(),
             deferred: 0,
+            seed: dice.seed,
         };
         let spacing = Duration::from_millis(args.seconds * 1000 / 2 / u64::from(args.handoffs.max(1)));
-        let mut dice = Dice::new();
         for _ in 0..args.handoffs {
             let crash = (dice.next() < args.crash_after_ready).then(|| Crash {
                 log: baton.dir.join("baton.log"),
@@ -364,7 +376,7 @@ impl Handoffs {
             let mut outcome = handoff(&baton.control, crash.clone()).await?;
             while let (Err(reason), _) = &outcome
                 && reason.contains("still draining")
-                && h.deferred < MAX_DEFERRED
+                && h.deferred <= args.max_deferred
             {
                 h.deferred += 1;
                 h.wait_for_an_exit().await;
@@ -462,22 +474,29 @@ impl Crash {
 }
 
 /// A small xorshift generator: which handoffs crash, and when (no dependency for that).
-struct Dice(u64);
+struct Dice {
+    seed: u64,
+    state: u64,
+}
 
 impl Dice {
-    fn new() -> Dice {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0x9e37_79b9, |d| d.as_nanos() as u64);
-        Dice(seed | 1)
+    /// From `seed`, or the clock.
+    fn new(seed: Option<u64>) -> Dice {
+        let seed = seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+        });
+        // xorshift never leaves 0: an odd state.
+        Dice { seed, state: seed | 1 }
     }
 
     /// Uniform in [0, 1).
     fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
