@@ -133,11 +133,18 @@ async fn a_successor_that_exits_0_in_the_window_fails_it() {
 async fn a_successor_that_survives_the_window_takes_over() {
     let mut baton = Baton::start(WINDOW).await;
     let old = baton.pid();
+    let started = Instant::now();
     let (ok, out) = baton.cli(&["upgrade"]);
+    let took = started.elapsed();
     assert!(ok, "{out}");
     assert!(
         out.contains("ready after") && out.contains("canary passed after 1000 ms"),
         "{out}"
+    );
+    // Measured here, not read back from the report: the verdict waited the whole window.
+    assert!(
+        took >= Duration::from_secs(1),
+        "the upgrade returned after {took:?}, inside the 1 s window"
     );
     let new = serving_pid(&baton.log(), 2).expect("generation 2 served");
     let pid_file = std::fs::read_to_string(baton.dir.path().join("baton.pid")).unwrap();

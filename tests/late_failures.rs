@@ -72,6 +72,12 @@ async fn a_busy_admin_address_fails_ten_handoffs_under_load_without_a_failed_req
     for round in 0..10 {
         let (ok, events) = upgrade(&baton).await;
         assert!(!ok, "round {round}: {events:?}");
+        // Failed for the reason the test sets up, not any other.
+        let why = reason(&events);
+        assert!(
+            why.contains("admin") && why.contains(&addr.to_string()) && why.contains("in use"),
+            "round {round}: the busy admin address is the reason: {why}"
+        );
     }
     let report = load.finish().await;
     eprintln!("10 failed handoffs (admin address busy) under load: {report}");
@@ -122,10 +128,11 @@ async fn sigterm_during_a_handoff_stops_the_successor_and_drains() {
     let control_path = baton.control.clone();
     let upgrade = tokio::spawn(async move {
         let mut events = Vec::new();
-        let _ = control::events(&control_path, Request::Upgrade { wait_drain: false }, |e| {
+        control::events(&control_path, Request::Upgrade { wait_drain: false }, |e| {
             events.push(e)
         })
-        .await;
+        .await
+        .expect("the control socket answers the upgrade until the stop");
         events
     });
     let successor = wait_for(Duration::from_secs(10), "the successor to serve", || async {

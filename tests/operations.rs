@@ -575,7 +575,11 @@ async fn healthz_and_status_on_the_admin_listener() {
         (!alive(baton.pid())).then_some(())
     })
     .await;
-    let _ = baton.wait_exit(Duration::from_secs(1)).await;
+    assert_eq!(
+        baton.wait_exit(Duration::from_secs(1)).await,
+        Some(0),
+        "generation 1 exits 0 once it handed off"
+    );
     baton.signal(serving, nix::sys::signal::Signal::SIGTERM);
     let (code, body) = wait_for(Duration::from_secs(5), "healthz 503 while draining", || async {
         let r = admin_get(admin, "/healthz").await;
