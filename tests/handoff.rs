@@ -60,6 +60,10 @@ async fn broken_successors_roll_back() {
     let (baton, program) = baton_from_copy("[timeouts]\nupgrade = \"1s\"\n").await;
     let pid = baton.pid();
     let load = start_load(baton.proxy, origin);
+    assert!(
+        load.answered(1, Duration::from_secs(10)).await,
+        "the load flows before the handoffs"
+    );
 
     upgrade_to_programs_that_never_serve(&baton, &program, pid);
     upgrade_with_a_broken_configuration(&baton, &program, pid);

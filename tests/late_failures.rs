@@ -69,6 +69,10 @@ async fn a_busy_admin_address_fails_ten_handoffs_under_load_without_a_failed_req
         .body_len(100)
         .workers(4, 4);
     let load = Load::start(baton.proxy, spec);
+    assert!(
+        load.answered(1, Duration::from_secs(10)).await,
+        "the load flows before the handoffs"
+    );
     for round in 0..10 {
         let (ok, events) = upgrade(&baton).await;
         assert!(!ok, "round {round}: {events:?}");
@@ -201,10 +205,19 @@ async fn a_listener_moved_across_a_handoff_under_load() {
             .body_len(64)
             .workers(2, 2),
     );
+    assert!(
+        load.answered(1, Duration::from_secs(10)).await,
+        "the load flows before the handoff"
+    );
     let (ok, events) = upgrade(&baton).await;
     assert!(ok, "{events:?}");
+    let before = load.ok();
+    assert!(
+        load.answered(before + 10, Duration::from_secs(10)).await,
+        "the load flows after the handoff"
+    );
     let report = load.finish().await;
-    assert!(report.ok > 0 && report.is_clean(), "{report}");
+    assert!(report.is_clean(), "{report}");
     let st = baton.status().await;
     assert_eq!(common::listener_addr(&st, "other"), moved, "{st}");
     assert_ne!(first, moved);

@@ -334,7 +334,10 @@ async fn a_client_that_never_rests_gets_connection_close_instead_of_a_cut() {
     let origin = testkit::start_origin().await.expect("origin");
     let mut baton = Baton::start("[timeouts]\ndrain = \"30s\"\n").await;
     let mut s = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
-    let request = get_line(origin, "/bytes?n=10");
+    // Each answer takes the origin 30 ms: a client that writes its next request as it reads
+    // an answer stays ahead of baton however slowly a loaded machine runs it. (With instant
+    // answers a starved client let baton answer all 33 and come to rest, and it moved.)
+    let request = get_line(origin, "/slow?ms=30&n=10");
     s.write_all(request.repeat(33).as_bytes()).await.expect("33 requests");
     let (first, _) = testkit::read_response(&mut s).await.expect("first answer");
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");

@@ -8,6 +8,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{Baton, testkit};
 use http::StatusCode;
@@ -99,6 +100,10 @@ async fn rollback_after_an_in_place_install_of_a_bad_but_ready_binary() {
             .body_len(100)
             .workers(2, 2)
             .tolerate(StatusCode::FORBIDDEN),
+    );
+    assert!(
+        load.answered(1, Duration::from_secs(10)).await,
+        "the load flows before the handoff"
     );
     install(&program, wrapper.as_bytes());
     let (ok, out) = cli(&baton, &["upgrade"]).await;

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -36,6 +37,22 @@ impl ClientError {
 /// A keep-alive HTTP/1.1 connection to the proxy that sends absolute-form requests.
 pub struct ProxyConnection {
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    /// The last answer said `Connection: close`.
+    announced_close: bool,
+    /// How hyper's connection ended: its error, if any (a reset, say).
+    ended: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+}
+
+/// How the proxy closed a keep-alive connection between requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// After an answer that said `Connection: close`.
+    Announced,
+    /// A FIN with nothing announced (an idle connection closed).
+    Quietly,
+    /// An error ended the connection (a reset), nothing announced: a client loses what it
+    /// had sent meanwhile.
+    Reset(String),
 }
 
 impl ProxyConnection {
@@ -47,8 +64,31 @@ impl ProxyConnection {
     pub async fn open_via(proxy: SocketAddr, tls: Option<&ProxyTls>) -> Result<ProxyConnection, ClientError> {
         let stream = ClientStream::connect(proxy, tls).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        Ok(ProxyConnection { sender })
+        let (tx, ended) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(conn.await.map_err(|e| format!("{e:?}")));
+        });
+        Ok(ProxyConnection {
+            sender,
+            announced_close: false,
+            ended: Some(ended),
+        })
+    }
+
+    /// How the connection, found closed, was closed (waits up to 1 s for hyper's connection
+    /// task to say how it ended).
+    pub async fn how_closed(&mut self) -> Closed {
+        if self.announced_close {
+            return Closed::Announced;
+        }
+        let Some(ended) = self.ended.take() else {
+            return Closed::Quietly;
+        };
+        match tokio::time::timeout(Duration::from_secs(1), ended).await {
+            Ok(Ok(Err(e))) => Closed::Reset(e),
+            Ok(Ok(Ok(()))) => Closed::Quietly,
+            Ok(Err(_)) | Err(_) => Closed::Reset("the connection task did not end".into()),
+        }
     }
 
     /// Whether the proxy closed this connection (e.g. after `Connection: close`).
@@ -71,6 +111,11 @@ impl ProxyConnection {
             .expect("static request parts are valid");
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
+        self.announced_close = resp
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let body = resp.into_body().collect().await?.to_bytes();
         Ok((status, body))
     }

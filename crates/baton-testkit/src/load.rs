@@ -9,8 +9,11 @@
 //! promises that a draining generation never causes one, so it is counted like any other.
 //!
 //! The one thing that is not a failure: a keep-alive connection the proxy closed *between*
-//! requests (after answering the last one with `Connection: close`, or idle), seen before the
-//! next request is sent. Nothing was lost; the worker opens a new connection (a reconnect).
+//! requests (after answering the last one with `Connection: close`, or idle, with a FIN),
+//! seen before the next request is sent. Nothing was lost; the worker opens a new connection
+//! (a reconnect). A keep-alive connection reset between requests, with no `Connection:
+//! close` announced, is counted apart (`resets`) and makes the run unclean: a client that
+//! had just sent its next request would have lost it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use http::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientError, ProxyConnection};
+use crate::client::{ClientError, Closed, ProxyConnection};
 use crate::tls::ProxyTls;
 
 /// How many failure messages a pool keeps.
@@ -120,6 +123,9 @@ pub struct LoadReport {
     pub closed_on_reuse: u64,
     /// Keep-alive connections found closed between requests and replaced (not failures).
     pub reconnects: u64,
+    /// Keep-alive connections reset between requests with nothing announced (in `samples`
+    /// too): not a failed request, but not clean either.
+    pub resets: u64,
     /// The first [`MAX_SAMPLES`] failures, each as `kind: what happened`.
     pub samples: Vec<String>,
     /// When each failure happened (the first [`MAX_FAILURE_TIMES`]), to tell which event
@@ -131,9 +137,9 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    /// No request failed.
+    /// No request failed, and no idle keep-alive connection was reset unannounced.
     pub fn is_clean(&self) -> bool {
-        self.failed == 0
+        self.failed == 0 && self.resets == 0
     }
 }
 
@@ -145,8 +151,8 @@ impl std::fmt::Display for LoadReport {
         }
         write!(
             f,
-            "{} failed ({} closed before a response, {} of them on a reused keep-alive connection), {} reconnects",
-            self.failed, self.closed_before_response, self.closed_on_reuse, self.reconnects
+            "{} failed ({} closed before a response, {} of them on a reused keep-alive connection), {} reconnects, {} resets",
+            self.failed, self.closed_before_response, self.closed_on_reuse, self.reconnects, self.resets
         )?;
         for s in &self.samples {
             write!(f, "\n  {s}")?;
@@ -185,6 +191,19 @@ impl Load {
         self.tally.ok.load(Ordering::Relaxed)
     }
 
+    /// Waits until `n` requests in all were answered (so that a handoff the test triggers
+    /// next meets requests in flight, however slow the machine); `false` after `within`.
+    pub async fn answered(&self, n: u64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.ok() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Requests failed so far.
     pub fn failed(&self) -> u64 {
         self.tally.failed.load(Ordering::Relaxed)
@@ -211,6 +230,7 @@ struct Tally {
     closed_before_response: AtomicU64,
     closed_on_reuse: AtomicU64,
     reconnects: AtomicU64,
+    resets: AtomicU64,
     samples: Mutex<Vec<String>>,
     failure_times: Mutex<Vec<Instant>>,
     max_new_connection_us: AtomicU64,
@@ -237,6 +257,22 @@ impl Tally {
         }
     }
 
+    /// An idle keep-alive connection found closed: a reconnect, or a reset.
+    fn closed_between(&self, closed: Closed) {
+        let Closed::Reset(why) = closed else {
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut samples) = self.samples.lock()
+            && samples.len() < MAX_SAMPLES
+        {
+            samples.push(format!(
+                "keep-alive connection reset between requests, unannounced: {why}"
+            ));
+        }
+    }
+
     fn report(&self) -> LoadReport {
         LoadReport {
             ok: self.ok.load(Ordering::Relaxed),
@@ -245,6 +281,7 @@ impl Tally {
             closed_before_response: self.closed_before_response.load(Ordering::Relaxed),
             closed_on_reuse: self.closed_on_reuse.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
             samples: self.samples.lock().map(|s| s.clone()).unwrap_or_default(),
             failure_times: self.failure_times.lock().map(|s| s.clone()).unwrap_or_default(),
             max_new_connection_ms: self.max_new_connection_us.load(Ordering::Relaxed) / 1000,
@@ -314,8 +351,9 @@ impl Worker {
             if let Some(c) = conn.as_mut()
                 && (c.is_closed() || !self.ready_within_timeout(c).await)
             {
-                // Closed by the proxy between requests, before we sent anything: not a loss.
-                self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                // Closed by the proxy between requests, before we sent anything: not a loss,
+                // unless it was a reset (see the module's doc).
+                self.tally.closed_between(c.how_closed().await);
                 conn = None;
             }
             let kind = if conn.is_some() {
@@ -463,6 +501,39 @@ mod tests {
         let report = run_for(server, spec).await;
         assert!(report.is_clean() && report.ok > 10, "{report}");
         assert!(report.reconnects > 0, "{report}");
+    }
+
+    /// The same answer without `Connection: close`, then a reset (SO_LINGER 0) instead of a
+    /// FIN: the request was answered, but the reset of an idle connection is not clean; the
+    /// FIN case (above) is the witness that only the reset counts.
+    #[tokio::test]
+    async fn an_unannounced_reset_between_requests_is_not_clean() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut b = [0u8; 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+                        _ => break,
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                // A zero linger never blocks (the deprecation's worry): close resets at once.
+                #[allow(deprecated)]
+                let _ = s.set_linger(Some(Duration::ZERO));
+            }
+        });
+        let spec = LoadSpec::new(format!("http://{server}/")).body_len(2).workers(1, 0);
+        let report = run_for(server, spec).await;
+        assert!(
+            report.ok > 0 && report.failed == 0,
+            "every request was answered: {report}"
+        );
+        assert!(report.resets > 0 && !report.is_clean(), "the resets count: {report}");
+        assert!(report.samples[0].contains("reset between requests"), "{report}");
     }
 
     #[tokio::test]

@@ -103,6 +103,9 @@ struct Summary {
     /// Keep-alive connections the proxy closed between requests (the worker opened a new
     /// one): what moving idle connections at a handoff avoids.
     keepalive_closed: u64,
+    /// Keep-alive connections reset between requests with no `Connection: close` announced.
+    /// Must be 0 unless successors were crashed on purpose.
+    keepalive_resets: u64,
     slow_ok: u64,
     tunnels_ok: u64,
     tunnel_bytes: u64,
@@ -163,6 +166,8 @@ fn main() -> anyhow::Result<()> {
         && (crashed > 0 || summary.keepalive_retries == 0)
         && summary.handoffs_ok + crashed == summary.handoffs_requested
         && summary.handoffs_deferred <= args.max_deferred
+        // A crashed successor resets the idle connections it held: expected there.
+        && (crashed > 0 || summary.keepalive_resets == 0)
         && summary.handoff_failures.is_empty()
         && summary.long_tunnels_intact == summary.long_tunnels
         && summary.pids_distinct
@@ -217,6 +222,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         requests_ok: traffic.requests.ok,
         keepalive_retries: traffic.requests.closed_on_reuse,
         keepalive_closed: traffic.requests.reconnects,
+        keepalive_resets: traffic.requests.resets,
         slow_ok: traffic.slow.ok,
         tunnels_ok: traffic.tunnels.ok,
         tunnel_bytes: traffic.tunnels.bytes,
