@@ -49,7 +49,7 @@ fn successors_crashing_in_their_canary_window_cost_only_their_own_connections() 
             "--crash-after-ready",
             "0.5",
             "--canary-ms",
-            "500",
+            "1000",
         ])
         .arg("--json")
         .output()

@@ -376,7 +376,9 @@ impl Handoffs {
         for _ in 0..args.handoffs {
             let crash = (dice.next() < args.crash_after_ready).then(|| Crash {
                 log: baton.dir.join("baton.log"),
-                after: args.canary().mul_f64(0.8 * dice.next()),
+                // In the first half: a loaded machine may run the strike late, and a kill
+                // after the verdict would crash the serving generation instead.
+                after: args.canary().mul_f64(0.5 * dice.next()),
             });
             let planned = crash.is_some();
             let mut outcome = handoff(&baton.control, crash.clone()).await?;
@@ -518,7 +520,13 @@ async fn handoff(control: &Path, crash: Option<Crash>) -> anyhow::Result<Outcome
         Event::Spawned { pid, .. } => {
             striker = crash.take().map(|c| tokio::spawn(c.strike(pid)));
         }
-        Event::Done(report) => outcome = Some(Ok(report)),
+        Event::Done(report) => {
+            // The window is over: a strike still waiting would kill the serving generation.
+            if let Some(s) = &striker {
+                s.abort();
+            }
+            outcome = Some(Ok(report));
+        }
         Event::Failed { reason } | Event::Refused { reason } | Event::Error { reason } => {
             outcome = Some(Err(reason));
         }
