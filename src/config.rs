@@ -8,7 +8,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+mod admin;
 mod upstream;
+pub use admin::{AdminConfig, AdminToken};
 pub use upstream::{HostPattern, Parent, Parents, Route};
 
 /// The configuration used when no file is given: one loopback listener, loopback clients only.
@@ -163,12 +165,6 @@ pub struct Config {
     pub tls: TlsSettings,
 }
 
-/// `[admin]`: an HTTP listener for `/metrics`, `/healthz` and `/status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminConfig {
-    pub addr: SocketAddr,
-}
-
 /// Where the access log (target `baton::access`) goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AccessSink {
@@ -208,7 +204,7 @@ struct RawConfig {
     access: RawAccess,
     #[serde(default)]
     log: RawLog,
-    admin: Option<RawAdmin>,
+    admin: Option<admin::RawAdmin>,
     #[serde(default)]
     upstream: upstream::RawUpstream,
     #[serde(default)]
@@ -239,12 +235,6 @@ impl Default for RawTls {
 struct RawTlsFiles {
     cert: PathBuf,
     key: PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    address: SocketAddr,
 }
 
 #[derive(Deserialize)]
@@ -401,7 +391,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
         let listeners = listeners(text, &raw.listener, base).map_err(&invalid)?;
         check_values(&raw).map_err(&invalid)?;
-        let admin = admin(raw.admin.as_ref(), &listeners).map_err(&invalid)?;
+        let admin = admin::admin(raw.admin.as_ref(), &listeners, base).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
         let parents = upstream::parents(text, &raw.upstream, base).map_err(&invalid)?;
         let control_socket = match raw.control_socket {
@@ -435,7 +425,7 @@ impl Config {
 }
 
 /// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
-/// `log.access`, a listener's `path` and `tls` files, `tls.ticket_keys`, `upstream.credentials`): a relative one is relative to the directory of the
+/// `log.access`, a listener's `path` and `tls` files, `tls.ticket_keys`, `upstream.credentials`, `admin.token_file`): a relative one is relative to the directory of the
 /// file it is written in (`base`), never to the working directory.
 fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
     match base {
@@ -533,17 +523,6 @@ fn check_values(raw: &RawConfig) -> Result<(), String> {
         Some((_, message)) => Err(message.to_string()),
         None => Ok(()),
     }
-}
-
-fn admin(raw: Option<&RawAdmin>, listeners: &[ListenerConfig]) -> Result<Option<AdminConfig>, String> {
-    let Some(raw) = raw else { return Ok(None) };
-    if listeners.iter().any(|l| l.name == ADMIN_LISTENER) {
-        return Err("listener name \"admin\" is reserved when [admin] is configured".into());
-    }
-    if raw.address.port() != 0 && listeners.iter().any(|l| l.addr == ListenAddr::Tcp(raw.address)) {
-        return Err("key `admin.address`: the same address as a [[listener]]".into());
-    }
-    Ok(Some(AdminConfig { addr: raw.address }))
 }
 
 /// `[log] access`: a relative file is relative to the configuration file's directory, `base`.

@@ -26,7 +26,7 @@ async fn start(extra: &str) -> (Baton, SocketAddr) {
 /// The value of `name` (a metric without labels) on `/metrics`.
 async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect(admin).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut text = String::new();

@@ -4,13 +4,16 @@
 //! the `/status.json` its script polls. It is handed over like the other listeners (name `admin`). A
 //! generation that hands off stops serving it at once, so a scrape always reaches the serving
 //! generation, which also reports the draining ones; a generation stopping without a successor
-//! keeps answering (`/healthz` 503) until it exits.
+//! keeps answering (`/healthz` 503) until it exits. Every request first passes
+//! `daemon::admin_guard` (clients, `Host`, token); connections beyond `[admin]
+//! max_connections` are closed at accept.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_handoff::{Drain, Socket, Stream};
+use baton_handoff::{Drain, Peer, Socket, Stream};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -21,10 +24,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::ADMIN_LISTENER;
 use crate::control::{Status, answer_line};
+use crate::daemon::admin_guard::{AdminGuard, CHALLENGES};
 use crate::daemon::control_server::Command;
 use crate::daemon::exporter;
 use crate::daemon::state_dir::StateDir;
@@ -37,6 +41,8 @@ pub struct AdminContext {
     pub commands: mpsc::Sender<Command>,
     pub state: StateDir,
     pub generation: u64,
+    /// `[admin]`'s access rules and connection slots.
+    pub guard: Arc<AdminGuard>,
 }
 
 struct Admin {
@@ -50,17 +56,50 @@ pub fn spawn(socket: Arc<Socket>, ctx: AdminContext, stop: CancellationToken) {
     let admin = Arc::new(Admin { ctx, registry });
     tokio::spawn(async move {
         let serving = stop.clone();
-        baton_handoff::accept_until(socket, ADMIN_LISTENER, stop, |stream, _| {
-            tokio::spawn(admin.clone().serve(stream, serving.clone()));
+        baton_handoff::accept_until(socket, ADMIN_LISTENER, stop, |stream, peer| {
+            let Some(slot) = admin.ctx.guard.slot() else {
+                // Beyond the limit the cheapest answer is none: the fd is closed at once.
+                return warn!(client = %peer, "admin listener: [admin] max_connections reached, connection closed");
+            };
+            let Some(from) = Connection::of(&stream, peer) else {
+                return;
+            };
+            let admin = admin.clone();
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                admin.serve(stream, from, serving).await;
+                drop(slot);
+            });
         })
         .await;
     });
 }
 
+/// Who a connection is from and where it was accepted, for the guard.
+#[derive(Clone, Copy)]
+struct Connection {
+    client: IpAddr,
+    local: SocketAddr,
+}
+
+impl Connection {
+    /// `None` for a stream that is not TCP (the admin listener binds TCP only) or is gone.
+    fn of(stream: &Stream, peer: Peer) -> Option<Connection> {
+        let (Stream::Tcp(s), Peer::Ip(client)) = (stream, peer) else {
+            return None;
+        };
+        let local = s.local_addr().ok()?;
+        Some(Connection {
+            client: client.ip(),
+            local,
+        })
+    }
+}
+
 impl Admin {
-    async fn serve(self: Arc<Self>, io: Stream, stop: CancellationToken) {
+    async fn serve(self: Arc<Self>, io: Stream, from: Connection, stop: CancellationToken) {
         let admin = self.clone();
-        let svc = service_fn(move |req| admin.clone().route(req));
+        let svc = service_fn(move |req| admin.clone().guarded(req, from));
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10));
@@ -76,6 +115,33 @@ impl Admin {
         if let Err(e) = result {
             debug!("admin connection ended: {e}");
         }
+    }
+
+    /// The guard's refusal, or the route's answer.
+    async fn guarded(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        from: Connection,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let checked = self
+            .ctx
+            .guard
+            .check(from.client, from.local, req.uri().path(), req.headers());
+        let Err(refused) = checked else {
+            return self.route(req).await;
+        };
+        debug!(client = %from.client, status = refused.status.as_u16(), "admin request refused: {}", refused.reason.trim_end());
+        let mut r = text(refused.status, refused.reason);
+        if refused.status == StatusCode::UNAUTHORIZED {
+            for c in CHALLENGES {
+                r.headers_mut()
+                    .append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(c));
+            }
+        } else if refused.status == StatusCode::FORBIDDEN {
+            r.headers_mut()
+                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        Ok(r)
     }
 
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

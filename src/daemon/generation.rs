@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::config::{ADMIN_LISTENER, CONTROL_LISTENER, Config};
 use crate::control::{DrainOutcome, Event, ListenerStatus, Status};
 use crate::daemon::admin::{self, AdminContext};
+use crate::daemon::admin_guard::AdminGuard;
 use crate::daemon::control_server::{self, Command, HandoffTo, Trigger};
 use crate::daemon::files::write_pid_file;
 use crate::daemon::launch::Launch;
@@ -167,6 +168,7 @@ impl Generation {
                 commands: commands_tx.clone(),
                 state: shared.clone(),
                 generation: inherited.generation,
+                guard: Arc::new(AdminGuard::new(a)),
             });
         }
         close_unused(&mut inherited);

@@ -6,6 +6,7 @@
 //! ([`files`]), systemd's notify protocol ([`notify`]) and logging ([`logging`]).
 
 pub mod admin;
+pub mod admin_guard;
 pub mod control_server;
 pub mod exporter;
 pub mod files;

@@ -145,7 +145,8 @@ impl Proxy {
 
     /// One moved tunnel: relays on here, unless this generation's policy denies it now
     /// (it is closed then, and the line names the rule).
-    pub(super) fn adopt_tunnel(&self, record: TunnelRecord, fds: Vec<OwnedFd>) -> Result<(), String> {
+    pub(super) fn adopt_tunnel(&self, mut record: TunnelRecord, fds: Vec<OwnedFd>) -> Result<(), String> {
+        record.check_fds(&fds)?;
         let spliced = Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
         metrics::migrated("tunnel", 1);
         self.migration.count_adopted(migrate::Kind::Tunnel);

@@ -190,10 +190,11 @@ impl Connections {
     /// One idle client connection the previous generation handed over: served here from
     /// its next request on, unless this generation's policy no longer admits the client
     /// (closed then, and the line names the rule).
-    fn adopt_connection(self: &Arc<Self>, record: ConnectionRecord, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn adopt_connection(self: &Arc<Self>, mut record: ConnectionRecord, mut fds: Vec<OwnedFd>) -> Result<(), String> {
         let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
             return Err(format!("a connection has {} fds, not 1", fds.len() + 1));
         };
+        record.check_fd(&fd)?;
         let stream = Stream::from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
         metrics::migrated("connection", 1);
         self.proxy.migration().count_adopted(MoveKind::Connection);
@@ -792,5 +793,33 @@ mod tests {
             .await
             .expect("an answer");
         assert!(second.starts_with("http/1.1 "), "{second}");
+    }
+
+    /// The policy judges a moved connection by its socket's peer, not by its record: a
+    /// record claiming an address outside `allow_clients` (loopback) does not get a loopback
+    /// client closed, and a pipe in place of the socket is refused, naming its fd.
+    #[tokio::test]
+    async fn a_moved_connection_is_judged_by_its_real_peer_not_its_record() {
+        let (connections, mut client, server, _) = setup().await;
+        let fd: OwnedFd = server.into_std().unwrap().into();
+        let request = b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n";
+        let record = ConnectionRecord {
+            client: Some("192.0.2.7:4242".parse().unwrap()),
+            unread: request.to_vec(),
+            served: true,
+            idle_ms: 0,
+        };
+        connections.adopt_connection(record.clone(), vec![fd]).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), answer(&mut client))
+            .await
+            .expect("an answer: the kernel's peer is loopback, which the policy admits");
+        assert!(answer.starts_with("http/1.1 "), "{answer}");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&r);
+        let err = connections.adopt_connection(record, vec![r]).unwrap_err();
+        assert!(
+            err.contains(&format!("fd {raw}: a pipe where a socket was expected")),
+            "{err}"
+        );
     }
 }

@@ -8,11 +8,12 @@
 //! drains as before. The successor's side is `Connections::adopt`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use baton_handoff::received::{self, Family};
 use baton_handoff::{Item, Transfer, batches};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -66,6 +67,23 @@ pub struct ConnectionRecord {
     pub idle_ms: u64,
 }
 
+impl ConnectionRecord {
+    /// Checks that `fd` is what the record says (a connected TCP socket, or Unix for a
+    /// Unix client) and takes the client's address from the kernel: the record's may be
+    /// stale or forged, and the policy is checked against it.
+    pub fn check_fd(&mut self, fd: &OwnedFd) -> Result<(), String> {
+        self.client = client_of(fd, self.client.is_none())?;
+        Ok(())
+    }
+}
+
+/// The kernel's peer of a received client socket, which must be of the family the record
+/// says (`unix`); `None` for a Unix client.
+fn client_of(fd: &OwnedFd, unix: bool) -> Result<Option<SocketAddr>, String> {
+    let family = if unix { Family::Unix } else { Family::Ip };
+    received::connected_stream(fd.as_fd(), family).map_err(|e| format!("refused: {e}"))
+}
+
 /// What the next generation needs to know of a tunnel besides its fds: who, where, how
 /// much so far, and how the fds are laid out.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -97,6 +115,27 @@ pub struct TunnelRecord {
 }
 
 impl TunnelRecord {
+    /// Checks `fds` against the record's layout (the client's socket, the origin's TCP
+    /// socket, each pipe's read then write end) and takes the client's address from the
+    /// kernel, as [`ConnectionRecord::check_fd`] does.
+    pub fn check_fds(&mut self, fds: &[OwnedFd]) -> Result<(), String> {
+        let want = 2 + 2 * self.pipes.iter().filter(|p| **p).count();
+        let [client, origin, pipes @ ..] = fds else {
+            return Err(format!("a tunnel has {} fds, its record says {want}", fds.len()));
+        };
+        if fds.len() != want {
+            return Err(format!("a tunnel has {} fds, its record says {want}", fds.len()));
+        }
+        let refused = |e: received::Refused| format!("refused: {e}");
+        received::connected_stream(origin.as_fd(), Family::Ip).map_err(refused)?;
+        for pair in pipes.chunks(2) {
+            received::pipe_end(pair[0].as_fd(), false).map_err(refused)?;
+            received::pipe_end(pair[1].as_fd(), true).map_err(refused)?;
+        }
+        self.client = client_of(client, self.client_unix)?;
+        Ok(())
+    }
+
     /// Milliseconds since the Unix epoch, now.
     pub fn now_ms() -> u64 {
         SystemTime::now()
@@ -279,5 +318,77 @@ impl Migration {
             self.stayed.add(*kind, 1);
             let _ = back.send(Err(item.fds));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// A connected loopback pair: (the server's end as an fd, the client's address).
+    fn accepted() -> (OwnedFd, SocketAddr, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        (server.into(), peer, client)
+    }
+
+    #[test]
+    fn a_forged_client_address_is_replaced_by_the_kernels() {
+        let (fd, real, _client) = accepted();
+        let forged: SocketAddr = "192.0.2.7:4242".parse().unwrap();
+        let mut record = ConnectionRecord {
+            client: Some(forged),
+            ..ConnectionRecord::default()
+        };
+        record.check_fd(&fd).unwrap();
+        assert_eq!(record.client, Some(real), "getpeername's address, not the record's");
+        let mut unix = ConnectionRecord::default();
+        let err = unix.check_fd(&fd).unwrap_err();
+        assert!(
+            err.contains("where a Unix one was expected"),
+            "a record saying Unix: {err}"
+        );
+    }
+
+    #[test]
+    fn a_tunnel_whose_fds_do_not_match_its_record_is_refused() {
+        let (client, real, _c) = accepted();
+        let (origin, _, _o) = accepted();
+        let forged: SocketAddr = "192.0.2.7:4242".parse().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut record = TunnelRecord {
+            client: Some(forged),
+            pipes: [true, false],
+            ..TunnelRecord::default()
+        };
+        // Pipe ends swapped: the write end where the read end belongs.
+        let swapped = [
+            client.try_clone().unwrap(),
+            origin.try_clone().unwrap(),
+            w.try_clone().unwrap(),
+            r.try_clone().unwrap(),
+        ];
+        let err = record.check_fds(&swapped).unwrap_err();
+        assert!(
+            err.contains(&format!("fd {}:", swapped[2].as_raw_fd())),
+            "names the fd: {err}"
+        );
+        // A pipe where the origin socket belongs.
+        let wrong = [
+            client.try_clone().unwrap(),
+            r.try_clone().unwrap(),
+            r.try_clone().unwrap(),
+            w.try_clone().unwrap(),
+        ];
+        let err = record.check_fds(&wrong).unwrap_err();
+        assert!(err.contains("a pipe where a socket was expected"), "{err}");
+        let err = record.check_fds(&swapped[..2]).unwrap_err();
+        assert!(err.contains("2 fds, its record says 4"), "{err}");
+        // The witness: the right layout passes, with the kernel's client address.
+        record.check_fds(&[client, origin, r, w]).unwrap();
+        assert_eq!(record.client, Some(real));
     }
 }

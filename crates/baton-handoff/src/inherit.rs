@@ -47,6 +47,16 @@ pub(crate) const PROTOCOL_ENV: [&str; 11] = [
     ORIGINS_ENV,
     EXTRA_FDS_ENV,
 ];
+/// The variables only a baton predecessor sets (and only for the pid in `LISTEN_PID`).
+const BATON_ENV: [&str; 7] = [
+    READY_FD_ENV,
+    CHANNEL_FD_ENV,
+    GENERATION_ENV,
+    PROGRAM_ENV,
+    ARGS_ENV,
+    ORIGINS_ENV,
+    EXTRA_FDS_ENV,
+];
 /// The first passed fd, as `sd_listen_fds(3)` defines it.
 pub(crate) const FIRST_LISTEN_FD: RawFd = 3;
 
@@ -72,6 +82,58 @@ pub struct Inherited {
     pub args: Option<Vec<OsString>>,
     /// Other fds the predecessor passed by name, not taken yet.
     extra: Vec<(String, OwnedFd)>,
+    /// `BATON_*` variables were present but not addressed to this process.
+    ignored_handoff: bool,
+}
+
+/// What a predecessor passed besides the sockets: read only when `LISTEN_PID` names this
+/// process, as sd_listen_fds(3) requires of `LISTEN_FDS`. A process that merely inherited
+/// the variables (a child of a generation that ran a hook with its environment, or a
+/// process started with a copied environment) must not take fds by number that are not its
+/// own: it would write "ready" into someone else's pipe, or close their socket.
+struct Handoff {
+    ready: Option<ReadySignal>,
+    channel: Option<PredecessorChannel>,
+    extra: Vec<(String, OwnedFd)>,
+    generation: u64,
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+}
+
+impl Handoff {
+    /// A first generation's: nothing passed.
+    fn none() -> Handoff {
+        Handoff {
+            ready: None,
+            channel: None,
+            extra: Vec::new(),
+            generation: 1,
+            program: None,
+            args: None,
+        }
+    }
+
+    fn from_env(passed: &std::ops::Range<RawFd>) -> io::Result<Handoff> {
+        Ok(Handoff {
+            ready: inherited_fd(READY_FD_ENV, passed)?.map(ReadySignal),
+            channel: inherited_fd(CHANNEL_FD_ENV, passed)?.map(PredecessorChannel::new),
+            extra: extra_fds_from_env(passed)?,
+            generation: std::env::var(GENERATION_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            program: std::env::var_os(PROGRAM_ENV).map(PathBuf::from),
+            args: std::env::var_os(ARGS_ENV).map(|v| decode_args(&v)),
+        })
+    }
+}
+
+/// Whether `LISTEN_PID` is set to `pid`.
+fn listen_pid_is(pid: u32) -> bool {
+    std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        == Some(pid)
 }
 
 impl Inherited {
@@ -80,6 +142,8 @@ impl Inherited {
     /// # Safety
     /// Changes the environment: call it before any other thread exists (before the runtime).
     pub unsafe fn from_env() -> io::Result<Inherited> {
+        // Read before listenfd, which removes LISTEN_PID.
+        let for_us = listen_pid_is(std::process::id());
         let fds = listenfd::ListenFd::from_env();
         let first_fd = std::env::var("LISTEN_FDS_FIRST_FD")
             .ok()
@@ -89,22 +153,27 @@ impl Inherited {
             .map(|v| v.split(':').map(str::to_string).collect())
             .unwrap_or_default();
         let passed = first_fd..first_fd + fds.len() as RawFd;
-        let ready = inherited_fd(READY_FD_ENV, &passed)?.map(ReadySignal);
-        let channel = inherited_fd(CHANNEL_FD_ENV, &passed)?.map(PredecessorChannel::new);
-        let extra = extra_fds_from_env(&passed)?;
-        let origins = origins_from_env(&mut names, fds.len(), ready.is_some());
-        let generation = std::env::var(GENERATION_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let program = std::env::var_os(PROGRAM_ENV).map(PathBuf::from);
-        let args = std::env::var_os(ARGS_ENV).map(|v| decode_args(&v));
+        let handoff = if for_us {
+            Handoff::from_env(&passed)?
+        } else {
+            Handoff::none()
+        };
+        let ignored_handoff = !for_us && BATON_ENV.iter().any(|v| std::env::var_os(v).is_some());
+        let origins = origins_from_env(&mut names, fds.len(), handoff.ready.is_some());
         // SAFETY: the caller guarantees no other thread runs yet.
         unsafe {
             for var in PROTOCOL_ENV {
                 std::env::remove_var(var);
             }
         }
+        let Handoff {
+            ready,
+            channel,
+            extra,
+            generation,
+            program,
+            args,
+        } = handoff;
         let taken = vec![false; fds.len()];
         Ok(Inherited {
             fds,
@@ -118,6 +187,7 @@ impl Inherited {
             program,
             args,
             extra,
+            ignored_handoff,
         })
     }
 
@@ -135,7 +205,14 @@ impl Inherited {
             program: None,
             args: None,
             extra: Vec::new(),
+            ignored_handoff: false,
         }
+    }
+
+    /// Whether `BATON_*` handoff variables were in the environment but ignored, because
+    /// `LISTEN_PID` did not name this process (they were meant for another).
+    pub fn ignored_handoff(&self) -> bool {
+        self.ignored_handoff
     }
 
     /// Takes the extra fd the predecessor passed as `name` (see [`crate::PassedFd`]); `None`

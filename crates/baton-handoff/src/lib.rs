@@ -22,7 +22,8 @@
 //! - [`transfer`]: moving live connections (opaque records with their fds) to the successor
 //!   over that channel once its canary passed ([`Transfer`], [`Incoming`]);
 //! - [`drain`]: stopping gracefully ([`Drain`]);
-//! - [`process`]: fd and process hygiene around fork.
+//! - [`process`]: fd and process hygiene around fork;
+//! - [`received`]: what a received fd really is (and a connection's real peer).
 //!
 //! `examples/hello.rs` is a complete server that upgrades on SIGUSR2 in about 50 lines.
 
@@ -31,6 +32,7 @@ pub mod drain;
 pub mod inherit;
 pub mod listener;
 pub mod process;
+pub mod received;
 pub mod successor;
 pub mod transfer;
 mod wire;

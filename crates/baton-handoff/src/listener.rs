@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -136,18 +136,11 @@ pub enum Socket {
 
 impl Socket {
     /// Wraps an fd that must be a listening stream socket (TCP or Unix), close-on-exec.
+    /// Anything else (a pipe, a datagram socket, a connection) is refused, naming the fd.
     pub fn from_listening_fd(fd: OwnedFd) -> io::Result<Socket> {
-        use nix::sys::socket::{
-            AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
-        };
-        let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())?.family();
-        let kind = getsockopt(&fd, sockopt::SockType)?;
-        let listening = getsockopt(&fd, sockopt::AcceptConn)?;
-        if kind != SockType::Stream || !listening {
-            return Err(io::Error::other("not a listening stream socket"));
-        }
+        let family = crate::received::listening_socket(fd.as_fd()).map_err(io::Error::other)?;
         crate::process::set_cloexec(fd.as_raw_fd())?;
-        if family == Some(AddressFamily::Unix) {
+        if family == crate::received::Family::Unix {
             let l = std::os::unix::net::UnixListener::from(fd);
             l.set_nonblocking(true)?;
             Ok(Socket::Unix(UnixListener::from_std(l)?))
@@ -520,11 +513,23 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(bind_err)?;
             }
-            let l = UnixListener::bind(p).map_err(bind_err)?;
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-            Ok(Socket::Unix(l))
+            Ok(Socket::Unix(bind_private_unix(p).map_err(bind_err)?))
         }
     }
+}
+
+/// A Unix listener at `path` whose file is created with mode 0600: no window between
+/// bind(2) and a chmod in which another user could connect. Linux creates the file with the
+/// mode of the socket's own inode (less the umask: `unix_bind_bsd`), which fchmod(2) on the
+/// unbound socket sets; a process-wide umask would race with the other threads' files.
+fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&fd, Backlog::new(BACKLOG as i32).unwrap_or(Backlog::MAXCONN))?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
 }
 
 /// The lowest port a process without `CAP_NET_BIND_SERVICE` may bind
@@ -658,6 +663,8 @@ impl AcceptErrors {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn emfile() -> io::Error {
@@ -721,6 +728,20 @@ mod tests {
         let err = bind("t", &ListenAddr::Unix(file.clone())).await.unwrap_err();
         assert!(matches!(err, ListenError::NotASocket { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    }
+
+    #[tokio::test]
+    async fn a_unix_listener_is_created_private_without_a_chmod() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _socket = bind_private_unix(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "created 0600 at bind, with no chmod after it");
+        let plain = dir.path().join("plain.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&plain).unwrap();
+        let plain_mode = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        // Under the usual umasks (022, 002, 077) a plain bind(2) makes 0755, 0775 or 0700.
+        assert_ne!(plain_mode, 0o600, "the witness: a plain bind differs ({plain_mode:o})");
     }
 
     #[test]
