@@ -1,0 +1,518 @@
+//! Hostile input against the real binary (issue 31, part B): responses whose framing
+//! disagrees with itself (RFC 9112 §6.3), `Connection` values that are not token lists, the
+//! failed-login budget under parallel attempts, and secrets in the logs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Baton, testkit};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long any exchange may take before the case counts as failed.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// A raw origin and a raw client
+
+/// What the raw origin writes for a path, byte for byte, and whether it closes afterwards.
+type Answers = HashMap<&'static str, (&'static [u8], bool)>;
+
+/// An origin on 127.0.0.1 that answers each request (keep-alive, one after another on a
+/// connection) with the exact bytes `answers` holds for its path. Returns its address and the
+/// number of connections it accepted.
+async fn raw_origin(answers: Answers) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind raw origin");
+    let addr = listener.local_addr().expect("origin address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let answers = Arc::new(answers);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_raw(s, answers.clone()));
+        }
+    });
+    (addr, accepted)
+}
+
+async fn serve_raw(mut s: TcpStream, answers: Arc<Answers>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = read_until_head_end(&mut s, &mut buf).await else {
+            return;
+        };
+        let head: Vec<u8> = buf.drain(..end).collect();
+        let line = String::from_utf8_lossy(&head);
+        let path = line.split(' ').nth(1).unwrap_or("/");
+        let Some((bytes, close)) = answers.get(path) else {
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            continue;
+        };
+        if s.write_all(bytes).await.is_err() || *close {
+            let _ = s.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads into `buf` until it holds a head's end (requests here carry no body); `None` at
+/// EOF or after [`WAIT`].
+async fn read_until_head_end(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// Sends `request` to the proxy on a new connection and reads everything it answers until it
+/// closes (the requests say `Connection: close`): the exact bytes the client got.
+async fn exchange(proxy: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).await.expect("connect to the proxy");
+    s.write_all(request).await.expect("send the request");
+    let mut all = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut all))
+        .await
+        .unwrap_or_else(|_| panic!("the proxy neither finished nor closed within {WAIT:?}: {all:?}"))
+        .expect("read the answer");
+    all
+}
+
+/// A response as the client received it: status, header fields (lowercase names, in order)
+/// and the body as framed by those fields (chunked decoded), or why its framing is broken.
+#[derive(Debug)]
+struct Received {
+    status: u16,
+    fields: Vec<(String, String)>,
+    body: Result<Vec<u8>, String>,
+}
+
+impl Received {
+    fn field(&self, name: &str) -> Vec<&str> {
+        self.fields
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// `all`: a whole answer to a request that was not HEAD (`head_request`: it was).
+    fn parse(all: &[u8], head_request: bool) -> Received {
+        let end = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete head in {:?}", String::from_utf8_lossy(all)));
+        let head = String::from_utf8_lossy(&all[..end]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let fields: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut r = Received {
+            status,
+            fields,
+            body: Ok(Vec::new()),
+        };
+        let rest = &all[end + 4..];
+        if head_request || status == 204 || status == 304 {
+            r.body = if rest.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(format!("{} bytes after a bodiless answer", rest.len()))
+            };
+            return r;
+        }
+        let te = r.field("transfer-encoding").join(", ");
+        let cl = r.field("content-length");
+        r.body = if te.to_ascii_lowercase().ends_with("chunked") {
+            if !cl.is_empty() {
+                Err(format!("both transfer-encoding {te:?} and content-length {cl:?}"))
+            } else {
+                dechunk(rest)
+            }
+        } else if let [len] = cl[..] {
+            let len: usize = len.parse().unwrap_or(usize::MAX);
+            if rest.len() == len {
+                Ok(rest.to_vec())
+            } else {
+                Err(format!("content-length {len} with {} bytes", rest.len()))
+            }
+        } else if cl.len() > 1 {
+            Err(format!("several content-length fields {cl:?}"))
+        } else {
+            Ok(rest.to_vec())
+        };
+        r
+    }
+}
+
+/// The data of a complete chunked body (no trailers expected).
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunk size line cut short")?;
+        let size = std::str::from_utf8(&rest[..eol]).map_err(|e| e.to_string())?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return if rest == b"\r\n" {
+                Ok(body)
+            } else {
+                Err(format!("after the last chunk: {rest:?}"))
+            };
+        }
+        if rest.len() < size + 2 {
+            return Err("chunk cut short".into());
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+fn get(origin: SocketAddr, path: &str, method: &str) -> Vec<u8> {
+    format!("{method} http://{origin}{path} HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 8: response framing (RFC 9112 §6.3)
+
+/// What the client must receive for one origin answer.
+enum Want {
+    /// This status, this body, and a head whose framing matches it; `te`: the
+    /// Transfer-Encoding the client must see (None: none).
+    Relayed {
+        status: u16,
+        body: &'static [u8],
+        te: Option<&'static str>,
+    },
+    /// The proxy's 502, naming `why`.
+    BadGateway(&'static str),
+}
+
+/// One origin answer: the request (path and method), the exact bytes the origin writes,
+/// whether it closes after them, and what the client must receive.
+struct Case {
+    path: &'static str,
+    method: &'static str,
+    answer: &'static [u8],
+    close: bool,
+    want: Want,
+}
+
+const fn ok(body: &'static [u8], te: Option<&'static str>) -> Want {
+    Want::Relayed { status: 200, body, te }
+}
+
+const fn case(path: &'static str, method: &'static str, answer: &'static [u8], close: bool, want: Want) -> Case {
+    Case {
+        path,
+        method,
+        answer,
+        close,
+        want,
+    }
+}
+
+static FRAMING_CASES: &[Case] = &[
+    // §6.3 (3): Transfer-Encoding and Content-Length: refused, the connection closed.
+    case(
+        "/te-chunked-cl",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+        Want::BadGateway("both Transfer-Encoding: chunked and Content-Length"),
+    ),
+    case(
+        "/cl-te-chunked",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+        Want::BadGateway("both Transfer-Encoding: chunked and Content-Length"),
+    ),
+    // §6.3 (4): a coding other than chunked last: read until close, the coding kept.
+    case(
+        "/te-gzip-cl",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+        true,
+        ok(b"hello", Some("gzip, chunked")),
+    ),
+    case(
+        "/te-gzip",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        true,
+        ok(b"hello", Some("gzip, chunked")),
+    ),
+    case(
+        "/te-chunked-not-last",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
+        true,
+        Want::BadGateway("Transfer-Encoding with chunked not last"),
+    ),
+    case(
+        "/te-chunked",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+        ok(b"hello", Some("chunked")),
+    ),
+    case(
+        "/te-gzip-chunked",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+        ok(b"hello", Some("gzip, chunked")),
+    ),
+    // §6.3 (5): Content-Length lists: equal values accepted, differing or invalid refused.
+    case(
+        "/cl-twice",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        false,
+        ok(b"hello", None),
+    ),
+    case(
+        "/cl-list",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+        false,
+        ok(b"hello", None),
+    ),
+    case(
+        "/cl-differ",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        false,
+        Want::BadGateway("failed"),
+    ),
+    case(
+        "/cl-invalid",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        false,
+        Want::BadGateway("failed"),
+    ),
+    // §6.3 (6): Content-Length.
+    case(
+        "/cl",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        false,
+        ok(b"hello", None),
+    ),
+    // §6.3 (8): neither: until the origin closes.
+    case(
+        "/close",
+        "GET",
+        b"HTTP/1.1 200 OK\r\n\r\nhello",
+        true,
+        ok(b"hello", Some("chunked")),
+    ),
+    // §6.3 (1): HEAD, 204 and 304 have no content whatever their fields say.
+    case(
+        "/head",
+        "HEAD",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+        false,
+        ok(b"", None),
+    ),
+    case(
+        "/not-modified",
+        "GET",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n",
+        false,
+        Want::Relayed {
+            status: 304,
+            body: b"",
+            te: None,
+        },
+    ),
+    case(
+        "/no-content",
+        "GET",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        false,
+        Want::Relayed {
+            status: 204,
+            body: b"",
+            te: None,
+        },
+    ),
+    // Transfer-Encoding in HTTP/1.0 is invalid.
+    case(
+        "/te-http10",
+        "GET",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        true,
+        Want::BadGateway("failed"),
+    ),
+    // A Connection value that is not a token list cannot be stripped: refused.
+    case(
+        "/connection-cafe",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nConnection: X-Secret, caf\xe9\r\nX-Secret: 1\r\nContent-Length: 5\r\n\r\nhello",
+        false,
+        Want::BadGateway("Connection field is not a comma-separated list of tokens"),
+    ),
+];
+
+fn framing_answers() -> Answers {
+    FRAMING_CASES.iter().map(|c| (c.path, (c.answer, c.close))).collect()
+}
+
+/// Checks one case's answer; `Err` says how it differs.
+fn judge(got: &Received, want: &Want) -> Result<(), String> {
+    match want {
+        Want::BadGateway(why) => {
+            let body = got.body.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            if got.status != 502 || !body.contains(why) {
+                return Err(format!("want 502 naming {why:?}, got {got:?}"));
+            }
+        }
+        Want::Relayed { status, body, te } => {
+            if got.status != *status || got.body.as_deref() != Ok(*body) {
+                return Err(format!("want {status} with {body:?}, got {got:?}"));
+            }
+            let got_te = got.field("transfer-encoding").join(", ");
+            if got_te != te.unwrap_or("") {
+                return Err(format!("want transfer-encoding {te:?}, got {got_te:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every framing of a response that RFC 9112 §6.3 lists, written byte for byte by a raw
+/// origin, reaches the client with a head that frames its body truly, or as a 502 that names
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_framing_follows_rfc_9112_section_6_3() {
+    let (origin, _) = raw_origin(framing_answers()).await;
+    let baton = Baton::start("").await;
+    let mut failures = Vec::new();
+    for Case { path, method, want, .. } in FRAMING_CASES {
+        let all = exchange(baton.proxy, &get(origin, path, method)).await;
+        let got = Received::parse(&all, *method == "HEAD");
+        match judge(&got, want) {
+            Ok(()) => println!("PASS {path}"),
+            Err(e) => {
+                println!("FAIL {path}: {e}");
+                failures.push(format!("{path}: {e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "cases failed:\n{}\n{}",
+        failures.join("\n"),
+        baton.log()
+    );
+}
+
+/// A refused answer's origin connection is closed, not kept: the next request opens a new
+/// one. The positive witness: after a good answer the connection is reused. All on one
+/// keep-alive client connection, whose lease holds the origin connection between requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_answer_closes_its_origin_connection() {
+    let answers = framing_answers();
+    let (origin, accepted) = raw_origin(answers).await;
+    let baton = Baton::start("").await;
+    let mut client = TcpStream::connect(baton.proxy).await.expect("connect to the proxy");
+    let mut ask = async |path: &str| {
+        let req = format!("GET http://{origin}{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+        client.write_all(req.as_bytes()).await.expect("send");
+        let (head, _) = tokio::time::timeout(WAIT, testkit::client::read_response(&mut client))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        head
+    };
+    for _ in 0..2 {
+        let head = ask("/cl").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "a good answer: {head}");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "two good answers in a row come over one kept origin connection"
+    );
+    let head = ask("/te-chunked-cl").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "TE + CL is refused: {head}");
+    let head = ask("/cl").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the next request is served: {head}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the connection of the refused answer was closed, so the next request opened another"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 9: Connection values that are not token lists
+
+/// `Connection: X-Secret, café` (one non-ASCII byte) used to read as empty, and X-Secret
+/// reached the origin. Now the request is refused with a reason; the same request with an
+/// ASCII list strips X-Secret (and without Connection, the origin shows it: the witness that
+/// the origin would see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_value_that_is_not_a_token_list_is_refused() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let baton = Baton::start("").await;
+    let request = |connection: &[u8]| {
+        let mut r = format!("GET http://{origin}/headers HTTP/1.1\r\nHost: {origin}\r\n").into_bytes();
+        r.extend_from_slice(connection);
+        r.extend_from_slice(b"X-Secret: 1\r\nConnection: close\r\n\r\n");
+        r
+    };
+    let plain = Received::parse(&exchange(baton.proxy, &request(b"")).await, false);
+    let seen = String::from_utf8_lossy(plain.body.as_deref().unwrap_or_default()).to_ascii_lowercase();
+    assert!(
+        plain.status == 200 && seen.contains("x-secret"),
+        "witness: without Connection the origin sees X-Secret: {plain:?}"
+    );
+    let named = Received::parse(
+        &exchange(baton.proxy, &request(b"Connection: X-Secret\r\n")).await,
+        false,
+    );
+    let seen = String::from_utf8_lossy(named.body.as_deref().unwrap_or_default()).to_ascii_lowercase();
+    assert!(
+        named.status == 200 && !seen.contains("x-secret"),
+        "a field Connection names is hop-by-hop: {named:?}"
+    );
+    let cafe = Received::parse(
+        &exchange(baton.proxy, &request(b"Connection: X-Secret, caf\xe9\r\n")).await,
+        false,
+    );
+    let body = String::from_utf8_lossy(cafe.body.as_deref().unwrap_or_default()).into_owned();
+    assert_eq!(
+        cafe.status, 400,
+        "a Connection that is not a token list is refused: {cafe:?}"
+    );
+    assert!(
+        body.contains("Connection field is not a comma-separated list of tokens"),
+        "the 400 says why: {body:?}"
+    );
+}
