@@ -516,3 +516,170 @@ async fn a_connection_value_that_is_not_a_token_list_is_refused() {
         "the 400 says why: {body:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Finding 5: the failed-login budget
+
+/// The value of `name` (a metric without labels) on the admin listener's `/metrics`.
+async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let mut s = TcpStream::connect(admin).await.expect("connect to admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("ask for /metrics");
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut text))
+        .await
+        .expect("/metrics in time")
+        .expect("read /metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// A baton whose htpasswd has `alice` (cost 5, `htpasswd -B`'s default) with password
+/// `right`, the default budget (10 failures a minute), an admin listener, and `extra`.
+async fn baton_with_users(extra: &str) -> (Baton, SocketAddr) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hash = bcrypt::hash("right", 5).expect("hash");
+    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
+    let extra = format!(
+        "[access]\nhtpasswd = \"{}\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{extra}",
+        dir.path().join("htpasswd").display()
+    );
+    let baton = Baton::start_in(dir, std::path::Path::new(common::BATON), &extra, &[]).await;
+    let admin = common::listener_addr(&baton.status().await, "admin");
+    (baton, admin)
+}
+
+/// A request to `origin` with `authorization` as its Proxy-Authorization value.
+fn with_auth(origin: SocketAddr, authorization: &str) -> Vec<u8> {
+    format!(
+        "GET http://{origin}/bytes?n=10 HTTP/1.1\r\nHost: {origin}\r\nProxy-Authorization: {authorization}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {token}")
+}
+
+/// The status of the answer to `request` over any stream.
+async fn status_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, request: &[u8]) -> u16 {
+    s.write_all(request).await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut all))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    let head = String::from_utf8_lossy(&all);
+    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Counts the statuses of 40 wrong logins sent at once, each on its own connection that
+/// `connect` opens: (407s, 429s).
+async fn forty_at_once<S, F, Fut>(connect: F, request: Vec<u8>) -> (usize, usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        streams.push(connect().await);
+    }
+    // Every connection is open before the first request is written: they race for real.
+    let tries: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let request = request.clone();
+            tokio::spawn(async move { status_over(s, &request).await })
+        })
+        .collect();
+    let (mut denied, mut limited) = (0, 0);
+    for t in tries {
+        match t.await.expect("a try") {
+            407 => denied += 1,
+            429 => limited += 1,
+            other => panic!("a wrong login answered {other}"),
+        }
+    }
+    (denied, limited)
+}
+
+/// 40 wrong logins sent in parallel from one client: the budget (10) is reserved before
+/// bcrypt runs, so exactly 10 run bcrypt (407) and 30 are refused before it (429). A right
+/// password from another address is still served (the budget is the client's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_wrong_logins_cannot_overrun_the_budget() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let (baton, admin) = baton_with_users("").await;
+    let before = metric(admin, "baton_auth_checks_total").await;
+    let wrong = with_auth(origin, &basic("alice", "wrong"));
+    let (denied, limited) = forty_at_once(|| async { TcpStream::connect(baton.proxy).await.unwrap() }, wrong).await;
+    let checks = metric(admin, "baton_auth_checks_total").await - before;
+    println!("40 parallel wrong logins: {denied} × 407, {limited} × 429, {checks} bcrypt runs");
+    assert_eq!(
+        (denied, limited),
+        (10, 30),
+        "the budget of 10 holds under parallel attempts"
+    );
+    assert_eq!(checks, 10.0, "bcrypt ran once per 407, never for a 429");
+    let right = with_auth(origin, &basic("alice", "right"));
+    let from_other = tokio::net::TcpSocket::new_v4().expect("socket");
+    from_other.bind("127.0.0.2:0".parse().unwrap()).expect("bind 127.0.0.2");
+    let s = from_other.connect(baton.proxy).await.expect("connect from 127.0.0.2");
+    assert_eq!(status_over(s, &right).await, 200, "another client's budget is its own");
+}
+
+/// Credentials are remembered by what they decode to: spellings of one header that differ
+/// in case and whitespace do not run bcrypt again. The witness: the first login ran it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_one_credential_run_bcrypt_once() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let (baton, admin) = baton_with_users("").await;
+    let start = metric(admin, "baton_auth_checks_total").await;
+    let good = basic("alice", "right");
+    let token = good.strip_prefix("Basic ").expect("token");
+    let connect = || TcpStream::connect(baton.proxy);
+    assert_eq!(
+        status_over(connect().await.unwrap(), &with_auth(origin, &good)).await,
+        200
+    );
+    let first = metric(admin, "baton_auth_checks_total").await - start;
+    assert_eq!(first, 1.0, "witness: the first login ran bcrypt once");
+    for spelling in [
+        format!("basic {token}"),
+        format!("BASIC  {token}"),
+        format!("Basic \t{token} "),
+    ] {
+        let status = status_over(connect().await.unwrap(), &with_auth(origin, &spelling)).await;
+        assert_eq!(status, 200, "{spelling:?} is the same credential");
+    }
+    let after = metric(admin, "baton_auth_checks_total").await - start;
+    assert_eq!(after, 1.0, "no spelling of a remembered credential ran bcrypt again");
+}
+
+/// Clients of a Unix-socket listener have a budget too (one, shared): 40 wrong logins at once
+/// over the socket get 10 × 407 and 30 × 429, and bcrypt runs 10 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_clients_have_a_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("local.sock");
+    let listener = format!("[[listener]]\nname = \"local\"\npath = \"{}\"\n", socket.display());
+    let (baton, admin) = baton_with_users(&listener).await;
+    let before = metric(admin, "baton_auth_checks_total").await;
+    let wrong = with_auth("127.0.0.1:9".parse().unwrap(), &basic("alice", "wrong"));
+    let connect = || async {
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .expect("connect to the socket")
+    };
+    let (denied, limited) = forty_at_once(connect, wrong).await;
+    let checks = metric(admin, "baton_auth_checks_total").await - before;
+    println!("40 parallel wrong logins over a Unix socket: {denied} × 407, {limited} × 429, {checks} bcrypt runs");
+    assert_eq!((denied, limited), (10, 30), "Unix-socket clients share a budget of 10");
+    assert_eq!(checks, 10.0, "bcrypt ran once per 407");
+    drop(baton);
+}
