@@ -541,7 +541,7 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
 async fn baton_with_users(extra: &str) -> (Baton, SocketAddr) {
     let dir = tempfile::tempdir().expect("tempdir");
     let hash = bcrypt::hash("right", 5).expect("hash");
-    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
+    testkit::write_secret(&dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
     let extra = format!(
         "[access]\nhtpasswd = \"{}\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{extra}",
         dir.path().join("htpasswd").display()
@@ -682,4 +682,249 @@ async fn unix_socket_clients_have_a_budget() {
     assert_eq!((denied, limited), (10, 30), "Unix-socket clients share a budget of 10");
     assert_eq!(checks, 10.0, "bcrypt ran once per 407");
     drop(baton);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 6: the access log's file, secret files, secrets in the logs
+
+/// Runs `baton run` on `config` (written to `<dir>/baton.toml`) and expects it to fail
+/// before serving: returns its stderr. Panics if it is still running after [`WAIT`].
+fn run_expecting_failure(dir: &std::path::Path, config: &str) -> String {
+    let path = dir.join("baton.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = std::process::Command::new(common::BATON)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn baton");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("baton started although it should have refused {config}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(!out.status.success(), "baton must exit non-zero");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A symlink planted at the access log's path makes start fail with a message naming the
+/// path; the file the symlink names is unchanged. The witness: with the symlink gone, the
+/// same configuration starts and writes its log there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_at_the_access_log_path_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "precious\n").expect("write target");
+    std::os::unix::fs::symlink(&target, &log).expect("plant symlink");
+    let extra = format!("[log]\naccess = \"{}\"\n", log.display());
+    let err = run_expecting_failure(dir.path(), &common::config_text(dir.path(), &extra));
+    assert!(
+        err.contains(&log.display().to_string()) && err.contains("symbolic link"),
+        "the error names the path and why: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "precious\n",
+        "the symlink's target is unchanged"
+    );
+    std::fs::remove_file(&log).expect("remove symlink");
+    let baton = Baton::start_in(dir, std::path::Path::new(common::BATON), &extra, &[]).await;
+    assert!(
+        log.is_file(),
+        "witness: without the symlink baton starts and opens its log"
+    );
+    drop(baton);
+}
+
+/// After a rotation (the log renamed), a symlink planted at the path is not followed: baton
+/// warns, naming the path, and writes on to the rotated file; the symlink's target is
+/// unchanged. The witness: the rotated file gets the next request's line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_planted_after_rotation_is_not_followed() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "precious\n").expect("write target");
+    let extra = format!("[log]\naccess = \"{}\"\n", log.display());
+    let baton = Baton::start_in(dir, std::path::Path::new(common::BATON), &extra, &[]).await;
+    let first = exchange(baton.proxy, &get(origin, "/bytes?n=1", "GET")).await;
+    assert!(first.starts_with(b"HTTP/1.1 200"), "a first request");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    std::os::unix::fs::symlink(&target, &log).expect("plant symlink");
+    let warned = common::wait_for(WAIT, "the reopen's warning", || {
+        let text = baton.log();
+        async move {
+            text.lines()
+                .find(|l| l.contains("cannot reopen the access log"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    assert!(
+        warned.contains(&log.display().to_string()) && warned.contains("symbolic link"),
+        "the warning names the path and why: {warned}"
+    );
+    let second = exchange(baton.proxy, &get(origin, "/bytes?n=2", "GET")).await;
+    assert!(second.starts_with(b"HTTP/1.1 200"), "a second request");
+    common::wait_for(WAIT, "the second line in the rotated file", || {
+        let text = std::fs::read_to_string(&rotated).unwrap_or_default();
+        async move { text.contains("/bytes?n=2").then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "precious\n",
+        "the symlink's target is unchanged"
+    );
+}
+
+/// A secret file others may read stops the start, naming the file, its mode and the key
+/// that allows it; the key lets it start (with a warning), and mode 0600 starts without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_htpasswd_others_may_read_stops_the_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("right", 4).unwrap())).expect("write");
+    std::fs::set_permissions(&htpasswd, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let extra = format!("[access]\nhtpasswd = \"{}\"\n", htpasswd.display());
+    let config = common::config_text(dir.path(), &extra);
+    let err = run_expecting_failure(dir.path(), &config);
+    let path = htpasswd.display().to_string();
+    for part in [path.as_str(), "mode 0644", "secrets_readable_by_others"] {
+        assert!(err.contains(part), "the error names {part:?}: {err}");
+    }
+    let allowed = format!("secrets_readable_by_others = true\n{config}");
+    let baton = Baton::start_wrapped(dir, &allowed, &[], None).await;
+    assert!(
+        baton.log().contains("mode 0644 lets others read"),
+        "the key allows it, with a warning: {}",
+        baton.log()
+    );
+}
+
+/// A TLS key others may read fails `baton check` (and a start) naming the file; 0640 (a
+/// group such as ssl-cert) passes.
+#[test]
+fn a_tls_key_others_may_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = testkit::TestCa::new().expect("ca");
+    let (cert, key) = ca
+        .write_leaf(dir.path(), "proxy", 7, Duration::from_secs(86400))
+        .expect("leaf");
+    let tls = format!(
+        "[[listener]]\nname = \"secure\"\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, common::config_text(dir.path(), &tls)).expect("config");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (ok, out) = common::check_config(&config);
+    assert!(
+        !ok && out.contains(&key.display().to_string()) && out.contains("mode 0644"),
+        "{out}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let (ok, out) = common::check_config(&config);
+    assert!(ok, "group read is allowed: {out}");
+}
+
+/// The secrets a request carries: userinfo in its target, `Proxy-Authorization` (good and
+/// wrong) and `Authorization`.
+const SECRETS: [&str; 4] = ["secret-ui-41", "pw-Zq9x", "pw-wrong-88", "tok-Authz-77"];
+
+/// Sends one request with each kind of secret (answered 200), one with wrong credentials
+/// (407) and a CONNECT with userinfo (400).
+async fn send_secrets(proxy: SocketAddr, origin: SocketAddr) {
+    let target = format!("http://user:secret-ui-41@{origin}/bytes?n=3");
+    let with = |credentials: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: {origin}\r\nProxy-Authorization: {credentials}\r\nAuthorization: Bearer tok-Authz-77\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let ok = exchange(proxy, with(&basic("alice", "pw-Zq9x")).as_bytes()).await;
+    assert!(ok.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&ok));
+    let denied = exchange(proxy, with(&basic("alice", "pw-wrong-88")).as_bytes()).await;
+    assert!(
+        denied.starts_with(b"HTTP/1.1 407"),
+        "{}",
+        String::from_utf8_lossy(&denied)
+    );
+    let connect = format!(
+        "CONNECT user:secret-ui-41@127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+        basic("alice", "pw-Zq9x")
+    );
+    let refused = exchange(proxy, connect.as_bytes()).await;
+    assert!(
+        refused.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+}
+
+/// Neither userinfo nor credentials reach any log at BATON_LOG=trace, in every access-log
+/// format (to a file, and with the operational log on stderr), while the request itself is
+/// logged (the witness: the line with the target's host, port and path is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs() {
+    use base64::Engine as _;
+    let origin = testkit::start_origin().await.expect("origin");
+    let encoded: Vec<String> = ["alice:pw-Zq9x", "alice:pw-wrong-88"]
+        .iter()
+        .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+        .collect();
+    for (format, to_file) in [("text", true), ("json", true), ("squid", true), ("text", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let htpasswd = dir.path().join("htpasswd");
+        testkit::write_secret(&htpasswd, format!("alice:{}\n", bcrypt::hash("pw-Zq9x", 4).unwrap())).expect("htpasswd");
+        let access = dir.path().join("access.log");
+        let sink = if to_file {
+            access.display().to_string()
+        } else {
+            "stderr".into()
+        };
+        let extra = format!(
+            "[access]\nhtpasswd = \"{}\"\n\n[log]\naccess = \"{sink}\"\naccess_format = \"{format}\"\n",
+            htpasswd.display()
+        );
+        let config = common::config_text(dir.path(), &extra);
+        let baton = Baton::start_wrapped(dir, &config, &["env", "BATON_LOG=trace"], None).await;
+        send_secrets(baton.proxy, origin).await;
+        let witness = format!("{origin}/bytes?n=3");
+        let logs = common::wait_for(WAIT, "the request's access line", || {
+            let logs = format!(
+                "{}\n{}",
+                std::fs::read_to_string(&access).unwrap_or_default(),
+                baton.log()
+            );
+            let seen = logs.contains(&witness) && logs.contains("CONNECT");
+            async move { seen.then_some(logs) }
+        })
+        .await;
+        for secret in SECRETS.iter().copied().chain(encoded.iter().map(String::as_str)) {
+            assert!(
+                !logs.contains(secret),
+                "{format} (file: {to_file}): {secret:?} is in the logs:\n{logs}"
+            );
+        }
+        println!(
+            "{format} (file: {to_file}): {} log bytes, the request logged, no secret",
+            logs.len()
+        );
+        if std::env::var_os("SHOW_LOGS").is_some() {
+            println!("{logs}");
+        }
+    }
 }

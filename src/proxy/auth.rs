@@ -16,7 +16,9 @@
 //!   per request or per spelling of the header; the password itself is never kept.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ use http::HeaderMap;
 use ring::hmac;
 use tokio::sync::Semaphore;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, check_secret_mode};
 use crate::proxy::metrics;
 
 /// Remembered verified credentials, at most; a flood of distinct good logins cannot grow it.
@@ -92,8 +94,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Auth {
     /// Loads `path`; `budget` failed logins per client per minute (0: no limit).
-    pub fn load(path: &Path, budget: u32) -> Result<Auth, ConfigError> {
-        let users = load_htpasswd(path)?;
+    /// `readable_by_others`: `secrets_readable_by_others` (else a file others may read is
+    /// refused: its hashes could be cracked offline).
+    pub fn load(path: &Path, budget: u32, readable_by_others: bool) -> Result<Auth, ConfigError> {
+        let users = load_htpasswd(path, readable_by_others)?;
         let dummy = users.values().max_by_key(|h| bcrypt_cost(h)).cloned();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let rng = ring::rand::SystemRandom::new();
@@ -218,11 +222,20 @@ fn bcrypt_cost(hash: &str) -> u32 {
 }
 
 /// `user:hash` lines (bcrypt: `htpasswd -B`); `#` comments and blank lines are skipped.
-fn load_htpasswd(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+fn load_htpasswd(path: &Path, readable_by_others: bool) -> Result<HashMap<String, String>, ConfigError> {
+    let read_error = |source| ConfigError::Read {
         path: path.display().to_string(),
         source,
+    };
+    // The mode of the file read, not of whatever the path names a moment later.
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mode = file.metadata().map_err(read_error)?.permissions().mode();
+    check_secret_mode(path, mode, readable_by_others).map_err(|message| ConfigError::Invalid {
+        path: path.display().to_string(),
+        message,
     })?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_error)?;
     let mut users = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -258,6 +271,12 @@ fn parse_basic(value: &[u8]) -> Option<(String, String)> {
 mod tests {
     use super::*;
 
+    /// `alice` with password `right`, mode 0600.
+    fn write_htpasswd(path: &Path) {
+        std::fs::write(path, format!("alice:{}\n", bcrypt::hash("right", 4).unwrap())).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn basic_credentials_parse() {
         assert_eq!(parse_basic(b"Basic dXNlcjpwYXNz"), Some(("user".into(), "pass".into())));
@@ -275,8 +294,8 @@ mod tests {
     async fn failures_beyond_the_budget_are_refused_without_bcrypt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
-        std::fs::write(&path, format!("alice:{}\n", bcrypt::hash("right", 4).unwrap())).unwrap();
-        let auth = Auth::load(&path, 2).unwrap();
+        write_htpasswd(&path);
+        let auth = Auth::load(&path, 2, false).unwrap();
         let header = |user: &str, pw: &str| {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
             let mut h = HeaderMap::new();
@@ -314,8 +333,8 @@ mod tests {
     async fn parallel_failures_cannot_overrun_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
-        std::fs::write(&path, format!("alice:{}\n", bcrypt::hash("right", 4).unwrap())).unwrap();
-        let auth = Arc::new(Auth::load(&path, 3).unwrap());
+        write_htpasswd(&path);
+        let auth = Arc::new(Auth::load(&path, 3, false).unwrap());
         let token = base64::engine::general_purpose::STANDARD.encode("alice:wrong");
         let mut h = HeaderMap::new();
         h.insert(
@@ -337,5 +356,21 @@ mod tests {
             over, 17,
             "3 of 20 parallel failures may run bcrypt, the rest are refused first"
         );
+    }
+
+    #[test]
+    fn an_htpasswd_others_may_read_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        write_htpasswd(&path);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Auth::load(&path, 0, false).err().expect("0644 is refused").to_string();
+        assert!(
+            err.contains("mode 0644") && err.contains("secrets_readable_by_others"),
+            "{err}"
+        );
+        assert!(Auth::load(&path, 0, true).is_ok(), "the key allows it");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(Auth::load(&path, 0, false).is_ok(), "group read is allowed");
     }
 }

@@ -82,7 +82,11 @@ impl Policy {
     pub fn new(access: Access) -> Result<Policy, ConfigError> {
         let auth = match &access.htpasswd {
             None => None,
-            Some(path) => Some(Auth::load(path, access.auth_failures)?),
+            Some(path) => Some(Auth::load(
+                path,
+                access.auth_failures,
+                access.htpasswd_readable_by_others,
+            )?),
         };
         Ok(Policy {
             challenge: format!("Basic realm=\"{}\"", access.realm),
