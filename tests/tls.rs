@@ -523,7 +523,7 @@ async fn baton_check_validates_the_pair_and_its_expiry() {
     );
     let (ok, out) = check(dir, &dir.join("nope.crt"), &pki.key, "");
     assert!(!ok && out.contains("cannot read") && out.contains("nope.crt"), "{out}");
-    std::fs::write(dir.join("garbage.key"), "not a key\n").expect("write");
+    testkit::write_secret(&dir.join("garbage.key"), "not a key\n").expect("write");
     let (ok, out) = check(dir, &pki.cert, &dir.join("garbage.key"), "");
     assert!(
         !ok && out.contains("garbage.key") && out.contains("no private key"),
