@@ -53,6 +53,8 @@ pub struct ListenerConfig {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `secrets_readable_by_others`: a key file others may read is used, with a warning.
+    pub key_readable_by_others: bool,
 }
 
 /// `[tls]`: what every TLS listener shares.
@@ -108,6 +110,9 @@ pub struct Access {
     pub deny_destinations: Vec<IpNet>,
     pub allow_destinations: Vec<IpNet>,
     pub deny_hosts: Vec<String>,
+    /// `secrets_readable_by_others`: an htpasswd file others may read is used, with a
+    /// warning.
+    pub htpasswd_readable_by_others: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -196,6 +201,8 @@ struct RawConfig {
     workers: usize,
     #[serde(default = "yes")]
     migrate: bool,
+    #[serde(default)]
+    secrets_readable_by_others: bool,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -389,7 +396,10 @@ impl Config {
         };
         let base = path.and_then(Path::parent);
         let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(describe_toml_error(text, &e)))?;
-        let listeners = listeners(text, &raw.listener, base).map_err(&invalid)?;
+        let mut listeners = listeners(text, &raw.listener, base).map_err(&invalid)?;
+        for files in listeners.iter_mut().filter_map(|l| l.tls.as_mut()) {
+            files.key_readable_by_others = raw.secrets_readable_by_others;
+        }
         check_values(&raw).map_err(&invalid)?;
         let admin = admin::admin(raw.admin.as_ref(), &listeners, base).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
@@ -400,6 +410,7 @@ impl Config {
         };
         let mut access = Access::from(raw.access);
         access.htpasswd = access.htpasswd.map(|p| resolve(base, p));
+        access.htpasswd_readable_by_others = raw.secrets_readable_by_others;
         let tls = TlsSettings {
             handshake_timeout: raw.tls.handshake_timeout,
             max_handshakes: raw.tls.max_handshakes,
@@ -422,6 +433,30 @@ impl Config {
             parents,
         })
     }
+}
+
+/// The key that lets others read secret files (htpasswd files, TLS private keys).
+pub const SECRETS_KEY: &str = "secrets_readable_by_others";
+
+/// Whether a secret file at `path` with permission bits `mode` may be used. As ssh holds private keys:
+/// others (neither the owner nor the group) may not read or write it, nor may its group write
+/// it (group read is allowed: `ssl-cert`-style groups give a service its keys that way).
+/// `allowed` (`secrets_readable_by_others = true`): used anyway, with a warning. `Err` names
+/// the mode and the key.
+pub fn check_secret_mode(path: &Path, mode: u32, allowed: bool) -> Result<(), String> {
+    let mode = mode & 0o7777;
+    if mode & 0o026 == 0 {
+        return Ok(());
+    }
+    let what = format!("mode {mode:04o} lets others read or write this secret file, or its group write it");
+    if allowed {
+        tracing::warn!(path = %path.display(), "{what} (used anyway: {SECRETS_KEY} = true)");
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: chmod o-rw,g-w {}, or set {SECRETS_KEY} = true to use it anyway",
+        path.display()
+    ))
 }
 
 /// Every path in the configuration (`control_socket`, `pid_file`, `access.htpasswd`,
@@ -467,6 +502,7 @@ fn listeners(
             tls: l.tls.as_ref().map(|t| TlsFiles {
                 cert: resolve(base, t.cert.clone()),
                 key: resolve(base, t.key.clone()),
+                key_readable_by_others: false,
             }),
         });
     }
@@ -578,6 +614,7 @@ impl From<RawAccess> for Access {
             deny_destinations: a.deny_destinations,
             allow_destinations: a.allow_destinations,
             deny_hosts: a.deny_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            htpasswd_readable_by_others: false,
         }
     }
 }

@@ -54,7 +54,7 @@ fn get_with(origin: SocketAddr, user: &str, password: &str) -> String {
 async fn baton_with_users(access: &str) -> Baton {
     let dir = tempfile::tempdir().expect("tempdir");
     let hash = bcrypt::hash("right", 5).expect("hash");
-    std::fs::write(dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
+    testkit::write_secret(&dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
     let extra = format!(
         "[access]\nhtpasswd = \"{}\"\n{access}",
         dir.path().join("htpasswd").display()

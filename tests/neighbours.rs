@@ -360,7 +360,7 @@ async fn relative_paths_are_relative_to_the_configuration_file() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     let hash = bcrypt::hash("secret", 4).unwrap();
-    std::fs::write(d.join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    testkit::write_secret(&d.join("htpasswd"), format!("alice:{hash}\n")).unwrap();
     let config = "control_socket = \"control.sock\"\npid_file = \"baton.pid\"\n\
         [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
         [access]\nhtpasswd = \"htpasswd\"\n[log]\naccess = \"access.log\"\n";

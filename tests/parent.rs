@@ -379,7 +379,7 @@ async fn baton_parent_via_chain_pooling_and_auth() {
     // The parent baton requires Basic authentication of its clients: here, the child.
     let pdir = tempfile::tempdir().unwrap();
     let htpasswd = pdir.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("child:{}\n", bcrypt::hash("child-pw", 4).unwrap())).unwrap();
+    testkit::write_secret(&htpasswd, format!("child:{}\n", bcrypt::hash("child-pw", 4).unwrap())).unwrap();
     let parent_extra = format!(
         "[access]\nconnect_ports = [{}]\nhtpasswd = \"{}\"\n",
         echo.port(),

@@ -1176,7 +1176,7 @@ async fn start_with_htpasswd(echo: SocketAddr) -> Baton {
     let alice = bcrypt::hash("secret", 4).unwrap().replacen("$2b$", "$2y$", 1);
     let bob = bcrypt::hash("pa:ss word", 4).unwrap();
     let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{alice}\nbob:{bob}\n")).unwrap();
+    testkit::write_secret(&htpasswd, format!("alice:{alice}\nbob:{bob}\n")).unwrap();
     let extra = format!(
         "[access]\nhtpasswd = \"{}\"\nrealm = \"baton\"\nconnect_ports = [443, {}]\n",
         htpasswd.display(),

@@ -187,7 +187,7 @@ async fn basic_auth_inside_tls() {
     let pki = Pki::new(0x2001);
     let htpasswd = pki.dir.path().join("htpasswd");
     let hash = bcrypt::hash("right", 5).expect("hash");
-    std::fs::write(&htpasswd, format!("alice:{hash}\n")).expect("htpasswd");
+    testkit::write_secret(&htpasswd, format!("alice:{hash}\n")).expect("htpasswd");
     let extra = format!(
         "[access]\nhtpasswd = \"{}\"\nconnect_ports = [{}]\n{}",
         htpasswd.display(),
@@ -512,7 +512,7 @@ async fn baton_check_validates_the_pair_and_its_expiry() {
     let expired = pki.ca.leaf_between(0x7a03, now - 10 * DAY, now - DAY).expect("leaf");
     let expired_cert = dir.join("expired.crt");
     std::fs::write(&expired_cert, expired.cert_pem).expect("write");
-    std::fs::write(dir.join("expired.key"), expired.key_pem).expect("write");
+    testkit::write_secret(&dir.join("expired.key"), expired.key_pem).expect("write");
     let (ok, out) = check(dir, &expired_cert, &dir.join("expired.key"), "");
     assert!(!ok && out.contains("expired") && out.contains("expired.crt"), "{out}");
 
@@ -523,7 +523,7 @@ async fn baton_check_validates_the_pair_and_its_expiry() {
     );
     let (ok, out) = check(dir, &dir.join("nope.crt"), &pki.key, "");
     assert!(!ok && out.contains("cannot read") && out.contains("nope.crt"), "{out}");
-    std::fs::write(dir.join("garbage.key"), "not a key\n").expect("write");
+    testkit::write_secret(&dir.join("garbage.key"), "not a key\n").expect("write");
     let (ok, out) = check(dir, &pki.cert, &dir.join("garbage.key"), "");
     assert!(
         !ok && out.contains("garbage.key") && out.contains("no private key"),

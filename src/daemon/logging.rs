@@ -11,11 +11,17 @@
 //! a second. Each line is one `write(2)` on the file (tracing formats a whole line, then
 //! writes it; nothing is buffered in between), so a reader never sees half a line and
 //! nothing waits in a buffer at exit.
+//!
+//! The file is opened with `O_NOFOLLOW` (mode 0640 when created): a symlink planted at its
+//! path (in a log directory another user can write to, say) would make baton append to
+//! whatever it names. At start that is an error naming the path; at a reopen, a warning
+//! naming it, and lines go on to the file already open (the rotated one) until the path
+//! names a real file again.
 
 use std::fs::File;
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -282,7 +288,8 @@ impl AccessFile {
 
     /// Reopens the path when it no longer names the open file; `Ok(true)` if it did.
     fn reopen_if_moved(&self) -> std::io::Result<bool> {
-        match std::fs::metadata(&self.path) {
+        // lstat: a symlink at the path is another file, which `Opened::at` then refuses.
+        match std::fs::symlink_metadata(&self.path) {
             Ok(m) if (m.dev(), m.ino()) == self.current().id => return Ok(false),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -296,7 +303,21 @@ impl AccessFile {
 
 impl Opened {
     fn at(path: &Path) -> std::io::Result<Opened> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        // O_CLOEXEC is the standard library's default; it is named to say it matters (the
+        // successor gets only the fds it is meant to).
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::other(format!(
+                    "{} is a symbolic link, which the access log does not follow",
+                    path.display()
+                )),
+                _ => e,
+            })?;
         let m = file.metadata()?;
         Ok(Opened {
             file: Arc::new(file),
@@ -375,5 +396,24 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(file.reopen_if_moved().unwrap(), "removed: reopened");
         assert!(path.exists());
+    }
+
+    #[test]
+    fn access_file_refuses_a_symlink_at_start_and_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = AccessFile::open(&path).err().expect("a symlink is refused");
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        std::fs::remove_file(&path).unwrap();
+        let file = AccessFile::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+        std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = file.reopen_if_moved().expect_err("a symlink is refused at reopen");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
     }
 }

@@ -26,6 +26,8 @@ use tracing::{info, warn};
 
 use squid::Code;
 
+use crate::proxy::target::Redacted;
+
 /// The `tracing` target of access lines.
 pub const ACCESS_TARGET: &str = "baton::access";
 
@@ -223,7 +225,7 @@ impl AccessLine {
 
     fn write_fields(&self) {
         let method = self.method.as_ref().map(tracing::field::display);
-        let target = self.target.as_ref().map(tracing::field::display);
+        let target = self.target.as_ref().map(|t| tracing::field::display(Redacted(t)));
         let reason = self.reason.as_deref();
         macro_rules! line {
             ($level:ident, $message:literal) => {

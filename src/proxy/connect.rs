@@ -32,6 +32,11 @@ impl Proxy {
         let Some(authority) = req.uri().authority().filter(|a| a.port_u16().is_some()).cloned() else {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, "CONNECT needs a host:port target");
         };
+        // authority-form is `host:port` (RFC 9112 §3.2.3): userinfo there is a secret the
+        // request should not carry, and the tunnel's record would keep it.
+        if authority.as_str().contains('@') {
+            return self.refuse(&ask, StatusCode::BAD_REQUEST, "userinfo in a CONNECT target");
+        }
         let port = authority.port_u16().unwrap_or(443);
         if let Err(d) = self.policy.check_connect_port(port) {
             return self.deny(&ask, &d);

@@ -760,7 +760,10 @@ mod tests {
         let len: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap());
+            .map_or(0, |v| {
+                let n = crate::proxy::strict::content_length(v.trim().as_bytes()).unwrap();
+                usize::try_from(n).unwrap()
+            });
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).await.unwrap();
         head

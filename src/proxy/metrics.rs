@@ -48,6 +48,8 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// bcrypt verifications run (proxy authentication): what the failed-login budget bounds.
+    pub auth_checks: Counter,
     /// Client connections idle right now (parked between requests, or not yet sent one).
     pub idle_connections: Gauge,
     /// Counter handles resolved once per label set, so that a request does not pay the
@@ -65,6 +67,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    auth_checks: Counter::default(),
     idle_connections: Gauge::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
     byte_handles: std::array::from_fn(|_| OnceLock::new()),
@@ -111,6 +114,12 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
             self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "auth_checks",
+            "bcrypt verifications of proxy credentials run (cached credentials and refusals over \
+             the failed-login budget run none)",
+            self.auth_checks.clone(),
         );
         registry.register(
             "client_connections_idle",

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod parent;
 pub mod policy;
+pub mod response_framing;
 pub mod route;
 pub mod service;
 pub mod strict;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 
 use crate::config::{Access, ConfigError};
-use crate::proxy::auth::{Auth, Refusal};
+use crate::proxy::auth::{Auth, Client, Refusal};
 
 /// A refusal: the status, a one-line reason for the client and the log, and the rule.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,7 +82,11 @@ impl Policy {
     pub fn new(access: Access) -> Result<Policy, ConfigError> {
         let auth = match &access.htpasswd {
             None => None,
-            Some(path) => Some(Auth::load(path, access.auth_failures)?),
+            Some(path) => Some(Auth::load(
+                path,
+                access.auth_failures,
+                access.htpasswd_readable_by_others,
+            )?),
         };
         Ok(Policy {
             challenge: format!("Basic realm=\"{}\"", access.realm),
@@ -139,13 +143,13 @@ impl Policy {
         self.auth.is_some()
     }
 
-    /// Checks `Proxy-Authorization` from `client` when authentication is configured.
-    /// Returns the user.
+    /// Checks `Proxy-Authorization` from `client` (`None`: a Unix-socket client) when
+    /// authentication is configured. Returns the user.
     pub async fn check_auth(&self, headers: &HeaderMap, client: Option<IpAddr>) -> Result<Option<String>, Denial> {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        match auth.check(headers, client.map(canonical)).await {
+        match auth.check(headers, Client::of(client.map(canonical))).await {
             Ok(user) => Ok(Some(user)),
             Err(Refusal::Unauthenticated(why)) => Err(deny(
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED,

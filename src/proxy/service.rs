@@ -26,7 +26,9 @@ use crate::proxy::metrics;
 use crate::proxy::migrate::{Migration, TunnelRecord};
 use crate::proxy::parent;
 use crate::proxy::policy::{Denial, Policy, Rule};
+use crate::proxy::response_framing;
 use crate::proxy::route::next_hop;
+use crate::proxy::strict;
 use crate::proxy::target::{check_target, target_len};
 use crate::proxy::upstream::{NextHop, OriginLease, Upstream, UpstreamError};
 
@@ -219,7 +221,10 @@ impl Proxy {
     }
 
     async fn forward(&self, lease: &OriginLease, req: Request<Incoming>, ask: Ask) -> Response<Body> {
-        let (authority, host, port) = match check_target(&ask.target) {
+        // The next hop borrows from the target, and `ask` travels on with the answer: a
+        // `Uri` clone only bumps reference counts.
+        let target = ask.target.clone();
+        let (authority, host, port) = match check_target(&target) {
             Ok(a) => a,
             Err(reason) => return self.refuse(&ask, StatusCode::BAD_REQUEST, reason),
         };
@@ -253,15 +258,36 @@ impl Proxy {
                 self.refuse(&ask, StatusCode::GATEWAY_TIMEOUT, &reason)
             }
             Ok(Err(e)) => self.origin_failed(&ask, hop, &stats, &e),
-            Ok(Ok((resp, server))) => match hop {
-                NextHop::Parent(p) if resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
-                    let (status, reason) = parent::refusal(p, resp.status(), "the request");
-                    self.refuse(&ask, status, &reason)
-                }
-                NextHop::Parent(_) => self.to_client(resp, server, true, stats, ask),
-                NextHop::Origin { .. } => self.to_client(resp, server, false, stats, ask),
-            },
+            Ok(Ok((resp, server))) => self.answer(lease, hop, resp, server, stats, ask),
         }
+    }
+
+    /// The next hop's answer: a parent's 407 becomes baton's own refusal; an answer whose
+    /// framing or `Connection` cannot be relayed faithfully is a 502, and the connection it
+    /// came on is closed (where its message ended is in doubt); any other goes to the client.
+    fn answer(
+        &self,
+        lease: &OriginLease,
+        hop: NextHop<'_>,
+        resp: Response<Incoming>,
+        server: IpAddr,
+        stats: Arc<BodyStats>,
+        ask: Ask,
+    ) -> Response<Body> {
+        if let NextHop::Parent(p) = hop
+            && resp.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        {
+            let (status, reason) = parent::refusal(p, resp.status(), "the request");
+            return self.refuse(&ask, status, &reason);
+        }
+        let (mut parts, body) = resp.into_parts();
+        if let Err(why) = response_framing::relayed_head(&mut parts.headers) {
+            lease.discard();
+            let reason = format!("{hop} sent a response that cannot be relayed: {why}");
+            return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
+        }
+        let via_parent = matches!(hop, NextHop::Parent(_));
+        self.to_client(Response::from_parts(parts, body), server, via_parent, stats, ask)
     }
 
     /// Makes the client's request head the next hop's: hop-by-hop fields out (the client's
@@ -274,7 +300,7 @@ impl Proxy {
         authority: &str,
         hop: NextHop<'_>,
     ) -> Result<(), &'static str> {
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers)?;
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
         parts.headers.remove(header::EXPECT);
@@ -298,8 +324,8 @@ impl Proxy {
         Ok(())
     }
 
-    /// The response (from `server`, a parent proxy if `via_parent`) on its way to the client,
-    /// logged when its body ends.
+    /// The response (from `server`, a parent proxy if `via_parent`; its head already the
+    /// client's) on its way to the client, logged when its body ends.
     fn to_client(
         &self,
         resp: Response<Incoming>,
@@ -311,7 +337,6 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's.
         parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
         parts.headers.append(header::VIA, self.via.clone());
         let content_type = access::squid_format()
             .then(|| parts.headers.get(header::CONTENT_TYPE).cloned())
@@ -496,6 +521,7 @@ fn to_parent(parts: &mut http::request::Parts, authority: &str, parent: &Parent)
     Ok(())
 }
 
+/// The request's Content-Length, by the one parser the framing layer held it to already.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    strict::content_length(headers.get(header::CONTENT_LENGTH)?.as_bytes()).ok()
 }

@@ -44,6 +44,29 @@ pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
     Ok((host_port, host, port))
 }
 
+/// A request target as logs show it: without userinfo (`user:password@`), which is a secret
+/// whatever the scheme (RFC 9110 §4.2.4 deprecates it for http, clients still send it).
+pub struct Redacted<'a>(pub &'a Uri);
+
+impl std::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = self.0;
+        if let Some(scheme) = uri.scheme_str() {
+            write!(f, "{scheme}://")?;
+        }
+        if let Some(authority) = uri.authority() {
+            let full = authority.as_str();
+            let host_port = full.rsplit_once('@').map_or(full, |(_, h)| h);
+            f.write_str(host_port)?;
+        }
+        f.write_str(uri.path())?;
+        match uri.query() {
+            Some(q) => write!(f, "?{q}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The request target's length as the client sent it (`Uri`'s display form), without
 /// formatting it.
 pub fn target_len(uri: &Uri) -> usize {
@@ -90,6 +113,23 @@ mod tests {
         ] {
             let uri: Uri = t.parse().unwrap();
             assert_eq!(target_len(&uri), uri.to_string().len(), "{t}");
+        }
+    }
+
+    #[test]
+    fn logged_targets_carry_no_userinfo() {
+        for (target, shown) in [
+            ("http://user:secret@a.example:8080/p?q=1", "http://a.example:8080/p?q=1"),
+            ("http://user@a.example/", "http://a.example/"),
+            ("http://a.example/x", "http://a.example/x"),
+            ("http://[::1]:80/", "http://[::1]:80/"),
+            ("a.example:443", "a.example:443"),
+        ] {
+            let uri: Uri = target.parse().unwrap();
+            assert_eq!(Redacted(&uri).to_string(), shown, "{target}");
+            if !target.contains('@') {
+                assert_eq!(uri.to_string(), shown, "without userinfo, as Uri shows it");
+            }
         }
     }
 }

@@ -245,6 +245,16 @@ impl OriginLease {
     }
 }
 
+impl OriginLease {
+    /// Closes the connection the last request used instead of keeping it: its answer could
+    /// not be relayed, so where that answer ended (and the next one starts) is in doubt.
+    pub fn discard(&self) {
+        // The sender dropped here is the connection's last (a leased one is not pooled):
+        // hyper closes it once the answer's body is dropped too.
+        drop(lock(&self.current).take());
+    }
+}
+
 impl Drop for OriginLease {
     fn drop(&mut self) {
         let current = self.current.get_mut().unwrap_or_else(PoisonError::into_inner);

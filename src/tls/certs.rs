@@ -2,6 +2,8 @@
 //! generation's start, so a handoff reloads them), checked (the key matches the certificate,
 //! the validity period), and made into rustls' server configuration. Errors name the file.
 
+use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ProducesTickets;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 
-use crate::config::TlsFiles;
+use crate::config::{TlsFiles, check_secret_mode};
 
 /// Under this much validity left, `baton check` and the startup line warn.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -61,7 +63,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// or SEC1) that matches the leaf.
 pub fn load(files: &TlsFiles) -> Result<Certificate, CertError> {
     let chain = read_chain(&files.cert)?;
-    let key = read_key(&files.key)?;
+    let key = read_key(&files.key, files.key_readable_by_others)?;
     let invalid = |path: &Path, what: String| CertError::Invalid {
         path: path.to_path_buf(),
         what,
@@ -117,8 +119,22 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     Ok(chain)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
-    let pem = read(path)?;
+/// `readable_by_others`: `secrets_readable_by_others` (else a key others may read is
+/// refused, as ssh refuses one).
+fn read_key(path: &Path, readable_by_others: bool) -> Result<PrivateKeyDer<'static>, CertError> {
+    let read_error = |source| CertError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // The mode of the file read, not of whatever the path names a moment later.
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mode = file.metadata().map_err(read_error)?.permissions().mode();
+    check_secret_mode(path, mode, readable_by_others).map_err(|what| CertError::Invalid {
+        path: path.to_path_buf(),
+        what,
+    })?;
+    let mut pem = zeroize::Zeroizing::new(Vec::new());
+    file.read_to_end(&mut pem).map_err(read_error)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CertError::Invalid {
         path: path.to_path_buf(),
         what: match e {

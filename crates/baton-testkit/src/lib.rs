@@ -33,5 +33,5 @@ pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
 pub use origin::{start_counted_origin, start_origin};
-pub use tls::{ProxyTls, TestCa};
+pub use tls::{ProxyTls, TestCa, write_secret};
 pub use tunnels::{LongTunnels, TunnelReport, assert_intact};

@@ -77,7 +77,7 @@ impl TestCa {
         let leaf = self.leaf(serial, valid)?;
         let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
         std::fs::write(&cert, leaf.cert_pem)?;
-        std::fs::write(&key, leaf.key_pem)?;
+        write_secret(&key, leaf.key_pem)?;
         Ok((cert, key))
     }
 
@@ -124,4 +124,18 @@ impl ProxyTls {
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         self.connector.connect(self.name.clone(), tcp).await
     }
+}
+
+/// Writes a secret file (a private key, an htpasswd file) as baton wants one: mode 0600
+/// (baton refuses a secret that others may read, unless `secrets_readable_by_others`).
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_ref())
 }

@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, Uri};
 
+use crate::proxy::target::Redacted;
+
 /// Squid's result code (`%Ss`) for what baton did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
@@ -89,7 +91,7 @@ impl fmt::Display for Entry<'_> {
         write!(f, " {}{aborted}/{:03} {} ", self.code.as_str(), self.status, self.bytes)?;
         f.write_str(self.method.map_or("NONE", Method::as_str))?;
         match self.url {
-            Ok(uri) => write!(f, " {uri} ")?,
+            Ok(uri) => write!(f, " {} ", Redacted(uri))?,
             Err(word) => write!(f, " error:{word} ")?,
         }
         token(f, self.user.map(str::as_bytes))?;
