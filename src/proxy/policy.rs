@@ -446,7 +446,12 @@ pub fn default_via_token(port: Option<u16>) -> String {
 fn via_token_of(machine: &str, host: &str, port: Option<u16>) -> String {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
-    for part in ["baton via token", machine, host, &port.map(|p| p.to_string()).unwrap_or_default()] {
+    for part in [
+        "baton via token",
+        machine,
+        host,
+        &port.map(|p| p.to_string()).unwrap_or_default(),
+    ] {
         hash.update(part.as_bytes());
         hash.update([0u8]);
     }
@@ -568,7 +573,12 @@ mod tests {
             assert_eq!(d.rule, Rule::Loop, "{hit} reaches this proxy: {d}");
         }
         // Positive witnesses: the same forms at a port no listener has pass.
-        for other in ["127.0.0.1:3129", "0.0.0.0:3129", "[::ffff:127.0.0.1]:9091", "127.0.0.2:3128"] {
+        for other in [
+            "127.0.0.1:3129",
+            "0.0.0.0:3129",
+            "[::ffff:127.0.0.1]:9091",
+            "127.0.0.2:3128",
+        ] {
             assert!(p.check_address(sock(other)).is_ok(), "{other} is not this proxy");
         }
     }
@@ -596,10 +606,19 @@ mod tests {
         for addr in local {
             let d = closed.check_address(sock(addr)).expect_err(addr);
             assert_eq!(d.rule, Rule::LocalDestination, "{addr}: {d}");
-            assert!(d.reason.contains("allow_local_destinations"), "{addr}: the reason names the key: {d}");
+            assert!(
+                d.reason.contains("allow_local_destinations"),
+                "{addr}: the reason names the key: {d}"
+            );
             assert!(open.check_address(sock(addr)).is_ok(), "{addr} with the key set");
         }
-        for addr in ["10.1.2.3:80", "192.168.1.1:80", "[fd00::1]:80", "[fec0::1]:80", "93.184.216.34:80"] {
+        for addr in [
+            "10.1.2.3:80",
+            "192.168.1.1:80",
+            "[fd00::1]:80",
+            "[fec0::1]:80",
+            "93.184.216.34:80",
+        ] {
             assert!(closed.check_address(sock(addr)).is_ok(), "{addr} is not local");
         }
         // What the resolver makes of inet_aton's forms (numeric: no query leaves the host).
@@ -636,9 +655,21 @@ mod tests {
         let a = via_token_of("0123abcd", "build-7.corp.example", Some(3128));
         assert!(a.starts_with("baton-") && a.len() == "baton-".len() + 12, "{a}");
         assert!(!a.contains("build") && !a.contains("3128"), "{a} reveals the host");
-        assert_eq!(a, via_token_of("0123abcd", "build-7.corp.example", Some(3128)), "stable");
-        assert_ne!(a, via_token_of("0123abcd", "build-7.corp.example", Some(3129)), "per port");
-        assert_ne!(a, via_token_of("4567ef01", "build-8.corp.example", Some(3128)), "per host");
+        assert_eq!(
+            a,
+            via_token_of("0123abcd", "build-7.corp.example", Some(3128)),
+            "stable"
+        );
+        assert_ne!(
+            a,
+            via_token_of("0123abcd", "build-7.corp.example", Some(3129)),
+            "per port"
+        );
+        assert_ne!(
+            a,
+            via_token_of("4567ef01", "build-8.corp.example", Some(3128)),
+            "per host"
+        );
         assert_eq!(default_via_token(Some(1)), default_via_token(Some(1)));
     }
 }
