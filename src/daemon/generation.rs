@@ -152,10 +152,7 @@ impl Generation {
         // Certificates before any socket: a broken one fails the handoff, not a listener.
         let tls = TlsListeners::load(&config, inherited.take_extra(TICKET_KEYS_FD))?;
         // The admin listener opens before the proxy's: its address is one of this proxy's own.
-        let admin_listener = match &config.admin {
-            Some(a) => Some(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?),
-            None => None,
-        };
+        let admin_listener = open_admin(&config, &mut inherited).await?;
         let admin_bound = admin_listener.as_ref().map(|l| l.bound.clone());
         let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain, admin_bound).await?;
         let control_addr = ListenAddr::Unix(config.control_socket.clone());
@@ -482,6 +479,13 @@ impl Generation {
             adopted_connections: self.connections.proxy().migration().adopted.get(MoveKind::Connection),
         }
     }
+}
+
+async fn open_admin(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Option<Listener>> {
+    let Some(a) = &config.admin else { return Ok(None) };
+    Ok(Some(
+        open_listener(inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?,
+    ))
 }
 
 /// Opens the proxy listeners and builds the proxy on them (accepting starts later). They
