@@ -340,6 +340,39 @@ async fn one_client_is_bounded_by_max_connections_per_client() {
     let _served = served_again(baton.proxy, "127.0.0.1", echo).await;
 }
 
+/// Tunnels moved at a handoff take their slots in the new generation: with
+/// max_connections = 20 and 15 tunnels moved, it admits 5 more and answers the next 503,
+/// and the moved tunnels still carry bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_tunnels_keep_their_slots_in_the_new_generation() {
+    let echo = testkit::start_echo().await.unwrap();
+    let extra = format!(
+        "[limits]\nmax_connections = 20\nmax_connections_per_client = 0\n\n{}",
+        connect_ports(&[echo.port()])
+    );
+    let baton = Baton::start(&extra).await;
+    let mut moved = open_tunnels(baton.proxy, "127.0.0.1", echo, 15).await;
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(ok, "handoff: {out}");
+    wait_for(ANSWER, "15 tunnels adopted", || async {
+        let status = baton.status().await;
+        (status["adopted_tunnels"] == 15).then_some(())
+    })
+    .await;
+    let _more = open_tunnels(baton.proxy, "127.0.0.2", echo, 5).await;
+    let answer = refused_at_once(baton.proxy, "127.0.0.2").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "connection 21 after the handoff: {answer:?}"
+    );
+    for (i, t) in moved.iter_mut().enumerate() {
+        t.write_all(b"pong").await.unwrap();
+        let mut back = [0u8; 4];
+        let echoed = tokio::time::timeout(ANSWER, t.read_exact(&mut back)).await;
+        assert!(matches!(echoed, Ok(Ok(_))), "moved tunnel {i} echoes: {echoed:?}");
+    }
+}
+
 /// The idle origin connections open to each of `origins`, in order.
 fn open_counts(origins: &[(SocketAddr, Arc<AtomicUsize>)]) -> Vec<usize> {
     origins.iter().map(|(_, n)| n.load(Ordering::SeqCst)).collect()
