@@ -710,6 +710,20 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 mod tests {
     use super::*;
 
+    /// Issue 31's keys default to the closed choice; 0 lifts the per-client bound.
+    #[test]
+    fn bounds_and_local_destinations_default_closed() {
+        let c = Config::parse(EMBEDDED_DEFAULT, None).unwrap();
+        assert!(!c.access.allow_local_destinations);
+        assert_eq!(c.limits.max_connections_per_client, Some(256));
+        assert_eq!(c.limits.idle_total, 1024);
+        let text = format!("{EMBEDDED_DEFAULT}\n[limits]\nmax_connections_per_client = 0\n");
+        assert_eq!(
+            Config::parse(&text, None).unwrap().limits.max_connections_per_client,
+            None
+        );
+    }
+
     #[test]
     fn embedded_default_is_one_loopback_listener() {
         let c = Config::load(None).expect("embedded default parses");
