@@ -84,7 +84,11 @@ pub struct Timeouts {
 
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Client connections at once, tunnels included (a tunnel keeps its connection's slot).
     pub max_connections: usize,
+    /// Client connections at once from one client (an IPv4 address, an IPv6 /64, or all
+    /// Unix-socket clients together); `None`: only `max_connections` bounds them.
+    pub max_connections_per_client: Option<usize>,
     /// Older generations that may drain at once; a trigger beyond is refused.
     pub max_draining_generations: usize,
     pub max_header_bytes: usize,
@@ -93,6 +97,9 @@ pub struct Limits {
     pub max_body_bytes: Option<u64>,
     /// Idle origin connections kept per origin (per next hop); more are closed.
     pub idle_per_host: usize,
+    /// Idle origin connections kept across all next hops; beyond it the least recently
+    /// used one is closed.
+    pub idle_total: usize,
 }
 
 /// Who may use the proxy and where it may go; see `policy.rs`.
@@ -104,8 +111,12 @@ pub struct Access {
     /// Failed logins a client may make a minute before it gets 429; 0: no limit.
     pub auth_failures: u32,
     /// This instance's token in `Via` (`1.1 <token>`); a request that carries it has looped.
-    /// `None`: the host name and the first listener's port.
+    /// `None`: a token derived from the host name and the first listener's port that does
+    /// not reveal either (see `proxy::policy::default_via_token`).
     pub via_token: Option<String>,
+    /// Whether destinations on this host or its link (loopback, unspecified, link-local)
+    /// may be reached; refused by default (`rule=local_destination`).
+    pub allow_local_destinations: bool,
     pub connect_ports: Vec<u16>,
     pub deny_destinations: Vec<IpNet>,
     pub allow_destinations: Vec<IpNet>,
@@ -293,22 +304,28 @@ impl Default for RawTimeouts {
 #[serde(deny_unknown_fields, default)]
 struct RawLimits {
     max_connections: usize,
+    max_connections_per_client: usize,
     max_draining_generations: usize,
     max_header_bytes: usize,
     max_uri_bytes: usize,
     max_body_bytes: u64,
     idle_per_host: usize,
+    idle_total: usize,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_connections: 10_000,
+            // One client may take a bounded share: raising max_connections for a crowd
+            // does not let one client take the crowd's room (0: no bound of its own).
+            max_connections_per_client: 256,
             max_draining_generations: 4,
             max_header_bytes: 64 * 1024,
             max_uri_bytes: 8192,
             max_body_bytes: 0,
             idle_per_host: 32,
+            idle_total: 1024,
         }
     }
 }
@@ -321,6 +338,7 @@ struct RawAccess {
     realm: String,
     auth_failures: u32,
     via_token: Option<String>,
+    allow_local_destinations: bool,
     connect_ports: Vec<u16>,
     deny_destinations: Vec<IpNet>,
     allow_destinations: Vec<IpNet>,
@@ -335,6 +353,7 @@ impl Default for RawAccess {
             realm: "baton".into(),
             auth_failures: 10,
             via_token: None,
+            allow_local_destinations: false,
             // Squid's default: CONNECT is for TLS.
             connect_ports: vec![443],
             deny_destinations: Vec::new(),
@@ -593,11 +612,13 @@ impl From<RawLimits> for Limits {
     fn from(l: RawLimits) -> Limits {
         Limits {
             max_connections: l.max_connections,
+            max_connections_per_client: (l.max_connections_per_client > 0).then_some(l.max_connections_per_client),
             max_draining_generations: l.max_draining_generations,
             max_header_bytes: l.max_header_bytes,
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
             idle_per_host: l.idle_per_host,
+            idle_total: l.idle_total,
         }
     }
 }
@@ -610,6 +631,7 @@ impl From<RawAccess> for Access {
             realm: a.realm,
             auth_failures: a.auth_failures,
             via_token: a.via_token,
+            allow_local_destinations: a.allow_local_destinations,
             connect_ports: a.connect_ports,
             deny_destinations: a.deny_destinations,
             allow_destinations: a.allow_destinations,
@@ -703,6 +725,20 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 31's keys default to the closed choice; 0 lifts the per-client bound.
+    #[test]
+    fn bounds_and_local_destinations_default_closed() {
+        let c = Config::parse(EMBEDDED_DEFAULT, None).unwrap();
+        assert!(!c.access.allow_local_destinations);
+        assert_eq!(c.limits.max_connections_per_client, Some(256));
+        assert_eq!(c.limits.idle_total, 1024);
+        let text = format!("{EMBEDDED_DEFAULT}\n[limits]\nmax_connections_per_client = 0\n");
+        assert_eq!(
+            Config::parse(&text, None).unwrap().limits.max_connections_per_client,
+            None
+        );
+    }
 
     #[test]
     fn embedded_default_is_one_loopback_listener() {

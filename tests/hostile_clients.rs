@@ -173,8 +173,7 @@ async fn a_flood_of_bad_logins_is_throttled_and_others_stay_fast() {
 async fn a_request_carrying_our_via_token_is_a_loop() {
     let origin = testkit::start_origin().await.unwrap();
     let baton = Baton::start("").await;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let token = format!("{}:{}", host.trim(), baton.proxy.port());
+    let token = baton::proxy::policy::default_via_token(Some(baton.proxy.port()));
     let mut conn = connect_from("127.0.0.1", baton.proxy).await;
     let req = |via: &str| format!("GET http://{origin}/bytes?n=3 HTTP/1.1\r\nHost: {origin}\r\nVia: {via}\r\n\r\n");
     let (head, _) = exchange(&mut conn, &req(&format!("1.1 other-baton:3128, 1.1 {token}"))).await;

@@ -36,7 +36,11 @@ fn baton_log(baton: &Baton) -> String {
 /// tunnels through it, each echoing `chunk` bytes every `every`.
 async fn baton_with_tunnels(drain: &str, n: usize, chunk: usize, every: Duration) -> (Baton, LongTunnels) {
     let echo = start_echo().await.expect("echo");
-    let config = format!("{}\n[timeouts]\ndrain = \"{drain}\"\n", connect_ports(&[echo.port()]));
+    // All the tunnels come from one client: no bound of its own (the default is 256).
+    let config = format!(
+        "{}\n[timeouts]\ndrain = \"{drain}\"\n\n[limits]\nmax_connections_per_client = 0\n",
+        connect_ports(&[echo.port()])
+    );
     let baton = Baton::start(&config).await;
     let tunnels = LongTunnels::open(baton.proxy, echo, n, chunk, every)
         .await

@@ -363,7 +363,7 @@ async fn relative_paths_are_relative_to_the_configuration_file() {
     testkit::write_secret(&d.join("htpasswd"), format!("alice:{hash}\n")).unwrap();
     let config = "control_socket = \"control.sock\"\npid_file = \"baton.pid\"\n\
         [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
-        [access]\nhtpasswd = \"htpasswd\"\n[log]\naccess = \"access.log\"\n";
+        [access]\nhtpasswd = \"htpasswd\"\nallow_local_destinations = true\n[log]\naccess = \"access.log\"\n";
     let elsewhere = tempfile::tempdir().unwrap();
     let baton = Baton::start_wrapped(dir, config, &[], Some(elsewhere.path())).await;
     let proxy = format!("http://{}", baton.proxy);

@@ -154,8 +154,7 @@ fn credentials(user: &str, password: &str) -> (tempfile::TempDir, PathBuf) {
 
 /// This host's default `Via` token for a baton on `port`.
 fn token(port: u16) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}:{port}", host.trim().to_ascii_lowercase())
+    baton::proxy::policy::default_via_token(Some(port))
 }
 
 /// `[upstream] proxy = parent` (plus `more` lines in the section), and CONNECT allowed to `ports`.

@@ -105,7 +105,9 @@ fn pipe_soft_limit_pages() -> u64 {
 async fn start_as_nobody(port: u16) -> Baton {
     let dir = tempfile::tempdir().expect("tempdir");
     chown_nobody(dir.path());
-    let config = config_text(dir.path(), &connect_ports(&[port]));
+    // A thousand tunnels from one client: no bound of its own (the default is 256).
+    let extra = format!("{}\n[limits]\nmax_connections_per_client = 0\n", connect_ports(&[port]));
+    let config = config_text(dir.path(), &extra);
     let id = NOBODY.to_string();
     let (reuid, regid) = (format!("--reuid={id}"), format!("--regid={id}"));
     let wrapper = ["setpriv", reuid.as_str(), regid.as_str(), "--clear-groups"];

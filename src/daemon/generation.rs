@@ -39,7 +39,7 @@ use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
 use crate::daemon::traffic::Sampler;
 use crate::proxy::migrate::Kind as MoveKind;
-use crate::proxy::policy::Policy;
+use crate::proxy::policy::{self, Policy};
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 use crate::tls::TlsListeners;
 use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
@@ -152,7 +152,10 @@ impl Generation {
         }
         // Certificates before any socket: a broken one fails the handoff, not a listener.
         let tls = TlsListeners::load(&config, inherited.take_extra(TICKET_KEYS_FD))?;
-        let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain).await?;
+        // The admin listener opens before the proxy's: its address is one of this proxy's own.
+        let admin_listener = open_admin(&config, &mut inherited).await?;
+        let admin_bound = admin_listener.as_ref().map(|l| l.bound.clone());
+        let (mut opened, connections) = open_proxy(&config, &mut inherited, &drain, admin_bound).await?;
         let control_addr = ListenAddr::Unix(config.control_socket.clone());
         opened.push(open_listener(&mut inherited, CONTROL_LISTENER, &control_addr).await?);
         if ready.is_none() {
@@ -160,9 +163,9 @@ impl Generation {
         }
         let mut admin = None;
         let mut traffic = None;
-        if let Some(a) = &config.admin {
+        if let Some(listener) = admin_listener {
             traffic = Some(Sampler::spawn(shared.clone()));
-            opened.push(open_listener(&mut inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?);
+            opened.push(listener);
             admin = Some(AdminContext {
                 drain: drain.clone(),
                 commands: commands_tx.clone(),
@@ -480,27 +483,35 @@ impl Generation {
     }
 }
 
+async fn open_admin(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Option<Listener>> {
+    let Some(a) = &config.admin else { return Ok(None) };
+    Ok(Some(
+        open_listener(inherited, ADMIN_LISTENER, &ListenAddr::Tcp(a.addr)).await?,
+    ))
+}
+
 /// Opens the proxy listeners and builds the proxy on them (accepting starts later). They
-/// open first because the policy needs their addresses to refuse requests that would loop
-/// into the proxy itself.
+/// open first because the policy needs their addresses (and `admin`'s, the admin
+/// listener's) to refuse requests that would loop into the proxy itself.
 async fn open_proxy(
     config: &Config,
     inherited: &mut Inherited,
     drain: &Drain,
+    admin: Option<ListenAddr>,
 ) -> anyhow::Result<(Vec<Listener>, Arc<Connections>)> {
     let mut opened = Vec::new();
     for l in &config.listeners {
         opened.push(open_listener(inherited, &l.name, &l.addr).await?);
     }
     let policy = Arc::new(Policy::new(config.access.clone())?);
-    let own: Vec<_> = opened
-        .iter()
-        .filter_map(|l| match l.bound {
-            ListenAddr::Tcp(a) => Some(a),
-            ListenAddr::Unix(_) => None,
-        })
-        .collect();
-    policy.set_identity(own.clone(), default_via_token(own.first()));
+    let tcp = |bound: &ListenAddr| match bound {
+        ListenAddr::Tcp(a) => Some(*a),
+        ListenAddr::Unix(_) => None,
+    };
+    let mut own: Vec<_> = opened.iter().filter_map(|l| tcp(&l.bound)).collect();
+    let first_port = own.first().map(std::net::SocketAddr::port);
+    own.extend(admin.as_ref().and_then(tcp));
+    policy.set_identity(own, policy::default_via_token(first_port));
     let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, drain.clone()));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     Ok((opened, connections))
@@ -529,20 +540,6 @@ fn spawn_pinger(
             }
         }
     });
-}
-
-/// This instance's `Via` token unless configured: the host name and the first TCP listener's
-/// port, so that two batons on one host (one the parent of the other) are told apart.
-fn default_via_token(first: Option<&std::net::SocketAddr>) -> String {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)))
-        .unwrap_or_else(|| "baton".into());
-    match first {
-        Some(a) => format!("{host}:{}", a.port()),
-        None => host,
-    }
 }
 
 /// Closes the inherited sockets the configuration no longer has, saying which.

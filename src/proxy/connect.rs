@@ -17,10 +17,12 @@ use tokio::net::TcpStream;
 use crate::config::Parent;
 
 use crate::proxy::access::Kind;
+use crate::proxy::admission::{Admission, Slot};
 use crate::proxy::connector::connect_checked;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{self, TunnelRecord};
 use crate::proxy::parent::{self, ParentError};
+use crate::proxy::policy::Denial;
 use crate::proxy::route::next_hop;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::tunnel::{self, Counters, Early, Handover, Relayed, Spliced, TunnelClient};
@@ -116,7 +118,7 @@ impl Proxy {
     /// written the `200` (`unread`: the bytes the client sent behind its CONNECT head;
     /// `answer`: the bytes of the `200`, which its Squid line counts in whichever generation
     /// it ends), registered with the drain; movable at a handoff.
-    pub fn start_tunnel(&self, accepted: Accepted, client: TunnelClient, unread: Vec<u8>, answer: u64) {
+    pub fn start_tunnel(&self, accepted: Accepted, client: TunnelClient, unread: Vec<u8>, answer: u64, slot: Slot) {
         let Accepted {
             origin,
             from_origin,
@@ -138,6 +140,8 @@ impl Proxy {
         // Boxed before the task captures them: every tunnel's task holds what it captures.
         let (ask, record) = (Box::new(ask), Box::new(record));
         self.drain.tunnels().spawn(async move {
+            // The client connection's place under the connection limits, until the tunnel ends.
+            let _slot = slot;
             let ended = Ended::from(&*record);
             let handover = Handover {
                 migration: &migration,
@@ -148,9 +152,15 @@ impl Proxy {
         });
     }
 
-    /// One moved tunnel: relays on here, unless this generation's policy denies it now
-    /// (it is closed then, and the line names the rule).
-    pub(super) fn adopt_tunnel(&self, mut record: TunnelRecord, fds: Vec<OwnedFd>) -> Result<(), String> {
+    /// One moved tunnel: relays on here, under this generation's connection limits, unless
+    /// its policy denies it now or the limits are reached (it is closed then, and the line
+    /// names the rule). Its fds are checked first, and its client is the kernel's peer.
+    pub(super) fn adopt_tunnel(
+        &self,
+        mut record: TunnelRecord,
+        fds: Vec<OwnedFd>,
+        admission: &Arc<Admission>,
+    ) -> Result<(), String> {
         record.check_fds(&fds)?;
         let spliced = Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
         metrics::migrated("tunnel", 1);
@@ -169,17 +179,28 @@ impl Proxy {
             user: record.user.clone(),
         };
         let ended = Ended::from(&record);
-        if let Err(d) = self.recheck(&record, &spliced) {
-            ask.line(Kind::Denied, d.status)
-                .rule(d.rule.as_str())
-                .traffic(record.up, record.down, ask.started)
-                .reason(d.reason)
-                .server(ended.server)
-                .via_parent(ended.via_parent)
-                .wire(ended.answer + record.down)
-                .write();
-            return Ok(());
-        }
+        let admitted = self.recheck(&record, &spliced).and_then(|()| {
+            admission.admit(&ask.peer).map_err(|r| Denial {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: r.reason,
+                rule: r.rule,
+                retry_after: None,
+            })
+        });
+        let slot = match admitted {
+            Ok(slot) => slot,
+            Err(d) => {
+                ask.line(Kind::Denied, d.status)
+                    .rule(d.rule.as_str())
+                    .traffic(record.up, record.down, ask.started)
+                    .reason(format!("moved tunnel closed: {}", d.reason))
+                    .server(ended.server)
+                    .via_parent(ended.via_parent)
+                    .wire(ended.answer + record.down)
+                    .write();
+                return Ok(());
+            }
+        };
         let counters = Counters::starting_at(record.up, record.down);
         let (idle, cut, migration) = (
             self.settings.tunnel_idle,
@@ -188,6 +209,7 @@ impl Proxy {
         );
         let (ask, record) = (Box::new(ask), Box::new(record));
         self.drain.tunnels().spawn(async move {
+            let _slot = slot;
             let handover = Handover {
                 migration: &migration,
                 record,
@@ -198,7 +220,7 @@ impl Proxy {
     }
 
     /// This generation's rules, applied to a tunnel another generation opened.
-    fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), crate::proxy::policy::Denial> {
+    fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), Denial> {
         let client: Option<IpAddr> = record.client.map(|a| a.ip());
         // Through a parent, the origin socket leads to the parent: only the name is checked.
         let origin = if record.via_parent {

@@ -32,7 +32,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::proxy::access::{AccessLine, Kind, Sent};
+use crate::proxy::admission::{Admission, Refused, Slot};
 use crate::proxy::framing::RequestSignal;
 use crate::proxy::heap;
 use crate::proxy::http1::{ClientIo, Ended, Parked, Stretch, Tracked};
@@ -56,6 +56,7 @@ pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub max_connections_per_client: Option<usize>,
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
 }
@@ -66,6 +67,7 @@ impl From<&Config> for ConnectionSettings {
             header_read_timeout: c.timeouts.header_read,
             max_header_bytes: c.limits.max_header_bytes,
             max_connections: c.limits.max_connections,
+            max_connections_per_client: c.limits.max_connections_per_client,
             handshake_timeout: c.tls.handshake_timeout,
             max_handshakes: c.tls.max_handshakes,
         }
@@ -77,7 +79,8 @@ pub struct Connections {
     proxy: Arc<Proxy>,
     drain: Drain,
     http: http1::Builder,
-    slots: Arc<Semaphore>,
+    /// The connection limits; a tunnel keeps its connection's slot.
+    admission: Arc<Admission>,
     header_read_timeout: Duration,
     max_header_bytes: usize,
     handshakes: Handshakes,
@@ -100,7 +103,7 @@ impl Connections {
             proxy,
             drain,
             http,
-            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            admission: Admission::new(settings.max_connections, settings.max_connections_per_client),
             header_read_timeout: settings.header_read_timeout,
             max_header_bytes: settings.max_header_bytes,
             handshakes: Handshakes::new(settings.handshake_timeout, settings.max_handshakes),
@@ -136,13 +139,16 @@ impl Connections {
     }
 
     fn admit(self: &Arc<Self>, stream: Stream, peer: Peer, tls: Option<&TlsAcceptor>) {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            warn!(client = %peer, "connection limit reached: answering 503");
-            if tls.is_none() {
-                tokio::spawn(refuse_over_limit(stream));
+        let slot = match self.admission.admit(&peer) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                log_over_limit(peer, &refused, "answered 503 and closed");
+                if tls.is_none() {
+                    tokio::spawn(refuse_over_limit(stream, refused.reason));
+                }
+                // On a TLS listener a plain-text answer would be garbage to the client: close.
+                return;
             }
-            // On a TLS listener a plain-text answer would be garbage to the client: close.
-            return;
         };
         let Some(acceptor) = tls.cloned() else {
             let task = self.clone().serve(Idle::new(stream), peer, slot);
@@ -172,7 +178,7 @@ impl Connections {
             };
             for item in items {
                 let adopted = match Moved::decode(&item.record) {
-                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds),
+                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds, &self.admission),
                     Ok(Moved::Connection(record)) => self.adopt_connection(record, item.fds),
                     Err(e) => Err(e),
                 };
@@ -210,10 +216,13 @@ impl Connections {
             self.drain.connections().spawn(stream.close(self.drain.cut_token()));
             return Ok(());
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            warn!(client = %peer, "connection limit reached: a moved connection is closed");
-            self.drain.connections().spawn(stream.close(self.drain.cut_token()));
-            return Ok(());
+        let slot = match self.admission.admit(&peer) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                log_over_limit(peer, &refused, "a moved connection is closed");
+                self.drain.connections().spawn(stream.close(self.drain.cut_token()));
+                return Ok(());
+            }
         };
         let idle_for = Duration::from_millis(record.idle_ms);
         let idle = Idle {
@@ -257,21 +266,15 @@ impl Connections {
         }
     }
 
-    /// The connection's task; `slot` is its place under the connection limit, given back
-    /// when the task ends. Every connection costs this future's size, idle or not, so: it is
+    /// The connection's task; `slot` is its place under the connection limits, given back
+    /// when the task ends (or, if it became a tunnel, when the tunnel ends). Every connection costs this future's size, idle or not, so: it is
     /// spawned as it is (not wrapped); it is an `async move` block that uses what it
     /// captures in place (an `async fn` would also keep a second copy of its arguments);
     /// and each await is a statement of its own (a temporary lives to the end of its
     /// statement: two futures in one would both take room).
     #[allow(clippy::manual_async_fn)] // see above
-    fn serve<T: ClientIo>(
-        self: Arc<Self>,
-        mut idle: Idle<T>,
-        peer: Peer,
-        slot: OwnedSemaphorePermit,
-    ) -> impl Future<Output = ()> {
+    fn serve<T: ClientIo>(self: Arc<Self>, mut idle: Idle<T>, peer: Peer, slot: Slot) -> impl Future<Output = ()> {
         async move {
-            let _slot = &slot;
             loop {
                 let woke = self.wait(&idle, &peer).await;
                 match woke {
@@ -286,7 +289,7 @@ impl Connections {
                         continue;
                     }
                 }
-                let rested = self.busy(&mut idle, &peer).await;
+                let rested = self.busy(&mut idle, &peer, &slot).await;
                 if !rested {
                     return;
                 }
@@ -400,7 +403,7 @@ impl Connections {
 
     /// Serves the idle connection with hyper until it comes to rest (`true`: `idle` is
     /// the connection idle again) or ends.
-    async fn busy<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer) -> bool {
+    async fn busy<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer, slot: &Slot) -> bool {
         let Some(parked) = idle.parked.take() else {
             return false;
         };
@@ -437,7 +440,7 @@ impl Connections {
                 true
             }
             Ended::Done(parked) => {
-                self.done(parked, &client, &signal);
+                self.done(parked, &client, &signal, slot);
                 false
             }
             Ended::Failed(e) => {
@@ -503,15 +506,16 @@ impl Connections {
     }
 
     /// hyper ended the connection without shutting the stream down: a CONNECT answered with
-    /// a 2xx hands it to its tunnel; anything else is closed (FIN first, as hyper would, then
-    /// a lingering close on a task the drain waits for).
-    fn done<T: ClientIo>(&self, parked: Parked<T>, client: &Client, signal: &RequestSignal) {
+    /// a 2xx hands it to its tunnel (with a share of the connection's slot); anything else is
+    /// closed (FIN first, as hyper would, then a lingering close on a task the drain waits for).
+    fn done<T: ClientIo>(&self, parked: Parked<T>, client: &Client, signal: &RequestSignal, slot: &Slot) {
         let (stream, unread) = parked.into_parts();
         if let Some(tunnel) = client.take_tunnel() {
             if signal.flushed() {
                 // hyper has written the `200`: the bytes since the last line are its.
                 let answer = client.sent.take();
-                self.proxy.start_tunnel(tunnel, stream.into_tunnel(), unread, answer);
+                self.proxy
+                    .start_tunnel(tunnel, stream.into_tunnel(), unread, answer, slot.clone());
                 return;
             }
             let reason = "tunnel not started: the answer to CONNECT was not written";
@@ -693,11 +697,19 @@ fn log_end(peer: Peer, sent: &Arc<Sent>, result: Result<(), hyper::Error>) {
         .write();
 }
 
-async fn refuse_over_limit(mut stream: Stream) {
-    const BODY: &str = "connection limit reached, try again later\n";
+fn log_over_limit(peer: Peer, refused: &Refused, what: &str) {
+    warn!(client = %peer, rule = refused.rule.as_str(), "{}: {what}", refused.reason);
+    AccessLine::new(Kind::Denied, peer)
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .rule(refused.rule.as_str())
+        .reason(refused.reason.clone())
+        .write();
+}
+
+async fn refuse_over_limit(mut stream: Stream, reason: String) {
     let resp = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
-        BODY.len()
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
+        reason.len() + 1
     );
     let write = async {
         stream.write_all(resp.as_bytes()).await?;
@@ -740,7 +752,7 @@ mod tests {
     async fn a_connection_task_is_small() {
         let (connections, client, stream, addr) = setup().await;
         let idle = Idle::new(Stream::Tcp(stream));
-        let slot = connections.slots.clone().try_acquire_owned().unwrap();
+        let slot = connections.admission.admit(&Peer::Ip(addr)).unwrap();
         let task = connections.clone().serve(idle, Peer::Ip(addr), slot);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 640, "the connection task's future is {size} bytes");

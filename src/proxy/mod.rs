@@ -3,6 +3,7 @@
 //! generations: it is handed a [`baton_handoff::Drain`] to register its work with.
 
 pub mod access;
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod connect;

@@ -1,6 +1,7 @@
 //! Access policy: who may use the proxy (client CIDRs, Basic proxy authentication) and where
 //! it may go (CONNECT ports, host names, destination CIDRs checked on the *resolved*
-//! addresses, never the proxy's own listeners). Every refusal names the rule that decided.
+//! addresses, never the proxy's own listeners nor, unless allowed, this host's loopback and
+//! link-local addresses). Every refusal names the rule that decided.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
@@ -33,8 +34,14 @@ pub enum Rule {
     DenyHosts,
     DenyDestinations,
     AllowDestinations,
-    /// The destination is one of the proxy's own listeners.
+    /// The destination is one of the proxy's own listeners (or its admin listener).
     Loop,
+    /// The destination is on this host or its link (`access.allow_local_destinations`).
+    LocalDestination,
+    /// One client holds `limits.max_connections_per_client` connections already.
+    MaxConnectionsPerClient,
+    /// The proxy holds `limits.max_connections` connections already.
+    MaxConnections,
 }
 
 impl Rule {
@@ -48,6 +55,9 @@ impl Rule {
             Rule::DenyDestinations => "deny_destinations",
             Rule::AllowDestinations => "allow_destinations",
             Rule::Loop => "loop",
+            Rule::LocalDestination => "local_destination",
+            Rule::MaxConnectionsPerClient => "max_connections_per_client",
+            Rule::MaxConnections => "max_connections",
         }
     }
 }
@@ -71,7 +81,7 @@ pub struct Policy {
     identity: OnceLock<Identity>,
 }
 
-/// This proxy's listen addresses and its `Via` token.
+/// This proxy's listen addresses (the admin listener's included) and its `Via` token.
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub addresses: Vec<SocketAddr>,
@@ -236,14 +246,21 @@ impl Policy {
         Ok(())
     }
 
+    /// The rules on an address a destination resolved to (or is written as): the loop check
+    /// first (whatever else is allowed), then local destinations, then the CIDR lists.
     fn check_address(&self, addr: SocketAddr) -> Result<(), Denial> {
-        let ip = canonical(addr.ip());
+        let ip = normalise(addr.ip());
         if self.is_self(SocketAddr::new(ip, addr.port())) {
             return Err(deny(
                 StatusCode::FORBIDDEN,
                 Rule::Loop,
                 format!("destination {addr} is this proxy"),
             ));
+        }
+        if !self.access.allow_local_destinations
+            && let Some(kind) = local_kind(ip)
+        {
+            return Err(refuse_local(&format!("{ip} ({kind})")));
         }
         if let Some(net) = self.access.deny_destinations.iter().find(|n| n.contains(&ip)) {
             return Err(deny(
@@ -263,24 +280,29 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether `addr` reaches one of this proxy's listeners. A wildcard listener (0.0.0.0,
-    /// [::]) is reached at every address of the host, so those are looked up, only when the
-    /// port matches one.
+    /// Whether `addr` (normalised) reaches one of this proxy's listeners: the same address
+    /// and port; a wildcard listener (0.0.0.0, [::]) at that port, reached at every address
+    /// of the host (looked up only when the port matches); or an unspecified destination
+    /// (0.0.0.0/8, `::`), which the kernel connects to this host.
     fn is_self(&self, addr: SocketAddr) -> bool {
         let own = self.identity.get().map_or(&[][..], |i| i.addresses.as_slice());
         let mut same_port = own.iter().filter(|o| o.port() == addr.port()).peekable();
         if same_port.peek().is_none() {
             return false;
         }
-        let ip = addr.ip();
+        let ip = normalise(addr.ip());
+        if is_unspecified(ip) {
+            return true;
+        }
         let mut wildcard = false;
         for o in same_port {
-            if o.ip() == ip {
+            let own_ip = normalise(o.ip());
+            if own_ip == ip {
                 return true;
             }
-            wildcard |= o.ip().is_unspecified();
+            wildcard |= own_ip.is_unspecified();
         }
-        wildcard && (ip.is_loopback() || ip.is_unspecified() || host_addresses().contains(&ip))
+        wildcard && (ip.is_loopback() || host_addresses().contains(&ip))
     }
 
     /// The destination rules as far as the name shows them, for a destination that a parent
@@ -290,7 +312,12 @@ impl Policy {
     /// since its addresses cannot be seen. `deny_destinations` cannot see a name's addresses.
     pub fn check_name(&self, host: &str, port: u16) -> Result<(), Denial> {
         self.check_host(host)?;
-        match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if !self.access.allow_local_destinations && is_localhost_name(bare) {
+            // RFC 6761 §6.3: the parent would resolve it to its own loopback.
+            return Err(refuse_local(&format!("{bare} (loopback name)")));
+        }
+        match bare.parse::<IpAddr>() {
             Ok(ip) => self.check_address(SocketAddr::new(ip, port)),
             Err(_) if !self.access.allow_destinations.is_empty() => Err(deny(
                 StatusCode::FORBIDDEN,
@@ -356,6 +383,87 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A destination address in one form per place it reaches: IPv4-mapped (`::ffff:a.b.c.d`)
+/// and IPv4-compatible (`::a.b.c.d`, deprecated by RFC 4291 but still routed by some
+/// stacks) addresses become the IPv4 address they carry. `::` and `::1` stay IPv6.
+pub fn normalise(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let [a, b, c, d, e, f, ..] = v6.segments();
+    let compatible = [a, b, c, d, e, f] == [0; 6] && !matches!(v6.segments()[6..], [0, 0] | [0, 1]);
+    match v6.to_ipv4() {
+        Some(v4) if compatible => IpAddr::V4(v4),
+        _ => ip,
+    }
+}
+
+/// 0.0.0.0/8 ("this network", RFC 791) and `::`: a connect to them reaches this host.
+fn is_unspecified(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    }
+}
+
+/// What makes a (normalised) address local to this host or its link, if it is.
+fn local_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if is_unspecified(ip) => Some("unspecified: this host"),
+        _ if ip.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some("link-local"),
+        _ => None,
+    }
+}
+
+/// `localhost` and the names under it (RFC 6761 §6.3).
+fn is_localhost_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
+}
+
+/// The refusal of a local destination: it names the key that allows it.
+fn refuse_local(what: &str) -> Denial {
+    deny(
+        StatusCode::FORBIDDEN,
+        Rule::LocalDestination,
+        format!(
+            "destination {what} is local to the proxy's host; set [access] allow_local_destinations = true to allow it"
+        ),
+    )
+}
+
+/// The `Via` token when none is configured: `baton-` and 12 hex digits of a SHA-256 over
+/// this machine's identity (`/etc/machine-id`, else nothing) and host name, and the first
+/// TCP listener's port. It reveals neither (machine-id(5) asks that the id be hashed before
+/// it is shown), it is the same for every generation of one instance (a handoff keeps the
+/// port and the machine), and two instances differ: on one host by their port, on two by
+/// their machine and name, so a chain of batons still tells its members apart.
+pub fn default_via_token(port: Option<u16>) -> String {
+    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok());
+    via_token_of(machine.trim(), host.as_deref().unwrap_or(""), port)
+}
+
+fn via_token_of(machine: &str, host: &str, port: Option<u16>) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [
+        "baton via token",
+        machine,
+        host,
+        &port.map(|p| p.to_string()).unwrap_or_default(),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0u8]);
+    }
+    let digest = hash.finalize();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("baton-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +476,10 @@ mod tests {
 
     #[tokio::test]
     async fn names_cannot_smuggle_denied_addresses() {
-        let p = policy(|a| a.deny_destinations = vec!["127.0.0.0/8".parse().unwrap()]);
+        let p = policy(|a| {
+            a.allow_local_destinations = true;
+            a.deny_destinations = vec!["127.0.0.0/8".parse().unwrap()];
+        });
         let err = p.resolve_checked("localhost", 80).await.unwrap_err();
         assert!(
             matches!(err, ResolveError::Denied(d) if d.rule == Rule::DenyDestinations || d.rule == Rule::AllowDestinations)
@@ -377,7 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn own_listener_is_a_loop() {
-        let p = policy(|_| {});
+        let p = policy(|a| a.allow_local_destinations = true);
         p.set_identity(vec!["127.0.0.1:3128".parse().unwrap()], "test:3128".into());
         let err = p.resolve_checked("127.0.0.1", 3128).await.unwrap_err();
         assert!(matches!(err, ResolveError::Denied(d) if d.rule == Rule::Loop));
@@ -434,5 +545,135 @@ mod tests {
             assert!(p.is_self(SocketAddr::new(ip, 3128)), "{ip}");
             assert!(!p.is_self(SocketAddr::new(ip, 3129)), "{ip}");
         }
+    }
+
+    fn sock(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// Every way of writing this host's address reaches the own-address check, even with
+    /// local destinations allowed: listeners, the admin listener, wildcard listeners.
+    #[test]
+    fn every_encoding_of_an_own_address_is_a_loop() {
+        let p = policy(|a| a.allow_local_destinations = true);
+        let (proxy, admin, wild) = (sock("127.0.0.1:3128"), sock("127.0.0.1:9090"), sock("[::]:8443"));
+        p.set_identity(vec![proxy, admin, wild], "t".into());
+        let hits = [
+            "127.0.0.1:3128",
+            "0.0.0.0:3128",
+            "0.1.2.3:3128",
+            "[::]:3128",
+            "[::ffff:127.0.0.1]:3128",
+            "[::127.0.0.1]:3128",
+            "[::ffff:0.0.0.0]:9090",
+            "127.0.0.1:9090",
+            "[::ffff:127.0.0.1]:9090",
+            "[::1]:8443",
+            "127.0.0.9:8443",
+            "[::ffff:127.0.0.9]:8443",
+        ];
+        for hit in hits {
+            let d = p.check_address(sock(hit)).expect_err(hit);
+            assert_eq!(d.rule, Rule::Loop, "{hit} reaches this proxy: {d}");
+        }
+        // Positive witnesses: the same forms at a port no listener has pass.
+        for other in [
+            "127.0.0.1:3129",
+            "0.0.0.0:3129",
+            "[::ffff:127.0.0.1]:9091",
+            "127.0.0.2:3128",
+        ] {
+            assert!(p.check_address(sock(other)).is_ok(), "{other} is not this proxy");
+        }
+    }
+
+    /// Loopback, unspecified and link-local destinations, in every encoding, are refused
+    /// by default, naming the key that allows them; private ranges are not.
+    #[tokio::test]
+    async fn local_destinations_are_refused_unless_allowed() {
+        let closed = policy(|_| {});
+        let open = policy(|a| a.allow_local_destinations = true);
+        let local = [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "[::1]:80",
+            "0.0.0.0:80",
+            "0.0.0.1:80",
+            "[::]:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::127.0.0.1]:80",
+            "169.254.169.254:80",
+            "[::ffff:169.254.169.254]:80",
+            "[fe80::1]:80",
+            "[febf::1]:80",
+        ];
+        for addr in local {
+            let d = closed.check_address(sock(addr)).expect_err(addr);
+            assert_eq!(d.rule, Rule::LocalDestination, "{addr}: {d}");
+            assert!(
+                d.reason.contains("allow_local_destinations"),
+                "{addr}: the reason names the key: {d}"
+            );
+            assert!(open.check_address(sock(addr)).is_ok(), "{addr} with the key set");
+        }
+        for addr in [
+            "10.1.2.3:80",
+            "192.168.1.1:80",
+            "[fd00::1]:80",
+            "[fec0::1]:80",
+            "93.184.216.34:80",
+        ] {
+            assert!(closed.check_address(sock(addr)).is_ok(), "{addr} is not local");
+        }
+        // What the resolver makes of inet_aton's forms (numeric: no query leaves the host).
+        for host in ["2130706433", "0x7f.1", "0177.0.0.1", "localhost"] {
+            match closed.resolve_checked(host, 80).await {
+                Err(ResolveError::Denied(d)) => assert_eq!(d.rule, Rule::LocalDestination, "{host}: {d}"),
+                Err(e) => panic!("{host}: the resolver failed rather than refuse: {e}"),
+                Ok(a) => panic!("{host} resolved to {a:?} and passed"),
+            }
+            assert!(open.resolve_checked(host, 80).await.is_ok(), "{host} with the key set");
+        }
+        // Through a parent the name is all there is: an IP literal, or localhost.
+        for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "localhost", "a.localhost."] {
+            let d = closed.check_name(host, 80).expect_err(host);
+            assert_eq!(d.rule, Rule::LocalDestination, "{host}: {d}");
+            assert!(open.check_name(host, 80).is_ok(), "{host} with the key set");
+        }
+    }
+
+    #[test]
+    fn normalise_unwraps_ipv4_in_ipv6() {
+        let n = |t: &str| normalise(t.parse().unwrap()).to_string();
+        assert_eq!(n("::ffff:127.0.0.1"), "127.0.0.1");
+        assert_eq!(n("::127.0.0.1"), "127.0.0.1");
+        assert_eq!(n("::1"), "::1");
+        assert_eq!(n("::"), "::");
+        assert_eq!(n("2001:db8::1"), "2001:db8::1");
+    }
+
+    /// The default token names no host, is the same for the same instance, and differs
+    /// between two instances on one host (ports) or on two hosts.
+    #[test]
+    fn the_default_via_token_hides_the_host_name_and_tells_instances_apart() {
+        let a = via_token_of("0123abcd", "build-7.corp.example", Some(3128));
+        assert!(a.starts_with("baton-") && a.len() == "baton-".len() + 12, "{a}");
+        assert!(!a.contains("build") && !a.contains("3128"), "{a} reveals the host");
+        assert_eq!(
+            a,
+            via_token_of("0123abcd", "build-7.corp.example", Some(3128)),
+            "stable"
+        );
+        assert_ne!(
+            a,
+            via_token_of("0123abcd", "build-7.corp.example", Some(3129)),
+            "per port"
+        );
+        assert_ne!(
+            a,
+            via_token_of("4567ef01", "build-8.corp.example", Some(3128)),
+            "per host"
+        );
+        assert_eq!(default_via_token(Some(1)), default_via_token(Some(1)));
     }
 }

@@ -30,7 +30,7 @@ use crate::proxy::response_framing;
 use crate::proxy::route::next_hop;
 use crate::proxy::strict;
 use crate::proxy::target::{check_target, target_len};
-use crate::proxy::upstream::{NextHop, OriginLease, Upstream, UpstreamError};
+use crate::proxy::upstream::{IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -41,7 +41,7 @@ pub struct ProxySettings {
     pub upstream_response: Duration,
     pub tunnel_idle: Duration,
     pub upstream_idle: Duration,
-    pub idle_per_host: usize,
+    pub idle: IdleBounds,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
     /// `[upstream]`: which destinations go through which parent proxy.
@@ -55,7 +55,10 @@ impl From<&Config> for ProxySettings {
             upstream_response: c.timeouts.upstream_response,
             tunnel_idle: c.timeouts.tunnel_idle,
             upstream_idle: c.timeouts.upstream_idle,
-            idle_per_host: c.limits.idle_per_host,
+            idle: IdleBounds {
+                per_host: c.limits.idle_per_host,
+                total: c.limits.idle_total,
+            },
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
             parents: Arc::new(c.parents.clone()),
@@ -139,7 +142,7 @@ impl Proxy {
             policy.clone(),
             settings.upstream_connect,
             settings.upstream_idle,
-            settings.idle_per_host,
+            settings.idle,
         );
         let via = via_header(&policy);
         Proxy {

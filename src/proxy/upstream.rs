@@ -6,10 +6,12 @@
 //! connection goes back to a shared pool, where the next request to the same next hop finds
 //! it. The pool keeps at most `idle_per_host` idle connections per next hop and closes the
 //! rest, so idle connections are bounded per next hop (the parent, when one is used), never
-//! one per idle client. Connects to origins go through the [`Policy`] (see
+//! one per idle client; and at most `idle_total` across all next hops, closing the least
+//! recently used one to make room (a client asking many next hops cannot pile them up).
+//! Connects to origins go through the [`Policy`] (see
 //! [`connect_checked`]); connects to a parent do not (see [`connect_parent`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -94,21 +96,33 @@ pub struct Upstream {
     /// How long an idle origin connection is kept (`timeouts.upstream_idle`; keep it below
     /// the origins' own keep-alive timeout, commonly 60-75 s).
     max_idle: Duration,
-    /// Idle connections kept per origin (`limits.idle_per_host`); one more is closed.
-    per_host: usize,
-    idle: Mutex<HashMap<String, Vec<(Instant, Sender)>>>,
+    idle: Mutex<IdlePool<Sender>>,
+}
+
+/// The bounds of the idle pool.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleBounds {
+    /// Idle connections kept per next hop (`limits.idle_per_host`); one more is closed.
+    pub per_host: usize,
+    /// Idle connections kept in all (`limits.idle_total`); beyond it the least recently
+    /// used one is closed.
+    pub total: usize,
 }
 
 impl Upstream {
     /// Also starts the sweeper that closes idle connections past `max_idle`; it stops when
     /// the `Upstream` is dropped.
-    pub fn new(policy: Arc<Policy>, connect_timeout: Duration, max_idle: Duration, per_host: usize) -> Arc<Upstream> {
+    pub fn new(
+        policy: Arc<Policy>,
+        connect_timeout: Duration,
+        max_idle: Duration,
+        bounds: IdleBounds,
+    ) -> Arc<Upstream> {
         let upstream = Arc::new(Upstream {
             policy,
             connect_timeout,
             max_idle,
-            per_host,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdlePool::new(bounds)),
         });
         let weak = Arc::downgrade(&upstream);
         let period = (max_idle / 2).max(Duration::from_millis(100));
@@ -125,34 +139,24 @@ impl Upstream {
 
     /// Drops idle connections past `max_idle` or closed by their origin.
     fn sweep(&self) {
-        lock(&self.idle).retain(|_, list| {
-            list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
-            !list.is_empty()
-        });
+        lock(&self.idle).retain(|since, s| since.elapsed() < self.max_idle && !s.is_closed());
     }
 
     fn checkout(&self, origin: &str) -> Option<Sender> {
-        let mut idle = lock(&self.idle);
-        let list = idle.get_mut(origin)?;
-        while let Some((since, sender)) = list.pop() {
-            if since.elapsed() < self.max_idle && sender.is_ready() {
-                return Some(sender);
-            }
-        }
-        None
+        lock(&self.idle).take(origin, |since, sender| {
+            since.elapsed() < self.max_idle && sender.is_ready()
+        })
     }
 
     fn checkin(&self, origin: String, sender: Sender) {
         if !sender.is_ready() {
             return;
         }
-        let mut idle = lock(&self.idle);
-        let list = idle.entry(origin).or_default();
-        list.retain(|(since, s)| since.elapsed() < self.max_idle && !s.is_closed());
-        if list.len() < self.per_host {
-            list.push((Instant::now(), sender));
-        }
-        // Otherwise dropped here: the last sender of an idle connection closes it.
+        let closed = lock(&self.idle).put(origin, sender, |since, s| {
+            since.elapsed() < self.max_idle && !s.is_closed()
+        });
+        // Dropped after the lock: the last sender of an idle connection closes it.
+        drop(closed);
     }
 
     async fn connect(&self, hop: NextHop<'_>) -> Result<Sender, UpstreamError> {
@@ -169,6 +173,116 @@ impl Upstream {
             let _ = conn.await;
         });
         Ok(Sender { tx, addr })
+    }
+}
+
+/// Idle connections by next hop, oldest first in each list, and in the order they came
+/// back across all of them (`lru`: a number that only grows, to the entry's key), so the
+/// least recently used one is found at once when the total is reached.
+struct IdlePool<T> {
+    bounds: IdleBounds,
+    by_hop: HashMap<String, Vec<Idle<T>>>,
+    lru: BTreeMap<u64, String>,
+    next: u64,
+}
+
+struct Idle<T> {
+    order: u64,
+    since: Instant,
+    conn: T,
+}
+
+impl<T> IdlePool<T> {
+    fn new(bounds: IdleBounds) -> IdlePool<T> {
+        IdlePool {
+            bounds,
+            by_hop: HashMap::new(),
+            lru: BTreeMap::new(),
+            next: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    /// The most recently returned connection to `key` that is `usable`; the unusable ones
+    /// met on the way are dropped.
+    fn take(&mut self, key: &str, usable: impl Fn(Instant, &T) -> bool) -> Option<T> {
+        let list = self.by_hop.get_mut(key)?;
+        let mut found = None;
+        while let Some(idle) = list.pop() {
+            self.lru.remove(&idle.order);
+            if usable(idle.since, &idle.conn) {
+                found = Some(idle.conn);
+                break;
+            }
+        }
+        if list.is_empty() {
+            self.by_hop.remove(key);
+        }
+        found
+    }
+
+    /// Keeps `conn` as the most recently used, unless its next hop has `per_host` kept (the
+    /// ones not `alive` removed first); at the total, the least recently used one anywhere
+    /// makes room. Returns what is to be closed.
+    fn put(&mut self, key: String, conn: T, alive: impl Fn(Instant, &T) -> bool) -> Vec<T> {
+        let mut closed = Vec::new();
+        let list = self.by_hop.entry(key.clone()).or_default();
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(list).into_iter().partition(|i| alive(i.since, &i.conn));
+        *list = kept;
+        for idle in gone {
+            self.lru.remove(&idle.order);
+            closed.push(idle.conn);
+        }
+        if list.len() >= self.bounds.per_host || self.bounds.total == 0 {
+            closed.push(conn);
+            self.forget_if_empty(&key);
+            return closed;
+        }
+        let order = self.next;
+        self.next += 1;
+        list.push(Idle {
+            order,
+            since: Instant::now(),
+            conn,
+        });
+        self.lru.insert(order, key);
+        while self.len() > self.bounds.total {
+            closed.extend(self.pop_least_recent());
+        }
+        closed
+    }
+
+    fn pop_least_recent(&mut self) -> Option<T> {
+        let (order, key) = self.lru.pop_first()?;
+        let list = self.by_hop.get_mut(&key)?;
+        let at = list.iter().position(|i| i.order == order)?;
+        let idle = list.remove(at);
+        self.forget_if_empty(&key);
+        Some(idle.conn)
+    }
+
+    fn forget_if_empty(&mut self, key: &str) {
+        if self.by_hop.get(key).is_some_and(Vec::is_empty) {
+            self.by_hop.remove(key);
+        }
+    }
+
+    /// Drops every connection that `keep` refuses.
+    fn retain(&mut self, keep: impl Fn(Instant, &T) -> bool) {
+        let lru = &mut self.lru;
+        self.by_hop.retain(|_, list| {
+            list.retain(|i| {
+                let kept = keep(i.since, &i.conn);
+                if !kept {
+                    lru.remove(&i.order);
+                }
+                kept
+            });
+            !list.is_empty()
+        });
     }
 }
 
@@ -261,5 +375,64 @@ impl Drop for OriginLease {
         if let Some((origin, sender)) = current.take() {
             self.upstream.checkin(origin, sender);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(per_host: usize, total: usize) -> IdlePool<u32> {
+        IdlePool::new(IdleBounds { per_host, total })
+    }
+
+    fn any(_: Instant, _: &u32) -> bool {
+        true
+    }
+
+    /// At the total the least recently returned connection closes, whichever next hop it
+    /// leads to; the per-host bound still closes the newcomer.
+    #[test]
+    fn the_total_closes_the_least_recently_used() {
+        let mut p = pool(2, 3);
+        assert!(p.put("a".into(), 1, any).is_empty());
+        assert!(p.put("b".into(), 2, any).is_empty());
+        assert!(p.put("c".into(), 3, any).is_empty());
+        assert_eq!(p.put("d".into(), 4, any), vec![1], "a's, the oldest, makes room");
+        assert_eq!(p.len(), 3);
+        // Taking b's and giving it back makes it the most recent: c's is the oldest now.
+        assert_eq!(p.take("b", any), Some(2));
+        assert!(p.put("b".into(), 2, any).is_empty());
+        assert_eq!(p.put("e".into(), 5, any), vec![3], "c's was least recently used");
+        assert_eq!(p.take("a", any), None, "a's is gone");
+        assert_eq!(p.take("c", any), None, "c's is gone");
+        assert_eq!(p.take("d", any), Some(4));
+        // Per host: the third to one next hop is closed itself.
+        let mut p = pool(2, 10);
+        assert!(p.put("a".into(), 1, any).is_empty());
+        assert!(p.put("a".into(), 2, any).is_empty());
+        assert_eq!(p.put("a".into(), 3, any), vec![3]);
+        assert_eq!(p.take("a", any), Some(2), "the most recent first");
+    }
+
+    #[test]
+    fn dead_connections_leave_both_orders() {
+        let mut p = pool(4, 4);
+        for (k, c) in [("a", 1), ("a", 2), ("b", 3)] {
+            assert!(p.put(k.into(), c, any).is_empty());
+        }
+        p.retain(|_, c| *c != 2);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p.take("a", |_, c| *c != 1),
+            None,
+            "1 is unusable and dropped on the way"
+        );
+        assert_eq!(p.len(), 1);
+        assert!(p.put("c".into(), 4, |_, c| *c != 3).is_empty());
+        assert_eq!(p.take("b", any), Some(3), "b's list was not swept by c's put");
+        let mut none = pool(4, 0);
+        assert_eq!(none.put("a".into(), 1, any), vec![1], "idle_total = 0 keeps none");
+        assert_eq!(none.len(), 0);
     }
 }

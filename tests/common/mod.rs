@@ -33,6 +33,7 @@ pub struct Baton {
 /// for tests that hand off many times.
 pub fn config_text(dir: &Path, extra: &str) -> String {
     const CANARY: &str = "canary = \"100ms\"\n";
+    let extra = &allow_local_destinations(extra);
     let extra = if extra.contains("canary") {
         extra.to_string()
     } else if extra.contains("[timeouts]\n") {
@@ -45,6 +46,20 @@ pub fn config_text(dir: &Path, extra: &str) -> String {
         dir.join("control.sock").display(),
         dir.join("baton.pid").display(),
     )
+}
+
+/// The tests' origins listen on loopback, which baton refuses by default: every test config
+/// opens it explicitly (`[access] allow_local_destinations = true`), unless `extra` already
+/// says what it wants.
+pub fn allow_local_destinations(extra: &str) -> String {
+    const KEY: &str = "allow_local_destinations = true\n";
+    if extra.contains("allow_local_destinations") {
+        extra.to_string()
+    } else if extra.contains("[access]\n") {
+        extra.replacen("[access]\n", &format!("[access]\n{KEY}"), 1)
+    } else {
+        format!("{extra}\n[access]\n{KEY}")
+    }
 }
 
 impl Baton {
