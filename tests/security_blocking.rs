@@ -31,7 +31,7 @@ async fn a_login_flood_does_not_stall_name_resolution() {
     let origin = testkit::start_origin().await.expect("origin");
     let dir = tempfile::tempdir().unwrap();
     let hash = bcrypt::hash("right", COST).unwrap();
-    std::fs::write(dir.path().join("users"), format!("alice:{hash}\n")).unwrap();
+    testkit::write_secret(&dir.path().join("users"), format!("alice:{hash}\n")).unwrap();
     let extra = "[access]\nhtpasswd = \"users\"\nauth_failures = 0\n";
     let baton = Baton::start_in(dir, std::path::Path::new(common::BATON), extra, &[]).await;
     let proxy = baton.proxy.to_string();

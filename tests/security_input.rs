@@ -523,7 +523,9 @@ async fn a_connection_value_that_is_not_a_token_list_is_refused() {
 /// The value of `name` (a metric without labels) on the admin listener's `/metrics`.
 async fn metric(admin: SocketAddr, name: &str) -> f64 {
     let mut s = TcpStream::connect(admin).await.expect("connect to admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    // The admin listener answers only a Host that names it.
+    let ask = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    s.write_all(ask.as_bytes())
         .await
         .expect("ask for /metrics");
     let mut text = String::new();

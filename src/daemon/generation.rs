@@ -163,7 +163,7 @@ impl Generation {
         }
         let mut admin = None;
         let mut traffic = None;
-        if let Some(listener) = admin_listener {
+        if let (Some(listener), Some(a)) = (admin_listener, &config.admin) {
             traffic = Some(Sampler::spawn(shared.clone()));
             opened.push(listener);
             admin = Some(AdminContext {
