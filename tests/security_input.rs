@@ -525,9 +525,7 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
     let mut s = TcpStream::connect(admin).await.expect("connect to admin");
     // The admin listener answers only a Host that names it.
     let ask = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    s.write_all(ask.as_bytes())
-        .await
-        .expect("ask for /metrics");
+    s.write_all(ask.as_bytes()).await.expect("ask for /metrics");
     let mut text = String::new();
     tokio::time::timeout(WAIT, s.read_to_string(&mut text))
         .await

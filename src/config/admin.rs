@@ -117,17 +117,15 @@ fn host_name(h: &str) -> Result<String, String> {
     Ok(name)
 }
 
-/// The token file: one line. It must not be open to others (mode `o=`): anyone who can
+/// The token file: one line. It must not be open to others: anyone who can
 /// read it can read every admin endpoint. The error never shows the content.
 fn read_token(path: &Path) -> Result<AdminToken, String> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("key `admin.token_file`: cannot read {shown}: {e}"))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "key `admin.token_file`: {shown} has mode {mode:04o}, open to others; `chmod o= {shown}` (e.g. mode 0600 or 0640)"
-        ));
-    }
+    // The rule every secret file is held to (a token never opens to others, whatever
+    // `secrets_readable_by_others` says).
+    super::check_secret_mode(path, meta.permissions().mode(), false)
+        .map_err(|e| format!("key `admin.token_file`: {shown}: {e}"))?;
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("key `admin.token_file`: cannot read {shown}: {e}"))?;
     let token = text.trim_end_matches(['\n', '\r']);

@@ -33,20 +33,6 @@ pub const ORIGINS_ENV: &str = "BATON_LISTEN_ORIGINS";
 pub const STORED_NAME_PREFIX: &str = "bound.";
 /// Other fds passed by name: `name=fd:name=fd` (see [`crate::PassedFd`]).
 pub const EXTRA_FDS_ENV: &str = "BATON_EXTRA_FDS";
-/// Every variable of the protocol: read and removed by a successor, replaced for its own.
-pub(crate) const PROTOCOL_ENV: [&str; 11] = [
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "LISTEN_FDS_FIRST_FD",
-    READY_FD_ENV,
-    CHANNEL_FD_ENV,
-    GENERATION_ENV,
-    PROGRAM_ENV,
-    ARGS_ENV,
-    ORIGINS_ENV,
-    EXTRA_FDS_ENV,
-];
 /// The variables only a baton predecessor sets (and only for the pid in `LISTEN_PID`).
 const BATON_ENV: [&str; 7] = [
     READY_FD_ENV,
@@ -57,6 +43,13 @@ const BATON_ENV: [&str; 7] = [
     ORIGINS_ENV,
     EXTRA_FDS_ENV,
 ];
+/// systemd's variables of the protocol (`sd_listen_fds(3)`).
+const SYSTEMD_ENV: [&str; 4] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_FDS_FIRST_FD"];
+
+/// Every variable of the protocol: read and removed by a successor, replaced for its own.
+pub(crate) fn protocol_env() -> impl Iterator<Item = &'static str> {
+    SYSTEMD_ENV.into_iter().chain(BATON_ENV)
+}
 /// The first passed fd, as `sd_listen_fds(3)` defines it.
 pub(crate) const FIRST_LISTEN_FD: RawFd = 3;
 
@@ -162,7 +155,7 @@ impl Inherited {
         let origins = origins_from_env(&mut names, fds.len(), handoff.ready.is_some());
         // SAFETY: the caller guarantees no other thread runs yet.
         unsafe {
-            for var in PROTOCOL_ENV {
+            for var in protocol_env() {
                 std::env::remove_var(var);
             }
         }

@@ -29,8 +29,8 @@ use tokio::sync::oneshot;
 
 use crate::channel::Watch;
 use crate::inherit::{
-    ARGS_ENV, CHANNEL_FD_ENV, EXTRA_FDS_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, PROTOCOL_ENV,
-    READY_FD_ENV, encode_args,
+    ARGS_ENV, CHANNEL_FD_ENV, EXTRA_FDS_ENV, FIRST_LISTEN_FD, GENERATION_ENV, ORIGINS_ENV, PROGRAM_ENV, READY_FD_ENV,
+    encode_args, protocol_env,
 };
 use crate::listener::Origin;
 use crate::process::ChildProcess;
@@ -139,7 +139,7 @@ impl ExecImage {
         }
         let mut envp = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if PROTOCOL_ENV.iter().any(|o| OsStr::new(o) == k) {
+            if protocol_env().any(|o| OsStr::new(o) == k) {
                 continue;
             }
             let mut kv = k.clone();
