@@ -301,7 +301,11 @@ pub async fn status(path: &Path) -> Result<(Status, String), ClientError> {
     let line = answer.ok_or(ClientError::NoAnswer)?;
     match serde_json::from_str::<Status>(&line) {
         Ok(status) => Ok((status, line)),
-        Err(_) => Err(ClientError::Protocol(parse_event(&line).map_or(line, describe_failure))),
+        // A failure event says why; any other line keeps the parser's own words.
+        Err(e) => Err(ClientError::Protocol(match parse_event(&line) {
+            Ok(event) => describe_failure(event),
+            Err(_) => format!("not a status ({e}): {line}"),
+        })),
     }
 }
 

@@ -111,14 +111,22 @@ impl Handoff {
             ready: inherited_fd(READY_FD_ENV, passed)?.map(ReadySignal),
             channel: inherited_fd(CHANNEL_FD_ENV, passed)?.map(PredecessorChannel::new),
             extra: extra_fds_from_env(passed)?,
-            generation: std::env::var(GENERATION_ENV)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
+            generation: generation_from_env()?,
             program: std::env::var_os(PROGRAM_ENV).map(PathBuf::from),
             args: std::env::var_os(ARGS_ENV).map(|v| decode_args(&v)),
         })
     }
+}
+
+/// `BATON_GENERATION`: 1 when unset (a first generation); a value that is not a number is an
+/// error (a predecessor that wrote it is broken, and counting on from 1 would hide it).
+fn generation_from_env() -> io::Result<u64> {
+    let Some(v) = std::env::var_os(GENERATION_ENV) else {
+        return Ok(1);
+    };
+    v.to_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("{GENERATION_ENV}={v:?} is not a generation number")))
 }
 
 /// Whether `LISTEN_PID` is set to `pid`.
