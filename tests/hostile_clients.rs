@@ -97,7 +97,9 @@ async fn bcrypt_timing_does_not_tell_which_users_exist() {
     let (k, u) = (fastest(known), fastest(unknown));
     let ratio = k.max(u).as_secs_f64() / k.min(u).as_secs_f64();
     eprintln!("407 for a known user: {k:?}, for an unknown user: {u:?} ({ratio:.2}×)");
-    assert!(ratio < 1.5, "known user {k:?}, unknown user {u:?}: {ratio:.2}×");
+    // A leak is an order of magnitude (bcrypt skipped: under 1 ms against 5-40); a loaded
+    // machine moved even the fastest samples 1.56x apart.
+    assert!(ratio < 3.0, "known user {k:?}, unknown user {u:?}: {ratio:.2}×");
     let (head, _) = exchange(&mut conn, &get_with(origin, "alice", "right")).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
