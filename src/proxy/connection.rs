@@ -213,14 +213,14 @@ impl Connections {
                 .rule(d.rule.as_str())
                 .reason(format!("moved connection closed: {}", d.reason))
                 .write();
-            self.drain.connections().spawn(stream.close(self.drain.cut_token()));
+            stream.close(false, &self.drain);
             return Ok(());
         }
         let slot = match self.admission.admit(&peer) {
             Ok(slot) => slot,
             Err(refused) => {
                 log_over_limit(peer, &refused, "a moved connection is closed");
-                self.drain.connections().spawn(stream.close(self.drain.cut_token()));
+                stream.close(false, &self.drain);
                 return Ok(());
             }
         };
@@ -521,7 +521,7 @@ impl Connections {
             let reason = "tunnel not started: the answer to CONNECT was not written";
             tunnel.ask.line(Kind::Closed, StatusCode::OK).reason(reason).write();
         }
-        self.drain.connections().spawn(stream.close(self.drain.cut_token()));
+        stream.close(!unread.is_empty(), &self.drain);
     }
 
     /// The service hyper calls for each request of a stretch: the [`Proxy`], with the

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use baton_handoff::Stream;
+use baton_handoff::{Drain, Stream};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
@@ -47,11 +47,12 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// Resolves once a read would not block, without reading (see [`Stream::readable`]).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
-    /// Closes a stream hyper ended without shutting it down: a FIN, as hyper would, then
-    /// a lingering close ([`linger`]). The future is for the drain's connection tracker, so
-    /// that a generation does not exit (and reset the socket) while it lingers; `cut` (the
-    /// drain deadline) ends it.
-    fn close(self, cut: CancellationToken) -> impl Future<Output = ()> + Send + 'static;
+    /// Closes a stream hyper ended without shutting it down: a FIN, as hyper would, then,
+    /// when the client may still be sending (`pipelined`: it sent bytes past the last
+    /// request, or bytes wait in the socket), a lingering close ([`linger`]) on a task of
+    /// the drain's, so that a generation does not exit (and reset the socket) while it
+    /// lingers; the drain deadline ends it. nginx's `lingering_close on` asks the same.
+    fn close(self, pipelined: bool, drain: &Drain);
 
     /// The stream as a CONNECT's tunnel relays it.
     fn into_tunnel(self) -> TunnelClient;
@@ -73,10 +74,12 @@ impl ClientIo for Stream {
         Stream::poll_readable(self, cx)
     }
 
-    async fn close(self, cut: CancellationToken) {
+    fn close(self, pipelined: bool, drain: &Drain) {
         // Fails only on a stream already gone.
         let _ = self.shutdown_write();
-        linger(self, cut).await;
+        if pipelined || self.has_unread_bytes() {
+            drain.connections().spawn(linger(self, drain.cut_token()));
+        }
     }
 
     fn into_tunnel(self) -> TunnelClient {
@@ -116,15 +119,18 @@ impl ClientIo for TlsStream<Stream> {
         socket.poll_readable(cx)
     }
 
-    async fn close(mut self, cut: CancellationToken) {
+    fn close(mut self, _pipelined: bool, drain: &Drain) {
         // close_notify, then the FIN, bounded; then what the client still sends is read and
         // discarded on the socket (records after our close_notify mean nothing to us).
-        let shut = tokio::time::timeout(Duration::from_secs(5), self.shutdown());
-        tokio::select! {
-            _ = shut => {}
-            () = cut.cancelled() => return,
-        }
-        linger(self.into_inner().0, cut).await;
+        let cut = drain.cut_token();
+        drain.connections().spawn(async move {
+            let shut = tokio::time::timeout(Duration::from_secs(5), self.shutdown());
+            tokio::select! {
+                _ = shut => {}
+                () = cut.cancelled() => return,
+            }
+            linger(self.into_inner().0, cut).await;
+        });
     }
 
     fn into_tunnel(self) -> TunnelClient {

@@ -240,6 +240,20 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Whether bytes wait unread in the socket now (a peek that does not block; the end of
+    /// the stream is no byte).
+    pub fn has_unread_bytes(&self) -> bool {
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        let mut byte = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        nix::sys::socket::recv(fd, &mut byte, flags).is_ok_and(|n| n > 0)
+    }
+}
+
 /// Looks at the next byte of a non-blocking socket without taking it.
 fn peek(fd: std::os::fd::RawFd) -> io::Result<()> {
     let mut byte = [0u8; 1];
