@@ -52,13 +52,8 @@ fn get_with(origin: SocketAddr, user: &str, password: &str) -> String {
 /// A baton whose htpasswd has `alice` (cost 5, `htpasswd -B`'s default) with password
 /// `right`, and `extra` configuration under `[access]`.
 async fn baton_with_users(access: &str) -> Baton {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hash = bcrypt::hash("right", 5).expect("hash");
-    testkit::write_secret(&dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
-    let extra = format!(
-        "[access]\nhtpasswd = \"{}\"\n{access}",
-        dir.path().join("htpasswd").display()
-    );
+    let (dir, users) = common::dir_with_users();
+    let extra = format!("[access]\nhtpasswd = \"{}\"\n{access}", users.display());
     Baton::start_in(dir, std::path::Path::new(common::BATON), &extra, &[]).await
 }
 

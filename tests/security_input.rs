@@ -539,12 +539,10 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
 /// A baton whose htpasswd has `alice` (cost 5, `htpasswd -B`'s default) with password
 /// `right`, the default budget (10 failures a minute), an admin listener, and `extra`.
 async fn baton_with_users(extra: &str) -> (Baton, SocketAddr) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hash = bcrypt::hash("right", 5).expect("hash");
-    testkit::write_secret(&dir.path().join("htpasswd"), format!("alice:{hash}\n")).expect("htpasswd");
+    let (dir, users) = common::dir_with_users();
     let extra = format!(
         "[access]\nhtpasswd = \"{}\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n{extra}",
-        dir.path().join("htpasswd").display()
+        users.display()
     );
     let baton = Baton::start_in(dir, std::path::Path::new(common::BATON), &extra, &[]).await;
     let admin = common::listener_addr(&baton.status().await, "admin");

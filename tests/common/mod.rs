@@ -242,6 +242,16 @@ impl Drop for Baton {
     }
 }
 
+/// A new directory holding `htpasswd` (mode 0600) with the user `alice`, password `right`
+/// (bcrypt cost 5, `htpasswd -B`'s default); returns it and the file's path.
+pub fn dir_with_users() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("right", 5).expect("hash");
+    testkit::write_secret(&path, format!("alice:{hash}\n")).expect("htpasswd");
+    (dir, path)
+}
+
 /// A test that just wrote a binary can fail to exec it with ETXTBSY: a child forked meanwhile
 /// by another test thread holds the write fd until its own exec. Retries, bounded.
 fn spawn_retrying_etxtbsy(mut spawn: impl FnMut() -> std::io::Result<Child>) -> Child {
