@@ -8,10 +8,14 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod access;
 mod admin;
+pub mod hosts;
 mod upstream;
+pub use access::{Access, Action, RuleConfig, SniMode};
 pub use admin::{AdminConfig, AdminToken};
-pub use upstream::{HostPattern, Parent, Parents, Route};
+pub use hosts::HostPattern;
+pub use upstream::{Parent, Parents, Route};
 
 /// The configuration used when no file is given: one loopback listener, loopback clients only.
 pub const EMBEDDED_DEFAULT: &str = r#"
@@ -80,6 +84,8 @@ pub struct Timeouts {
     pub upgrade: Duration,
     /// How long a ready successor is watched before it takes over; zero: not at all.
     pub canary: Duration,
+    /// How long a tunnel's first bytes are awaited for its SNI (`[access] sni = "match"`).
+    pub sni: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -100,30 +106,6 @@ pub struct Limits {
     /// Idle origin connections kept across all next hops; beyond it the least recently
     /// used one is closed.
     pub idle_total: usize,
-}
-
-/// Who may use the proxy and where it may go; see `policy.rs`.
-#[derive(Debug, Clone)]
-pub struct Access {
-    pub allow_clients: Vec<IpNet>,
-    pub htpasswd: Option<PathBuf>,
-    pub realm: String,
-    /// Failed logins a client may make a minute before it gets 429; 0: no limit.
-    pub auth_failures: u32,
-    /// This instance's token in `Via` (`1.1 <token>`); a request that carries it has looped.
-    /// `None`: a token derived from the host name and the first listener's port that does
-    /// not reveal either (see `proxy::policy::default_via_token`).
-    pub via_token: Option<String>,
-    /// Whether destinations on this host or its link (loopback, unspecified, link-local)
-    /// may be reached; refused by default (`rule=local_destination`).
-    pub allow_local_destinations: bool,
-    pub connect_ports: Vec<u16>,
-    pub deny_destinations: Vec<IpNet>,
-    pub allow_destinations: Vec<IpNet>,
-    pub deny_hosts: Vec<String>,
-    /// `secrets_readable_by_others`: an htpasswd file others may read is used, with a
-    /// warning.
-    pub htpasswd_readable_by_others: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -219,7 +201,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
-    access: RawAccess,
+    access: access::RawAccess,
     #[serde(default)]
     log: RawLog,
     admin: Option<admin::RawAdmin>,
@@ -283,6 +265,8 @@ struct RawTimeouts {
     upgrade: Duration,
     #[serde(with = "humantime_serde")]
     canary: Duration,
+    #[serde(with = "humantime_serde")]
+    sni: Duration,
 }
 
 impl Default for RawTimeouts {
@@ -296,6 +280,8 @@ impl Default for RawTimeouts {
             drain: Duration::from_secs(30),
             upgrade: Duration::from_secs(30),
             canary: Duration::from_secs(2),
+            // Server-speaks-first protocols send nothing first: they wait this long.
+            sni: Duration::from_secs(5),
         }
     }
 }
@@ -326,39 +312,6 @@ impl Default for RawLimits {
             max_body_bytes: 0,
             idle_per_host: 32,
             idle_total: 1024,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawAccess {
-    allow_clients: Vec<IpNet>,
-    htpasswd: Option<PathBuf>,
-    realm: String,
-    auth_failures: u32,
-    via_token: Option<String>,
-    allow_local_destinations: bool,
-    connect_ports: Vec<u16>,
-    deny_destinations: Vec<IpNet>,
-    allow_destinations: Vec<IpNet>,
-    deny_hosts: Vec<String>,
-}
-
-impl Default for RawAccess {
-    fn default() -> Self {
-        RawAccess {
-            allow_clients: vec![loopback_v4(), loopback_v6()],
-            htpasswd: None,
-            realm: "baton".into(),
-            auth_failures: 10,
-            via_token: None,
-            allow_local_destinations: false,
-            // Squid's default: CONNECT is for TLS.
-            connect_ports: vec![443],
-            deny_destinations: Vec::new(),
-            allow_destinations: Vec::new(),
-            deny_hosts: Vec::new(),
         }
     }
 }
@@ -420,6 +373,7 @@ impl Config {
             files.key_readable_by_others = raw.secrets_readable_by_others;
         }
         check_values(&raw).map_err(&invalid)?;
+        let access = access::access(raw.access, text, base, raw.secrets_readable_by_others).map_err(&invalid)?;
         let admin = admin::admin(raw.admin.as_ref(), &listeners, base).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
         let parents = upstream::parents(text, &raw.upstream, base).map_err(&invalid)?;
@@ -427,9 +381,6 @@ impl Config {
             Some(p) => resolve(base, p),
             None => default_control_socket(env).ok_or_else(|| invalid(no_default_control_socket(path)))?,
         };
-        let mut access = Access::from(raw.access);
-        access.htpasswd = access.htpasswd.map(|p| resolve(base, p));
-        access.htpasswd_readable_by_others = raw.secrets_readable_by_others;
         let tls = TlsSettings {
             handshake_timeout: raw.tls.handshake_timeout,
             max_handshakes: raw.tls.max_handshakes,
@@ -534,7 +485,11 @@ fn listeners(
 /// Values serde cannot check by their type alone.
 fn check_values(raw: &RawConfig) -> Result<(), String> {
     let t = &raw.timeouts;
-    for (key, d) in [("timeouts.drain", t.drain), ("timeouts.upgrade", t.upgrade)] {
+    for (key, d) in [
+        ("timeouts.drain", t.drain),
+        ("timeouts.upgrade", t.upgrade),
+        ("timeouts.sni", t.sni),
+    ] {
         if d.is_zero() {
             return Err(format!("key `{key}`: must be greater than zero"));
         }
@@ -604,6 +559,7 @@ impl From<RawTimeouts> for Timeouts {
             drain: t.drain,
             upgrade: t.upgrade,
             canary: t.canary,
+            sni: t.sni,
         }
     }
 }
@@ -619,24 +575,6 @@ impl From<RawLimits> for Limits {
             max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
             idle_per_host: l.idle_per_host,
             idle_total: l.idle_total,
-        }
-    }
-}
-
-impl From<RawAccess> for Access {
-    fn from(a: RawAccess) -> Access {
-        Access {
-            allow_clients: a.allow_clients,
-            htpasswd: a.htpasswd,
-            realm: a.realm,
-            auth_failures: a.auth_failures,
-            via_token: a.via_token,
-            allow_local_destinations: a.allow_local_destinations,
-            connect_ports: a.connect_ports,
-            deny_destinations: a.deny_destinations,
-            allow_destinations: a.allow_destinations,
-            deny_hosts: a.deny_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-            htpasswd_readable_by_others: false,
         }
     }
 }

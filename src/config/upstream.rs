@@ -4,16 +4,15 @@
 //! ready `Proxy-Authorization` value, marked sensitive: never printed, never in an error.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine;
 use http::{HeaderValue, Uri};
-use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::hosts::HostPattern;
 use super::{line_of, resolve};
 
 /// `[upstream]` as written.
@@ -61,31 +60,6 @@ pub struct Route {
     pub parent: Option<Arc<Parent>>,
 }
 
-/// A destination pattern of `bypass` and of a route's `hosts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    /// `*`: every destination.
-    Any,
-    /// A host name, lowercase, without a trailing dot.
-    Name(String),
-    /// `*.example.com` or `.example.com`: `example.com` and every name under it.
-    Domain(String),
-    /// An address or a CIDR: matches a destination written as an IP address (names are not
-    /// resolved to decide).
-    Net(IpNet),
-}
-
-impl fmt::Display for HostPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HostPattern::Any => f.write_str("*"),
-            HostPattern::Name(n) => f.write_str(n),
-            HostPattern::Domain(d) => write!(f, "*.{d}"),
-            HostPattern::Net(n) => write!(f, "{n}"),
-        }
-    }
-}
-
 /// A parent proxy (`http://host:port`).
 #[derive(Clone)]
 pub struct Parent {
@@ -131,7 +105,7 @@ pub(super) fn parents(text: &str, raw: &RawUpstream, base: Option<&Path>) -> Res
     let bypass = raw
         .bypass
         .iter()
-        .map(|p| host_pattern(p.get_ref()).map_err(|m| cx.at(p, "upstream.bypass", &m)))
+        .map(|p| HostPattern::parse(p.get_ref()).map_err(|m| cx.at(p, "upstream.bypass", &m)))
         .collect::<Result<_, _>>()?;
     let routes = raw.route.iter().map(|r| cx.route(r)).collect::<Result<_, _>>()?;
     Ok(Parents {
@@ -160,7 +134,7 @@ impl Context<'_> {
         let hosts = r
             .hosts
             .iter()
-            .map(|h| host_pattern(h.get_ref()).map_err(|m| self.at(h, "upstream.route.hosts", &m)))
+            .map(|h| HostPattern::parse(h.get_ref()).map_err(|m| self.at(h, "upstream.route.hosts", &m)))
             .collect::<Result<_, _>>()?;
         let parent = match (r.proxy.get_ref().as_str(), &r.credentials) {
             ("direct", None) => None,
@@ -246,38 +220,6 @@ fn read_credentials(path: &Path) -> Result<HeaderValue, String> {
     Ok(value)
 }
 
-/// `*`, a host name, `*.domain` or `.domain`, an IP address or a CIDR.
-fn host_pattern(p: &str) -> Result<HostPattern, String> {
-    if p.trim() == "*" {
-        return Ok(HostPattern::Any);
-    }
-    let p = p.trim().trim_end_matches('.').to_ascii_lowercase();
-    if p.contains('/') {
-        return p
-            .parse::<IpNet>()
-            .map(|n| HostPattern::Net(n.trunc()))
-            .map_err(|_| format!("`{p}` is not a CIDR (e.g. 10.0.0.0/8)"));
-    }
-    if let Ok(ip) = p.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-        return Ok(HostPattern::Net(IpNet::from(ip.to_canonical())));
-    }
-    let (domain, name) = match p.strip_prefix("*.").or_else(|| p.strip_prefix('.')) {
-        Some(d) => (true, d),
-        None => (false, p.as_str()),
-    };
-    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-    if !valid {
-        return Err(format!(
-            "`{p}` is not a host pattern: `*`, a name, `*.domain`, an address or a CIDR"
-        ));
-    }
-    Ok(if domain {
-        HostPattern::Domain(name.to_string())
-    } else {
-        HostPattern::Name(name.to_string())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,28 +227,6 @@ mod tests {
     fn parse(text: &str) -> Result<Parents, String> {
         let raw: RawUpstream = toml::from_str(text).map_err(|e| e.to_string())?;
         parents(text, &raw, None)
-    }
-
-    #[test]
-    fn patterns() {
-        assert_eq!(host_pattern("*").unwrap(), HostPattern::Any);
-        assert_eq!(
-            host_pattern("Corp.Example.").unwrap(),
-            HostPattern::Name("corp.example".into())
-        );
-        assert_eq!(host_pattern("*.corp").unwrap(), HostPattern::Domain("corp".into()));
-        assert_eq!(host_pattern(".corp").unwrap(), HostPattern::Domain("corp".into()));
-        assert_eq!(
-            host_pattern("10.1.2.3/8").unwrap(),
-            HostPattern::Net("10.0.0.0/8".parse().unwrap())
-        );
-        assert_eq!(
-            host_pattern("[::1]").unwrap(),
-            HostPattern::Net("::1/128".parse().unwrap())
-        );
-        for bad in ["", "a*b", "*.", "10.0.0.0/99", "a b"] {
-            assert!(host_pattern(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

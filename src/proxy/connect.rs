@@ -40,9 +40,6 @@ impl Proxy {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, "userinfo in a CONNECT target");
         }
         let port = authority.port_u16().unwrap_or(443);
-        if let Err(d) = self.policy.check_connect_port(port) {
-            return self.deny(&ask, &d);
-        }
         let parent = next_hop(&self.settings.parents, authority.host());
         let opened = match parent {
             Some(p) => self.connect_via(p, &authority, &req, &ask).await,

@@ -1,7 +1,8 @@
-//! Access policy: who may use the proxy (client CIDRs, Basic proxy authentication) and where
-//! it may go (CONNECT ports, host names, destination CIDRs checked on the *resolved*
-//! addresses, never the proxy's own listeners nor, unless allowed, this host's loopback and
-//! link-local addresses). Every refusal names the rule that decided.
+//! Access policy: who may use the proxy and where it may go. The ordered rules decide on the
+//! request as the client wrote it (`rules`; logins checked only when a rule asks); the
+//! destination's *resolved* addresses are then held to the destination CIDRs, never the
+//! proxy's own listeners nor, unless allowed, this host's loopback and link-local
+//! addresses. Every refusal names the rule that decided.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
@@ -11,6 +12,8 @@ use http::{HeaderMap, StatusCode};
 
 use crate::config::{Access, ConfigError};
 use crate::proxy::auth::{Auth, Client, Refusal};
+pub use crate::proxy::rules::Rule;
+use crate::proxy::rules::{Facts, Login, Rules, Verdict};
 
 /// A refusal: the status, a one-line reason for the client and the log, and the rule.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,45 +24,6 @@ pub struct Denial {
     pub rule: Rule,
     /// For a 429: when the client may try again.
     pub retry_after: Option<Duration>,
-}
-
-/// The configuration rule that decided a refusal; `as_str` is its key, as logged (`rule=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
-    AllowClients,
-    Htpasswd,
-    /// The client failed to log in too often (`access.auth_failures`).
-    AuthFailures,
-    ConnectPorts,
-    DenyHosts,
-    DenyDestinations,
-    AllowDestinations,
-    /// The destination is one of the proxy's own listeners (or its admin listener).
-    Loop,
-    /// The destination is on this host or its link (`access.allow_local_destinations`).
-    LocalDestination,
-    /// One client holds `limits.max_connections_per_client` connections already.
-    MaxConnectionsPerClient,
-    /// The proxy holds `limits.max_connections` connections already.
-    MaxConnections,
-}
-
-impl Rule {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rule::AllowClients => "allow_clients",
-            Rule::Htpasswd => "htpasswd",
-            Rule::AuthFailures => "auth_failures",
-            Rule::ConnectPorts => "connect_ports",
-            Rule::DenyHosts => "deny_hosts",
-            Rule::DenyDestinations => "deny_destinations",
-            Rule::AllowDestinations => "allow_destinations",
-            Rule::Loop => "loop",
-            Rule::LocalDestination => "local_destination",
-            Rule::MaxConnectionsPerClient => "max_connections_per_client",
-            Rule::MaxConnections => "max_connections",
-        }
-    }
 }
 
 fn deny(status: StatusCode, rule: Rule, reason: String) -> Denial {
@@ -73,6 +37,7 @@ fn deny(status: StatusCode, rule: Rule, reason: String) -> Denial {
 
 pub struct Policy {
     access: Access,
+    rules: Rules,
     auth: Option<Auth>,
     /// The `Proxy-Authenticate` challenge of a 407.
     challenge: String,
@@ -100,6 +65,7 @@ impl Policy {
         };
         Ok(Policy {
             challenge: format!("Basic realm=\"{}\"", access.realm),
+            rules: Rules::load(&access)?,
             access,
             auth,
             identity: OnceLock::new(),
@@ -148,31 +114,58 @@ impl Policy {
         ))
     }
 
-    /// Whether requests need `Proxy-Authorization` (an htpasswd file is configured).
-    pub fn requires_auth(&self) -> bool {
-        self.auth.is_some()
+    /// The ordered rules on one request, as far as they go without its login: `None` when a
+    /// rule needs to know who is asking ([`Policy::decide_with_login`] then decides).
+    pub fn decide(&self, f: &Facts<'_>) -> Option<Result<(), Denial>> {
+        match self.rules.decide(f, Login::Unknown) {
+            Verdict::NeedLogin => None,
+            verdict => Some(self.verdict(verdict, f, None)),
+        }
     }
 
-    /// Checks `Proxy-Authorization` from `client` (`None`: a Unix-socket client) when
-    /// authentication is configured. Returns the user.
-    pub async fn check_auth(&self, headers: &HeaderMap, client: Option<IpAddr>) -> Result<Option<String>, Denial> {
-        let Some(auth) = &self.auth else {
-            return Ok(None);
+    /// The ordered rules on one request with its login checked (`headers` carry its
+    /// `Proxy-Authorization`): the user it logged in as, or the refusal.
+    pub async fn decide_with_login(&self, f: &Facts<'_>, headers: &HeaderMap) -> Result<Option<String>, Denial> {
+        let (user, why) = match &self.auth {
+            None => (None, "no htpasswd file is configured".to_string()),
+            Some(auth) => match auth.check(headers, Client::of(f.client)).await {
+                Ok(user) => (Some(user), String::new()),
+                Err(Refusal::Unauthenticated(why)) => (None, why.to_string()),
+                Err(Refusal::OverBudget(wait)) => {
+                    let reason = "too many failed logins from this client: try again later".to_string();
+                    let mut d = deny(StatusCode::TOO_MANY_REQUESTS, Rule::AuthFailures, reason);
+                    d.retry_after = Some(wait);
+                    return Err(d);
+                }
+            },
         };
-        match auth.check(headers, Client::of(client.map(canonical))).await {
-            Ok(user) => Ok(Some(user)),
-            Err(Refusal::Unauthenticated(why)) => Err(deny(
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                Rule::Htpasswd,
-                why.to_string(),
-            )),
-            Err(Refusal::OverBudget(wait)) => {
-                let reason = "too many failed logins from this client: try again later".to_string();
-                let mut d = deny(StatusCode::TOO_MANY_REQUESTS, Rule::AuthFailures, reason);
-                d.retry_after = Some(wait);
-                Err(d)
-            }
+        let login = user.as_deref().map_or(Login::Missing, Login::User);
+        self.verdict(self.rules.decide(f, login), f, Some(&why))?;
+        Ok(user)
+    }
+
+    /// A verdict as a refusal; `why`: why the login failed, if it was checked.
+    fn verdict(&self, verdict: Verdict, f: &Facts<'_>, why: Option<&str>) -> Result<(), Denial> {
+        let login_refused = |rule: Rule| {
+            let why = why.unwrap_or("proxy authentication required");
+            let reason = match rule {
+                Rule::Htpasswd => why.to_string(),
+                named => format!("{why} (rule {} needs a login)", named.as_str()),
+            };
+            deny(StatusCode::PROXY_AUTHENTICATION_REQUIRED, rule, reason)
+        };
+        match verdict {
+            Verdict::Allow(_) => Ok(()),
+            Verdict::Deny(rule) => Err(deny(StatusCode::FORBIDDEN, rule, self.rules.reason(rule, f))),
+            Verdict::Login(rule) => Err(login_refused(rule)),
+            // Decided with the login known, no rule asks again; were one to, it is a 407.
+            Verdict::NeedLogin => Err(login_refused(Rule::Htpasswd)),
         }
+    }
+
+    /// The rules, for `baton check`.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// The `Proxy-Authenticate` challenge to send with a 407.
@@ -180,9 +173,10 @@ impl Policy {
         self.auth.as_ref().map(|_| self.challenge.as_str())
     }
 
-    /// The rules that apply to a tunnel another generation opened: its client, its user,
-    /// its target (host and port) and the origin address it connected to (`None`: through a
-    /// parent proxy, the name only).
+    /// The rules that apply to a tunnel another generation opened: its client, its user
+    /// (logged in then, and still in the htpasswd file now), its target (host and port)
+    /// and the origin address it connected to (`None`: through a parent proxy, the name
+    /// only).
     pub fn recheck_tunnel(
         &self,
         client: Option<IpAddr>,
@@ -190,60 +184,21 @@ impl Policy {
         target: &str,
         origin: Option<SocketAddr>,
     ) -> Result<(), Denial> {
-        if let Some(ip) = client {
-            self.check_client(ip)?;
-        }
-        if let Some(auth) = &self.auth
-            && !user.is_some_and(|u| auth.knows(u))
-        {
-            let who = user.map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
-            return Err(deny(
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                Rule::Htpasswd,
-                format!("{who} is no longer allowed"),
-            ));
-        }
         let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
         let port = port.parse().unwrap_or(0);
-        self.check_connect_port(port)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let f = Facts::new(client, &http::Method::CONNECT, host, port);
+        let login = match (user, &self.auth) {
+            (Some(u), Some(auth)) if auth.knows(u) => Login::User(u),
+            _ => Login::Missing,
+        };
+        let who = user.map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
+        let why = format!("{who} is no longer allowed");
+        self.verdict(self.rules.decide(&f, login), &f, Some(&why))?;
         match origin {
-            Some(addr) => {
-                self.check_host(host)?;
-                self.check_address(addr)
-            }
+            Some(addr) => self.check_address(addr),
             // Through a parent: what the name shows (see `check_name`).
             None => self.check_name(host, port),
         }
-    }
-
-    pub fn check_connect_port(&self, port: u16) -> Result<(), Denial> {
-        if self.access.connect_ports.contains(&port) {
-            return Ok(());
-        }
-        Err(deny(
-            StatusCode::FORBIDDEN,
-            Rule::ConnectPorts,
-            format!("CONNECT to port {port} is not allowed"),
-        ))
-    }
-
-    fn check_host(&self, host: &str) -> Result<(), Denial> {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        for pattern in &self.access.deny_hosts {
-            let hit = match pattern.strip_prefix("*.") {
-                Some(suffix) => host == suffix || host.ends_with(&format!(".{suffix}")),
-                None => host == *pattern,
-            };
-            if hit {
-                return Err(deny(
-                    StatusCode::FORBIDDEN,
-                    Rule::DenyHosts,
-                    format!("host {host} is denied ({pattern})"),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// The rules on an address a destination resolved to (or is written as): the loop check
@@ -307,11 +262,10 @@ impl Policy {
 
     /// The destination rules as far as the name shows them, for a destination that a parent
     /// proxy reaches (baton does not resolve it: the parent does, with its own DNS):
-    /// `deny_hosts`; a destination written as an IP address against the address rules and
+    /// a destination written as an IP address against the address rules and
     /// this proxy's own listeners; a name under a non-empty `allow_destinations` is refused,
     /// since its addresses cannot be seen. `deny_destinations` cannot see a name's addresses.
     pub fn check_name(&self, host: &str, port: u16) -> Result<(), Denial> {
-        self.check_host(host)?;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if !self.access.allow_local_destinations && is_localhost_name(bare) {
             // RFC 6761 §6.3: the parent would resolve it to its own loopback.
@@ -334,7 +288,6 @@ impl Policy {
     /// address in, and the caller connects only to the addresses checked here (no second
     /// lookup that DNS could answer differently).
     pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
-        self.check_host(host).map_err(ResolveError::Denied)?;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
@@ -497,12 +450,8 @@ mod tests {
 
     #[test]
     fn names_through_a_parent_are_checked_as_far_as_they_show() {
-        let p = policy(|a| {
-            a.deny_hosts = vec!["*.internal".into()];
-            a.deny_destinations = vec!["10.0.0.0/8".parse().unwrap()];
-        });
+        let p = policy(|a| a.deny_destinations = vec!["10.0.0.0/8".parse().unwrap()]);
         p.set_identity(vec!["127.0.0.1:3128".parse().unwrap()], "t".into());
-        assert!(matches!(p.check_name("db.internal", 80), Err(d) if d.rule == Rule::DenyHosts));
         assert!(matches!(p.check_name("10.1.1.1", 80), Err(d) if d.rule == Rule::DenyDestinations));
         assert!(matches!(p.check_name("127.0.0.1", 3128), Err(d) if d.rule == Rule::Loop));
         // A name's addresses are the parent's business: deny_destinations cannot see them.
@@ -510,15 +459,6 @@ mod tests {
         let allow = policy(|a| a.allow_destinations = vec!["192.0.2.0/24".parse().unwrap()]);
         assert!(allow.check_name("[::ffff:192.0.2.7]", 80).is_ok());
         assert!(matches!(allow.check_name("example.org", 80), Err(d) if d.rule == Rule::AllowDestinations));
-    }
-
-    #[test]
-    fn host_patterns() {
-        let p = policy(|a| a.deny_hosts = vec!["*.internal".into(), "exact.org".into()]);
-        assert!(p.check_host("a.b.internal").is_err());
-        assert!(p.check_host("internal").is_err());
-        assert!(p.check_host("EXACT.org.").is_err());
-        assert!(p.check_host("notinternal").is_ok());
     }
 
     #[test]

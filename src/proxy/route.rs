@@ -3,9 +3,9 @@
 //! resolved to decide (the parent may resolve names baton cannot), so a CIDR pattern matches
 //! only a destination written as an IP address.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::config::hosts::literal_ip;
 use crate::config::{HostPattern, Parent, Parents};
 
 /// The parent `host` (a request target's host, as `Authority::host` gives it) goes
@@ -16,34 +16,14 @@ pub fn next_hop<'a>(parents: &'a Parents, host: &str) -> Option<&'a Arc<Parent>>
         return None;
     }
     let host = host.strip_suffix('.').unwrap_or(host);
-    let ip = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .ok()
-        .map(|ip| ip.to_canonical());
-    let matches = |patterns: &[HostPattern]| patterns.iter().any(|p| matches(p, host, ip));
+    let ip = literal_ip(host);
+    let matches = |patterns: &[HostPattern]| patterns.iter().any(|p| p.matches(host, ip));
     if matches(&parents.bypass) {
         return None;
     }
     match parents.routes.iter().find(|r| matches(&r.hosts)) {
         Some(route) => route.parent.as_ref(),
         None => parents.default.as_ref(),
-    }
-}
-
-fn matches(pattern: &HostPattern, host: &str, ip: Option<IpAddr>) -> bool {
-    match pattern {
-        HostPattern::Any => true,
-        HostPattern::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
-        HostPattern::Name(name) => ip.is_none() && host.eq_ignore_ascii_case(name),
-        HostPattern::Domain(domain) => {
-            ip.is_none()
-                && (host.eq_ignore_ascii_case(domain)
-                    || host.len() > domain.len()
-                        && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
-                        && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain))
-        }
     }
 }
 

@@ -28,8 +28,9 @@ use crate::proxy::parent;
 use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::response_framing;
 use crate::proxy::route::next_hop;
+use crate::proxy::rules::Facts;
 use crate::proxy::strict;
-use crate::proxy::target::{check_target, target_len};
+use crate::proxy::target::{check_target, destination, target_len};
 use crate::proxy::upstream::{IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -187,14 +188,19 @@ impl Proxy {
         }
         // The rarer and larger futures (authentication, CONNECT) are boxed: this future is
         // moved whole at every request, and its size is that of its largest state.
-        let client_ip = match peer {
-            Peer::Ip(a) => Some(a.ip()),
-            Peer::Local => None,
-        };
-        if self.policy.requires_auth() {
-            match Box::pin(self.policy.check_auth(req.headers(), client_ip)).await {
-                Ok(u) => ask.user = u,
-                Err(d) => return Ok(self.deny(&ask, &d)),
+        if let Some((host, port)) = destination(&req) {
+            let client_ip = match peer {
+                Peer::Ip(a) => Some(a.ip()),
+                Peer::Local => None,
+            };
+            let f = Facts::new(client_ip, &ask.method, host, port);
+            match self.policy.decide(&f) {
+                Some(Ok(())) => {}
+                Some(Err(d)) => return Ok(self.deny(&ask, &d)),
+                None => match Box::pin(self.policy.decide_with_login(&f, req.headers())).await {
+                    Ok(u) => ask.user = u,
+                    Err(d) => return Ok(self.deny(&ask, &d)),
+                },
             }
         }
         if req.headers().contains_key(header::VIA)

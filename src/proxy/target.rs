@@ -75,6 +75,17 @@ pub fn target_len(uri: &Uri) -> usize {
         + uri.path_and_query().map_or(0, |pq| pq.as_str().len())
 }
 
+/// The destination a request names, for the rules: CONNECT's `host:port`, or an
+/// absolute-form `http://` target's host and port; `None` for a target the request's own
+/// path refuses (400), userinfo in a CONNECT target among them.
+pub fn destination<B>(req: &http::Request<B>) -> Option<(&str, u16)> {
+    if req.method() == http::Method::CONNECT {
+        let a = req.uri().authority().filter(|a| !a.as_str().contains('@'))?;
+        return Some((a.host(), a.port_u16()?));
+    }
+    check_target(req.uri()).ok().map(|(_, host, port)| (host, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

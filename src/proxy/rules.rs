@@ -1,0 +1,482 @@
+//! The ordered access rules, first match wins, as Squid's `http_access`: the shorthand keys
+//! as the rules they stand for (`allow_clients`, `connect_ports`, `deny_hosts` first; an
+//! htpasswd file with no configured rule: every user must log in), then `[[access.rule]]` as
+//! written, then the default. A rule that names users needs a login: a request it would
+//! match but for the login gets 407 (Squid's `proxy_auth`); a user it does not name goes on
+//! to the next rule. Logins are checked only when a rule needs one ([`Verdict::NeedLogin`]),
+//! so bcrypt runs only for requests whose rules ask who is asking.
+//!
+//! The resolved addresses are checked later, in `policy` (loops, local destinations, the
+//! destination CIDRs): rules see the destination as the client named it.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::Method;
+use ipnet::IpNet;
+
+use crate::config::access::{HostEntry, UserEntry};
+use crate::config::hosts::literal_ip;
+use crate::config::{Access, Action, ConfigError, RuleConfig};
+use crate::proxy::groups::Groups;
+use crate::proxy::hostset::{Found, HostSet};
+
+/// The rule that decided, as logged (`rule=`) and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    AllowClients,
+    Htpasswd,
+    /// The client failed to log in too often (`access.auth_failures`).
+    AuthFailures,
+    ConnectPorts,
+    DenyHosts,
+    DenyDestinations,
+    AllowDestinations,
+    /// The destination is one of the proxy's own listeners (or its admin listener).
+    Loop,
+    /// The destination is on this host or its link (`access.allow_local_destinations`).
+    LocalDestination,
+    /// One client holds `limits.max_connections_per_client` connections already.
+    MaxConnectionsPerClient,
+    /// The proxy holds `limits.max_connections` connections already.
+    MaxConnections,
+    /// No rule matched: `[access] default`.
+    Default,
+    /// A tunnel's TLS ClientHello named another server than its CONNECT.
+    SniMismatch,
+    /// A tunnel sent no ClientHello with a server name (`[access] no_sni`).
+    NoSni,
+    /// A configured `[[access.rule]]`, by its name.
+    Named(&'static str),
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::AllowClients => "allow_clients",
+            Rule::Htpasswd => "htpasswd",
+            Rule::AuthFailures => "auth_failures",
+            Rule::ConnectPorts => "connect_ports",
+            Rule::DenyHosts => "deny_hosts",
+            Rule::DenyDestinations => "deny_destinations",
+            Rule::AllowDestinations => "allow_destinations",
+            Rule::Loop => "loop",
+            Rule::LocalDestination => "local_destination",
+            Rule::MaxConnectionsPerClient => "max_connections_per_client",
+            Rule::MaxConnections => "max_connections",
+            Rule::Default => "default",
+            Rule::SniMismatch => "sni_mismatch",
+            Rule::NoSni => "no_sni",
+            Rule::Named(name) => name,
+        }
+    }
+}
+
+/// What a request shows the rules.
+#[derive(Debug)]
+pub struct Facts<'a> {
+    /// `None`: a client of a Unix-socket listener, which no `clients` CIDR matches.
+    pub client: Option<IpAddr>,
+    pub method: &'a Method,
+    /// The destination's host, lowercase without a trailing dot.
+    pub host: Cow<'a, str>,
+    /// The address `host` is written as, canonical.
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl<'a> Facts<'a> {
+    /// `host` as a request target gives it (any case, an IPv6 address in brackets).
+    pub fn new(client: Option<IpAddr>, method: &'a Method, host: &'a str, port: u16) -> Facts<'a> {
+        let trimmed = host.strip_suffix('.').unwrap_or(host);
+        let host = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(trimmed.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(trimmed)
+        };
+        Facts {
+            client: client.map(|c| c.to_canonical()),
+            method,
+            ip: literal_ip(&host),
+            host,
+            port,
+        }
+    }
+}
+
+/// Who the request logged in as, as far as it is known yet.
+#[derive(Debug, Clone, Copy)]
+pub enum Login<'a> {
+    /// Not checked yet: no rule has needed it.
+    Unknown,
+    /// No credentials, or wrong ones.
+    Missing,
+    User(&'a str),
+}
+
+/// The outcome of [`Rules::decide`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow(Rule),
+    /// Refused by the rule, which is a deny rule, or the default.
+    Deny(Rule),
+    /// The rule would match but for the login: 407.
+    Login(Rule),
+    /// A rule that names users is reached and the login is `Unknown`: check it, decide again.
+    NeedLogin,
+}
+
+pub struct Rules {
+    list: Vec<Entry>,
+    default: Action,
+}
+
+/// One rule, compiled: every test must hold, then `users`.
+struct Entry {
+    rule: Rule,
+    action: Action,
+    tests: Vec<Test>,
+    users: Option<Users>,
+}
+
+enum Test {
+    Clients(Vec<IpNet>),
+    /// `allow_clients`: a client outside them (Unix-socket clients are inside).
+    ClientsOutside(Vec<IpNet>),
+    Methods(Vec<Method>),
+    Ports(Vec<u16>),
+    /// `connect_ports`: a CONNECT to a port not among them.
+    ConnectOutside(Vec<u16>),
+    Hosts(Vec<Arc<HostSet>>, String),
+}
+
+struct Users {
+    any: bool,
+    names: HashSet<String>,
+    /// As written, for messages.
+    text: String,
+}
+
+impl Rules {
+    /// The rules `access` configures, reading the lists and the groups file they name.
+    pub fn load(access: &Access) -> Result<Rules, ConfigError> {
+        let mut list = shorthands(access);
+        let groups = match &access.groups {
+            Some(path) => Groups::load(path)?,
+            None => Groups::default(),
+        };
+        let mut files: Vec<(PathBuf, Arc<HostSet>)> = Vec::new();
+        for r in &access.rules {
+            list.push(configured(r, &groups, &mut files, access.groups.as_deref())?);
+        }
+        if access.rules.is_empty() && access.htpasswd.is_some() {
+            list.push(Entry {
+                rule: Rule::Htpasswd,
+                action: Action::Allow,
+                tests: Vec::new(),
+                users: Some(Users {
+                    any: true,
+                    names: HashSet::new(),
+                    text: "*".into(),
+                }),
+            });
+        }
+        Ok(Rules {
+            list,
+            default: access.default,
+        })
+    }
+
+    /// The first rule that matches decides; none: the default.
+    pub fn decide(&self, f: &Facts, login: Login) -> Verdict {
+        for e in &self.list {
+            if !e.tests.iter().all(|t| t.holds(f)) {
+                continue;
+            }
+            match (&e.users, login) {
+                (None, _) => return e.verdict(),
+                (Some(_), Login::Unknown) => return Verdict::NeedLogin,
+                (Some(_), Login::Missing) => return Verdict::Login(e.rule),
+                (Some(u), Login::User(name)) if u.any || u.names.contains(name) => return e.verdict(),
+                (Some(_), Login::User(_)) => {}
+            }
+        }
+        match self.default {
+            Action::Allow => Verdict::Allow(Rule::Default),
+            Action::Deny => Verdict::Deny(Rule::Default),
+        }
+    }
+
+    /// Whether any rule names users (a request may then be asked to log in).
+    pub fn may_need_login(&self) -> bool {
+        self.list.iter().any(|e| e.users.is_some())
+    }
+
+    /// The effective ordered list, a line a rule, as `baton check` prints it.
+    pub fn listing(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{}. {e}", i + 1))
+            .collect();
+        lines.push(format!("{}. default: {}", lines.len() + 1, self.default.as_str()));
+        lines
+    }
+
+    /// Why each rule before the deciding one did not match, then the verdict: for
+    /// `baton check --explain`.
+    pub fn explain(&self, f: &Facts, login: Login) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (i, e) in self.list.iter().enumerate() {
+            let why = match e.tests.iter().find(|t| !t.holds(f)) {
+                Some(t) => t.miss(f),
+                None => match (&e.users, login) {
+                    (Some(_), Login::Unknown | Login::Missing) => {
+                        lines.push(format!("{}. {e}\n   decides: 407, it needs a login", i + 1));
+                        return lines;
+                    }
+                    (Some(u), Login::User(name)) if !(u.any || u.names.contains(name)) => {
+                        format!("user {name} is not among {}", u.text)
+                    }
+                    _ => {
+                        lines.push(format!("{}. {e}\n   decides: {}", i + 1, e.action.as_str()));
+                        return lines;
+                    }
+                },
+            };
+            lines.push(format!("{}. {e}\n   no match: {why}", i + 1));
+        }
+        lines.push(format!("default decides: {}", self.default.as_str()));
+        lines
+    }
+}
+
+impl Entry {
+    fn verdict(&self) -> Verdict {
+        match self.action {
+            Action::Allow => Verdict::Allow(self.rule),
+            Action::Deny => Verdict::Deny(self.rule),
+        }
+    }
+}
+
+/// The shorthand keys as the rules they stand for, checked before the configured ones.
+fn shorthands(access: &Access) -> Vec<Entry> {
+    let deny = |rule, test| Entry {
+        rule,
+        action: Action::Deny,
+        tests: vec![test],
+        users: None,
+    };
+    let mut list = vec![
+        deny(Rule::AllowClients, Test::ClientsOutside(access.allow_clients.clone())),
+        deny(Rule::ConnectPorts, Test::ConnectOutside(access.connect_ports.clone())),
+    ];
+    if !access.deny_hosts.is_empty() {
+        let mut set = HostSet::default();
+        for h in &access.deny_hosts {
+            // Validated when the configuration was read; a pattern that no longer parses
+            // matches nothing rather than everything.
+            if let Ok(p) = crate::config::HostPattern::parse(h) {
+                set.add(&p);
+            }
+        }
+        let text = access.deny_hosts.join(", ");
+        list.push(deny(Rule::DenyHosts, Test::Hosts(vec![Arc::new(set)], text)));
+    }
+    list
+}
+
+/// A configured rule; lists named by several rules are read once (`files`).
+fn configured(
+    r: &RuleConfig,
+    groups: &Groups,
+    files: &mut Vec<(PathBuf, Arc<HostSet>)>,
+    groups_file: Option<&std::path::Path>,
+) -> Result<Entry, ConfigError> {
+    let mut tests = Vec::new();
+    if let Some(m) = &r.methods {
+        tests.push(Test::Methods(m.clone()));
+    }
+    if let Some(p) = &r.ports {
+        tests.push(Test::Ports(p.clone()));
+    }
+    if let Some(c) = &r.clients {
+        tests.push(Test::Clients(c.clone()));
+    }
+    if let Some(h) = &r.hosts {
+        tests.push(hosts(h, files)?);
+    }
+    let users = r
+        .users
+        .as_ref()
+        .map(|u| users(u, groups, groups_file, &r.name))
+        .transpose()?;
+    // Leaked once per generation (a reload is a new process): every access line and
+    // metric of this rule borrows the name without a copy.
+    let name: &'static str = Box::leak(r.name.clone().into_boxed_str());
+    Ok(Entry {
+        rule: Rule::Named(name),
+        action: r.action,
+        tests,
+        users,
+    })
+}
+
+fn hosts(entries: &[HostEntry], files: &mut Vec<(PathBuf, Arc<HostSet>)>) -> Result<Test, ConfigError> {
+    let mut inline = HostSet::default();
+    let mut sets = Vec::new();
+    let mut text = Vec::new();
+    for e in entries {
+        match e {
+            HostEntry::Pattern(p) => {
+                inline.add(p);
+                text.push(p.to_string());
+            }
+            HostEntry::File(path) => {
+                let set = match files.iter().find(|(p, _)| p == path) {
+                    Some((_, set)) => set.clone(),
+                    None => {
+                        let set = Arc::new(HostSet::load(path)?);
+                        files.push((path.clone(), set.clone()));
+                        set
+                    }
+                };
+                text.push(format!("@{} ({} entries)", path.display(), set.len()));
+                sets.push(set);
+            }
+        }
+    }
+    if !inline.is_empty() {
+        sets.insert(0, Arc::new(inline));
+    }
+    Ok(Test::Hosts(sets, text.join(", ")))
+}
+
+fn users(
+    entries: &[UserEntry],
+    groups: &Groups,
+    file: Option<&std::path::Path>,
+    rule: &str,
+) -> Result<Users, ConfigError> {
+    let mut u = Users {
+        any: false,
+        names: HashSet::new(),
+        text: String::new(),
+    };
+    let mut text = Vec::new();
+    for e in entries {
+        match e {
+            UserEntry::Any => {
+                u.any = true;
+                text.push("*".to_string());
+            }
+            UserEntry::User(name) => {
+                u.names.insert(name.clone());
+                text.push(name.clone());
+            }
+            UserEntry::Group(g) => {
+                let members = groups.members(g).ok_or_else(|| ConfigError::Invalid {
+                    path: file.map_or_else(|| "[access] groups".into(), |f| f.display().to_string()),
+                    message: format!("rule `{rule}` names @{g}, which this groups file does not define"),
+                })?;
+                u.names.extend(members.iter().cloned());
+                text.push(format!("@{g}"));
+            }
+        }
+    }
+    u.text = format!("[{}]", text.join(", "));
+    Ok(u)
+}
+
+impl Test {
+    fn holds(&self, f: &Facts) -> bool {
+        match self {
+            Test::Clients(nets) => f.client.is_some_and(|c| nets.iter().any(|n| n.contains(&c))),
+            Test::ClientsOutside(nets) => f.client.is_some_and(|c| !nets.iter().any(|n| n.contains(&c))),
+            Test::Methods(m) => m.contains(f.method),
+            Test::Ports(p) => p.contains(&f.port),
+            Test::ConnectOutside(p) => f.method == Method::CONNECT && !p.contains(&f.port),
+            Test::Hosts(sets, _) => sets.iter().any(|s| s.find(&f.host, f.ip).is_some()),
+        }
+    }
+
+    /// Why the test does not hold for `f`.
+    fn miss(&self, f: &Facts) -> String {
+        let client = f.client.map_or("a Unix-socket client".to_string(), |c| c.to_string());
+        match self {
+            Test::Clients(nets) => format!("client {client} is not in {}", nets_text(nets)),
+            Test::ClientsOutside(nets) => format!("client {client} is in {}", nets_text(nets)),
+            Test::Methods(m) => format!("method {} is not among {m:?}", f.method),
+            Test::Ports(p) => format!("port {} is not among {p:?}", f.port),
+            Test::ConnectOutside(p) => match *f.method == Method::CONNECT {
+                true => format!("port {} is among {p:?}", f.port),
+                false => format!("{} is not CONNECT", f.method),
+            },
+            Test::Hosts(_, text) => format!("host {} is not in [{text}]", f.host),
+        }
+    }
+
+    /// What a host in the set matched, for a reason (`deny_hosts`'s refusal names it).
+    fn found<'s>(&'s self, f: &Facts) -> Option<Found<'s>> {
+        match self {
+            Test::Hosts(sets, _) => sets.iter().find_map(|s| s.find(&f.host, f.ip)),
+            _ => None,
+        }
+    }
+}
+
+fn nets_text(nets: &[IpNet]) -> String {
+    let text: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    format!("[{}]", text.join(", "))
+}
+
+impl fmt::Display for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.rule.as_str(), self.action.as_str())?;
+        for t in &self.tests {
+            match t {
+                Test::Clients(n) => write!(f, " clients={}", nets_text(n))?,
+                Test::ClientsOutside(n) => write!(f, " clients-not-in={}", nets_text(n))?,
+                Test::Methods(m) => write!(f, " methods={m:?}")?,
+                Test::Ports(p) => write!(f, " ports={p:?}")?,
+                Test::ConnectOutside(p) => write!(f, " CONNECT-to-ports-not-in={p:?}")?,
+                Test::Hosts(_, text) => write!(f, " hosts=[{text}]")?,
+            }
+        }
+        if let Some(u) = &self.users {
+            write!(f, " users={}", u.text)?;
+        }
+        Ok(())
+    }
+}
+
+impl Rules {
+    /// The reason a refusal by `rule` gives the client and the log.
+    pub fn reason(&self, rule: Rule, f: &Facts) -> String {
+        let client = f.client.map_or("a Unix-socket client".to_string(), |c| c.to_string());
+        match rule {
+            Rule::AllowClients => format!("client {client} is not allowed to use this proxy"),
+            Rule::ConnectPorts => format!("CONNECT to port {} is not allowed", f.port),
+            Rule::DenyHosts => {
+                let found = self
+                    .list
+                    .iter()
+                    .find(|e| e.rule == rule)
+                    .and_then(|e| e.tests[0].found(f));
+                let pattern = found.map_or(String::new(), |p| p.to_string());
+                format!("host {} is denied ({pattern})", f.host)
+            }
+            Rule::Default => format!("no rule allows {} to {}:{} (default deny)", f.method, f.host, f.port),
+            other => format!("denied by rule {}", other.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
