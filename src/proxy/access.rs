@@ -151,6 +151,14 @@ impl AccessLine {
         self
     }
 
+    /// The rule that allowed the request, if the line knows it.
+    pub fn rule_of(mut self, rule: Option<crate::proxy::rules::Rule>) -> Self {
+        if let Some(r) = rule {
+            self.rule = Some(r.as_str());
+        }
+        self
+    }
+
     /// Whether the response body reached its end (else the client or the origin left).
     pub fn complete(mut self, complete: bool) -> Self {
         self.complete = Some(complete);
@@ -232,6 +240,7 @@ impl AccessLine {
                 $level!(
                     target: "baton::access",
                     client = %self.client,
+                    user = self.squid.user.as_deref(),
                     method,
                     target,
                     status = self.status,

@@ -128,6 +128,8 @@ pub struct AccessRecord {
     pub sent: Arc<Sent>,
     /// For the Squid line: the authenticated user, the next hop's address, the content type.
     pub user: Option<String>,
+    /// The rule that allowed it.
+    pub rule: Option<crate::proxy::rules::Rule>,
     pub server: IpAddr,
     /// `server` is a parent proxy.
     pub via_parent: bool,
@@ -191,6 +193,7 @@ impl Drop for AccessLogged {
                 .complete(self.ended || self.inner.is_end_stream())
                 .sent(r.sent)
                 .user(r.user)
+                .rule_of(r.rule)
                 .server(Some(r.server))
                 .via_parent(r.via_parent)
                 .content_type(r.content_type)

@@ -137,7 +137,7 @@ impl Proxy {
             to_client: from_origin,
         };
         // Boxed before the task captures them: every tunnel's task holds what it captures.
-        let (ask, mut record) = (Box::new(ask), Box::new(record));
+        let (mut ask, mut record) = (Box::new(ask), Box::new(record));
         let sni = self
             .policy
             .reads_sni()
@@ -147,7 +147,7 @@ impl Proxy {
             let _slot = slot;
             let (mut client, mut early) = (client, early);
             if let Some((policy, wait)) = sni {
-                match Box::pin(check_sni(&policy, &mut client, &mut early, &mut record, wait)).await {
+                match Box::pin(check_sni(&policy, &mut client, &mut early, &mut ask, &mut record, wait)).await {
                     Ok(()) => {}
                     Err(d) => return sni_refused(&ask, &d),
                 }
@@ -187,6 +187,7 @@ impl Proxy {
             // Not a connection of this generation's: the line's bytes come from the record.
             sent: Arc::default(),
             user: record.user.clone(),
+            rule: None,
         };
         let ended = Ended::from(&record);
         let admitted = self.recheck(&record, &spliced).and_then(|()| {
@@ -258,6 +259,7 @@ async fn check_sni(
     policy: &Policy,
     client: &mut TunnelClient,
     early: &mut Early,
+    ask: &mut Ask,
     record: &mut TunnelRecord,
     wait: Duration,
 ) -> Result<(), Denial> {
@@ -266,7 +268,9 @@ async fn check_sni(
     let port = port.parse().unwrap_or(0);
     let mut f = Facts::new(record.client.map(|a| a.ip()), &Method::CONNECT, host, port);
     f.sni_to_come = f.ip.is_some();
-    policy.check_sni(&f, &peeked, record.user.as_deref())?;
+    if let Some(rule) = policy.check_sni(&f, &peeked, record.user.as_deref())? {
+        ask.rule = Some(rule);
+    }
     record.sni_checked = true;
     if let Peeked::Sni(name) = peeked {
         record.sni = Some(name);

@@ -38,6 +38,14 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The access rule, by name (`default` when none matched).
+    pub rule: &'static str,
+    /// `allow`, `deny`, or `login` (a 407: the rule needs a login).
+    pub decision: &'static str,
+}
+
 /// The counters of this process (one generation).
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -48,6 +56,8 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// Requests and tunnels each access rule decided.
+    pub rule_decisions: Family<RuleLabels, Counter>,
     /// bcrypt verifications run (proxy authentication): what the failed-login budget bounds.
     pub auth_checks: Counter,
     /// Client connections idle right now (parked between requests, or not yet sent one).
@@ -67,6 +77,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    rule_decisions: Family::default(),
     auth_checks: Counter::default(),
     idle_connections: Gauge::default(),
     request_handles: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
@@ -114,6 +125,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
             self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "access_rule_decisions",
+            "Requests and tunnels decided by each access rule (first match wins), by decision",
+            self.rule_decisions.clone(),
         );
         registry.register(
             "auth_checks",

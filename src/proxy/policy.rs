@@ -127,7 +127,7 @@ impl Policy {
 
     /// The ordered rules on one request, as far as they go without its login: `None` when a
     /// rule needs to know who is asking ([`Policy::decide_with_login`] then decides).
-    pub fn decide(&self, f: &Facts<'_>) -> Option<Result<(), Denial>> {
+    pub fn decide(&self, f: &Facts<'_>) -> Option<Result<Rule, Denial>> {
         match self.rules.decide(f, Login::Unknown) {
             Verdict::NeedLogin => None,
             verdict => Some(self.verdict(verdict, f, None)),
@@ -135,8 +135,13 @@ impl Policy {
     }
 
     /// The ordered rules on one request with its login checked (`headers` carry its
-    /// `Proxy-Authorization`): the user it logged in as, or the refusal.
-    pub async fn decide_with_login(&self, f: &Facts<'_>, headers: &HeaderMap) -> Result<Option<String>, Denial> {
+    /// `Proxy-Authorization`): the user it logged in as and the rule that allowed it, or the
+    /// refusal.
+    pub async fn decide_with_login(
+        &self,
+        f: &Facts<'_>,
+        headers: &HeaderMap,
+    ) -> Result<(Option<String>, Rule), Denial> {
         let (user, why) = match &self.auth {
             None => (None, "no htpasswd file is configured".to_string()),
             Some(auth) => match auth.check(headers, Client::of(f.client)).await {
@@ -151,12 +156,13 @@ impl Policy {
             },
         };
         let login = user.as_deref().map_or(Login::Missing, Login::User);
-        self.verdict(self.rules.decide(f, login), f, Some(&why))?;
-        Ok(user)
+        let rule = self.verdict(self.rules.decide(f, login), f, Some(&why))?;
+        Ok((user, rule))
     }
 
-    /// A verdict as a refusal; `why`: why the login failed, if it was checked.
-    fn verdict(&self, verdict: Verdict, f: &Facts<'_>, why: Option<&str>) -> Result<(), Denial> {
+    /// A verdict as the rule that allowed, or a refusal; `why`: why the login failed, if it
+    /// was checked.
+    fn verdict(&self, verdict: Verdict, f: &Facts<'_>, why: Option<&str>) -> Result<Rule, Denial> {
         let login_refused = |rule: Rule| {
             let why = why.unwrap_or("proxy authentication required");
             let reason = match rule {
@@ -167,7 +173,7 @@ impl Policy {
         };
         match verdict {
             // A tunnel's SNI decides ([`Policy::check_sni`]).
-            Verdict::Allow(_) | Verdict::Pending => Ok(()),
+            Verdict::Allow(rule) | Verdict::Pending(rule) => Ok(rule),
             Verdict::Deny(rule) => Err(deny(StatusCode::FORBIDDEN, rule, self.rules.reason(rule, f))),
             Verdict::Login(rule) => Err(login_refused(rule)),
             // Decided with the login known, no rule asks again; were one to, it is a 407.
@@ -182,10 +188,11 @@ impl Policy {
 
     /// A tunnel's first bytes against the rules: a server name other than the CONNECT's
     /// is refused (`sni_mismatch`); a CONNECT to an address is decided on the server name
-    /// (`user`: whom it logged in as); with no server name, `no_sni` decides.
-    pub fn check_sni(&self, f: &Facts<'_>, peeked: &Peeked, user: Option<&str>) -> Result<(), Denial> {
+    /// (`user`: whom it logged in as); with no server name, `no_sni` decides. The rule that
+    /// decided anew, if one did.
+    pub fn check_sni(&self, f: &Facts<'_>, peeked: &Peeked, user: Option<&str>) -> Result<Option<Rule>, Denial> {
         let why = match peeked {
-            Peeked::Sni(name) if f.ip.is_none() && *name == f.host => return Ok(()),
+            Peeked::Sni(name) if f.ip.is_none() && *name == f.host => return Ok(None),
             Peeked::Sni(name) if f.ip.is_none() => {
                 let reason = format!(
                     "the TLS ClientHello asks for {name}, but the CONNECT was for {}",
@@ -196,7 +203,9 @@ impl Policy {
             Peeked::Sni(name) => {
                 let by_name = Facts::new(f.client, f.method, name, f.port);
                 let login = user.map_or(Login::Missing, Login::User);
-                return self.verdict(self.rules.decide(&by_name, login), &by_name, None);
+                return self
+                    .verdict(self.rules.decide(&by_name, login), &by_name, None)
+                    .map(Some);
             }
             Peeked::NoSni(why) => *why,
             Peeked::Gone => "the client closed before its first bytes",
@@ -212,8 +221,9 @@ impl Policy {
                 let as_address = Facts::new(f.client, f.method, &f.host, f.port);
                 let login = user.map_or(Login::Missing, Login::User);
                 self.verdict(self.rules.decide(&as_address, login), &as_address, None)
+                    .map(Some)
             }
-            Action::Allow => Ok(()),
+            Action::Allow => Ok(None),
         }
     }
 

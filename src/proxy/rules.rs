@@ -18,12 +18,14 @@ use std::sync::Arc;
 
 use http::Method;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::access::{HostEntry, UserEntry};
 use crate::config::hosts::literal_ip;
 use crate::config::{Access, Action, ConfigError, RuleConfig};
 use crate::proxy::groups::Groups;
 use crate::proxy::hostset::{Found, HostSet};
+use crate::proxy::metrics::{self, RuleLabels};
 
 /// The rule that decided, as logged (`rule=`) and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,9 +134,9 @@ pub enum Verdict {
     Login(Rule),
     /// A rule that names users is reached and the login is `Unknown`: check it, decide again.
     NeedLogin,
-    /// A rule's names may match the server the tunnel's ClientHello will name
+    /// This rule's names may match the server the tunnel's ClientHello will name
     /// (`Facts::sni_to_come`): decide again on that name.
-    Pending,
+    Pending(Rule),
 }
 
 /// Whether a test holds: `Maybe` only for names an address's SNI may yet match.
@@ -148,6 +150,8 @@ enum Match {
 pub struct Rules {
     list: Vec<Entry>,
     default: Action,
+    /// `baton_access_rule_decisions_total` of the default.
+    default_count: Counter,
 }
 
 /// One rule, compiled: every test must hold, then `users`.
@@ -156,6 +160,8 @@ struct Entry {
     action: Action,
     tests: Vec<Test>,
     users: Option<Users>,
+    /// Its decisions (its action, and its 407s), resolved once: a decision costs one add.
+    counts: [Counter; 2],
 }
 
 enum Test {
@@ -189,26 +195,23 @@ impl Rules {
             list.push(configured(r, &groups, &mut files, access.groups.as_deref())?);
         }
         if access.rules.is_empty() && access.htpasswd.is_some() {
-            list.push(Entry {
-                rule: Rule::Htpasswd,
-                action: Action::Allow,
-                tests: Vec::new(),
-                users: Some(Users {
-                    any: true,
-                    names: HashSet::new(),
-                    text: "*".into(),
-                }),
-            });
+            let everyone = Users {
+                any: true,
+                names: HashSet::new(),
+                text: "*".into(),
+            };
+            list.push(Entry::new(Rule::Htpasswd, Action::Allow, Vec::new(), Some(everyone)));
         }
         Ok(Rules {
             list,
             default: access.default,
+            default_count: counter(Rule::Default, access.default.as_str()),
         })
     }
 
     /// The first rule that matches decides; none: the default.
     pub fn decide(&self, f: &Facts, login: Login) -> Verdict {
-        'rules: for e in &self.list {
+        'rules: for (i, e) in self.list.iter().enumerate() {
             let mut maybe = false;
             for t in &e.tests {
                 match t.holds(f) {
@@ -217,17 +220,21 @@ impl Rules {
                     Match::Maybe => maybe = true,
                 }
             }
-            // A login is asked for now even when the SNI decides later: after the `200` no
-            // 407 can be sent.
-            let decided = if maybe { Verdict::Pending } else { e.verdict() };
+            // Once the SNI decides, the `200` is out and no 407 can be sent: whoever the
+            // request's credentials name is found out now, for whichever rule needs it then.
+            if maybe && matches!(login, Login::Unknown) && self.list[i..].iter().any(|e| e.users.is_some()) {
+                return Verdict::NeedLogin;
+            }
+            let decided = if maybe { Verdict::Pending(e.rule) } else { e.verdict() };
             match (&e.users, login) {
-                (None, _) => return decided,
+                (None, _) => return e.count(decided),
                 (Some(_), Login::Unknown) => return Verdict::NeedLogin,
-                (Some(_), Login::Missing) => return Verdict::Login(e.rule),
-                (Some(u), Login::User(name)) if u.any || u.names.contains(name) => return decided,
+                (Some(_), Login::Missing) => return e.count(Verdict::Login(e.rule)),
+                (Some(u), Login::User(name)) if u.any || u.names.contains(name) => return e.count(decided),
                 (Some(_), Login::User(_)) => {}
             }
         }
+        self.default_count.inc();
         match self.default {
             Action::Allow => Verdict::Allow(Rule::Default),
             Action::Deny => Verdict::Deny(Rule::Default),
@@ -279,7 +286,36 @@ impl Rules {
     }
 }
 
+/// The decisions counter of `rule` (`decision`: allow, deny, login).
+fn counter(rule: Rule, decision: &'static str) -> Counter {
+    let labels = RuleLabels {
+        rule: rule.as_str(),
+        decision,
+    };
+    metrics::get().rule_decisions.get_or_create(&labels).clone()
+}
+
 impl Entry {
+    fn new(rule: Rule, action: Action, tests: Vec<Test>, users: Option<Users>) -> Entry {
+        Entry {
+            counts: [counter(rule, action.as_str()), counter(rule, "login")],
+            rule,
+            action,
+            tests,
+            users,
+        }
+    }
+
+    /// Counts a final verdict (a pending one is counted when its server name decides).
+    fn count(&self, v: Verdict) -> Verdict {
+        match v {
+            Verdict::Allow(_) | Verdict::Deny(_) => self.counts[0].inc(),
+            Verdict::Login(_) => self.counts[1].inc(),
+            Verdict::NeedLogin | Verdict::Pending(_) => 0,
+        };
+        v
+    }
+
     fn verdict(&self) -> Verdict {
         match self.action {
             Action::Allow => Verdict::Allow(self.rule),
@@ -290,12 +326,7 @@ impl Entry {
 
 /// The shorthand keys as the rules they stand for, checked before the configured ones.
 fn shorthands(access: &Access) -> Vec<Entry> {
-    let deny = |rule, test| Entry {
-        rule,
-        action: Action::Deny,
-        tests: vec![test],
-        users: None,
-    };
+    let deny = |rule, test| Entry::new(rule, Action::Deny, vec![test], None);
     let mut list = vec![
         deny(Rule::AllowClients, Test::ClientsOutside(access.allow_clients.clone())),
         deny(Rule::ConnectPorts, Test::ConnectOutside(access.connect_ports.clone())),
@@ -343,12 +374,7 @@ fn configured(
     // Leaked once per generation (a reload is a new process): every access line and
     // metric of this rule borrows the name without a copy.
     let name: &'static str = Box::leak(r.name.clone().into_boxed_str());
-    Ok(Entry {
-        rule: Rule::Named(name),
-        action: r.action,
-        tests,
-        users,
-    })
+    Ok(Entry::new(Rule::Named(name), r.action, tests, users))
 }
 
 fn hosts(entries: &[HostEntry], files: &mut Vec<(PathBuf, Arc<HostSet>)>) -> Result<Test, ConfigError> {

@@ -126,8 +126,10 @@ pub(super) struct Ask {
     pub(super) started: Instant,
     /// The client connection's byte count, which its access lines take their bytes from.
     pub(super) sent: Arc<Sent>,
-    /// Who authenticated (with `htpasswd`).
+    /// Who authenticated (with `htpasswd`), if a rule asked.
     pub(super) user: Option<String>,
+    /// The rule that allowed it (a refusal's line names the refusing rule).
+    pub(super) rule: Option<Rule>,
 }
 
 impl Ask {
@@ -137,6 +139,7 @@ impl Ask {
             .request(self.method.clone(), self.target.clone(), status)
             .sent(self.sent.clone())
             .user(self.user.clone())
+            .rule_of(self.rule)
     }
 }
 
@@ -183,6 +186,7 @@ impl Proxy {
             started: Instant::now(),
             sent: client.sent.clone(),
             user: None,
+            rule: None,
         };
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
@@ -200,10 +204,10 @@ impl Proxy {
             // A CONNECT to an address is judged on the server name its ClientHello gives.
             f.sni_to_come = ask.method == Method::CONNECT && f.ip.is_some() && self.policy.reads_sni();
             match self.policy.decide(&f) {
-                Some(Ok(())) => {}
+                Some(Ok(rule)) => ask.rule = Some(rule),
                 Some(Err(d)) => return Ok(self.deny(&ask, &d)),
                 None => match Box::pin(self.policy.decide_with_login(&f, req.headers())).await {
-                    Ok(u) => ask.user = u,
+                    Ok((user, rule)) => (ask.user, ask.rule) = (user, Some(rule)),
                     Err(d) => return Ok(self.deny(&ask, &d)),
                 },
             }
@@ -363,6 +367,7 @@ impl Proxy {
             started: ask.started,
             sent: ask.sent,
             user: ask.user,
+            rule: ask.rule,
             server,
             via_parent,
             content_type,

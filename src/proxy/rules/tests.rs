@@ -268,3 +268,59 @@ fn explain_says_why_each_rule_missed_and_which_decided() {
         "{listing}"
     );
 }
+
+/// A CONNECT to an address waits for its SNI when a rule's names may match it; whoever its
+/// credentials name is found out first, since no 407 can follow the `200`.
+#[test]
+fn an_address_waits_for_its_server_name_with_its_login_known() {
+    let r = rules(
+        "htpasswd = \"htpasswd\"\nconnect_ports = [443]\n\
+         [[access.rule]]\nname = \"names\"\naction = \"allow\"\nhosts = [\"git.example.com\"]\n\
+         [[access.rule]]\nname = \"alice\"\naction = \"allow\"\nusers = [\"alice\"]\nhosts = [\"192.0.2.0/24\"]\n",
+        &[HTPASSWD],
+    );
+    let mut f = Facts::new(
+        Some("127.0.0.1".parse().unwrap()),
+        &Method::CONNECT,
+        "198.51.100.7",
+        443,
+    );
+    assert_eq!(
+        r.decide(&f, Login::Unknown),
+        Verdict::Deny(Rule::Default),
+        "no SNI to come: the address alone"
+    );
+    f.sni_to_come = true;
+    assert_eq!(
+        r.decide(&f, Login::Unknown),
+        Verdict::NeedLogin,
+        "a later rule names users: log in first"
+    );
+    assert_eq!(
+        r.decide(&f, Login::User("alice")),
+        Verdict::Pending(Rule::Named("names")),
+        "then the SNI decides"
+    );
+    assert_eq!(
+        r.decide(&f, Login::Missing),
+        Verdict::Pending(Rule::Named("names")),
+        "without a login, too"
+    );
+    let only_names = rules(
+        "[[access.rule]]\nname = \"names\"\naction = \"allow\"\nhosts = [\"git.example.com\"]\n",
+        &[],
+    );
+    assert_eq!(
+        only_names.decide(&f, Login::Unknown),
+        Verdict::Pending(Rule::Named("names")),
+        "no rule needs a login: no asking"
+    );
+    f.sni_to_come = false;
+    f.host = "192.0.2.7".into();
+    f.ip = Some("192.0.2.7".parse().unwrap());
+    assert_eq!(
+        r.decide(&f, Login::User("alice")),
+        Verdict::Allow(Rule::Named("alice")),
+        "an address a CIDR names decides at once"
+    );
+}

@@ -325,7 +325,7 @@ fn config_text(dir: &Path, baton_workers: usize, connect_port: u16, canary: Dura
         "control_socket = \"{}\"\npid_file = \"{}\"\nworkers = {baton_workers}\n\
          [[listener]]\nname = \"proxy\"\naddress = \"127.0.0.1:0\"\n\
          [timeouts]\ndrain = \"{drain_ms}ms\"\nupgrade = \"10s\"\ncanary = \"{canary}ms\"\n\
-         [access]\nconnect_ports = [{connect_port}]\nallow_local_destinations = true\n",
+         [access]\nconnect_ports = [{connect_port}]\nallow_local_destinations = true\nno_sni = \"allow\"\n",
         dir.join("control.sock").display(),
         dir.join("baton.pid").display(),
     )
