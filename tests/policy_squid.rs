@@ -42,8 +42,8 @@ const USERS: [(&str, &str); 4] = [
 ];
 const GROUPS: &str = "ops: bob carol\nbuild: alice dave\n";
 /// `hosts = ["@lists/ci.txt"]` and `dstdomain -n "<dir>/lists/ci.txt"`: a name, a domain
-/// and an address.
-const CI_LIST: &str = "ci.example.com\n.builds.example\n203.0.113.5\n";
+/// and an address, a comment and a blank line.
+const CI_LIST: &str = "# what CI may fetch\nci.example.com\n.builds.example\n\n203.0.113.5\n";
 
 /// The policy as baton's configuration. `connect_ports` names every port the generator
 /// CONNECTs to, so that it never decides; `auth_failures = 0`: the wrong logins are not
@@ -86,7 +86,7 @@ methods = ["CONNECT"]
 name = "mirror"
 action = "allow"
 users = ["alice", "@ops"]
-hosts = ["mirror.example.org", "192.0.2.0/24"]
+hosts = ["mirror.example.org", "192.0.2.0/24", "2001:db8::/48"]
 ports = [80, 8080]
 
 [[access.rule]]
@@ -144,7 +144,7 @@ acl connect method CONNECT
 acl ops proxy_auth bob carol
 acl alice_ops proxy_auth alice bob carol
 acl mirror_name dstdomain -n mirror.example.org
-acl mirror_net dst -n 192.0.2.0/24
+acl mirror_net dst -n 192.0.2.0/24 2001:db8::/48
 acl p80_8080 port 80 8080
 acl dave proxy_auth dave
 acl example_net dstdomain -n .example.net
@@ -182,7 +182,7 @@ const CLIENTS: [[u8; 4]; 8] = [
 /// Destinations in and around every rule's hosts: a domain and names under it, a name that
 /// only ends like it, an exact name and one under it, addresses in and out of the CIDRs, and
 /// a few written with a trailing dot or in capitals (the same names to both proxies).
-const HOSTS: [&str; 25] = [
+const HOSTS: [&str; 27] = [
     "packages.example",
     "deb.packages.example.",
     "mirror.example.org.",
@@ -205,6 +205,8 @@ const HOSTS: [&str; 25] = [
     "192.0.2.10",
     "192.0.2.255",
     "198.51.100.7",
+    "[2001:db8::5]",
+    "[2001:db8:1::5]",
     "203.0.113.5",
     "203.0.113.6",
     "other.example",
