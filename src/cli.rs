@@ -10,6 +10,8 @@ use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
+use baton::proxy::rules::{Facts, Login, Rules};
+use baton::proxy::target::destination;
 use baton::tls::{TicketKeys, Validity, certs};
 use baton_handoff::listener::needs_bind_capability;
 use baton_handoff::{Forecast, Held, Inherited, ListenAddr, Origin, forecast};
@@ -125,13 +127,34 @@ pub struct CheckArgs {
     /// restart must not wait for a control socket systemd holds but nobody serves yet).
     #[arg(long)]
     offline: bool,
+    /// Print which access rule decides a request and why each earlier one did not match:
+    /// `'CONNECT git.example.com:443'` or `'GET http://mirror.example.org/x'`.
+    #[arg(long, value_name = "REQUEST")]
+    explain: Option<String>,
+    /// The client address of the request to explain.
+    #[arg(long, requires = "explain", default_value = "127.0.0.1")]
+    client: std::net::IpAddr,
+    /// Whom the request to explain logged in as (the password is taken as right).
+    #[arg(long, requires = "explain")]
+    user: Option<String>,
+    /// The server name of the tunnel's TLS ClientHello, for a CONNECT to explain.
+    #[arg(long, requires = "explain")]
+    sni: Option<String>,
 }
 
 pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let path = args.config.as_deref();
     let config = Config::load(path)?;
+    let rules = Rules::load(&config.access)?;
+    if let Some(request) = &args.explain {
+        return explain(&rules, request, args);
+    }
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
     println!("{name}: configuration ok");
+    println!("  access rules, first match wins:");
+    for line in rules.listing() {
+        println!("    {line}");
+    }
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);
         if let Some(files) = &l.tls {
@@ -266,6 +289,32 @@ fn warn_privileged(config: &Config) {
             );
         }
     }
+}
+
+/// `baton check --explain`: the rules on one request, rule by rule.
+fn explain(rules: &Rules, request: &str, args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let (method, target) = request
+        .split_once(' ')
+        .context("--explain wants `METHOD TARGET`, e.g. 'CONNECT git.example.com:443'")?;
+    let method = http::Method::from_bytes(method.as_bytes()).context("--explain: not a method")?;
+    let req = http::Request::builder()
+        .method(method.clone())
+        .uri(target.trim())
+        .body(())
+        .context("--explain: not a request target")?;
+    let (host, port) =
+        destination(&req).context("--explain: CONNECT wants host:port, any other method an absolute http:// URL")?;
+    let f = Facts::new(Some(args.client), &method, host, port);
+    let login = args.user.as_deref().map_or(Login::Missing, Login::User);
+    println!(
+        "{method} {target} from {}{}",
+        args.client,
+        args.user.as_deref().map_or(String::new(), |u| format!(" as {u}"))
+    );
+    for line in rules.explain(&f, login) {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `[upstream]` as `baton check` shows it (whether credentials are set, never what they are).

@@ -22,9 +22,11 @@ use crate::proxy::connector::connect_checked;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{self, TunnelRecord};
 use crate::proxy::parent::{self, ParentError};
-use crate::proxy::policy::Denial;
+use crate::proxy::policy::{Denial, Policy, Recheck};
 use crate::proxy::route::next_hop;
+use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
+use crate::proxy::sni::{self, Peeked};
 use crate::proxy::tunnel::{self, Counters, Early, Handover, Relayed, Spliced, TunnelClient};
 
 impl Proxy {
@@ -135,10 +137,21 @@ impl Proxy {
             to_client: from_origin,
         };
         // Boxed before the task captures them: every tunnel's task holds what it captures.
-        let (ask, record) = (Box::new(ask), Box::new(record));
+        let (ask, mut record) = (Box::new(ask), Box::new(record));
+        let sni = self
+            .policy
+            .reads_sni()
+            .then(|| (self.policy.clone(), self.settings.sni_wait));
         self.drain.tunnels().spawn(async move {
             // The client connection's place under the connection limits, until the tunnel ends.
             let _slot = slot;
+            let (mut client, mut early) = (client, early);
+            if let Some((policy, wait)) = sni {
+                match Box::pin(check_sni(&policy, &mut client, &mut early, &mut record, wait)).await {
+                    Ok(()) => {}
+                    Err(d) => return sni_refused(&ask, &d),
+                }
+            }
             let ended = Ended::from(&*record);
             let handover = Handover {
                 migration: &migration,
@@ -218,16 +231,58 @@ impl Proxy {
 
     /// This generation's rules, applied to a tunnel another generation opened.
     fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), Denial> {
-        let client: Option<IpAddr> = record.client.map(|a| a.ip());
         // Through a parent, the origin socket leads to the parent: only the name is checked.
         let origin = if record.via_parent {
             None
         } else {
             spliced.origin_addr().ok()
         };
-        self.policy
-            .recheck_tunnel(client, record.user.as_deref(), &record.target, origin)
+        let peeked = record.sni_checked.then(|| match &record.sni {
+            Some(name) => Peeked::Sni(name.clone()),
+            None => Peeked::NoSni("it sent no TLS ClientHello with a server name"),
+        });
+        self.policy.recheck_tunnel(&Recheck {
+            client: record.client.map(|a| a.ip()),
+            user: record.user.as_deref(),
+            target: &record.target,
+            sni: peeked.as_ref(),
+            origin,
+        })
     }
+}
+
+/// Reads the tunnel's first bytes for their server name and holds it to `policy`; every
+/// byte read goes on to the origin (`early`). The name is kept in the record, for a
+/// handoff's recheck.
+async fn check_sni(
+    policy: &Policy,
+    client: &mut TunnelClient,
+    early: &mut Early,
+    record: &mut TunnelRecord,
+    wait: Duration,
+) -> Result<(), Denial> {
+    let peeked = sni::peek(client.reader(), &mut early.to_origin, wait).await;
+    let (host, port) = record.target.rsplit_once(':').unwrap_or((&record.target, ""));
+    let port = port.parse().unwrap_or(0);
+    let mut f = Facts::new(record.client.map(|a| a.ip()), &Method::CONNECT, host, port);
+    f.sni_to_come = f.ip.is_some();
+    policy.check_sni(&f, &peeked, record.user.as_deref())?;
+    record.sni_checked = true;
+    if let Peeked::Sni(name) = peeked {
+        record.sni = Some(name);
+    }
+    Ok(())
+}
+
+/// A tunnel its first bytes refused: the client and the origin are closed (the `200` is
+/// out: no answer can tell the client why), and the line names the rule.
+fn sni_refused(ask: &Ask, d: &Denial) {
+    metrics::request_done(&Method::CONNECT, d.status, ask.started, 0, 0, true);
+    ask.line(Kind::Denied, d.status)
+        .rule(d.rule.as_str())
+        .traffic(0, 0, ask.started)
+        .reason(format!("tunnel closed: {}", d.reason))
+        .write();
 }
 
 /// What a tunnel's Squid line says besides its totals, kept from its record.

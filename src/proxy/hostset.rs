@@ -85,6 +85,11 @@ impl HostSet {
         usize::from(self.any) + self.names.ends.len() + self.nets.len()
     }
 
+    /// Whether a name could match (a server name, say, not known yet).
+    pub fn has_names(&self) -> bool {
+        self.any || !self.names.ends.is_empty()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

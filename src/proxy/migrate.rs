@@ -112,6 +112,13 @@ pub struct TunnelRecord {
     pub answer: u64,
     /// Which pipes travel (up, down): each is two fds after the client's and the origin's.
     pub pipes: [bool; 2],
+    /// Whether the tunnel's first bytes were read for a server name (`[access] sni`), and
+    /// the name they gave: a generation that did not look leaves both unset, and its
+    /// tunnels are not held to what it never saw.
+    #[serde(default)]
+    pub sni_checked: bool,
+    #[serde(default)]
+    pub sni: Option<String>,
 }
 
 impl TunnelRecord {

@@ -23,6 +23,7 @@ pub mod response_framing;
 pub mod route;
 pub mod rules;
 pub mod service;
+pub mod sni;
 pub mod strict;
 pub mod target;
 pub mod tunnel;

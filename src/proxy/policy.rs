@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 
-use crate::config::{Access, ConfigError};
+use crate::config::{Access, Action, ConfigError, SniMode};
 use crate::proxy::auth::{Auth, Client, Refusal};
 pub use crate::proxy::rules::Rule;
 use crate::proxy::rules::{Facts, Login, Rules, Verdict};
+use crate::proxy::sni::Peeked;
 
 /// A refusal: the status, a one-line reason for the client and the log, and the rule.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,6 +45,16 @@ pub struct Policy {
     /// Who this proxy is: a destination among its addresses, or a request that carries its
     /// `Via` token, is a loop.
     identity: OnceLock<Identity>,
+}
+
+/// What a moved tunnel is checked on again (see [`Policy::recheck_tunnel`]).
+pub struct Recheck<'a> {
+    pub client: Option<IpAddr>,
+    pub user: Option<&'a str>,
+    /// `host:port`, as the CONNECT named it.
+    pub target: &'a str,
+    pub sni: Option<&'a Peeked>,
+    pub origin: Option<SocketAddr>,
 }
 
 /// This proxy's listen addresses (the admin listener's included) and its `Via` token.
@@ -155,11 +166,54 @@ impl Policy {
             deny(StatusCode::PROXY_AUTHENTICATION_REQUIRED, rule, reason)
         };
         match verdict {
-            Verdict::Allow(_) => Ok(()),
+            // A tunnel's SNI decides ([`Policy::check_sni`]).
+            Verdict::Allow(_) | Verdict::Pending => Ok(()),
             Verdict::Deny(rule) => Err(deny(StatusCode::FORBIDDEN, rule, self.rules.reason(rule, f))),
             Verdict::Login(rule) => Err(login_refused(rule)),
             // Decided with the login known, no rule asks again; were one to, it is a 407.
             Verdict::NeedLogin => Err(login_refused(Rule::Htpasswd)),
+        }
+    }
+
+    /// Whether tunnels' first bytes are read for their SNI (`[access] sni = "match"`).
+    pub fn reads_sni(&self) -> bool {
+        self.access.sni == SniMode::Match
+    }
+
+    /// A tunnel's first bytes against the rules: a server name other than the CONNECT's
+    /// is refused (`sni_mismatch`); a CONNECT to an address is decided on the server name
+    /// (`user`: whom it logged in as); with no server name, `no_sni` decides.
+    pub fn check_sni(&self, f: &Facts<'_>, peeked: &Peeked, user: Option<&str>) -> Result<(), Denial> {
+        let why = match peeked {
+            Peeked::Sni(name) if f.ip.is_none() && *name == f.host => return Ok(()),
+            Peeked::Sni(name) if f.ip.is_none() => {
+                let reason = format!(
+                    "the TLS ClientHello asks for {name}, but the CONNECT was for {}",
+                    f.host
+                );
+                return Err(deny(StatusCode::FORBIDDEN, Rule::SniMismatch, reason));
+            }
+            Peeked::Sni(name) => {
+                let by_name = Facts::new(f.client, f.method, name, f.port);
+                let login = user.map_or(Login::Missing, Login::User);
+                return self.verdict(self.rules.decide(&by_name, login), &by_name, None);
+            }
+            Peeked::NoSni(why) => *why,
+            Peeked::Gone => "the client closed before its first bytes",
+        };
+        match self.access.no_sni {
+            Action::Deny => Err(deny(
+                StatusCode::FORBIDDEN,
+                Rule::NoSni,
+                format!("{why}; set [access] no_sni = \"allow\" to relay such tunnels"),
+            )),
+            // Without a name, an address is judged as itself.
+            Action::Allow if f.sni_to_come => {
+                let as_address = Facts::new(f.client, f.method, &f.host, f.port);
+                let login = user.map_or(Login::Missing, Login::User);
+                self.verdict(self.rules.decide(&as_address, login), &as_address, None)
+            }
+            Action::Allow => Ok(()),
         }
     }
 
@@ -174,27 +228,30 @@ impl Policy {
     }
 
     /// The rules that apply to a tunnel another generation opened: its client, its user
-    /// (logged in then, and still in the htpasswd file now), its target (host and port)
-    /// and the origin address it connected to (`None`: through a parent proxy, the name
-    /// only).
-    pub fn recheck_tunnel(
-        &self,
-        client: Option<IpAddr>,
-        user: Option<&str>,
-        target: &str,
-        origin: Option<SocketAddr>,
-    ) -> Result<(), Denial> {
+    /// (logged in then, and still in the htpasswd file now), its target (host and port),
+    /// what its first bytes showed (`None`: that generation did not look) and the origin
+    /// address it connected to (`None`: through a parent proxy, the name only).
+    pub fn recheck_tunnel(&self, tunnel: &Recheck<'_>) -> Result<(), Denial> {
+        let target = tunnel.target;
         let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
         let port = port.parse().unwrap_or(0);
-        let f = Facts::new(client, &http::Method::CONNECT, host, port);
-        let login = match (user, &self.auth) {
-            (Some(u), Some(auth)) if auth.knows(u) => Login::User(u),
-            _ => Login::Missing,
+        let mut f = Facts::new(tunnel.client, &http::Method::CONNECT, host, port);
+        let sni = tunnel.sni.filter(|_| self.reads_sni());
+        f.sni_to_come = f.ip.is_some() && sni.is_some();
+        let user = match (tunnel.user, &self.auth) {
+            (Some(u), Some(auth)) if auth.knows(u) => Some(u),
+            _ => None,
         };
-        let who = user.map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
+        let who = tunnel
+            .user
+            .map_or("an unauthenticated tunnel".to_string(), |u| format!("user {u}"));
         let why = format!("{who} is no longer allowed");
+        let login = user.map_or(Login::Missing, Login::User);
         self.verdict(self.rules.decide(&f, login), &f, Some(&why))?;
-        match origin {
+        if let Some(peeked) = sni {
+            self.check_sni(&f, peeked, user)?;
+        }
+        match tunnel.origin {
             Some(addr) => self.check_address(addr),
             // Through a parent: what the name shows (see `check_name`).
             None => self.check_name(host, port),

@@ -87,6 +87,9 @@ pub struct Facts<'a> {
     /// The address `host` is written as, canonical.
     pub ip: Option<IpAddr>,
     pub port: u16,
+    /// A CONNECT to an address whose ClientHello will name the server (`[access] sni =
+    /// "match"`): a rule whose names could match that name is left to it ([`Verdict::Pending`]).
+    pub sni_to_come: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -104,6 +107,7 @@ impl<'a> Facts<'a> {
             ip: literal_ip(&host),
             host,
             port,
+            sni_to_come: false,
         }
     }
 }
@@ -128,6 +132,17 @@ pub enum Verdict {
     Login(Rule),
     /// A rule that names users is reached and the login is `Unknown`: check it, decide again.
     NeedLogin,
+    /// A rule's names may match the server the tunnel's ClientHello will name
+    /// (`Facts::sni_to_come`): decide again on that name.
+    Pending,
+}
+
+/// Whether a test holds: `Maybe` only for names an address's SNI may yet match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    Yes,
+    No,
+    Maybe,
 }
 
 pub struct Rules {
@@ -193,15 +208,23 @@ impl Rules {
 
     /// The first rule that matches decides; none: the default.
     pub fn decide(&self, f: &Facts, login: Login) -> Verdict {
-        for e in &self.list {
-            if !e.tests.iter().all(|t| t.holds(f)) {
-                continue;
+        'rules: for e in &self.list {
+            let mut maybe = false;
+            for t in &e.tests {
+                match t.holds(f) {
+                    Match::Yes => {}
+                    Match::No => continue 'rules,
+                    Match::Maybe => maybe = true,
+                }
             }
+            // A login is asked for now even when the SNI decides later: after the `200` no
+            // 407 can be sent.
+            let decided = if maybe { Verdict::Pending } else { e.verdict() };
             match (&e.users, login) {
-                (None, _) => return e.verdict(),
+                (None, _) => return decided,
                 (Some(_), Login::Unknown) => return Verdict::NeedLogin,
                 (Some(_), Login::Missing) => return Verdict::Login(e.rule),
-                (Some(u), Login::User(name)) if u.any || u.names.contains(name) => return e.verdict(),
+                (Some(u), Login::User(name)) if u.any || u.names.contains(name) => return decided,
                 (Some(_), Login::User(_)) => {}
             }
         }
@@ -233,7 +256,7 @@ impl Rules {
     pub fn explain(&self, f: &Facts, login: Login) -> Vec<String> {
         let mut lines = Vec::new();
         for (i, e) in self.list.iter().enumerate() {
-            let why = match e.tests.iter().find(|t| !t.holds(f)) {
+            let why = match e.tests.iter().find(|t| t.holds(f) == Match::No) {
                 Some(t) => t.miss(f),
                 None => match (&e.users, login) {
                     (Some(_), Login::Unknown | Login::Missing) => {
@@ -395,15 +418,24 @@ fn users(
 }
 
 impl Test {
-    fn holds(&self, f: &Facts) -> bool {
-        match self {
+    fn holds(&self, f: &Facts) -> Match {
+        let yes = match self {
             Test::Clients(nets) => f.client.is_some_and(|c| nets.iter().any(|n| n.contains(&c))),
             Test::ClientsOutside(nets) => f.client.is_some_and(|c| !nets.iter().any(|n| n.contains(&c))),
             Test::Methods(m) => m.contains(f.method),
             Test::Ports(p) => p.contains(&f.port),
             Test::ConnectOutside(p) => f.method == Method::CONNECT && !p.contains(&f.port),
-            Test::Hosts(sets, _) => sets.iter().any(|s| s.find(&f.host, f.ip).is_some()),
-        }
+            Test::Hosts(sets, _) => {
+                if sets.iter().any(|s| s.find(&f.host, f.ip).is_some()) {
+                    return Match::Yes;
+                }
+                if f.sni_to_come && sets.iter().any(|s| s.has_names()) {
+                    return Match::Maybe;
+                }
+                false
+            }
+        };
+        if yes { Match::Yes } else { Match::No }
     }
 
     /// Why the test does not hold for `f`.

@@ -41,6 +41,8 @@ pub struct ProxySettings {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub tunnel_idle: Duration,
+    /// How long a tunnel's first bytes are awaited for their server name.
+    pub sni_wait: Duration,
     pub upstream_idle: Duration,
     pub idle: IdleBounds,
     pub max_uri_bytes: usize,
@@ -55,6 +57,7 @@ impl From<&Config> for ProxySettings {
             upstream_connect: c.timeouts.upstream_connect,
             upstream_response: c.timeouts.upstream_response,
             tunnel_idle: c.timeouts.tunnel_idle,
+            sni_wait: c.timeouts.sni,
             upstream_idle: c.timeouts.upstream_idle,
             idle: IdleBounds {
                 per_host: c.limits.idle_per_host,
@@ -193,7 +196,9 @@ impl Proxy {
                 Peer::Ip(a) => Some(a.ip()),
                 Peer::Local => None,
             };
-            let f = Facts::new(client_ip, &ask.method, host, port);
+            let mut f = Facts::new(client_ip, &ask.method, host, port);
+            // A CONNECT to an address is judged on the server name its ClientHello gives.
+            f.sni_to_come = ask.method == Method::CONNECT && f.ip.is_some() && self.policy.reads_sni();
             match self.policy.decide(&f) {
                 Some(Ok(())) => {}
                 Some(Err(d)) => return Ok(self.deny(&ask, &d)),

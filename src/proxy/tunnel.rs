@@ -43,6 +43,16 @@ pub enum TunnelClient {
     Other(Box<dyn CopyIo>),
 }
 
+impl TunnelClient {
+    /// The client's side to read from, before the relay starts (its first bytes, say).
+    pub fn reader(&mut self) -> &mut (dyn AsyncRead + Unpin + Send) {
+        match self {
+            TunnelClient::Socket(s) => s,
+            TunnelClient::Other(io) => &mut **io,
+        }
+    }
+}
+
 /// A stream a copied tunnel relays over.
 pub trait CopyIo: AsyncRead + AsyncWrite + Unpin + Send {}
 

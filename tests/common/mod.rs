@@ -52,13 +52,20 @@ pub fn config_text(dir: &Path, extra: &str) -> String {
 /// opens it explicitly (`[access] allow_local_destinations = true`), unless `extra` already
 /// says what it wants.
 pub fn allow_local_destinations(extra: &str) -> String {
-    const KEY: &str = "allow_local_destinations = true\n";
-    if extra.contains("allow_local_destinations") {
+    let extra = access_key(extra, "allow_local_destinations", "allow_local_destinations = true");
+    // Most tests tunnel plain bytes to echo servers: TLS is the business of tests/policy.rs
+    // and tests/tls.rs, which say what they want.
+    access_key(&extra, "no_sni", "no_sni = \"allow\"")
+}
+
+/// `extra` with `line` under `[access]`, unless it already names `key`.
+fn access_key(extra: &str, key: &str, line: &str) -> String {
+    if extra.contains(key) {
         extra.to_string()
     } else if extra.contains("[access]\n") {
-        extra.replacen("[access]\n", &format!("[access]\n{KEY}"), 1)
+        extra.replacen("[access]\n", &format!("[access]\n{line}\n"), 1)
     } else {
-        format!("{extra}\n[access]\n{KEY}")
+        format!("{extra}\n[access]\n{line}\n")
     }
 }
 
