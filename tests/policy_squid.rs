@@ -47,7 +47,10 @@ const CI_LIST: &str = "# what CI may fetch\nci.example.com\n.builds.example\n\n2
 
 /// The policy as baton's configuration. `connect_ports` names every port the generator
 /// CONNECTs to, so that it never decides; `auth_failures = 0`: the wrong logins are not
-/// limited (a 429 has no Squid counterpart here).
+/// limited (a 429 has no Squid counterpart here). `sni = "ignore"`: a CONNECT is decided on
+/// its request alone, as Squid's `http_access` does without SslBump; under `sni = "match"`
+/// baton answers a CONNECT to an address 200 and decides on the server name its ClientHello
+/// gives, which a Squid that does not peek cannot be compared with.
 const BATON_POLICY: &str = r#"
 [access]
 default = "deny"
@@ -55,6 +58,7 @@ htpasswd = "htpasswd"
 groups = "groups"
 auth_failures = 0
 connect_ports = [80, 443, 8080, 8443]
+sni = "ignore"
 
 [[access.rule]]
 name = "deny-tracker"
