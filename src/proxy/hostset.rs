@@ -2,12 +2,15 @@
 //! written inline or as `@FILE` lists (read here, each error naming the file and line). Names
 //! live in one arena string, indexed by a hash table of `u32`s (about 35 bytes a name in all,
 //! where a `HashSet<String>` costs over 80), and a lookup probes once per label of the host.
-//! Addresses and CIDRs are few and matched in a list.
+//! Addresses and CIDRs are few and matched in a list. The hash is foldhash with a seed of
+//! this process's own: hosts come from clients, and a seed they cannot know keeps them from
+//! aiming at one bucket.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::path::Path;
 
+use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use ipnet::IpNet;
 
@@ -67,7 +70,7 @@ impl HostSet {
         };
         for (n, line) in text.lines().enumerate() {
             let entry = line.split('#').next().unwrap_or("").trim();
-            if entry.is_empty() {
+            if entry.is_empty() || set.add_plain(entry) {
                 continue;
             }
             let pattern = HostPattern::parse(entry).map_err(|m| ConfigError::Invalid {
@@ -78,6 +81,31 @@ impl HostSet {
         }
         set.names.shrink();
         Ok(set)
+    }
+
+    /// Adds `entry` if it is a lowercase name or domain as lists mostly hold them (no copy
+    /// made to parse it); `false`: anything else, for [`HostPattern::parse`] to read or refuse.
+    fn add_plain(&mut self, entry: &str) -> bool {
+        let (domain, name) = match entry.strip_prefix("*.").or_else(|| entry.strip_prefix('.')) {
+            Some(d) => (true, d),
+            None => (false, entry),
+        };
+        let label_ok = |label: &str| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
+        };
+        // An address is a CIDR entry, not a name, though 192.0.2.1 passes the labels.
+        let numeric = name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+        let plain = name.len() <= 253 && !numeric && name.split('.').all(label_ok);
+        if plain {
+            self.names.insert(name, domain);
+        }
+        plain
     }
 
     /// Patterns in the set (a name written both as itself and as a domain counts once).
@@ -115,6 +143,11 @@ struct Names {
     /// Index into `ends`, with `DOMAIN` set for a domain.
     table: HashTable<u32>,
     hasher: RandomState,
+    /// Bit n: some name (`names`) or domain (`domains`) has n + 1 labels (the last bit: 64
+    /// or more). A lookup probes only the suffixes of a host that have a length some entry
+    /// has: most lists hold names of three to five labels, so most probes are skipped.
+    name_depths: u64,
+    domain_depths: u64,
 }
 
 impl Default for Names {
@@ -123,20 +156,32 @@ impl Default for Names {
     }
 }
 
+/// Entry `e`'s name.
+fn name_in<'t>(text: &'t str, ends: &[u32], e: u32) -> &'t str {
+    let i = (e & !DOMAIN) as usize;
+    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+    &text[start..ends[i] as usize]
+}
+
+/// The bit of a name with `labels` labels in a depth mask.
+fn depth_bit(labels: usize) -> u64 {
+    1 << (labels.clamp(1, 64) - 1)
+}
+
 impl Names {
     fn with_capacity(names: usize, bytes: usize) -> Names {
         Names {
             text: String::with_capacity(bytes),
             ends: Vec::with_capacity(names),
             table: HashTable::with_capacity(names),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
+            name_depths: 0,
+            domain_depths: 0,
         }
     }
 
     fn name(&self, entry: u32) -> &str {
-        let i = (entry & !DOMAIN) as usize;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.text[start..self.ends[i] as usize]
+        name_in(&self.text, &self.ends, entry)
     }
 
     fn get(&self, name: &str) -> Option<u32> {
@@ -146,15 +191,16 @@ impl Names {
 
     /// Adds `name`; written twice, a name is a domain if either said so.
     fn insert(&mut self, name: &str, domain: bool) {
+        let bit = depth_bit(name.split('.').count());
+        if domain {
+            self.domain_depths |= bit;
+        } else {
+            self.name_depths |= bit;
+        }
         let hash = self.hasher.hash_one(name);
         let flag = if domain { DOMAIN } else { 0 };
         let (text, ends, hasher) = (&self.text, &self.ends, &self.hasher);
-        let name_of = |e: u32| {
-            let i = (e & !DOMAIN) as usize;
-            let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-            &text[start..ends[i] as usize]
-        };
-        if let Some(e) = self.table.find_mut(hash, |&e| name_of(e) == name) {
+        if let Some(e) = self.table.find_mut(hash, |&e| name_in(text, ends, e) == name) {
             *e |= flag;
             return;
         }
@@ -163,16 +209,16 @@ impl Names {
         self.ends
             .push(u32::try_from(self.text.len()).expect("a list under 4 GiB"));
         let (text, ends) = (&self.text, &self.ends);
-        self.table.insert_unique(hash, index | flag, |&e| {
-            let i = (e & !DOMAIN) as usize;
-            let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-            hasher.hash_one(&text[start..ends[i] as usize])
-        });
+        self.table
+            .insert_unique(hash, index | flag, |&e| hasher.hash_one(name_in(text, ends, e)));
     }
 
     /// `host` itself, else the nearest domain above it.
     fn find(&self, host: &str) -> Option<Found<'_>> {
-        if let Some(e) = self.get(host) {
+        let mut labels = host.bytes().filter(|&b| b == b'.').count() + 1;
+        if (self.name_depths | self.domain_depths) & depth_bit(labels) != 0
+            && let Some(e) = self.get(host)
+        {
             let name = self.name(e);
             return Some(if e & DOMAIN != 0 {
                 Found::Domain(name)
@@ -182,7 +228,10 @@ impl Names {
         }
         let mut rest = host;
         while let Some((_, parent)) = rest.split_once('.') {
-            if let Some(e) = self.get(parent).filter(|e| e & DOMAIN != 0) {
+            labels -= 1;
+            if self.domain_depths & depth_bit(labels) != 0
+                && let Some(e) = self.get(parent).filter(|e| e & DOMAIN != 0)
+            {
                 return Some(Found::Domain(self.name(e)));
             }
             rest = parent;
