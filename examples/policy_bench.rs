@@ -60,7 +60,7 @@ fn entry(i: usize) -> String {
     }
     parts.push(["com", "net", "org", "example"][i % 4].to_string());
     let name = parts.join(".");
-    if i % 4 == 0 { format!(".{name}") } else { name }
+    if i.is_multiple_of(4) { format!(".{name}") } else { name }
 }
 
 /// Host `i` to look up: even ones are on the list (an entry, or a name under a domain
