@@ -152,9 +152,9 @@ impl AccessLine {
     }
 
     /// The rule that allowed the request, if the line knows it.
-    pub fn rule_of(mut self, rule: Option<crate::proxy::rules::Rule>) -> Self {
-        if let Some(r) = rule {
-            self.rule = Some(r.as_str());
+    pub fn rule_of(mut self, rule: Option<&'static str>) -> Self {
+        if rule.is_some() {
+            self.rule = rule;
         }
         self
     }

@@ -129,7 +129,7 @@ pub struct AccessRecord {
     /// For the Squid line: the authenticated user, the next hop's address, the content type.
     pub user: Option<String>,
     /// The rule that allowed it.
-    pub rule: Option<crate::proxy::rules::Rule>,
+    pub rule: Option<&'static str>,
     pub server: IpAddr,
     /// `server` is a parent proxy.
     pub via_parent: bool,

@@ -139,7 +139,7 @@ impl Ask {
             .request(self.method.clone(), self.target.clone(), status)
             .sent(self.sent.clone())
             .user(self.user.clone())
-            .rule_of(self.rule)
+            .rule_of(self.rule.map(Rule::as_str))
     }
 }
 
@@ -367,7 +367,7 @@ impl Proxy {
             started: ask.started,
             sent: ask.sent,
             user: ask.user,
-            rule: ask.rule,
+            rule: ask.rule.map(Rule::as_str),
             server,
             via_parent,
             content_type,
