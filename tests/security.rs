@@ -425,8 +425,26 @@ async fn baseline(proxy: SocketAddr, pid: u32, request: Option<&str>) -> usize {
         let r = c.response(false).await.expect("warm-up request");
         assert_eq!(r.code(), 200, "warm-up request: {r:?}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    fd_count(pid)
+    settled_fd_count(pid).await
+}
+
+/// The fd count once the warm-up's sockets have settled: the same in two reads 50 ms apart
+/// (bounded: 5 s), rather than whatever a fixed pause leaves on a slow machine.
+async fn settled_fd_count(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = fd_count(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = fd_count(pid);
+        if now == last {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fd count did not settle in 5 s ({last}, then {now})"
+        );
+        last = now;
+    }
 }
 
 /// A minimal origin on `ip` (e.g. 127.0.0.2) answering every request `200 ok` and closing.

@@ -15,8 +15,10 @@
 //!   by every live generation (`daemon::traffic` owns its format).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -363,6 +365,7 @@ impl StateDir {
             path: path.clone(),
             stopped: stopped.clone(),
         };
+        let failing = AtomicBool::new(false);
         let write = move || {
             let d = DrainingGeneration {
                 pid: std::process::id(),
@@ -375,8 +378,18 @@ impl StateDir {
             if *guard {
                 return false;
             }
-            if let Ok(text) = serde_json::to_vec(&d) {
-                let _ = write_atomically(&path, &text);
+            // Plain fields: serializing cannot fail. A write that fails is said once (the
+            // status page then lacks this generation) and again if it failed anew after a
+            // success, not every 250 ms.
+            let written = serde_json::to_vec(&d)
+                .map_err(io::Error::from)
+                .and_then(|t| write_atomically(&path, &t));
+            match written {
+                Err(e) if !failing.swap(true, Ordering::Relaxed) => {
+                    warn!(path = %path.display(), error = %e, "cannot publish this draining generation's state")
+                }
+                Err(_) => {}
+                Ok(()) => failing.store(false, Ordering::Relaxed),
             }
             true
         };

@@ -43,9 +43,8 @@ pub enum Moved {
 }
 
 impl Moved {
-    pub fn encode(&self) -> Vec<u8> {
-        // Plain fields always serialize.
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Moved, String> {
@@ -249,10 +248,15 @@ impl Migration {
             Moved::Tunnel(_) => Kind::Tunnel,
             Moved::Connection(_) => Kind::Connection,
         };
-        let item = Item {
-            record: moved.encode(),
-            fds,
+        // Plain fields, so this cannot fail; were it to, the connection stays here.
+        let record = match moved.encode() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot write a moving connection's record: it stays");
+                return Err(fds);
+            }
         };
+        let item = Item { record, fds };
         if let Err(unsent) = self.tx.send(Departure { item, kind, back }) {
             return Err(unsent.0.item.fds);
         }

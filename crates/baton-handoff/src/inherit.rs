@@ -286,18 +286,23 @@ impl Inherited {
     }
 }
 
-/// The fd a predecessor passed in `var`, when it names an open fd above stderr. One that
-/// names a passed listener is refused: taking it would close a listening socket.
+/// The fd a predecessor passed in `var`, if it is set. One that names a passed listener is
+/// refused (taking it would close a listening socket), and so is a value that is not an open
+/// fd above stderr, as a malformed extra fd is: a predecessor that says it passed something
+/// must have passed it.
 fn inherited_fd(var: &str, listeners: &std::ops::Range<RawFd>) -> io::Result<Option<OwnedFd>> {
-    let Some(fd) = std::env::var(var).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
+    let Some(value) = std::env::var_os(var) else {
         return Ok(None);
+    };
+    let Some(fd) = value.to_str().and_then(|v| v.parse::<RawFd>().ok()) else {
+        return Err(io::Error::other(format!("{var}={value:?} is not an fd number")));
     };
     if listeners.contains(&fd) {
         return Err(io::Error::other(format!("{var}={fd} names a passed listening socket")));
     }
     // SAFETY: F_GETFD only asks whether the fd number is open; no memory is involved.
     if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Ok(None);
+        return Err(io::Error::other(format!("{var}={fd} is not an open fd above stderr")));
     }
     // SAFETY: the predecessor passed this fd to us for our exclusive use, and it is open;
     // nothing else in this process refers to it.

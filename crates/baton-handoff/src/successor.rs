@@ -58,8 +58,18 @@ pub enum HandoffError {
     StartFailed { pid: u32, reason: String },
     #[error("new generation (pid {pid}) was not ready within {timeout:?}; killed")]
     Timeout { pid: u32, timeout: Duration },
-    #[error("handoff i/o")]
-    Io(#[from] io::Error),
+    /// A system call of the handoff failed; `step` says which.
+    #[error("handoff i/o while {step}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The error of `step`, for `map_err`.
+fn at(step: &'static str) -> impl FnOnce(io::Error) -> HandoffError {
+    move |source| HandoffError::Io { step, source }
 }
 
 /// A listening socket to pass, with its name and origin (see [`Origin`]).
@@ -198,8 +208,10 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
             source: e.into(),
         })?;
     }
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    let (channel, channel_child) = channel_pair()?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(io::Error::from)
+        .map_err(at("making the readiness pipe"))?;
+    let (channel, channel_child) = channel_pair().map_err(at("making the channel socketpair"))?;
     let passed: Vec<BorrowedFd<'_>> = spec
         .listeners
         .iter()
@@ -214,11 +226,17 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     let sources = passed
         .iter()
         .map(|fd| dup_above(*fd, floor))
-        .collect::<io::Result<Vec<_>>>()?;
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(at("moving the fds to pass above the ones the child gets"))?;
     // The binary to execute by fd, out of the way of the dup2 calls too.
-    let binary = spec.binary.map(|fd| dup_above(fd, floor)).transpose()?;
+    let binary = spec
+        .binary
+        .map(|fd| dup_above(fd, floor))
+        .transpose()
+        .map_err(at("moving the binary's fd"))?;
     let exec_fd = binary.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-    let mut image = ExecImage::new(spec, ready_target)?;
+    let mut image =
+        ExecImage::new(spec, ready_target).map_err(at("building the successor's arguments and environment"))?;
     let argv: Vec<*const libc::c_char> = image
         .argv
         .iter()
@@ -237,7 +255,7 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     // No signal handler may run in the child between fork and exec (it would run the
     // parent's code in a half-copied process): block them all across the fork; the child
     // unblocks them just before exec, with default dispositions.
-    let blocked = block_all_signals()?;
+    let blocked = block_all_signals().map_err(at("blocking signals across fork"))?;
     // SAFETY: after fork the child runs only `exec_child`, which makes async-signal-safe
     // calls on memory prepared above (no allocation, no locks) and never returns.
     let forked = unsafe { nix::unistd::fork() };
@@ -254,7 +272,7 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
     let child = ChildProcess::new(pid);
     drop((sources, binary, ready_w, channel_child, image));
     Ok(Successor {
-        exited: spawn_reaper(child.clone())?,
+        exited: spawn_reaper(child.clone()).map_err(at("starting the thread that reaps the successor"))?,
         child,
         program: spec.program.to_path_buf(),
         ready: ready_r,
@@ -441,14 +459,15 @@ impl Successor {
     /// reaped before this returns, and the error says why.
     pub async fn await_ready(mut self, timeout: Duration) -> Result<Ready, HandoffError> {
         let pid = self.pid();
-        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)?;
+        let mut pipe =
+            tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready).map_err(at("watching the readiness pipe"))?;
         let read_line = read_line(&mut pipe);
         tokio::pin!(read_line);
         let outcome = tokio::select! {
             // The pipe first: a failed exec writes its errno there and then exits, and the
             // errno says more than the exit status.
             biased;
-            line = &mut read_line => Some(line?),
+            line = &mut read_line => Some(line.map_err(at("reading the readiness pipe"))?),
             // The child died (perhaps while something it started still holds the pipe open).
             status = &mut self.exited => {
                 let status = status.unwrap_or_else(|_| "unknown".into());

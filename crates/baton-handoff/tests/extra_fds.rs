@@ -56,7 +56,9 @@ async fn a_name_with_a_separator_is_refused_before_fork() {
     };
     let err = spawn_successor(&spec).err().expect("a name with ':' must be refused");
     assert!(
-        err.to_string().contains("handoff i/o") && format!("{err:?}").contains("a:b"),
+        err.to_string()
+            .contains("handoff i/o while building the successor's arguments")
+            && format!("{err:?}").contains("a:b"),
         "{err:?}"
     );
 }

@@ -410,6 +410,8 @@ fn handoff_result(e: &HandoffError) -> HandoffResult {
             HandoffResult::ChildExit
         }
         HandoffError::Timeout { .. } => HandoffResult::Timeout,
-        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io(_) => HandoffResult::SpawnError,
+        HandoffError::NotExecutable { .. } | HandoffError::Fork(_) | HandoffError::Io { .. } => {
+            HandoffResult::SpawnError
+        }
     }
 }
