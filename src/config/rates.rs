@@ -94,7 +94,9 @@ pub(super) fn per_user(raw: &RawRates, text: &str, htpasswd: bool, groups: bool)
             ));
         }
         if !groups && entries.iter().any(|(u, _)| matches!(u, UserEntry::Group(_))) {
-            return Err(at("names a @group, but [access] groups (an htgroup file) is not set".into()));
+            return Err(at(
+                "names a @group, but [access] groups (an htgroup file) is not set".into()
+            ));
         }
         Ok(Some(UserTable { key, line, entries }))
     };
@@ -135,7 +137,10 @@ mod tests {
         .unwrap();
         let rps = c.limits.per_user.requests_per_second.unwrap();
         assert_eq!(rps.line, 9);
-        assert!(rps.entries.contains(&(super::UserEntry::Group("contractors".into()), 5)));
+        assert!(
+            rps.entries
+                .contains(&(super::UserEntry::Group("contractors".into()), 5))
+        );
         assert!(rps.entries.contains(&(super::UserEntry::User("alice".into()), 0)));
         assert_eq!(
             c.limits.per_user.bandwidth.unwrap().entries,
@@ -146,7 +151,10 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_the_key() {
         let err = parse("[limits.per_client]\nbandwidth = { \"*\" = 5 }\n").unwrap_err();
-        assert!(err.contains("line 6") && err.contains("limits.per_client.bandwidth"), "{err}");
+        assert!(
+            err.contains("line 6") && err.contains("limits.per_client.bandwidth"),
+            "{err}"
+        );
         let err = parse("[limits.per_user]\nrequests_per_second = 5\n").unwrap_err();
         assert!(err.contains("line 6") && err.contains("htpasswd"), "{err}");
         let err = parse("[access]\nhtpasswd = \"h\"\n[limits.per_user]\nbandwidth = { \"@ops\" = 5 }\n").unwrap_err();
