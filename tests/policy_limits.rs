@@ -311,3 +311,39 @@ async fn bandwidth_per_client_over_response_bodies() {
         "127.0.0.2 has its own limit, not slowed by 127.0.0.1: {r:?}"
     );
 }
+
+/// A tunnel moved at a handoff takes the new generation's bucket of its key (and its
+/// limit): a halved limit halves its rate; were it still relayed by the old generation, it
+/// would keep the old rate until the drain ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tunnel_takes_the_new_generations_bucket() {
+    let (source, _) = bulk_server(true).await;
+    let ports = common::connect_ports(&[source.port()]);
+    let extra = |limit: f64| format!("{ports}sni = \"ignore\"\n[limits.per_client]\nbandwidth = {limit}\n");
+    let mut baton = start_with(&[], &extra(LIMIT)).await;
+    let first = baton.status().await["pid"].as_u64();
+    let count = count_reads(tunnel_from("127.0.0.1", baton.proxy, source).await);
+    let before = rates(std::slice::from_ref(&count)).await[0];
+    std::fs::write(
+        &baton.config,
+        common::config_text(baton.dir.path(), &extra(LIMIT / 2.0)),
+    )
+    .unwrap();
+    let (ok, out) = baton.cli(&["upgrade"]);
+    assert!(ok, "{out}");
+    let after = rates(std::slice::from_ref(&count)).await[0];
+    eprintln!(
+        "a moved tunnel: {:.2} MB/s before the handoff (limit {:.1}), {:.2} MB/s after (limit {:.1})",
+        before / 1e6,
+        LIMIT / 1e6,
+        after / 1e6,
+        LIMIT / 2e6
+    );
+    assert_ne!(
+        baton.wait_status(Duration::from_secs(5)).await["pid"].as_u64(),
+        first,
+        "handed off"
+    );
+    assert!(near(before, LIMIT), "before: {before}");
+    assert!(near(after, LIMIT / 2.0), "after: the new generation's limit: {after}");
+}
