@@ -10,6 +10,7 @@ use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
+use baton::proxy::limits::Limits;
 use baton::proxy::rules::{Facts, Login, Rules};
 use baton::proxy::target::destination;
 use baton::tls::{TicketKeys, Validity, certs};
@@ -146,6 +147,8 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let path = args.config.as_deref();
     let config = Config::load(path)?;
     let rules = Rules::load(&config.access)?;
+    // Built for its errors (a group the groups file lacks); the buckets are not used.
+    Limits::new(&config.limits, config.access.groups.as_deref())?;
     if let Some(request) = &args.explain {
         return explain(&rules, request, args);
     }
@@ -154,6 +157,13 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     println!("  access rules, first match wins:");
     for line in rules.listing() {
         println!("    {line}");
+    }
+    let limits = Limits::listing(&config.limits);
+    if !limits.is_empty() {
+        println!("  limits (a bucket per key, one second's burst):");
+        for line in limits {
+            println!("    {line}");
+        }
     }
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);

@@ -319,6 +319,41 @@ impl Limits {
         (client.is_some() || user.is_some()).then_some(Throttle { client, user })
     }
 
+    /// The limits `config` sets, a line each, as `baton check` prints them.
+    pub fn listing(config: &crate::config::Limits) -> Vec<String> {
+        let c = &config.per_client;
+        let mut lines = Vec::new();
+        for (key, v, unit) in [
+            ("requests_per_second", c.requests_per_second, ""),
+            ("bandwidth", c.bandwidth, " bytes/s"),
+        ] {
+            if let Some(n) = v {
+                lines.push(format!("per client: {key} = {n}{unit}"));
+            }
+        }
+        let u = &config.per_user;
+        for t in [&u.requests_per_second, &u.bandwidth].into_iter().flatten() {
+            let entries: Vec<String> = t
+                .entries
+                .iter()
+                .map(|(who, n)| {
+                    let who = match who {
+                        UserEntry::Any => "*".to_string(),
+                        UserEntry::User(name) => name.clone(),
+                        UserEntry::Group(g) => format!("@{g} (each member)"),
+                    };
+                    if *n == 0 {
+                        format!("{who}: none")
+                    } else {
+                        format!("{who}: {n}")
+                    }
+                })
+                .collect();
+            lines.push(format!("{}: {}", t.key, entries.join(", ")));
+        }
+        lines
+    }
+
     /// Buckets kept, for tests.
     pub fn keys(&self) -> usize {
         let client = [&self.client_rps, &self.client_bandwidth];
