@@ -21,6 +21,7 @@
 //! request or once a splice; with no limit configured there is no bucket and nothing is
 //! taken (an `Option` that is `None`).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
@@ -119,7 +120,7 @@ struct KeyedMap<K> {
     next_sweep: usize,
 }
 
-impl<K: Hash + Eq + Clone> Keyed<K> {
+impl<K: Hash + Eq> Keyed<K> {
     fn new() -> Keyed<K> {
         Keyed {
             map: Mutex::new(KeyedMap {
@@ -129,8 +130,13 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
         }
     }
 
-    /// `key`'s bucket, made full at `rate` when it has none.
-    fn get(&self, key: &K, rate: u64) -> Arc<Bucket> {
+    /// `key`'s bucket, made full at `rate` when it has none (looked up borrowed: a user
+    /// name is copied only for a new bucket).
+    fn get<Q>(&self, key: &Q, rate: u64) -> Arc<Bucket>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let mut m = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(b) = m.buckets.get(key) {
             return b.clone();
@@ -139,7 +145,7 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
             m.sweep();
         }
         let b = Arc::new(Bucket::new(rate));
-        m.buckets.insert(key.clone(), b.clone());
+        m.buckets.insert(key.to_owned(), b.clone());
         b
     }
 
@@ -221,7 +227,7 @@ impl UserLimits {
     }
 
     fn bucket(&self, user: &str) -> Option<Arc<Bucket>> {
-        self.of(user).map(|(rate, _)| self.buckets.get(&user.to_string(), rate))
+        self.of(user).map(|(rate, _)| self.buckets.get(user, rate))
     }
 }
 
@@ -299,7 +305,7 @@ impl Limits {
             return Ok(());
         };
         let Some((rate, why)) = l.of(user) else { return Ok(()) };
-        if let Err(wait) = l.buckets.get(&user.to_string(), rate).take(1) {
+        if let Err(wait) = l.buckets.get(user, rate).take(1) {
             // The request does not go through: the client's token was not used.
             taken.inspect(|b| b.give_back(1));
             let who = match why {

@@ -707,4 +707,55 @@ mod tests {
         eprintln!("the tunnel's relay future: {size} bytes");
         assert!(size <= 1536, "the tunnel's relay future is {size} bytes");
     }
+
+    /// A copied tunnel (a TLS client's) is paced too: 2 MB at 1 MB/s, with one second's
+    /// burst, take a second more; the same bytes with no limit take next to nothing.
+    #[tokio::test]
+    async fn the_copy_path_is_paced() {
+        use tokio::io::AsyncReadExt;
+        let text = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n[limits.per_client]\nbandwidth = 1000000\n";
+        let config = crate::config::Config::parse(text, None).unwrap();
+        let limits = crate::proxy::limits::Limits::new(&config.limits, None).unwrap();
+        let peer = baton_handoff::Peer::Ip("127.0.0.1:1".parse().unwrap());
+        for (throttle, least, most) in [(limits.throttle(&peer, None), 900, 1600), (None, 0, 500)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (client_side, _) = listener.accept().await.unwrap();
+            let mut origin = TcpStream::connect(addr).await.unwrap();
+            let (origin_side, _) = listener.accept().await.unwrap();
+            let migration = Migration::default();
+            let early = Early {
+                to_origin: Vec::new(),
+                to_client: bytes::Bytes::new(),
+            };
+            let handover = Handover {
+                migration: &migration,
+                record: Box::default(),
+            };
+            let limits = Relay {
+                idle: Duration::from_secs(10),
+                cut: CancellationToken::new(),
+                throttle,
+            };
+            let start = std::time::Instant::now();
+            let send = async {
+                origin.write_all(&vec![7u8; 2_000_000]).await.unwrap();
+                origin.shutdown().await.unwrap();
+            };
+            let receive = async {
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.unwrap();
+                let took = start.elapsed().as_millis();
+                // The other way closes too: the tunnel ends.
+                client.shutdown().await.unwrap();
+                (got.len(), took)
+            };
+            let other = TunnelClient::Other(Box::new(client_side));
+            let (relayed, (), (got, took)) =
+                tokio::join!(relay(other, origin_side, early, limits, handover), send, receive);
+            assert_eq!((got, relayed.down), (2_000_000, 2_000_000));
+            assert!((least..most).contains(&took), "{took} ms");
+        }
+    }
 }
