@@ -154,17 +154,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     }
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
     println!("{name}: configuration ok");
-    println!("  access rules, first match wins:");
-    for line in rules.listing() {
-        println!("    {line}");
-    }
-    let limits = Limits::listing(&config.limits);
-    if !limits.is_empty() {
-        println!("  limits (a bucket per key, one second's burst):");
-        for line in limits {
-            println!("    {line}");
-        }
-    }
+    print_policy(&rules, &config);
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);
         if let Some(files) = &l.tls {
@@ -217,6 +207,21 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The effective access rules and the limits.
+fn print_policy(rules: &Rules, config: &Config) {
+    println!("  access rules, first match wins:");
+    for line in rules.listing() {
+        println!("    {line}");
+    }
+    let limits = Limits::listing(&config.limits);
+    if !limits.is_empty() {
+        println!("  limits (a bucket per key, one second's burst):");
+        for line in limits {
+            println!("    {line}");
+        }
+    }
 }
 
 /// The running baton's status, if one answers within a second.
