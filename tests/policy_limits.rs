@@ -273,9 +273,18 @@ async fn bandwidth_per_client_over_spliced_tunnels() {
 
 /// `GET /bytes?n=...` through the proxy from `from`, the body counted as it comes.
 async fn download_from(from: &str, proxy: SocketAddr, origin: SocketAddr) -> Count {
+    download_as(from, proxy, origin, None).await
+}
+
+/// [`download_from`] logged in as `login` (`user:password`), if given.
+async fn download_as(from: &str, proxy: SocketAddr, origin: SocketAddr, login: Option<&str>) -> Count {
     let mut s = connect_from(from, proxy).await;
     let url = format!("http://{origin}/bytes?n=100000000");
-    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+    let auth = login.map_or(String::new(), |l| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(l);
+        format!("Proxy-Authorization: Basic {b64}\r\n")
+    });
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: {origin}\r\n{auth}\r\n").as_bytes())
         .await
         .unwrap();
     let head = testkit::client::read_head(&mut s).await.expect("response head");
@@ -309,6 +318,47 @@ async fn bandwidth_per_client_over_response_bodies() {
     assert!(
         near(r[2], LIMIT),
         "127.0.0.2 has its own limit, not slowed by 127.0.0.1: {r:?}"
+    );
+}
+
+/// A group's bandwidth: each member gets it (a bucket of their own); a user the table
+/// does not name is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_per_user_through_a_group() {
+    let origin = testkit::start_origin().await.unwrap();
+    let hash = |_| bcrypt::hash("right", 4).unwrap();
+    let users = format!("alice:{}\nbob:{}\ncarol:{}\n", hash(1), hash(2), hash(3));
+    let baton = start_with(
+        &[("htpasswd", &users), ("groups", "contractors: bob carol\n")],
+        &format!(
+            "[access]\nhtpasswd = \"htpasswd\"\ngroups = \"groups\"\n\
+             [limits.per_user]\nbandwidth = {{ \"@contractors\" = {LIMIT} }}\n"
+        ),
+    )
+    .await;
+    let p = baton.proxy;
+    let bob = download_as("127.0.0.1", p, origin, Some("bob:right")).await;
+    let carol = download_as("127.0.0.1", p, origin, Some("carol:right")).await;
+    let alice = download_as("127.0.0.1", p, origin, Some("alice:right")).await;
+    let r = rates(&[bob, carol]).await;
+    // alice may be done before the window: her bytes over the whole time, which at the
+    // limit would be at most the burst and 4 s' worth.
+    let alice = alice.load(Ordering::Relaxed) as f64;
+    let whole = (WARM_UP + WINDOW).as_secs_f64();
+    eprintln!(
+        "@contractors bandwidth = {} MB/s over 3 s: bob {:.2}, carol {:.2} MB/s; alice (not named) {:.0} MB in {whole} s",
+        LIMIT / 1e6,
+        r[0] / 1e6,
+        r[1] / 1e6,
+        alice / 1e6
+    );
+    assert!(
+        near(r[0], LIMIT) && near(r[1], LIMIT),
+        "each member has the group's limit: {r:?}"
+    );
+    assert!(
+        alice > 3.0 * LIMIT * whole,
+        "alice is not named: not limited: {alice} bytes"
     );
 }
 
