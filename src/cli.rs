@@ -10,6 +10,7 @@ use baton::control::{self, DrainOutcome, Event, Request, Status, UpgradeReport};
 use baton::daemon::files::remove_own_pid_file;
 use baton::daemon::generation::{Exit, Generation};
 use baton::daemon::launch::{Launch, absolute, build_runtime};
+use baton::proxy::limits::Limits;
 use baton::proxy::rules::{Facts, Login, Rules};
 use baton::proxy::target::destination;
 use baton::tls::{TicketKeys, Validity, certs};
@@ -146,15 +147,14 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let path = args.config.as_deref();
     let config = Config::load(path)?;
     let rules = Rules::load(&config.access)?;
+    // Built for its errors (a group the groups file lacks); the buckets are not used.
+    Limits::new(&config.limits, config.access.groups.as_deref())?;
     if let Some(request) = &args.explain {
         return explain(&rules, request, args);
     }
     let name = path.map_or_else(|| "embedded default".to_string(), |p| p.display().to_string());
     println!("{name}: configuration ok");
-    println!("  access rules, first match wins:");
-    for line in rules.listing() {
-        println!("    {line}");
-    }
+    print_policy(&rules, &config);
     for l in &config.listeners {
         println!("  listener {} on {}", l.name, l.addr);
         if let Some(files) = &l.tls {
@@ -207,6 +207,21 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The effective access rules and the limits.
+fn print_policy(rules: &Rules, config: &Config) {
+    println!("  access rules, first match wins:");
+    for line in rules.listing() {
+        println!("    {line}");
+    }
+    let limits = Limits::listing(&config.limits);
+    if !limits.is_empty() {
+        println!("  limits (a bucket per key, one second's burst):");
+        for line in limits {
+            println!("    {line}");
+        }
+    }
 }
 
 /// The running baton's status, if one answers within a second.

@@ -11,10 +11,12 @@ use serde::Deserialize;
 pub mod access;
 mod admin;
 pub mod hosts;
+pub mod rates;
 mod upstream;
 pub use access::{Access, Action, RuleConfig, SniMode};
 pub use admin::{AdminConfig, AdminToken};
 pub use hosts::HostPattern;
+pub use rates::{ClientRates, UserRates, UserTable};
 pub use upstream::{Parent, Parents, Route};
 
 /// The configuration used when no file is given: one loopback listener, loopback clients only.
@@ -106,6 +108,10 @@ pub struct Limits {
     /// Idle origin connections kept across all next hops; beyond it the least recently
     /// used one is closed.
     pub idle_total: usize,
+    /// `[limits.per_client]`: request rate and bandwidth of each client.
+    pub per_client: ClientRates,
+    /// `[limits.per_user]`: request rate and bandwidth of each user who logged in.
+    pub per_user: UserRates,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -297,6 +303,8 @@ struct RawLimits {
     max_body_bytes: u64,
     idle_per_host: usize,
     idle_total: usize,
+    per_client: rates::RawRates,
+    per_user: rates::RawRates,
 }
 
 impl Default for RawLimits {
@@ -312,6 +320,8 @@ impl Default for RawLimits {
             max_body_bytes: 0,
             idle_per_host: 32,
             idle_total: 1024,
+            per_client: rates::RawRates::default(),
+            per_user: rates::RawRates::default(),
         }
     }
 }
@@ -373,6 +383,9 @@ impl Config {
             files.key_readable_by_others = raw.secrets_readable_by_others;
         }
         check_values(&raw).map_err(&invalid)?;
+        let per_client = rates::per_client(&raw.limits.per_client, text).map_err(&invalid)?;
+        let (htpasswd, groups) = (raw.access.htpasswd.is_some(), raw.access.groups.is_some());
+        let per_user = rates::per_user(&raw.limits.per_user, text, htpasswd, groups).map_err(&invalid)?;
         let access = access::access(raw.access, text, base, raw.secrets_readable_by_others).map_err(&invalid)?;
         let admin = admin::admin(raw.admin.as_ref(), &listeners, base).map_err(&invalid)?;
         let access_log = access_log(&raw.log, base).map_err(&invalid)?;
@@ -397,7 +410,7 @@ impl Config {
             workers: (raw.workers > 0).then_some(raw.workers),
             migrate: raw.migrate,
             timeouts: Timeouts::from(raw.timeouts),
-            limits: Limits::from(raw.limits),
+            limits: Limits::new(raw.limits, per_client, per_user),
             access,
             log_format: raw.log.format,
             parents,
@@ -564,8 +577,8 @@ impl From<RawTimeouts> for Timeouts {
     }
 }
 
-impl From<RawLimits> for Limits {
-    fn from(l: RawLimits) -> Limits {
+impl Limits {
+    fn new(l: RawLimits, per_client: ClientRates, per_user: UserRates) -> Limits {
         Limits {
             max_connections: l.max_connections,
             max_connections_per_client: (l.max_connections_per_client > 0).then_some(l.max_connections_per_client),
@@ -575,6 +588,8 @@ impl From<RawLimits> for Limits {
             max_body_bytes: (l.max_body_bytes > 0).then_some(l.max_body_bytes),
             idle_per_host: l.idle_per_host,
             idle_total: l.idle_total,
+            per_client,
+            per_user,
         }
     }
 }

@@ -112,7 +112,7 @@ pub enum HostEntry {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAccess {
     pub(super) allow_clients: Vec<IpNet>,
-    htpasswd: Option<PathBuf>,
+    pub(super) htpasswd: Option<PathBuf>,
     pub(super) realm: String,
     auth_failures: u32,
     pub(super) via_token: Option<String>,
@@ -121,7 +121,7 @@ pub(super) struct RawAccess {
     deny_destinations: Vec<IpNet>,
     allow_destinations: Vec<IpNet>,
     deny_hosts: Vec<String>,
-    groups: Option<PathBuf>,
+    pub(super) groups: Option<PathBuf>,
     default: Option<Action>,
     rule: Vec<Spanned<RawRule>>,
     sni: SniMode,
@@ -181,6 +181,8 @@ pub const BUILT_IN_RULES: &[&str] = &[
     "default",
     "sni_mismatch",
     "no_sni",
+    "requests_per_second",
+    "bandwidth",
 ];
 
 /// `[access]` validated: relative paths resolved against `base`, rules checked (errors name
@@ -278,7 +280,7 @@ fn rule(r: &RawRule, index: usize, line: usize, text: &str, base: Option<&Path>)
     })
 }
 
-fn user_entry(e: &str) -> Result<UserEntry, String> {
+pub(super) fn user_entry(e: &str) -> Result<UserEntry, String> {
     match e {
         "*" => Ok(UserEntry::Any),
         _ if e.is_empty() || e.contains(':') || e.chars().any(|c| c.is_control() || c.is_whitespace()) => Err(format!(

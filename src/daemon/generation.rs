@@ -38,6 +38,7 @@ use crate::daemon::launch::Launch;
 use crate::daemon::notify;
 use crate::daemon::state_dir::{DrainingFile, StateDir};
 use crate::daemon::traffic::Sampler;
+use crate::proxy::limits::Limits;
 use crate::proxy::migrate::Kind as MoveKind;
 use crate::proxy::policy::{self, Policy};
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
@@ -512,7 +513,8 @@ async fn open_proxy(
     let first_port = own.first().map(std::net::SocketAddr::port);
     own.extend(admin.as_ref().and_then(tcp));
     policy.set_identity(own, policy::default_via_token(first_port));
-    let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, drain.clone()));
+    let limits = Arc::new(Limits::new(&config.limits, config.access.groups.as_deref())?);
+    let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, limits, drain.clone()));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     Ok((opened, connections))
 }

@@ -15,6 +15,7 @@ use http::{HeaderValue, Method, StatusCode, Uri};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::proxy::access::{AccessLine, Kind, Sent};
+use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -137,9 +138,12 @@ pub struct AccessRecord {
 }
 
 /// The response body on its way to the client; writes the access line and the request
-/// metrics when it is done (or dropped, when the client went away).
+/// metrics when it is done (or dropped, when the client went away). Under a bandwidth
+/// limit its frames go out as the buckets allow, split where they must be.
 pub struct AccessLogged {
     inner: Incoming,
+    /// The bandwidth limit, if one applies; boxed: most bodies have none.
+    pacer: Option<Box<Paced>>,
     bytes_out: u64,
     /// The body said it ended. A chunked `Incoming` never reports `is_end_stream` (its
     /// length is unknown), so its end is seen here.
@@ -148,10 +152,27 @@ pub struct AccessLogged {
     record: Option<AccessRecord>,
 }
 
+/// A body's pacer and the part of a frame it has not let out yet.
+struct Paced {
+    pacer: Pacer,
+    held: Bytes,
+}
+
 impl AccessLogged {
-    pub fn new(inner: Incoming, request_body: Arc<BodyStats>, record: AccessRecord) -> AccessLogged {
+    pub fn new(
+        inner: Incoming,
+        request_body: Arc<BodyStats>,
+        record: AccessRecord,
+        throttle: Option<Throttle>,
+    ) -> AccessLogged {
         AccessLogged {
             inner,
+            pacer: throttle.map(|t| {
+                Box::new(Paced {
+                    pacer: Pacer::new(t),
+                    held: Bytes::new(),
+                })
+            }),
             bytes_out: 0,
             ended: false,
             request_body,
@@ -164,6 +185,9 @@ impl HttpBody for AccessLogged {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.pacer.is_some() {
+            return self.poll_paced(cx);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => self.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64),
@@ -174,11 +198,53 @@ impl HttpBody for AccessLogged {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held() == 0 && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        let held = self.held() as u64;
+        if held > 0 {
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + held);
+            }
+            hint.set_lower(hint.lower() + held);
+        }
+        hint
+    }
+}
+
+impl AccessLogged {
+    /// Bytes read from the origin that the bandwidth limit has not let out yet.
+    fn held(&self) -> usize {
+        self.pacer.as_ref().map_or(0, |p| p.held.len())
+    }
+
+    /// Under a bandwidth limit: each data frame goes out in the parts the buckets allow
+    /// (a timer wakes the task when they are empty); other frames as they come.
+    fn poll_paced(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            let Some(paced) = self.pacer.as_deref_mut() else {
+                return Poll::Ready(None);
+            };
+            if !paced.held.is_empty() {
+                let n = std::task::ready!(paced.pacer.poll_take(cx, paced.held.len()));
+                let part = paced.held.split_to(n.min(paced.held.len()));
+                self.bytes_out += part.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(part))));
+            }
+            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => paced.held = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                None => {
+                    self.ended = true;
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            }
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::sni::{self, Peeked};
-use crate::proxy::tunnel::{self, Counters, Early, Handover, Relayed, Spliced, TunnelClient};
+use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TunnelClient};
 
 impl Proxy {
     /// Opens the tunnel and leaves it with `client` ([`Proxy::start_tunnel`] relays it once
@@ -142,6 +142,7 @@ impl Proxy {
             .policy
             .reads_sni()
             .then(|| (self.policy.clone(), self.settings.sni_wait));
+        let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         self.drain.tunnels().spawn(async move {
             // The client connection's place under the connection limits, until the tunnel ends.
             let _slot = slot;
@@ -157,7 +158,8 @@ impl Proxy {
                 migration: &migration,
                 record,
             };
-            let relayed = tunnel::relay(client, origin, early, idle, cut, handover).await;
+            let limits = Relay { idle, cut, throttle };
+            let relayed = tunnel::relay(client, origin, early, limits, handover).await;
             tunnel_ended(&ask, relayed, ended);
         });
     }
@@ -213,6 +215,8 @@ impl Proxy {
             }
         };
         let counters = Counters::starting_at(record.up, record.down);
+        // This generation's buckets for its key: they start full (buckets do not move).
+        let spliced = spliced.throttled(self.limits.throttle(&ask.peer, ask.user.as_deref()));
         let (idle, cut, migration) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),

@@ -52,6 +52,9 @@ pub enum Rule {
     SniMismatch,
     /// A tunnel sent no ClientHello with a server name (`[access] no_sni`).
     NoSni,
+    /// A client or user is over its `requests_per_second` (`[limits.per_client]`,
+    /// `[limits.per_user]`).
+    RequestsPerSecond,
     /// A configured `[[access.rule]]`, by its name.
     Named(&'static str),
 }
@@ -73,6 +76,7 @@ impl Rule {
             Rule::Default => "default",
             Rule::SniMismatch => "sni_mismatch",
             Rule::NoSni => "no_sni",
+            Rule::RequestsPerSecond => "requests_per_second",
             Rule::Named(name) => name,
         }
     }

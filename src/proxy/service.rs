@@ -22,6 +22,7 @@ use crate::proxy::access::{self, AccessLine, Kind, Sent};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
 use crate::proxy::connector::ConnectError;
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
+use crate::proxy::limits::Limits;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{Migration, TunnelRecord};
 use crate::proxy::parent;
@@ -74,6 +75,8 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     pub(super) settings: ProxySettings,
     pub(super) policy: Arc<Policy>,
+    /// Request rates and bandwidth per client and per user.
+    pub(super) limits: Arc<Limits>,
     pub(super) drain: Drain,
     /// Moving this generation's tunnels to the next one (`connect`).
     pub(super) migration: Arc<Migration>,
@@ -144,7 +147,7 @@ impl Ask {
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings, policy: Arc<Policy>, drain: Drain) -> Proxy {
+    pub fn new(settings: ProxySettings, policy: Arc<Policy>, limits: Arc<Limits>, drain: Drain) -> Proxy {
         let upstream = Upstream::new(
             policy.clone(),
             settings.upstream_connect,
@@ -156,6 +159,7 @@ impl Proxy {
             upstream,
             settings,
             policy,
+            limits,
             drain,
             migration: Arc::default(),
             via,
@@ -211,6 +215,10 @@ impl Proxy {
                     Err(d) => return Ok(self.deny(&ask, &d)),
                 },
             }
+        }
+        // After the rules: only requests they allowed take a token, and the user is known.
+        if let Err(d) = self.limits.check_request(&peer, ask.user.as_deref()) {
+            return Ok(self.deny(&ask, &d));
         }
         if req.headers().contains_key(header::VIA)
             && let Err(d) = self.policy.check_via(req.headers())
@@ -359,6 +367,7 @@ impl Proxy {
         let content_type = access::squid_format()
             .then(|| parts.headers.get(header::CONTENT_TYPE).cloned())
             .flatten();
+        let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         let record = AccessRecord {
             peer: ask.peer,
             method: ask.method,
@@ -372,7 +381,7 @@ impl Proxy {
             via_parent,
             content_type,
         };
-        Response::from_parts(parts, AccessLogged::new(body, stats, record).boxed())
+        Response::from_parts(parts, AccessLogged::new(body, stats, record, throttle).boxed())
     }
 
     /// The answer when the exchange with the next hop failed: the client's fault (its body

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::proxy::access::Outcome;
+use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::migrate::{Migration, Moved, TunnelRecord};
 
 /// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
@@ -79,22 +80,26 @@ pub struct Early {
 
 /// Relays between the client connection and the origin until both sides closed, either
 /// failed, the tunnel idled for `idle`, `cut` fired, or the tunnel moved to the next
-/// generation (`handover`, for tunnels that splice). `early` goes out first.
+/// generation (`handover`, for tunnels that splice). `early` goes out first. `throttle`:
+/// the bandwidth buckets both directions take from, if a limit applies.
 pub async fn relay(
     client: TunnelClient,
     mut origin: TcpStream,
     early: Early,
-    idle: Duration,
-    cut: CancellationToken,
+    limits: Relay,
     handover: Handover<'_>,
 ) -> Relayed {
+    let Relay { idle, cut, throttle } = limits;
     let counters = Counters::default();
     let mut client = match client {
         TunnelClient::Socket(Stream::Tcp(s)) => End::Tcp(s),
         TunnelClient::Socket(Stream::Unix(s)) => End::Unix(s),
         // Boxed: TLS tunnels are the rarer kind, and every tunnel's task would keep room
         // for the copy's state.
-        TunnelClient::Other(io) => return Box::pin(copied(io, origin, early, idle, cut, counters)).await,
+        TunnelClient::Other(io) => {
+            let limits = Relay { idle, cut, throttle };
+            return Box::pin(copied(io, origin, early, limits, counters)).await;
+        }
     };
     let delivered = async {
         deliver(&mut origin, &early.to_origin, &counters.up).await?;
@@ -108,6 +113,7 @@ pub async fn relay(
     }
     drop(early);
     Spliced::new(client, End::Tcp(origin))
+        .throttled(throttle)
         .run(idle, cut, counters, Some(handover))
         .await
 }
@@ -120,6 +126,17 @@ pub struct Spliced {
     origin: End,
     up: OneWay,
     down: OneWay,
+    /// Each direction's pacer under a bandwidth limit (up, down); boxed, and `None` (one
+    /// word, one branch a splice) without one.
+    pacers: Option<Box<[Pacer; 2]>>,
+}
+
+/// What bounds a tunnel's relay: how long it may idle, when it is cut, and the bandwidth
+/// buckets both of its directions take from (`None`: no limit applies).
+pub struct Relay {
+    pub idle: Duration,
+    pub cut: CancellationToken,
+    pub throttle: Option<Throttle>,
 }
 
 /// Counts that outlive a hand-over: bytes each way (counted as they leave their sender,
@@ -149,7 +166,14 @@ impl Spliced {
             origin,
             up: OneWay::default(),
             down: OneWay::default(),
+            pacers: None,
         }
+    }
+
+    /// The tunnel under `throttle`'s buckets (both directions), if any.
+    pub fn throttled(mut self, throttle: Option<Throttle>) -> Spliced {
+        self.pacers = throttle.map(|t| Box::new([Pacer::new(t.clone()), Pacer::new(t)]));
+        self
     }
 
     /// Relays until the tunnel ends, or moves (once: a hand-over that fails is not retried;
@@ -201,10 +225,15 @@ impl Spliced {
             origin,
             up,
             down,
+            pacers,
         } = self;
         std::future::poll_fn(|cx| {
-            let a = up.poll_move(cx, client, origin, &counters.activity, &counters.up)?;
-            let b = down.poll_move(cx, origin, client, &counters.activity, &counters.down)?;
+            let (p_up, p_down) = match pacers.as_deref_mut() {
+                Some([a, b]) => (Some(a), Some(b)),
+                None => (None, None),
+            };
+            let a = up.poll_move(cx, (client, origin), p_up, &counters.activity, &counters.up)?;
+            let b = down.poll_move(cx, (origin, client), p_down, &counters.activity, &counters.down)?;
             if a.is_ready() && b.is_ready() {
                 Poll::Ready(Ok(()))
             } else {
@@ -289,6 +318,7 @@ impl Spliced {
             origin,
             up,
             down,
+            pacers: None,
         })
     }
 }
@@ -382,12 +412,13 @@ const SPLICE: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPL
 impl OneWay {
     /// Moves what can move now; `Ready(Ok)` once the sender closed and all was passed on.
     /// Bytes count as they leave `from`. The readiness polls take tokio's cooperative
-    /// budget, so a busy tunnel yields.
+    /// budget, so a busy tunnel yields. Under a bandwidth limit (`pacer`), each splice
+    /// into the pipe moves what the buckets allow, and what it did not move goes back.
     fn poll_move(
         &mut self,
         cx: &mut Context<'_>,
-        from: &End,
-        to: &End,
+        (from, to): (&End, &End),
+        mut pacer: Option<&mut Pacer>,
         activity: &AtomicU64,
         total: &AtomicU64,
     ) -> Poll<io::Result<()>> {
@@ -422,10 +453,17 @@ impl OneWay {
                     Err(e) => return Poll::Ready(Err(e)),
                 },
             };
-            let (w, chunk) = (pipe.w.as_fd(), pipe.chunk);
-            match from.try_io(Interest::READABLE, || {
+            let (w, mut chunk) = (pipe.w.as_fd(), pipe.chunk);
+            if let Some(p) = pacer.as_deref_mut() {
+                chunk = ready!(p.poll_take(cx, chunk));
+            }
+            let spliced = from.try_io(Interest::READABLE, || {
                 Ok(splice(from.fd(), None, w, None, chunk, SPLICE)?)
-            }) {
+            });
+            if let Some(p) = pacer.as_deref_mut() {
+                p.give_back(chunk - spliced.as_ref().map_or(0, |n| *n));
+            }
+            match spliced {
                 Ok(0) => self.close(to),
                 Ok(n) => {
                     self.in_pipe = n;
@@ -519,10 +557,10 @@ async fn copied(
     mut client: Box<dyn CopyIo>,
     mut origin: TcpStream,
     early: Early,
-    idle: Duration,
-    cut: CancellationToken,
+    limits: Relay,
     counters: Counters,
 ) -> Relayed {
+    let Relay { idle, cut, throttle } = limits;
     let delivered = async {
         deliver(&mut origin, &early.to_origin, &counters.up).await?;
         deliver(&mut client, &early.to_client, &counters.down).await
@@ -531,7 +569,7 @@ async fn copied(
         return Relayed::ended(end_of(&e), "copy", &counters);
     }
     let end = tokio::select! {
-        r = copy_both(client, origin, &counters.activity, &counters.up, &counters.down) => match r {
+        r = copy_both(client, origin, &counters, throttle) => match r {
             Ok(()) => "closed",
             Err(e) => end_of(&e),
         },
@@ -541,23 +579,24 @@ async fn copied(
     Relayed::ended(end, "copy", &counters)
 }
 
-/// The buffered copy, counted as it goes.
+/// The buffered copy, counted as it goes, and paced under a bandwidth limit.
 async fn copy_both<C: AsyncRead + AsyncWrite + Unpin>(
     client: C,
     origin: TcpStream,
-    activity: &AtomicU64,
-    up: &AtomicU64,
-    down: &AtomicU64,
+    counters: &Counters,
+    throttle: Option<Throttle>,
 ) -> io::Result<()> {
     let mut client = Counting {
         io: client,
-        activity,
-        total: up,
+        activity: &counters.activity,
+        total: &counters.up,
+        pacer: throttle.clone().map(Pacer::new),
     };
     let mut origin = Counting {
         io: origin,
-        activity,
-        total: down,
+        activity: &counters.activity,
+        total: &counters.down,
+        pacer: throttle.map(Pacer::new),
     };
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut origin, CHUNK, CHUNK).await?;
     Ok(())
@@ -569,19 +608,37 @@ struct Counting<'a, T> {
     io: T,
     activity: &'a AtomicU64,
     total: &'a AtomicU64,
+    /// Under a bandwidth limit: a read takes no more than the buckets allow.
+    pacer: Option<Pacer>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counting<'_, T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(pacer) = this.pacer.as_mut().filter(|_| buf.remaining() > 0) {
+            let allowed = ready!(pacer.poll_take(cx, buf.remaining()));
+            let mut part = ReadBuf::new(buf.initialize_unfilled_to(allowed));
+            let polled = Pin::new(&mut this.io).poll_read(cx, &mut part);
+            let n = part.filled().len();
+            buf.advance(n);
+            pacer.give_back(allowed - n);
+            this.count(n);
+            return polled;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        if n > 0 {
-            this.total.fetch_add(n as u64, Ordering::Relaxed);
-            this.activity.fetch_add(1, Ordering::Relaxed);
-        }
+        this.count(n);
         polled
+    }
+}
+
+impl<T> Counting<'_, T> {
+    fn count(&self, n: usize) {
+        if n > 0 {
+            self.total.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -639,12 +696,66 @@ mod tests {
             TunnelClient::Socket(Stream::Tcp(client)),
             origin,
             early,
-            Duration::from_secs(1),
-            CancellationToken::new(),
+            Relay {
+                idle: Duration::from_secs(1),
+                cut: CancellationToken::new(),
+                throttle: None,
+            },
             handover,
         );
         let size = std::mem::size_of_val(&task);
         eprintln!("the tunnel's relay future: {size} bytes");
         assert!(size <= 1536, "the tunnel's relay future is {size} bytes");
+    }
+
+    /// A copied tunnel (a TLS client's) is paced too: 2 MB at 1 MB/s, with one second's
+    /// burst, take a second more; the same bytes with no limit take next to nothing.
+    #[tokio::test]
+    async fn the_copy_path_is_paced() {
+        use tokio::io::AsyncReadExt;
+        let text = "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\n[limits.per_client]\nbandwidth = 1000000\n";
+        let config = crate::config::Config::parse(text, None).unwrap();
+        let limits = crate::proxy::limits::Limits::new(&config.limits, None).unwrap();
+        let peer = baton_handoff::Peer::Ip("127.0.0.1:1".parse().unwrap());
+        for (throttle, least, most) in [(limits.throttle(&peer, None), 900, 1600), (None, 0, 500)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (client_side, _) = listener.accept().await.unwrap();
+            let mut origin = TcpStream::connect(addr).await.unwrap();
+            let (origin_side, _) = listener.accept().await.unwrap();
+            let migration = Migration::default();
+            let early = Early {
+                to_origin: Vec::new(),
+                to_client: bytes::Bytes::new(),
+            };
+            let handover = Handover {
+                migration: &migration,
+                record: Box::default(),
+            };
+            let limits = Relay {
+                idle: Duration::from_secs(10),
+                cut: CancellationToken::new(),
+                throttle,
+            };
+            let start = std::time::Instant::now();
+            let send = async {
+                origin.write_all(&vec![7u8; 2_000_000]).await.unwrap();
+                origin.shutdown().await.unwrap();
+            };
+            let receive = async {
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.unwrap();
+                let took = start.elapsed().as_millis();
+                // The other way closes too: the tunnel ends.
+                client.shutdown().await.unwrap();
+                (got.len(), took)
+            };
+            let other = TunnelClient::Other(Box::new(client_side));
+            let (relayed, (), (got, took)) =
+                tokio::join!(relay(other, origin_side, early, limits, handover), send, receive);
+            assert_eq!((got, relayed.down), (2_000_000, 2_000_000));
+            assert!((least..most).contains(&took), "{took} ms");
+        }
     }
 }
