@@ -9,7 +9,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use crate::channel::PredecessorChannel;
-use crate::listener::{Origin, Socket};
+use crate::listener::{ListenAddr, Origin, Socket};
 
 /// The readiness pipe's fd number in a successor.
 pub const READY_FD_ENV: &str = "BATON_READY_FD";
@@ -238,25 +238,23 @@ impl Inherited {
         &self.names
     }
 
-    /// The first untaken socket called `name`.
-    pub fn position_by_name(&self, name: &str) -> Option<usize> {
-        (0..self.len()).find(|&i| !self.taken[i] && self.names.get(i).map(String::as_str) == Some(name))
-    }
-
-    /// The first untaken inherited socket for which `pred` holds. Like [`Inherited::take`],
-    /// call it inside a tokio runtime (the sockets are registered with its reactor).
-    pub fn position_by(&self, pred: impl Fn(&Socket) -> bool) -> Option<usize> {
-        (0..self.len()).find(|&i| {
-            if self.taken[i] {
-                return false;
-            }
-            // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
-            let fd = unsafe { BorrowedFd::borrow_raw(self.first_fd + i as RawFd) };
-            let Ok(dup) = fd.try_clone_to_owned() else {
-                return false;
-            };
-            Socket::from_listening_fd(dup).is_ok_and(|s| pred(&s))
-        })
+    /// The sockets not taken yet: index, name, address, origin. Like [`Inherited::take`],
+    /// call it inside a tokio runtime (the sockets are registered with its reactor). A socket
+    /// whose address cannot be read is left out (taking it would fail the same way).
+    pub fn untaken(&self) -> Vec<(usize, String, ListenAddr, Origin)> {
+        (0..self.len())
+            .filter(|&i| !self.taken[i])
+            .filter_map(|i| {
+                // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
+                let fd = unsafe { BorrowedFd::borrow_raw(self.first_fd + i as RawFd) };
+                let addr = Socket::from_listening_fd(fd.try_clone_to_owned().ok()?)
+                    .ok()?
+                    .local_addr()
+                    .ok()?;
+                let name = self.names.get(i).cloned().unwrap_or_default();
+                Some((i, name, addr, self.origins.get(i).copied().unwrap_or(Origin::Bound)))
+            })
+            .collect()
     }
 
     /// Takes inherited socket `idx` as a TCP or Unix listener, with where it came from.

@@ -27,6 +27,7 @@
 //!
 //! `examples/hello.rs` is a complete server that upgrades on SIGUSR2 in about 50 lines.
 
+pub mod adopt;
 pub mod channel;
 pub mod drain;
 pub mod inherit;
@@ -37,13 +38,11 @@ pub mod successor;
 pub mod transfer;
 mod wire;
 
+pub use adopt::{Forecast, Held, Listener, Opened, forecast, open_listener};
 pub use channel::{CanaryFailed, Passed, PredecessorChannel, Verdict, Watch};
 pub use drain::{Drain, DrainReport};
 pub use inherit::{FailureReporter, Inherited, ReadySignal};
-pub use listener::{
-    Forecast, Held, ListenAddr, ListenError, Listener, Opened, Origin, Peer, Socket, Stream, accept_until, bind,
-    forecast, open_listener,
-};
+pub use listener::{ListenAddr, ListenError, Origin, Peer, Socket, Stream, accept_until, bind};
 pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};
 pub use transfer::{Incoming, Item, TRANSFER_VERSION, Transfer, TransferError, batches};

@@ -1,6 +1,7 @@
-//! Listening sockets: bound from configuration or adopted from fds a predecessor (or the
-//! service manager) passed, by one rule for every listener ([`open_listener`]). A socket kept
-//! across generations keeps its kernel accept queue, so no connection waiting in it is lost.
+//! Listening sockets and their addresses: bound here (Unix ones 0600 at bind), or made from
+//! an fd a predecessor or the service manager passed; the accept loop and accepted streams.
+//! Which of the two a listener gets is `adopt`'s rule. A socket kept across generations keeps
+//! its kernel accept queue, so no connection waiting in it is lost.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,8 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tracing::{info, warn};
-
-use crate::inherit::Inherited;
 
 /// Kernel backlog for sockets bound here (systemd's default is 4096 too).
 const BACKLOG: u32 = 4096;
@@ -75,7 +74,7 @@ impl ListenAddr {
         }
     }
 
-    fn is_ephemeral(&self) -> bool {
+    pub(crate) fn is_ephemeral(&self) -> bool {
         matches!(self, ListenAddr::Tcp(a) if a.port() == 0)
     }
 }
@@ -321,158 +320,6 @@ impl std::fmt::Display for Peer {
             Peer::Ip(a) => write!(f, "{a}"),
             Peer::Local => write!(f, "unix"),
         }
-    }
-}
-
-/// A named listening socket of this generation.
-#[derive(Debug)]
-pub struct Listener {
-    pub name: String,
-    /// The address the kernel reports (for a configured port 0, the real port).
-    pub bound: ListenAddr,
-    pub socket: Arc<Socket>,
-    pub origin: Origin,
-    pub opened: Opened,
-}
-
-/// How [`open_listener`] got the socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Opened {
-    /// Inherited, at the configured address.
-    Adopted,
-    /// Inherited from the service manager at another address than configured: the service
-    /// manager's socket wins.
-    AdoptedElsewhere { configured: ListenAddr },
-    /// Bound here (nothing inherited matched).
-    Bound,
-    /// Bound here because the configuration moved it; the inherited socket was closed.
-    Moved { from: ListenAddr },
-}
-
-impl Opened {
-    pub fn is_adopted(&self) -> bool {
-        matches!(self, Opened::Adopted | Opened::AdoptedElsewhere { .. })
-    }
-}
-
-/// Opens the listener `name` at `addr` by the one rule for every listener:
-///
-/// 1. An inherited socket of the same name at the configured address is adopted (unless it
-///    is a Unix socket a generation bound whose file is gone: it is bound anew).
-/// 2. An inherited socket of the same name elsewhere: the service manager's wins over the
-///    configuration (with a warning naming both); one a generation bound is closed and the
-///    configured address is bound anew (the configuration moved it).
-/// 3. Otherwise an inherited socket at exactly the configured address is adopted whatever its
-///    name (an unnamed socket-activated fd, or a renamed listener: binding would collide).
-/// 4. Otherwise the address is bound.
-pub async fn open_listener(inherited: &mut Inherited, name: &str, addr: &ListenAddr) -> Result<Listener, ListenError> {
-    let adopt_err = |source| ListenError::Adopt {
-        name: name.to_string(),
-        source,
-    };
-    if let Some(idx) = inherited.position_by_name(name) {
-        let (socket, origin) = inherited.take(idx).map_err(adopt_err)?;
-        let actual = socket.local_addr().map_err(adopt_err)?;
-        // A Unix socket whose file was removed (its runtime directory cleaned while systemd
-        // kept the socket in its fd store) takes no new connection: bound anew below.
-        let unreachable = matches!(&actual, ListenAddr::Unix(p) if std::fs::symlink_metadata(p).is_err());
-        if addr.is_served_by(&actual) && !(unreachable && origin == Origin::Bound) {
-            return Ok(listener(name, socket, actual, origin, Opened::Adopted));
-        }
-        if origin == Origin::Supervisor {
-            warn!(listener = name, configured = %addr, passed = %actual, "the service manager passed this listener at another address than the configuration: serving on the passed one");
-            let opened = Opened::AdoptedElsewhere {
-                configured: addr.clone(),
-            };
-            return Ok(listener(name, socket, actual, origin, opened));
-        }
-        info!(listener = name, from = %actual, to = %addr, "listener moved: binding the new address, closing the old one");
-        drop(socket);
-        let socket = bind(name, addr).await?;
-        let bound = socket.local_addr().map_err(adopt_err)?;
-        return Ok(listener(
-            name,
-            socket,
-            bound,
-            Origin::Bound,
-            Opened::Moved { from: actual },
-        ));
-    }
-    let same_address = inherited.position_by(|s| s.local_addr().is_ok_and(|a| a == *addr));
-    if let Some(idx) = same_address.filter(|_| !addr.is_ephemeral()) {
-        let (socket, origin) = inherited.take(idx).map_err(adopt_err)?;
-        return Ok(listener(name, socket, addr.clone(), origin, Opened::Adopted));
-    }
-    let socket = bind(name, addr).await?;
-    let bound = socket.local_addr().map_err(adopt_err)?;
-    Ok(listener(name, socket, bound, Origin::Bound, Opened::Bound))
-}
-
-/// A socket the serving generation holds, as its status reports it: for [`forecast`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
-    pub name: String,
-    pub addr: ListenAddr,
-    pub origin: Origin,
-}
-
-/// What [`open_listener`] will do with a configured listener at the next handoff.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Forecast {
-    /// The held socket of the same name and address is adopted.
-    Adopt,
-    /// The held socket at this address, now called `from`, is adopted under the new name.
-    Rename { from: String },
-    /// The service manager's socket of this name, at `passed`, wins over the configuration.
-    KeptElsewhere { passed: ListenAddr },
-    /// The configured address changed: the held socket at `from` is closed, the new one bound.
-    Move { from: ListenAddr },
-    /// Nothing held matches: the address is bound.
-    Bind,
-}
-
-/// Forecasts [`open_listener`]'s rule for each of `wanted` (name and address, in the order
-/// they are opened) against the sockets a serving generation holds: `baton check` says what
-/// the next handoff will do. Returns the forecasts and the held sockets nothing takes, which
-/// the next generation closes (dropped).
-pub fn forecast<'h>(held: &'h [Held], wanted: &[(&str, &ListenAddr)]) -> (Vec<Forecast>, Vec<&'h Held>) {
-    let mut taken = vec![false; held.len()];
-    let mut forecasts = Vec::with_capacity(wanted.len());
-    for (name, addr) in wanted {
-        let free = |i: &usize, taken: &[bool]| !taken[*i];
-        let by_name = (0..held.len()).find(|i| free(i, &taken) && held[*i].name == *name);
-        let by_addr = || (0..held.len()).find(|i| free(i, &taken) && held[*i].addr == **addr);
-        let f = if let Some(i) = by_name {
-            taken[i] = true;
-            let h = &held[i];
-            if addr.is_served_by(&h.addr) {
-                Forecast::Adopt
-            } else if h.origin == Origin::Supervisor {
-                Forecast::KeptElsewhere { passed: h.addr.clone() }
-            } else {
-                Forecast::Move { from: h.addr.clone() }
-            }
-        } else if let Some(i) = by_addr().filter(|_| !addr.is_ephemeral()) {
-            taken[i] = true;
-            Forecast::Rename {
-                from: held[i].name.clone(),
-            }
-        } else {
-            Forecast::Bind
-        };
-        forecasts.push(f);
-    }
-    let dropped = held.iter().zip(&taken).filter(|(_, t)| !**t).map(|(h, _)| h).collect();
-    (forecasts, dropped)
-}
-
-fn listener(name: &str, socket: Socket, bound: ListenAddr, origin: Origin, opened: Opened) -> Listener {
-    Listener {
-        name: name.to_string(),
-        bound,
-        socket: Arc::new(socket),
-        origin,
-        opened,
     }
 }
 
@@ -756,57 +603,6 @@ mod tests {
         let plain_mode = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
         // Under the usual umasks (022, 002, 077) a plain bind(2) makes 0755, 0775 or 0700.
         assert_ne!(plain_mode, 0o600, "the witness: a plain bind differs ({plain_mode:o})");
-    }
-
-    #[test]
-    fn the_forecast_follows_the_rule() {
-        let tcp = |s: &str| ListenAddr::Tcp(s.parse().unwrap());
-        let held = |name: &str, addr: &str, origin| Held {
-            name: name.into(),
-            addr: tcp(addr),
-            origin,
-        };
-        let held = [
-            held("proxy", "127.0.0.1:8080", Origin::Supervisor),
-            held("side", "127.0.0.1:8081", Origin::Bound),
-            held("eph", "127.0.0.2:40000", Origin::Bound),
-            held("old", "127.0.0.1:8082", Origin::Bound),
-            held("was", "127.0.0.1:8083", Origin::Bound),
-            held("sd", "127.0.0.1:8084", Origin::Supervisor),
-        ];
-        let (a, b, c, d, e, f) = (
-            tcp("127.0.0.1:8080"),
-            tcp("127.0.0.1:9081"),
-            tcp("127.0.0.2:0"),
-            tcp("127.0.0.1:8083"),
-            tcp("127.0.0.1:9000"),
-            tcp("127.0.0.1:9084"),
-        );
-        let wanted = [
-            ("proxy", &a),
-            ("side", &b),
-            ("eph", &c),
-            ("renamed", &d),
-            ("new", &e),
-            ("sd", &f),
-        ];
-        let (forecasts, dropped) = forecast(&held, &wanted);
-        assert_eq!(
-            forecasts,
-            vec![
-                Forecast::Adopt,
-                Forecast::Move {
-                    from: tcp("127.0.0.1:8081")
-                },
-                Forecast::Adopt,
-                Forecast::Rename { from: "was".into() },
-                Forecast::Bind,
-                Forecast::KeptElsewhere {
-                    passed: tcp("127.0.0.1:8084")
-                },
-            ]
-        );
-        assert_eq!(dropped.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["old"]);
     }
 
     #[test]
