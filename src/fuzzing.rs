@@ -13,7 +13,9 @@
 //!   [`hop_by_hop::strip_hop_by_hop`] leaves no field `Connection` names;
 //!   [`strict::content_length`] accepts exactly the decimals that fit in 64 bits;
 //! - [`chunked`]: the bytes as the body of a chunked request: the stream checker's verdict
-//!   does not depend on the split, and what it passes hyper's decoder reads.
+//!   does not depend on the split, and what it passes hyper's decoder reads;
+//! - [`response_head`]: [`response_framing::relayed_head`] relays a head whose framing is
+//!   unambiguous, without hop-by-hop fields, and relays that head unchanged.
 //!
 //! The stream checker's verdict ([`Verdict`]): what hyper reads, the read error, and the
 //! first faulty head. It must hold that what hyper reads is what was sent, up to the error,
@@ -30,8 +32,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::proxy::framing::{Framed, RequestSignal};
-use crate::proxy::hop_by_hop;
 use crate::proxy::strict::{self, Fault, Framing, Head};
+use crate::proxy::{hop_by_hop, response_framing};
 
 /// The request head limit of the fuzzed stream: above any input, so that every head is
 /// judged (over the limit, hyper refuses the head before any fault is looked at).
@@ -75,6 +77,54 @@ pub fn chunked(data: &[u8]) {
     if verdict.error.is_none() {
         hyper_reads_the_chunks(&verdict.read[CHUNKED_HEAD.len()..]);
     }
+}
+
+/// The `response_head` target: `data` as a response's field lines (`name: value`, one a
+/// line; lines that are not a valid field are left out). The head relayed to the client has
+/// no hop-by-hop field, never both `Content-Length` and `Transfer-Encoding`, at most one
+/// `Content-Length` and no `chunked` coding; relayed again, it stays as it is.
+pub fn response_head(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = HeaderName::from_bytes(&line[..colon]);
+        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (name, value) {
+            headers.append(name, value);
+        }
+    }
+    let Ok(()) = response_framing::relayed_head(&mut headers) else {
+        return;
+    };
+    for name in [
+        "connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "keep-alive",
+    ] {
+        assert!(!headers.contains_key(name), "{name} relayed");
+    }
+    let lengths = headers.get_all(http::header::CONTENT_LENGTH).iter().count();
+    let codings = headers.get_all(http::header::TRANSFER_ENCODING).iter().count();
+    assert!(
+        lengths <= 1 && codings <= 1 && lengths + codings <= 1,
+        "framing fields relayed"
+    );
+    if let Some(codings) = headers.get(http::header::TRANSFER_ENCODING) {
+        let tokens = hop_by_hop::token_list(codings.as_bytes()).expect("relayed codings are a list");
+        assert!(!tokens.is_empty(), "an empty Transfer-Encoding relayed");
+        assert!(
+            !tokens.iter().any(|t| t.eq_ignore_ascii_case(b"chunked")),
+            "chunked relayed"
+        );
+    }
+    let mut again = headers.clone();
+    assert_eq!(response_framing::relayed_head(&mut again), Ok(()), "relayed again");
+    assert_eq!(again, headers, "relayed again, changed");
 }
 
 /// A prefix of a head cut at a line end is partial or has the whole head's verdict: only

@@ -38,3 +38,8 @@ fn connection_tokens_corpus_holds() {
 fn chunked_corpus_holds() {
     replay("chunked", baton::fuzzing::chunked);
 }
+
+#[test]
+fn response_head_corpus_holds() {
+    replay("response_head", baton::fuzzing::response_head);
+}
