@@ -14,10 +14,15 @@
 //! - [`daemon`]: one process's lifecycle (a generation), the control socket's server, the
 //!   admin listener, the state shared between generations, systemd notify and logging.
 //!
+//! `fuzzing` (hidden) holds the properties the fuzz targets check, for the targets and their
+//! corpus replay (`tests/fuzz_corpora.rs`).
+//!
 //! `docs/design.md` opens with the module map.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 pub mod tls;
