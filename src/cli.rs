@@ -321,15 +321,36 @@ fn explain(rules: &Rules, request: &str, args: &CheckArgs) -> anyhow::Result<Exi
         destination(&req).context("--explain: CONNECT wants host:port, any other method an absolute http:// URL")?;
     let f = Facts::new(Some(args.client), &method, host, port);
     let login = args.user.as_deref().map_or(Login::Missing, Login::User);
-    println!(
-        "{method} {target} from {}{}",
-        args.client,
-        args.user.as_deref().map_or(String::new(), |u| format!(" as {u}"))
-    );
-    for line in rules.explain(&f, login) {
+    let user = args.user.as_deref().map_or(String::new(), |u| format!(" as {u}"));
+    println!("{method} {target} from {}{user}", args.client);
+    let sni = args.sni.as_deref().filter(|_| method == http::Method::CONNECT);
+    for line in explain_lines(rules, f, login, sni) {
         println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rules on `f`, and on the tunnel's server name `sni` as `Policy::check_sni` holds it:
+/// a name must be the CONNECT's; a CONNECT to an address is decided on the name.
+fn explain_lines(rules: &Rules, mut f: Facts<'_>, login: Login<'_>, sni: Option<&str>) -> Vec<String> {
+    let Some(name) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+        return rules.explain(&f, login);
+    };
+    if f.ip.is_none() {
+        let mut lines = rules.explain(&f, login);
+        if name != f.host {
+            lines.push(format!(
+                "the ClientHello asks for {name}, not {}: sni_mismatch decides: deny",
+                f.host
+            ));
+        }
+        return lines;
+    }
+    f.sni_to_come = true;
+    let mut lines = rules.explain(&f, login);
+    lines.push(format!("then, on the ClientHello's server name {name}:"));
+    lines.extend(rules.explain(&Facts::new(f.client, f.method, &name, f.port), login));
+    lines
 }
 
 /// `[upstream]` as `baton check` shows it (whether credentials are set, never what they are).

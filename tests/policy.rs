@@ -423,3 +423,62 @@ async fn moved_tunnels_are_held_to_the_new_generations_rules() {
         "each closed tunnel's line says why: {log}"
     );
 }
+
+/// `baton check --explain` through the binary: the deciding rule, why each earlier one
+/// missed, and the SNI's part.
+#[test]
+fn check_explains_which_rule_decides_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ci.txt"), "git.example.com\n.packages.example\n").unwrap();
+    let config = dir.path().join("baton.toml");
+    let text = common::config_text(
+        dir.path(),
+        "[access]\nallow_clients = [\"10.0.0.0/8\"]\n\
+         [[access.rule]]\nname = \"ci\"\naction = \"allow\"\nclients = [\"10.8.0.0/16\"]\nhosts = [\"@ci.txt\"]\nports = [443]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(BATON)
+            .args(["check", "--config", config.to_str().unwrap(), "--explain"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let allowed = explain(&["CONNECT git.example.com:443", "--client", "10.8.1.2"]);
+    assert!(
+        allowed.contains("no match: port 443 is among [443]"),
+        "connect_ports passed it: {allowed}"
+    );
+    assert!(allowed.trim_end().ends_with("decides: allow"), "ci decides: {allowed}");
+    let denied = explain(&["GET http://git.example.com/", "--client", "10.9.1.2"]);
+    assert!(
+        denied.contains("no match: port 80 is not among [443]"),
+        "why ci missed: {denied}"
+    );
+    assert!(denied.trim_end().ends_with("default decides: deny"), "{denied}");
+    let fronted = explain(&[
+        "CONNECT git.example.com:443",
+        "--client",
+        "10.8.1.2",
+        "--sni",
+        "evil.example",
+    ]);
+    assert!(fronted.contains("sni_mismatch decides: deny"), "{fronted}");
+    let by_address = explain(&[
+        "CONNECT 192.0.2.1:443",
+        "--client",
+        "10.8.1.2",
+        "--sni",
+        "a.packages.example",
+    ]);
+    assert!(
+        by_address.contains("waits for the ClientHello's server name"),
+        "{by_address}"
+    );
+    assert!(
+        by_address.trim_end().ends_with("decides: allow"),
+        "decided on the name: {by_address}"
+    );
+}

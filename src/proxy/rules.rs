@@ -267,6 +267,10 @@ impl Rules {
     pub fn explain(&self, f: &Facts, login: Login) -> Vec<String> {
         let mut lines = Vec::new();
         for (i, e) in self.list.iter().enumerate() {
+            if e.tests.iter().all(|t| t.holds(f) != Match::No) && e.tests.iter().any(|t| t.holds(f) == Match::Maybe) {
+                lines.push(format!("{}. {e}\n   waits for the ClientHello's server name", i + 1));
+                return lines;
+            }
             let why = match e.tests.iter().find(|t| t.holds(f) == Match::No) {
                 Some(t) => t.miss(f),
                 None => match (&e.users, login) {
