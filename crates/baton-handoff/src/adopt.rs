@@ -103,10 +103,24 @@ pub async fn open_listener(inherited: &mut Inherited, name: &str, addr: &ListenA
         name: name.to_string(),
         source,
     };
-    let free: Vec<(usize, Held)> = inherited
-        .untaken()
+    let untaken = inherited.untaken();
+    // An fd passed under this name that is no listening socket: taking it refuses it, naming
+    // the fd (one under another name is closed with the rest, unused).
+    if let Some((i, ..)) = untaken.iter().find(|(_, n, addr, _)| n == name && addr.is_none()) {
+        inherited.take(*i).map_err(adopt_err)?;
+    }
+    let free: Vec<(usize, Held)> = untaken
         .into_iter()
-        .map(|(i, name, addr, origin)| (i, Held { name, addr, origin }))
+        .filter_map(|(i, name, addr, origin)| {
+            Some((
+                i,
+                Held {
+                    name,
+                    addr: addr?,
+                    origin,
+                },
+            ))
+        })
         .collect();
     let (forecast, index) = plan(&free, name, addr);
     let taken = index.map(|i| inherited.take(i)).transpose().map_err(adopt_err)?;

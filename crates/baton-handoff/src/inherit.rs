@@ -238,21 +238,20 @@ impl Inherited {
         &self.names
     }
 
-    /// The sockets not taken yet: index, name, address, origin. Like [`Inherited::take`],
-    /// call it inside a tokio runtime (the sockets are registered with its reactor). A socket
-    /// whose address cannot be read is left out (taking it would fail the same way).
-    pub fn untaken(&self) -> Vec<(usize, String, ListenAddr, Origin)> {
+    /// The fds not taken yet: index, name, address (`None`: not a listening socket, or its
+    /// address cannot be read: taking it fails, naming the fd), origin. Like
+    /// [`Inherited::take`], call it inside a tokio runtime (sockets are registered with its
+    /// reactor).
+    pub fn untaken(&self) -> Vec<(usize, String, Option<ListenAddr>, Origin)> {
         (0..self.len())
             .filter(|&i| !self.taken[i])
-            .filter_map(|i| {
+            .map(|i| {
                 // SAFETY: the fd stays owned by `self.fds`; the borrowed view lives only here.
                 let fd = unsafe { BorrowedFd::borrow_raw(self.first_fd + i as RawFd) };
-                let addr = Socket::from_listening_fd(fd.try_clone_to_owned().ok()?)
-                    .ok()?
-                    .local_addr()
-                    .ok()?;
+                let view = fd.try_clone_to_owned().and_then(Socket::from_listening_fd);
+                let addr = view.and_then(|s| s.local_addr()).ok();
                 let name = self.names.get(i).cloned().unwrap_or_default();
-                Some((i, name, addr, self.origins.get(i).copied().unwrap_or(Origin::Bound)))
+                (i, name, addr, self.origins.get(i).copied().unwrap_or(Origin::Bound))
             })
             .collect()
     }
