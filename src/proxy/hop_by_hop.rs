@@ -139,6 +139,54 @@ mod tests {
     }
 
     #[test]
+    fn each_hop_by_hop_field_is_removed_when_it_is_the_only_one() {
+        // Alone, each sets a single bit of `seen`: the test of that bit must find it.
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h).unwrap();
+            assert!(!h.contains_key(name), "{name} is hop-by-hop, so it is not forwarded");
+            assert!(h.contains_key("x-keep"), "{name}: an end-to-end field is forwarded");
+        }
+    }
+
+    #[test]
+    fn a_field_named_only_by_connection_is_removed() {
+        // Connection is the only hop-by-hop field here: the fields it names go with it.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h).unwrap();
+        assert!(!h.contains_key("x-secret"), "Connection names it: hop-by-hop");
+        assert!(!h.contains_key(header::CONNECTION), "Connection itself is hop-by-hop");
+        assert!(
+            h.contains_key("x-keep"),
+            "a field Connection does not name is forwarded"
+        );
+    }
+
+    #[test]
+    fn the_close_option_names_no_field() {
+        // `close` is a connection option, not a field name (RFC 9110 §7.6.1): a field that
+        // happens to be called `Close` is end-to-end, and is forwarded.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h).unwrap();
+        assert!(
+            h.contains_key("close"),
+            "the close option does not name the Close field"
+        );
+        assert!(
+            !h.contains_key("x-secret"),
+            "the other token of the same list does name a field"
+        );
+    }
+
+    #[test]
     fn connection_is_a_token_list() {
         let tokens = |v: &[u8]| token_list(v).map(|t| t.iter().map(|t| t.to_vec()).collect::<Vec<_>>());
         let list = |l: &[&str]| Some(l.iter().map(|t| t.as_bytes().to_vec()).collect::<Vec<_>>());

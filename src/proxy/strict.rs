@@ -95,16 +95,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, Fault> {
 
 const CONTROL_IN_VALUE: Fault = Fault::bad("control byte in a field value");
 
-/// Checks one field line (`name: value`, without its line end) of a header or trailer
-/// section; returns the name and the value without surrounding whitespace.
-pub fn field_line(line: &[u8]) -> Result<(&[u8], &[u8]), Fault> {
-    let (name, value) = field_parts(line)?;
-    if !value.iter().all(|&b| is_field_byte(b)) {
-        return Err(CONTROL_IN_VALUE);
-    }
-    Ok((name, value))
-}
-
 /// A field line's name (checked) and value (trimmed, its bytes not checked).
 fn field_parts(line: &[u8]) -> Result<(&[u8], &[u8]), Fault> {
     let colon = line.iter().position(|&b| !is_tchar(b)).unwrap_or(line.len());
@@ -683,6 +673,79 @@ mod tests {
         }
         let exactly = "A".repeat(32);
         assert!(verdict(&format!("{exactly} http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")).is_ok());
+    }
+
+    #[test]
+    fn only_host_content_length_and_transfer_encoding_are_read() {
+        // Fields of the same lengths as Host (4), Content-Length (14) and Transfer-Encoding
+        // (17), with values those three would refuse: they are other fields, not judged.
+        let others = "Date: x, y\r\nAccept-Charset: utf-8\r\nIf-Modified-Since: gzip\r\n";
+        assert_eq!(verdict(&get(&format!("Host: a\r\n{others}"))), Ok(Framing::Empty));
+        // The witness: under their own names the same values are refused.
+        assert_eq!(
+            verdict(&get("Host: x, y\r\n")),
+            Err((400, "Host with more than one value"))
+        );
+        assert_eq!(
+            verdict(&get("Host: a\r\nContent-Length: utf-8\r\n")),
+            Err((400, "invalid Content-Length"))
+        );
+        assert_eq!(
+            verdict(&get("Host: a\r\nTransfer-Encoding: gzip\r\n")),
+            Err((400, "chunked is not the final transfer coding"))
+        );
+    }
+
+    #[test]
+    fn empty_method_and_empty_target_are_refused() {
+        for (head, reason) in [
+            (" http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", "invalid method"),
+            (
+                "GET  HTTP/1.1\r\nHost: a\r\n\r\n",
+                "request target with a space, a control or a non-ASCII byte",
+            ),
+        ] {
+            assert_eq!(verdict(head), Err((400, reason)), "{head:?}: an empty part is no token");
+        }
+        // The witness: with both parts present the line is good.
+        assert_eq!(verdict("G http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn a_transfer_coding_without_a_name_is_malformed() {
+        // Parameters need a coding to belong to: `;x` alone is not a coding, so the value is
+        // malformed (not merely a list whose last coding is not chunked).
+        let head = get("Host: a\r\nTransfer-Encoding: ;x\r\n");
+        assert_eq!(verdict(&head), Err((400, "malformed Transfer-Encoding")));
+        let head = get("Host: a\r\nTransfer-Encoding: gzip;x, chunked\r\n");
+        assert_eq!(
+            verdict(&head),
+            Err((501, "transfer coding other than chunked")),
+            "with a name, parameters are allowed (and the coding is then not implemented)"
+        );
+    }
+
+    #[test]
+    fn ip_literals_and_pct_encoding_in_host() {
+        for bad in [
+            "[]",
+            "[::g]",
+            "[::1]x",
+            "[::1]:123456",
+            "a%4",
+            "a%4g",
+            "ab%41%zz",
+            "a:123456",
+        ] {
+            assert_eq!(
+                check_host(bad.as_bytes()),
+                Err(Fault::bad("invalid Host")),
+                "{bad}: not an IP literal, a reg-name with complete %XX escapes, or a port of 5 digits"
+            );
+        }
+        for ok in ["[1.2.3.4]", "[::1]:65535", "%41b", "ab%41%2a", "a:65535"] {
+            assert_eq!(check_host(ok.as_bytes()), Ok(()), "{ok}");
+        }
     }
 
     #[test]

@@ -126,4 +126,33 @@ mod tests {
         assert!(drain.is_draining());
         assert_eq!(drain.active_connections() + drain.active_tunnels(), 0);
     }
+
+    #[tokio::test]
+    async fn work_is_counted_while_it_runs_and_draining_begins_only_with_begin() {
+        let drain = Drain::new();
+        assert!(!drain.is_draining(), "a new drain has not begun");
+        // Three connections and two tunnels: distinct counts, so a mix-up of the two shows.
+        for _ in 0..3 {
+            let draining = drain.draining();
+            drain.connections().spawn(async move { draining.cancelled().await });
+        }
+        for _ in 0..2 {
+            let cut = drain.cut_token();
+            drain.tunnels().spawn(async move { cut.cancelled().await });
+        }
+        assert_eq!(
+            drain.active_connections(),
+            3,
+            "each connection task counts while it runs"
+        );
+        assert_eq!(drain.active_tunnels(), 2, "each tunnel task counts while it runs");
+        drain.begin();
+        assert!(drain.is_draining(), "begin starts the drain");
+        let report = drain.drain_until(Duration::from_millis(50)).await;
+        assert_eq!(
+            (report.connections, report.tunnels, report.cut),
+            (3, 2, 2),
+            "the connections heard the drain and ended; the tunnels waited for the cut"
+        );
+    }
 }

@@ -158,7 +158,7 @@ fn refused(fd: BorrowedFd<'_>, reason: String) -> Refused {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, FromRawFd};
 
     use super::*;
 
@@ -201,6 +201,67 @@ mod tests {
         assert!(err.to_string().contains("not listening"), "{err}");
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert_eq!(connected_stream(a.as_fd(), Family::Unix).unwrap(), None);
+    }
+
+    #[test]
+    fn an_ipv6_connection_reports_its_real_peer() {
+        let listener = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let got = connected_stream(server.as_fd(), Family::Ip).unwrap();
+        assert_eq!(got, Some(client.local_addr().unwrap()), "the kernel's IPv6 peer");
+        assert_eq!(got, Some(peer));
+    }
+
+    #[test]
+    fn the_refusal_names_what_the_fd_is() {
+        // A pipe was expected: the reason says what came instead, so a mix-up in the
+        // sender's records can be told from the message alone.
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let dir_fd = std::fs::File::open(dir.path()).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        for (fd, kind) in [
+            (a.as_fd(), "a socket"),
+            (file.as_fd(), "a regular file"),
+            (dir_fd.as_fd(), "a directory"),
+            (null.as_fd(), "a character device"),
+        ] {
+            let err = pipe_end(fd, true).unwrap_err();
+            assert!(err.reason.starts_with(&format!("{kind} where a pipe")), "{err}");
+        }
+        let (r, _w) = std::io::pipe().unwrap();
+        assert!(pipe_end(r.as_fd(), false).is_ok(), "the witness: a pipe is a pipe");
+    }
+
+    #[test]
+    fn a_failed_getsockopt_is_a_refusal_not_a_zero() {
+        // On a pipe getsockopt fails (ENOTSOCK): taken as a value of 0, the error would pass
+        // for an answer (SO_ACCEPTCONN 0: "not listening").
+        let (r, _w) = std::io::pipe().unwrap();
+        let err = opt(r.as_fd(), libc::SO_TYPE).unwrap_err();
+        assert!(err.reason.starts_with("getsockopt("), "{err}");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(opt(a.as_fd(), libc::SO_TYPE).unwrap(), libc::SOCK_STREAM, "the witness");
+    }
+
+    #[test]
+    fn an_ip_stream_socket_that_is_not_tcp_is_refused() {
+        // MPTCP is an IP stream protocol other than TCP that Linux may offer; without it
+        // (EPROTONOSUPPORT, or disabled) there is nothing to test here.
+        // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP) };
+        if fd < 0 {
+            eprintln!("no MPTCP here: {}", io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let mptcp = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let err = connected_stream(mptcp.as_fd(), Family::Ip).unwrap_err();
+        assert!(err.reason.contains("not TCP"), "{err}");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(listening_socket(tcp.as_fd()).unwrap(), Family::Ip, "the witness: TCP");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::wire::{MAX_FDS_PER_MESSAGE, Message, Wire};
 /// nothing, and the old generation drains as before.
 pub const TRANSFER_VERSION: u16 = 2;
 /// Record bytes per batch at most, well inside the channel's socket buffer.
-const MAX_BATCH_BYTES: usize = 96 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 96 * 1024;
 const MAGIC: &[u8; 4] = b"XFER";
 
 /// One connection on the move: the server's record of it and its fds.

@@ -100,3 +100,67 @@ fn receive(fd: RawFd) -> io::Result<Option<Message>> {
         truncated,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+
+    use super::*;
+
+    fn pair() -> (Wire, Wire) {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+        (Wire::new(a).expect("register"), Wire::new(b).expect("register"))
+    }
+
+    #[tokio::test]
+    async fn a_message_up_to_the_limit_arrives_whole_and_a_longer_one_says_it_was_cut() {
+        let (a, b) = pair();
+        // The default send buffer (~208 KiB) refuses a message this long: the kernel doubles
+        // what is asked, up to twice wmem_max (also ~208 KiB by default).
+        setsockopt(&a.0, sockopt::SndBuf, &(MAX_MESSAGE + 4096)).expect("SO_SNDBUF");
+        // The longest message sent: a full transfer batch (its records, an 8-byte header and
+        // 6 bytes a record, here one record for each fd it may carry).
+        let batch = crate::transfer::MAX_BATCH_BYTES + 8 + 6 * MAX_FDS_PER_MESSAGE;
+        a.send(&vec![7u8; batch], &[]).await.expect("send");
+        let got = b.recv().await.expect("recv").expect("a message");
+        assert_eq!(got.bytes.len(), batch, "a full transfer batch must arrive whole");
+        assert!(!got.truncated, "a full transfer batch must arrive whole");
+        let whole = vec![7u8; MAX_MESSAGE];
+        a.send(&whole, &[]).await.expect("send");
+        let got = b.recv().await.expect("recv").expect("a message");
+        assert_eq!(
+            got.bytes.len(),
+            MAX_MESSAGE,
+            "a message of MAX_MESSAGE bytes fits the buffer"
+        );
+        assert!(!got.truncated, "nothing of it was dropped");
+        a.send(&vec![7u8; MAX_MESSAGE + 1], &[]).await.expect("send");
+        let got = b.recv().await.expect("recv").expect("a message");
+        assert_eq!(got.bytes.len(), MAX_MESSAGE, "the buffer holds MAX_MESSAGE bytes");
+        assert!(
+            got.truncated,
+            "the byte past the buffer was dropped, and the receiver must know"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_fd_without_bytes_is_a_message_and_a_close_is_not() {
+        let (a, b) = pair();
+        let (r, _w) = std::io::pipe().expect("pipe");
+        a.send(&[], &[r.as_fd().as_raw_fd()]).await.expect("send");
+        let got = b
+            .recv()
+            .await
+            .expect("recv")
+            .expect("an fd alone is a message, not the end");
+        assert_eq!((got.bytes.len(), got.fds.len(), got.truncated), (0, 1, false));
+        drop(a);
+        assert!(
+            b.recv().await.expect("recv").is_none(),
+            "no bytes and no fd: the peer closed"
+        );
+    }
+}
