@@ -232,8 +232,9 @@ fn run(pieces: Vec<Vec<u8>>, cap: usize, tunnel: bool) -> Verdict {
     Verdict { read, error, fault }
 }
 
-/// A stream that returns the given pieces, one per read, then the end.
-struct Pieces(VecDeque<Vec<u8>>);
+/// A stream that returns the given pieces, one per read, then the end (the framing's own
+/// unit tests read through it too).
+pub(crate) struct Pieces(pub(crate) VecDeque<Vec<u8>>);
 
 impl AsyncRead for Pieces {
     fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

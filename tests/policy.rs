@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::testkit::tls::client_hello;
 use common::{BATON, Baton, curl, testkit, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -229,21 +230,6 @@ async fn a_list_file_and_a_broken_line_at_a_reload() {
         403,
         "localhost is no longer on the list"
     );
-}
-
-/// A real ClientHello for `name`, from a rustls client.
-fn client_hello(name: &str) -> Vec<u8> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 /// `CONNECT target` (as `login`, if given): the stream after a 200.

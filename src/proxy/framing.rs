@@ -767,7 +767,6 @@ fn hex(b: u8) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::sync::Arc;
 
     use futures_util::FutureExt;
@@ -775,22 +774,7 @@ mod tests {
 
     use super::*;
 
-    /// A stream that returns the given pieces, one per read, then the end.
-    struct Pieces(VecDeque<Vec<u8>>);
-
-    impl AsyncRead for Pieces {
-        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            let this = self.get_mut();
-            if let Some(mut piece) = this.0.pop_front() {
-                let n = piece.len().min(buf.remaining());
-                buf.put_slice(&piece[..n]);
-                if n < piece.len() {
-                    this.0.push_front(piece.split_off(n));
-                }
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
+    use crate::fuzzing::Pieces;
 
     fn framed(pieces: Vec<Vec<u8>>) -> (Framed<Pieces>, Arc<RequestSignal>) {
         let signal = Arc::new(RequestSignal::default());

@@ -71,21 +71,7 @@ pub fn judge(bytes: &[u8]) -> Option<Peeked> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A real ClientHello for `name`, from a rustls client.
-    fn hello(name: &str) -> Vec<u8> {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
-        out
-    }
+    use baton_testkit::tls::client_hello as hello;
 
     #[test]
     fn a_client_hello_names_its_server_and_needs_all_its_bytes() {

@@ -139,3 +139,19 @@ pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> io::Result<()> {
         .open(path)?;
     file.write_all(contents.as_ref())
 }
+
+/// The first bytes a rustls client sends for `server_name` (a name, or an address, for which
+/// no SNI is sent): a real ClientHello, for tests of what a proxy reads from a tunnel.
+pub fn client_hello(server_name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = ServerName::try_from(server_name.to_string()).expect("a server name or address");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).expect("a client connection");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("writing to a Vec");
+    out
+}
