@@ -169,14 +169,63 @@ struct Entry {
 }
 
 enum Test {
-    Clients(Vec<IpNet>),
+    Clients(Nets),
     /// `allow_clients`: a client outside them (Unix-socket clients are inside).
-    ClientsOutside(Vec<IpNet>),
+    ClientsOutside(Nets),
     Methods(Vec<Method>),
     Ports(Vec<u16>),
     /// `connect_ports`: a CONNECT to a port not among them.
     ConnectOutside(Vec<u16>),
     Hosts(Vec<Arc<HostSet>>, String),
+}
+
+/// Client CIDRs as 128-bit masks (IPv4 in the IPv4-mapped range), each with its family: a
+/// client is tested against each with an AND and a compare, since every request a policy's
+/// `clients` rules see pays it (`IpNet::contains` costs several times more).
+struct Nets {
+    masks: Vec<(bool, u128, u128)>,
+    /// As written, for messages.
+    written: Vec<IpNet>,
+}
+
+impl Nets {
+    fn new(nets: &[IpNet]) -> Nets {
+        let masks = nets
+            .iter()
+            .map(|n| match n {
+                IpNet::V4(v4) => (
+                    true,
+                    u128::from(v4.network().to_ipv6_mapped()),
+                    mask128(96 + v4.prefix_len()),
+                ),
+                IpNet::V6(v6) => (false, u128::from(v6.network()), mask128(v6.prefix_len())),
+            })
+            .collect();
+        Nets {
+            masks,
+            written: nets.to_vec(),
+        }
+    }
+
+    /// `ip` canonical (an IPv4-mapped address as IPv4), as `Facts` holds it.
+    fn contains(&self, ip: IpAddr) -> bool {
+        let (v4, bits) = match ip {
+            IpAddr::V4(a) => (true, u128::from(a.to_ipv6_mapped())),
+            IpAddr::V6(a) => (false, u128::from(a)),
+        };
+        self.masks
+            .iter()
+            .any(|&(family, net, mask)| family == v4 && bits & mask == net)
+    }
+}
+
+/// The mask of the first `prefix` bits of 128.
+fn mask128(prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        !0u128 << (128 - u32::from(prefix))
+    }
 }
 
 struct Users {
@@ -336,7 +385,10 @@ impl Entry {
 fn shorthands(access: &Access) -> Vec<Entry> {
     let deny = |rule, test| Entry::new(rule, Action::Deny, vec![test], None);
     let mut list = vec![
-        deny(Rule::AllowClients, Test::ClientsOutside(access.allow_clients.clone())),
+        deny(
+            Rule::AllowClients,
+            Test::ClientsOutside(Nets::new(&access.allow_clients)),
+        ),
         deny(Rule::ConnectPorts, Test::ConnectOutside(access.connect_ports.clone())),
     ];
     if !access.deny_hosts.is_empty() {
@@ -369,7 +421,7 @@ fn configured(
         tests.push(Test::Ports(p.clone()));
     }
     if let Some(c) = &r.clients {
-        tests.push(Test::Clients(c.clone()));
+        tests.push(Test::Clients(Nets::new(c)));
     }
     if let Some(h) = &r.hosts {
         tests.push(hosts(h, files)?);
@@ -454,8 +506,8 @@ fn users(
 impl Test {
     fn holds(&self, f: &Facts) -> Match {
         let yes = match self {
-            Test::Clients(nets) => f.client.is_some_and(|c| nets.iter().any(|n| n.contains(&c))),
-            Test::ClientsOutside(nets) => f.client.is_some_and(|c| !nets.iter().any(|n| n.contains(&c))),
+            Test::Clients(nets) => f.client.is_some_and(|c| nets.contains(c)),
+            Test::ClientsOutside(nets) => f.client.is_some_and(|c| !nets.contains(c)),
             Test::Methods(m) => m.contains(f.method),
             Test::Ports(p) => p.contains(&f.port),
             Test::ConnectOutside(p) => f.method == Method::CONNECT && !p.contains(&f.port),
@@ -476,8 +528,8 @@ impl Test {
     fn miss(&self, f: &Facts) -> String {
         let client = f.client.map_or("a Unix-socket client".to_string(), |c| c.to_string());
         match self {
-            Test::Clients(nets) => format!("client {client} is not in {}", nets_text(nets)),
-            Test::ClientsOutside(nets) => format!("client {client} is in {}", nets_text(nets)),
+            Test::Clients(nets) => format!("client {client} is not in {}", nets_text(&nets.written)),
+            Test::ClientsOutside(nets) => format!("client {client} is in {}", nets_text(&nets.written)),
             Test::Methods(m) => format!("method {} is not among {m:?}", f.method),
             Test::Ports(p) => format!("port {} is not among {p:?}", f.port),
             Test::ConnectOutside(p) => match *f.method == Method::CONNECT {
@@ -507,8 +559,8 @@ impl fmt::Display for Entry {
         write!(f, "{} ({})", self.rule.as_str(), self.action.as_str())?;
         for t in &self.tests {
             match t {
-                Test::Clients(n) => write!(f, " clients={}", nets_text(n))?,
-                Test::ClientsOutside(n) => write!(f, " clients-not-in={}", nets_text(n))?,
+                Test::Clients(n) => write!(f, " clients={}", nets_text(&n.written))?,
+                Test::ClientsOutside(n) => write!(f, " clients-not-in={}", nets_text(&n.written))?,
                 Test::Methods(m) => write!(f, " methods={m:?}")?,
                 Test::Ports(p) => write!(f, " ports={p:?}")?,
                 Test::ConnectOutside(p) => write!(f, " CONNECT-to-ports-not-in={p:?}")?,

@@ -324,3 +324,38 @@ fn an_address_waits_for_its_server_name_with_its_login_known() {
         "an address a CIDR names decides at once"
     );
 }
+
+/// The masks answer as `IpNet::contains` does, family included.
+#[test]
+fn client_masks_agree_with_ipnet() {
+    let nets: Vec<IpNet> = [
+        "10.8.0.0/16",
+        "0.0.0.0/0",
+        "2001:db8::/32",
+        "::/0",
+        "192.0.2.7/32",
+        "::1/128",
+    ]
+    .iter()
+    .map(|n| n.parse().unwrap())
+    .collect();
+    let ips = [
+        "10.8.1.2",
+        "10.9.0.1",
+        "192.0.2.7",
+        "192.0.2.8",
+        "2001:db8::1",
+        "2001:db9::1",
+        "::1",
+        "::2",
+    ];
+    for net in &nets {
+        let masks = Nets::new(std::slice::from_ref(net));
+        for ip in ips {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(masks.contains(ip), net.contains(&ip), "{ip} in {net}");
+        }
+    }
+    // The witness that the families are kept apart: ::/0 is no IPv4 client's.
+    assert!(!Nets::new(&["::/0".parse().unwrap()]).contains("10.0.0.1".parse().unwrap()));
+}
