@@ -15,6 +15,9 @@ use common::{BATON, Baton, curl, testkit, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Each test ends with a clean stop of the generation that serves, within this.
+const STOP: Duration = Duration::from_secs(10);
+
 /// A baton with `files` written beside its configuration (`extra`).
 async fn start_with(files: &[(&str, &str)], extra: &str) -> Baton {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -81,7 +84,7 @@ fn htpasswd() -> String {
 async fn each_matcher_ordering_and_the_default() {
     let origin = testkit::start_origin().await.unwrap();
     let port = origin.port();
-    let baton = start_with(
+    let mut baton = start_with(
         &[],
         &format!(
             "[access]\n\
@@ -137,12 +140,13 @@ async fn each_matcher_ordering_and_the_default() {
     ] {
         log_has(&baton, rule).await;
     }
+    baton.stop(STOP).await;
 }
 
 #[tokio::test]
 async fn logins_are_asked_by_the_rules_that_name_users_and_groups() {
     let origin = testkit::start_origin().await.unwrap();
-    let baton = start_with(
+    let mut baton = start_with(
         &[("htpasswd", &htpasswd()), ("groups", "contractors: bob\n")],
         "[access]\nhtpasswd = \"htpasswd\"\ngroups = \"groups\"\n\
          [[access.rule]]\nname = \"public\"\naction = \"allow\"\nhosts = [\"public.invalid\"]\n\
@@ -193,12 +197,13 @@ async fn logins_are_asked_by_the_rules_that_name_users_and_groups() {
         !baton.log().contains("public.invalid"),
         "no request was made to the public rule's host"
     );
+    baton.stop(STOP).await;
 }
 
 #[tokio::test]
 async fn a_list_file_and_a_broken_line_at_a_reload() {
     let origin = testkit::start_origin().await.unwrap();
-    let baton = start_with(
+    let mut baton = start_with(
         &[("lists/allow.txt", "# what CI may reach\nlocalhost\n")],
         "[access]\n[[access.rule]]\nname = \"ci\"\naction = \"allow\"\nhosts = [\"@lists/allow.txt\"]\n",
     )
@@ -230,6 +235,7 @@ async fn a_list_file_and_a_broken_line_at_a_reload() {
         403,
         "localhost is no longer on the list"
     );
+    baton.stop(STOP).await;
 }
 
 /// `CONNECT target` (as `login`, if given): the stream after a 200.
@@ -264,7 +270,7 @@ async fn a_tunnels_server_name_is_held_to_the_rules() {
     let echo = testkit::start_echo().await.unwrap();
     let port = echo.port();
     let access = format!("[access]\nconnect_ports = [{port}]\nno_sni = \"deny\"\n{SNI_RULES}");
-    let baton = start_with(&[], &access).await;
+    let mut baton = start_with(&[], &access).await;
     let by_name = format!("localhost:{port}");
     for (target, sni, passes, why) in [
         (by_name.as_str(), "localhost", true, "the SNI is the CONNECT's name"),
@@ -294,13 +300,16 @@ async fn a_tunnels_server_name_is_held_to_the_rules() {
     assert_eq!(echoed(&mut plain, 15).await, None, "no SNI and no_sni = \"deny\"");
     log_has(&baton, "rule=\"no_sni\"").await;
     // The same bytes pass where no_sni allows them: the refusal was no_sni's.
-    let open = start_with(&[], &access.replace("no_sni = \"deny\"", "no_sni = \"allow\"")).await;
+    let mut open = start_with(&[], &access.replace("no_sni = \"deny\"", "no_sni = \"allow\"")).await;
     let mut plain = tunnel(open.proxy, &by_name, None).await;
     plain.write_all(b"hello, not TLS\n").await.unwrap();
     assert_eq!(echoed(&mut plain, 15).await.as_deref(), Some(&b"hello, not TLS\n"[..]));
+    drop(plain);
+    baton.stop(STOP).await;
+    open.stop(STOP).await;
 }
 
-/// An origin that speaks first (SMTP's greeting), and never reads.
+/// An origin that speaks first (SMTP's greeting).
 async fn greeter() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -308,7 +317,8 @@ async fn greeter() -> SocketAddr {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let _ = s.write_all(b"220 ready\r\n").await;
-                let _ = tokio::time::sleep(Duration::from_secs(30)).await;
+                // Then it waits for the client, and closes when the client has.
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
             });
         }
     });
@@ -324,7 +334,7 @@ async fn a_server_that_speaks_first_waits_for_timeouts_sni_then_no_sni_decides()
             origin.port()
         )
     };
-    let allow = start_with(&[], &access("allow")).await;
+    let mut allow = start_with(&[], &access("allow")).await;
     let started = Instant::now();
     let mut s = tunnel(allow.proxy, &origin.to_string(), None).await;
     assert_eq!(
@@ -337,7 +347,8 @@ async fn a_server_that_speaks_first_waits_for_timeouts_sni_then_no_sni_decides()
         "the greeting waited for timeouts.sni: {:?}",
         started.elapsed()
     );
-    let deny = start_with(&[], &access("deny")).await;
+    drop(s);
+    let mut deny = start_with(&[], &access("deny")).await;
     let mut s = tunnel(deny.proxy, &origin.to_string(), None).await;
     assert_eq!(
         echoed(&mut s, 11).await,
@@ -345,6 +356,9 @@ async fn a_server_that_speaks_first_waits_for_timeouts_sni_then_no_sni_decides()
         "nothing came within timeouts.sni and no_sni denies"
     );
     log_has(&deny, "no TLS ClientHello within timeouts.sni").await;
+    drop(s);
+    allow.stop(STOP).await;
+    deny.stop(STOP).await;
 }
 
 /// Alice's and Bob's tunnels, and one to an address judged on its SNI, move at a handoff
@@ -359,7 +373,7 @@ async fn moved_tunnels_are_held_to_the_new_generations_rules() {
              [[access.rule]]\nname = \"people\"\naction = \"allow\"\nusers = [{users}]\n{hosts}"
         )
     };
-    let baton = start_with(&[("htpasswd", &htpasswd())], &rules("\"alice\", \"bob\"", "")).await;
+    let mut baton = start_with(&[("htpasswd", &htpasswd())], &rules("\"alice\", \"bob\"", "")).await;
     let target = format!("localhost:{port}");
     let mut alice = tunnel(baton.proxy, &target, Some("alice:right")).await;
     let mut bob = tunnel(baton.proxy, &target, Some("bob:right")).await;
@@ -408,6 +422,9 @@ async fn moved_tunnels_are_held_to_the_new_generations_rules() {
         log.contains("user=\"bob\"") && log.contains("moved tunnel closed: no rule allows CONNECT to sni.localhost"),
         "each closed tunnel's line says why: {log}"
     );
+    drop((alice, bob, by_sni));
+    // The clean stop of the generation serving after the handoff.
+    baton.stop(STOP).await;
 }
 
 /// `baton check --explain` through the binary: the deciding rule, why each earlier one
