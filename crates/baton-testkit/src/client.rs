@@ -36,6 +36,8 @@ impl ClientError {
 
 /// A keep-alive HTTP/1.1 connection to the proxy that sends absolute-form requests.
 pub struct ProxyConnection {
+    /// This side's port (see [`connect_tcp`]).
+    port: u16,
     sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     /// The last answer said `Connection: close`.
     announced_close: bool,
@@ -62,13 +64,21 @@ impl ProxyConnection {
 
     /// Opens a connection to the proxy, over TLS with `tls` (a TLS listener).
     pub async fn open_via(proxy: SocketAddr, tls: Option<&ProxyTls>) -> Result<ProxyConnection, ClientError> {
-        let stream = ClientStream::connect(proxy, tls).await?;
+        ProxyConnection::over(connect_tcp(proxy).await?, tls).await
+    }
+
+    /// [`ProxyConnection::open_via`] on a TCP connection already made (whose port the caller
+    /// noted: see [`connect_tcp`]).
+    pub async fn over(tcp: TcpStream, tls: Option<&ProxyTls>) -> Result<ProxyConnection, ClientError> {
+        let port = tcp.local_addr()?.port();
+        let stream = ClientStream::over(tcp, tls).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let (tx, ended) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _ = tx.send(conn.await.map_err(|e| format!("{e:?}")));
         });
         Ok(ProxyConnection {
+            port,
             sender,
             announced_close: false,
             ended: Some(ended),
@@ -89,6 +99,11 @@ impl ProxyConnection {
             Ok(Ok(Ok(()))) => Closed::Quietly,
             Ok(Err(_)) | Err(_) => Closed::Reset("the connection task did not end".into()),
         }
+    }
+
+    /// The connection's port on this side.
+    pub fn local_port(&self) -> u16 {
+        self.port
     }
 
     /// Whether the proxy closed this connection (e.g. after `Connection: close`).
@@ -143,9 +158,24 @@ pub async fn open_tunnel_via(
     target: SocketAddr,
     tls: Option<&ProxyTls>,
 ) -> io::Result<ClientStream> {
-    let mut s = ClientStream::connect(proxy, tls).await?;
+    open_tunnel_over(connect_tcp(proxy).await?, target, tls).await
+}
+
+/// [`open_tunnel_via`] on a TCP connection already made (see [`connect_tcp`]).
+pub async fn open_tunnel_over(tcp: TcpStream, target: SocketAddr, tls: Option<&ProxyTls>) -> io::Result<ClientStream> {
+    let mut s = ClientStream::over(tcp, tls).await?;
     connect_through(&mut s, target).await?;
     Ok(s)
+}
+
+/// A TCP connection to the proxy, without delay on small writes. Its local port names the
+/// connection on both sides: a client that then fails (in the TLS handshake, the request or
+/// the tunnel) can say which connection it was on, and baton-chaos matches that against the
+/// sockets a crashed generation held.
+pub async fn connect_tcp(proxy: SocketAddr) -> io::Result<TcpStream> {
+    let tcp = TcpStream::connect(proxy).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Sends `CONNECT target` on `s` and reads the answer head: a 200, or an error.
@@ -207,8 +237,11 @@ pub enum ClientStream {
 
 impl ClientStream {
     pub async fn connect(proxy: SocketAddr, tls: Option<&ProxyTls>) -> io::Result<ClientStream> {
-        let tcp = TcpStream::connect(proxy).await?;
-        let _ = tcp.set_nodelay(true);
+        ClientStream::over(connect_tcp(proxy).await?, tls).await
+    }
+
+    /// The stream on `tcp`: as it is, or over TLS with `tls`.
+    pub async fn over(tcp: TcpStream, tls: Option<&ProxyTls>) -> io::Result<ClientStream> {
         match tls {
             None => Ok(ClientStream::Plain(tcp)),
             Some(tls) => Ok(ClientStream::Tls(Box::new(tls.connect(tcp).await?))),

@@ -22,12 +22,14 @@ pub mod data;
 pub mod echo;
 pub mod load;
 pub mod origin;
+pub mod sockets;
 pub mod tls;
 pub mod tunnels;
 
 pub use browser::Browser;
 pub use client::{
-    ClientError, ClientStream, ProxyConnection, content_length, open_tunnel, open_tunnel_via, read_head, read_response,
+    ClientError, ClientStream, ProxyConnection, connect_tcp, content_length, open_tunnel, open_tunnel_over,
+    open_tunnel_via, read_head, read_response,
 };
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;

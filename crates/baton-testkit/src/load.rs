@@ -25,13 +25,13 @@ use http::StatusCode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientError, Closed, ProxyConnection};
+use crate::client::{ClientError, Closed, ProxyConnection, connect_tcp};
 use crate::tls::ProxyTls;
 
 /// How many failure messages a pool keeps.
 pub const MAX_SAMPLES: usize = 20;
-/// How many failure times a pool keeps.
-pub const MAX_FAILURE_TIMES: usize = 10_000;
+/// How many failures' connections a pool keeps.
+pub const MAX_FAILURE_PORTS: usize = 10_000;
 
 /// What a [`Load`] fetches, with how many workers of each kind.
 #[derive(Debug, Clone)]
@@ -128,9 +128,10 @@ pub struct LoadReport {
     pub resets: u64,
     /// The first [`MAX_SAMPLES`] failures, each as `kind: what happened`.
     pub samples: Vec<String>,
-    /// When each failure happened (the first [`MAX_FAILURE_TIMES`]), to tell which event
-    /// (a crashed successor, say) it belongs to.
-    pub failure_times: Vec<Instant>,
+    /// The connection each failure happened on (the first [`MAX_FAILURE_PORTS`]), by this
+    /// side's port: to tell which event (a crashed successor, say) it belongs to. `None` when
+    /// no connection was made (a refused connect, a worker that panicked).
+    pub failure_ports: Vec<Option<u16>>,
     /// The longest a complete answer took on a new connection (connecting, the proxy's accept
     /// and the origin included).
     pub max_new_connection_ms: u64,
@@ -215,7 +216,7 @@ impl Load {
         for w in self.workers {
             if let Err(e) = w.await {
                 self.tally
-                    .fail(Kind::Worker, &Failure::Other(format!("worker panicked: {e}")));
+                    .fail(Kind::Worker, &Failure::Other(format!("worker panicked: {e}")), None);
             }
         }
         self.tally.report()
@@ -232,12 +233,12 @@ struct Tally {
     reconnects: AtomicU64,
     resets: AtomicU64,
     samples: Mutex<Vec<String>>,
-    failure_times: Mutex<Vec<Instant>>,
+    failure_ports: Mutex<Vec<Option<u16>>>,
     max_new_connection_us: AtomicU64,
 }
 
 impl Tally {
-    fn fail(&self, kind: Kind, failure: &Failure) {
+    fn fail(&self, kind: Kind, failure: &Failure, port: Option<u16>) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         if failure.closed_before_response() {
             self.closed_before_response.fetch_add(1, Ordering::Relaxed);
@@ -250,10 +251,10 @@ impl Tally {
         {
             samples.push(format!("{}: {failure}", kind.label()));
         }
-        if let Ok(mut times) = self.failure_times.lock()
-            && times.len() < MAX_FAILURE_TIMES
+        if let Ok(mut ports) = self.failure_ports.lock()
+            && ports.len() < MAX_FAILURE_PORTS
         {
-            times.push(Instant::now());
+            ports.push(port);
         }
     }
 
@@ -283,7 +284,7 @@ impl Tally {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             resets: self.resets.load(Ordering::Relaxed),
             samples: self.samples.lock().map(|s| s.clone()).unwrap_or_default(),
-            failure_times: self.failure_times.lock().map(|s| s.clone()).unwrap_or_default(),
+            failure_ports: self.failure_ports.lock().map(|s| s.clone()).unwrap_or_default(),
             max_new_connection_ms: self.max_new_connection_us.load(Ordering::Relaxed) / 1000,
         }
     }
@@ -361,15 +362,20 @@ impl Worker {
             } else {
                 Kind::KeepAliveFirst
             };
+            let mut port = conn.as_ref().map(ProxyConnection::local_port);
             let attempt = tokio::time::timeout(self.spec.timeout, async {
                 let c = match conn.take() {
                     Some(c) => conn.insert(c),
-                    None => conn.insert(ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref()).await?),
+                    None => {
+                        let tcp = connect_tcp(self.proxy).await?;
+                        port = tcp.local_addr().ok().map(|a| a.port());
+                        conn.insert(ProxyConnection::over(tcp, self.spec.tls.as_ref()).await?)
+                    }
                 };
                 c.get(&self.spec.url).await
             })
             .await;
-            if !self.record(kind, attempt) {
+            if !self.record(kind, attempt, port) {
                 conn = None;
             }
             self.pause().await;
@@ -379,14 +385,15 @@ impl Worker {
     async fn new_connections(self, stop: CancellationToken) {
         while !stop.is_cancelled() {
             let started = Instant::now();
+            let mut port = None;
             let attempt = tokio::time::timeout(self.spec.timeout, async {
-                ProxyConnection::open_via(self.proxy, self.spec.tls.as_ref())
-                    .await?
-                    .get(&self.spec.url)
-                    .await
+                let tcp = connect_tcp(self.proxy).await?;
+                port = tcp.local_addr().ok().map(|a| a.port());
+                let mut c = ProxyConnection::over(tcp, self.spec.tls.as_ref()).await?;
+                c.get(&self.spec.url).await
             })
             .await;
-            if self.record(Kind::NewConnection, attempt) {
+            if self.record(Kind::NewConnection, attempt, port) {
                 let us = started.elapsed().as_micros() as u64;
                 self.tally.max_new_connection_us.fetch_max(us, Ordering::Relaxed);
             }
@@ -401,11 +408,13 @@ impl Worker {
         tokio::time::timeout(self.spec.timeout, c.ready()).await.unwrap_or(true)
     }
 
-    /// Counts one request's outcome; `true` if it was a complete 200.
+    /// Counts one request's outcome on the connection from `port`; `true` if it was a
+    /// complete 200.
     fn record(
         &self,
         kind: Kind,
         attempt: Result<Result<(StatusCode, Bytes), ClientError>, tokio::time::error::Elapsed>,
+        port: Option<u16>,
     ) -> bool {
         let failure = match attempt {
             Ok(Ok((status, body)))
@@ -425,7 +434,7 @@ impl Worker {
             Ok(Err(e)) => Failure::Client(e),
             Err(_) => Failure::Timeout(self.spec.timeout),
         };
-        self.tally.fail(kind, &failure);
+        self.tally.fail(kind, &failure, port);
         false
     }
 

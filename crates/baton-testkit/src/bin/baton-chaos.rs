@@ -5,6 +5,7 @@
 //! 5xx) is counted and makes the exit status non-zero. Used by `tests/chaos.rs` and, at larger
 //! scale, `scripts/chaos`.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -122,7 +123,10 @@ struct Summary {
     crashed_successors: usize,
     /// Connections those successors had open at their last ping, as baton reported them.
     connections_lost_reported: u64,
-    /// Client failures within a moment of a crash: connections the crashed successor had.
+    /// Client connections the crashed successors held when they were killed (read from
+    /// `/proc` with each one stopped, just before the kill).
+    connections_held_at_crashes: usize,
+    /// Client failures on those connections: the crash's.
     failures_at_crashes: u64,
     /// Client failures anywhere else: must be 0.
     failures_elsewhere: u64,
@@ -143,10 +147,6 @@ struct Summary {
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// A failure up to this long after a crash is the crash's (the client sees the reset at once).
-const CRASH_REACH: Duration = Duration::from_millis(1500);
-/// ... or this long before it (clocks read on different tasks).
-const CRASH_SLACK: Duration = Duration::from_millis(100);
 const REAP_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn main() -> anyhow::Result<()> {
@@ -204,7 +204,8 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
 
     let final_status = wait_status(&baton.control).await?;
     let (exited_zero, old_problems) = stop_generations(&handoffs.pids).await;
-    let (failures_at_crashes, failures_elsewhere) = traffic.failures_around(&handoffs.crashes);
+    let held: HashSet<u16> = handoffs.crashes.iter().flatten().copied().collect();
+    let (failures_at_crashes, failures_elsewhere) = traffic.failures_on(&held);
     let long_intact = long.iter().filter(|r| r.is_intact()).count();
     let failed =
         failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || long_intact < long.len();
@@ -234,6 +235,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         final_workers: final_status.workers as u64,
         crashed_successors: handoffs.crashes.len(),
         connections_lost_reported: handoffs.lost_reported,
+        connections_held_at_crashes: handoffs.crashes.iter().map(HashSet::len).sum(),
         failures_at_crashes,
         failures_elsewhere,
         max_new_connection_ms: traffic.requests.max_new_connection_ms,
@@ -347,8 +349,9 @@ struct Handoffs {
     pids: Vec<u32>,
     failures: Vec<String>,
     ready_ms_max: u64,
-    /// Handoffs whose successor was killed in its canary window, and when.
-    crashes: Vec<Instant>,
+    /// Handoffs whose successor was killed in its canary window, each with the ports of the
+    /// client connections it held.
+    crashes: Vec<HashSet<u16>>,
     /// Connections the crashed successors had open at their last ping (baton's report).
     lost_reported: u64,
     /// Per successful handoff: how long its old generation lived after the verdict.
@@ -376,6 +379,7 @@ impl Handoffs {
         for _ in 0..args.handoffs {
             let crash = (dice.next() < args.crash_after_ready).then(|| Crash {
                 log: baton.dir.join("baton.log"),
+                port: baton.proxy.port(),
                 // In the first half: a loaded machine may run the strike late, and a kill
                 // after the verdict would crash the serving generation instead.
                 after: args.canary().mul_f64(0.5 * dice.next()),
@@ -396,8 +400,8 @@ impl Handoffs {
                     h.pids.push(report.new_pid);
                     h.ready_ms_max = h.ready_ms_max.max(report.ready_ms);
                 }
-                ((Err(reason), Some(at)), true) if reason.contains("failed after ready") => {
-                    h.crashes.push(at);
+                ((Err(reason), Some(held)), true) if reason.contains("failed after ready") => {
+                    h.crashes.push(held);
                     h.lost_reported += lost_connections(&reason);
                 }
                 ((outcome, _), planned) => h.failures.push(format!("crash planned: {planned}; {outcome:?}")),
@@ -460,20 +464,30 @@ fn lost_connections(reason: &str) -> u64 {
 #[derive(Clone)]
 struct Crash {
     log: PathBuf,
+    /// The proxy listener's port: the successor's client connections are on it.
+    port: u16,
     after: Duration,
 }
 
 impl Crash {
-    /// Waits until generation `pid` serves, then `after`, then SIGKILLs it; when it did.
-    async fn strike(self, pid: u32) -> Option<Instant> {
+    /// Waits until generation `pid` serves, then `after`, then kills it; the ports of the
+    /// client connections it held. It is stopped (SIGSTOP) while they are read, so that it
+    /// accepts none after: connections still in the listener's queue are the listening
+    /// socket's, which the old generation holds too, and survive.
+    async fn strike(self, pid: u32) -> Option<HashSet<u16>> {
         let serving = format!("pid={pid} generation=");
         for _ in 0..5000 {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             if log.lines().any(|l| l.contains("baton serving") && l.contains(&serving)) {
                 tokio::time::sleep(self.after).await;
                 let target = nix::unistd::Pid::from_raw(pid as i32);
+                nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGSTOP).ok()?;
+                let held = testkit::sockets::wait_stopped(pid, Duration::from_secs(5))
+                    .and_then(|()| testkit::sockets::client_ports(pid, self.port));
                 nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).ok()?;
-                return Some(Instant::now());
+                return held
+                    .inspect_err(|e| eprintln!("reading generation {pid}'s sockets: {e}"))
+                    .ok();
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -508,10 +522,10 @@ impl Dice {
     }
 }
 
-type Outcome = (Result<control::UpgradeReport, String>, Option<Instant>);
+type Outcome = (Result<control::UpgradeReport, String>, Option<HashSet<u16>>);
 
 /// One `baton upgrade`: the report, or why it failed; with `crash`, the successor is killed
-/// in its window and the time it was.
+/// in its window, and the client connections it held are returned.
 async fn handoff(control: &Path, crash: Option<Crash>) -> anyhow::Result<Outcome> {
     let mut outcome = None;
     let mut striker = None;
@@ -652,21 +666,20 @@ impl TrafficReport {
         self.requests.failed + self.slow.failed + self.tunnels.failed
     }
 
-    /// Failures that happened within a moment of one of `crashes` (a request or tunnel on
-    /// the crashed successor fails when it dies), and the others.
-    fn failures_around(&self, crashes: &[Instant]) -> (u64, u64) {
-        let near = |t: &Instant| {
-            crashes.iter().any(|c| {
-                t.checked_duration_since(*c)
-                    .map_or_else(|| c.duration_since(*t) < CRASH_SLACK, |d| d < CRASH_REACH)
-            })
-        };
-        let times = [
-            &self.requests.failure_times,
-            &self.slow.failure_times,
-            &self.tunnels.failure_times,
+    /// Failures on one of the connections in `held` (a request or tunnel on a crashed
+    /// successor fails when it dies), and the others. A failure past the pools' record limit
+    /// has no port and counts among the others.
+    fn failures_on(&self, held: &HashSet<u16>) -> (u64, u64) {
+        let ports = [
+            &self.requests.failure_ports,
+            &self.slow.failure_ports,
+            &self.tunnels.failure_ports,
         ];
-        let attributed = times.iter().flat_map(|v| v.iter()).filter(|t| near(t)).count() as u64;
+        let attributed = ports
+            .iter()
+            .flat_map(|v| v.iter())
+            .filter(|p| p.is_some_and(|p| held.contains(&p)))
+            .count() as u64;
         (attributed, self.failures() - attributed)
     }
 
@@ -698,7 +711,7 @@ struct TunnelTally {
     bytes: AtomicU64,
     failed: AtomicU64,
     samples: std::sync::Mutex<Vec<String>>,
-    failure_times: std::sync::Mutex<Vec<Instant>>,
+    failure_ports: std::sync::Mutex<Vec<Option<u16>>>,
 }
 
 struct TunnelReport {
@@ -706,19 +719,22 @@ struct TunnelReport {
     bytes: u64,
     failed: u64,
     samples: Vec<String>,
-    failure_times: Vec<Instant>,
+    failure_ports: Vec<Option<u16>>,
 }
 
 impl TunnelTally {
-    fn fail(&self, what: String) {
+    /// A tunnel failed, on the connection from `port` (`None`: none was made).
+    fn fail(&self, what: String, port: Option<u16>) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = self.samples.lock()
             && s.len() < testkit::load::MAX_SAMPLES
         {
             s.push(what);
         }
-        if let Ok(mut times) = self.failure_times.lock() {
-            times.push(Instant::now());
+        if let Ok(mut ports) = self.failure_ports.lock()
+            && ports.len() < testkit::load::MAX_FAILURE_PORTS
+        {
+            ports.push(port);
         }
     }
 }
@@ -744,7 +760,7 @@ impl Tunnels {
         self.stop.cancel();
         for w in self.workers {
             if let Err(e) = w.await {
-                self.tally.fail(format!("worker panicked: {e}"));
+                self.tally.fail(format!("worker panicked: {e}"), None);
             }
         }
         let t = &self.tally;
@@ -753,7 +769,7 @@ impl Tunnels {
             bytes: t.bytes.load(Ordering::Relaxed),
             failed: t.failed.load(Ordering::Relaxed),
             samples: t.samples.lock().map(|s| s.clone()).unwrap_or_default(),
-            failure_times: t.failure_times.lock().map(|s| s.clone()).unwrap_or_default(),
+            failure_ports: t.failure_ports.lock().map(|s| s.clone()).unwrap_or_default(),
         }
     }
 }
@@ -767,19 +783,23 @@ struct Tunnel {
 
 async fn tunnel_worker(to: Tunnel, tally: Arc<TunnelTally>, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        match tokio::time::timeout(REQUEST_TIMEOUT, one_tunnel(&to, &tally)).await {
+        let mut port = None;
+        match tokio::time::timeout(REQUEST_TIMEOUT, one_tunnel(&to, &tally, &mut port)).await {
             Ok(Ok(())) => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Err(e)) => tally.fail(e.to_string()),
-            Err(_) => tally.fail(format!("no clean end within {REQUEST_TIMEOUT:?}")),
+            Ok(Err(e)) => tally.fail(e.to_string(), port),
+            Err(_) => tally.fail(format!("no clean end within {REQUEST_TIMEOUT:?}"), port),
         }
     }
 }
 
 /// A tunnel that echoes 4 KiB messages for 1.5 s, then half-closes and expects a clean EOF.
-async fn one_tunnel(to: &Tunnel, tally: &TunnelTally) -> std::io::Result<()> {
-    let mut t = testkit::open_tunnel_via(to.proxy, to.echo, to.tls.as_ref()).await?;
+/// `port` is set to its connection's port as soon as there is one.
+async fn one_tunnel(to: &Tunnel, tally: &TunnelTally, port: &mut Option<u16>) -> std::io::Result<()> {
+    let tcp = testkit::connect_tcp(to.proxy).await?;
+    *port = Some(tcp.local_addr()?.port());
+    let mut t = testkit::open_tunnel_over(tcp, to.echo, to.tls.as_ref()).await?;
     let msg = testkit::pattern(4096);
     let mut back = vec![0u8; msg.len()];
     let until = Instant::now() + Duration::from_millis(1500);
