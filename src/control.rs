@@ -314,16 +314,17 @@ pub async fn events(path: &Path, request: Request, mut on_event: impl FnMut(Even
     let mut bad = None;
     send(path, request, |line| match parse_event(line) {
         Ok(ev) => on_event(ev),
-        Err(_) => {
-            bad.get_or_insert_with(|| line.to_string());
+        Err(e) => {
+            bad.get_or_insert(e);
         }
     })
     .await?;
     bad.map_or(Ok(()), |line| Err(ClientError::Protocol(line)))
 }
 
+/// One event line; an error keeps both the line and serde's reason (which field, where).
 fn parse_event(line: &str) -> Result<Event, String> {
-    serde_json::from_str(line).map_err(|_| line.to_string())
+    serde_json::from_str(line).map_err(|e| format!("{line} ({e})"))
 }
 
 fn describe_failure(ev: Event) -> String {
@@ -336,6 +337,21 @@ fn describe_failure(ev: Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line that is not an event keeps serde's reason beside it; the witness is a line
+    /// that parses.
+    #[test]
+    fn a_bad_event_line_keeps_the_reason() {
+        let good = serde_json::to_string(&Event::Failed { reason: "x".into() }).unwrap();
+        assert!(parse_event(&good).is_ok(), "{good} is an event");
+        // An unknown event is `Unknown` by design; a known one without its field is not.
+        let bad = parse_event(r#"{"event":"failed"}"#).unwrap_err();
+        assert!(bad.starts_with(r#"{"event":"failed"} ("#), "the line first: {bad}");
+        assert!(
+            bad.contains("missing field `reason`"),
+            "serde says what was missing: {bad}"
+        );
+    }
 
     #[test]
     fn request_lines_round_trip() {

@@ -44,7 +44,7 @@ impl HostPattern {
             return p
                 .parse::<IpNet>()
                 .map(|n| HostPattern::Net(n.trunc()))
-                .map_err(|_| format!("`{p}` is not a CIDR (e.g. 10.0.0.0/8)"));
+                .map_err(|e| format!("`{p}` is not a CIDR (e.g. 10.0.0.0/8): {e}"));
         }
         if let Ok(ip) = p.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             return Ok(HostPattern::Net(IpNet::from(ip.to_canonical())));

@@ -170,7 +170,7 @@ impl Context<'_> {
 fn parent(url: &str) -> Result<Parent, String> {
     let uri: Uri = url
         .parse()
-        .map_err(|_| "not a URL: give the parent as http://host:port".to_string())?;
+        .map_err(|e: http::uri::InvalidUri| format!("not a URL ({e}): give the parent as http://host:port"))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {

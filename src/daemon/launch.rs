@@ -93,6 +93,7 @@ fn resolve_program() -> anyhow::Result<PathBuf> {
     if p.components().count() > 1 {
         return absolute(p);
     }
+    // No PATH: nothing is found, and the caller's error names the program.
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join(p))

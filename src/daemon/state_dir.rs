@@ -273,12 +273,21 @@ impl StateDir {
         self.update_json("ledger", f)
     }
 
-    /// Reads `<name>.json` (the default value if it is missing or unreadable).
+    /// Reads `<name>.json`: the default value if it is missing (a first start), or, with a
+    /// warning that names the file and the reason, if it cannot be read or parsed. These
+    /// files are history (the ledger, the traffic ring): starting without it is right, and
+    /// refusing to start over it would cost more than it saves.
     pub fn read_json<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
-        std::fs::read(self.dir.join(format!("{name}.json")))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        let path = self.dir.join(format!("{name}.json"));
+        let parsed = match std::fs::read(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return T::default(),
+            Err(e) => Err(e.to_string()),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| e.to_string()),
+        };
+        parsed.unwrap_or_else(|e| {
+            warn!(file = %path.display(), "state file ignored, starting from empty: {e}");
+            T::default()
+        })
     }
 
     /// Read-modify-write of `<name>.json` under an exclusive lock on `<name>.lock`. The lock
@@ -423,6 +432,23 @@ impl Drop for DrainingFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing state file and a corrupt one both give the default (a start from empty,
+    /// the corrupt one with a warning); the witness is a good file read back.
+    #[test]
+    fn a_corrupt_state_file_starts_from_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::for_control_socket(&dir.path().join("c.sock"));
+        s.create().unwrap();
+        let missing: BTreeMap<String, u64> = s.read_json("history");
+        assert!(missing.is_empty(), "no file yet");
+        std::fs::write(s.path().join("history.json"), r#"{"a":1}"#).unwrap();
+        let good: BTreeMap<String, u64> = s.read_json("history");
+        assert_eq!(good.get("a"), Some(&1), "a good file is read");
+        std::fs::write(s.path().join("history.json"), b"{\"a\":").unwrap();
+        let corrupt: BTreeMap<String, u64> = s.read_json("history");
+        assert!(corrupt.is_empty(), "a truncated file is ignored, not half-read");
+    }
 
     #[test]
     fn ledger_round_trip_and_histogram() {

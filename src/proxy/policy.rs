@@ -462,6 +462,9 @@ fn refuse_local(what: &str) -> Denial {
 /// port and the machine), and two instances differ: on one host by their port, on two by
 /// their machine and name, so a chain of batons still tells its members apart.
 pub fn default_via_token(port: Option<u16>) -> String {
+    // Without a machine-id (a container, say) the host name and the port still tell
+    // instances apart; with neither, every instance gets one token, and `[access] via_token`
+    // sets one by hand.
     let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
     let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok());
     via_token_of(machine.trim(), host.as_deref().unwrap_or(""), port)
