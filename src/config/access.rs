@@ -47,6 +47,9 @@ pub struct Access {
     /// What a tunnel gets whose first bytes carry no SNI (not TLS, no server name, or
     /// nothing within `timeouts.sni`).
     pub no_sni: Action,
+    /// The protocols an absolute-form request may switch to with `Upgrade` (lowercase; the
+    /// origin's 101 makes the connection a tunnel). Any other `Upgrade` is stripped.
+    pub upgrade_protocols: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -126,6 +129,7 @@ pub(super) struct RawAccess {
     rule: Vec<Spanned<RawRule>>,
     sni: SniMode,
     no_sni: Action,
+    upgrade_protocols: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +165,9 @@ impl Default for RawAccess {
             // The closed choice: a CONNECT to 443 that is not TLS with a server name is
             // something no rule has seen.
             no_sni: Action::Deny,
+            // What clients with an HTTP proxy configured send (Squid 5 needs
+            // `http_upgrade_request_protocols` for it). Under the request's own rules.
+            upgrade_protocols: vec!["websocket".into()],
         }
     }
 }
@@ -209,6 +216,7 @@ pub(super) fn access(
     let default = raw
         .default
         .unwrap_or(if rules.is_empty() { Action::Allow } else { Action::Deny });
+    let upgrade_protocols = upgrade_protocols(&raw.upgrade_protocols)?;
     Ok(Access {
         allow_clients: raw.allow_clients,
         htpasswd: raw.htpasswd.map(|p| resolve(base, p)),
@@ -226,7 +234,39 @@ pub(super) fn access(
         default,
         sni: raw.sni,
         no_sni: raw.no_sni,
+        upgrade_protocols,
     })
+}
+
+/// `upgrade_protocols`: tokens (RFC 9110 §7.8: a name, optionally `/version`), lowercased.
+/// `h2c` is refused: HTTP/2 over the origin connection would take it out of the proxy's
+/// view, and the cleartext upgrade is what request smuggling through proxies has used.
+fn upgrade_protocols(names: &[String]) -> Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let lower = name.to_ascii_lowercase();
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let valid = match lower.split_once('/') {
+            Some((n, v)) => token(n) && token(v),
+            None => token(&lower),
+        };
+        if !valid {
+            return Err(format!(
+                "[access] upgrade_protocols: `{name}` is not a protocol name (e.g. websocket)"
+            ));
+        }
+        if lower == "h2c" || lower.starts_with("h2c/") {
+            return Err(
+                "[access] upgrade_protocols: `h2c` is never relayed (HTTP/2 would bypass the proxy's rules)".into(),
+            );
+        }
+        out.push(lower);
+    }
+    Ok(out)
 }
 
 fn rule(r: &RawRule, index: usize, line: usize, text: &str, base: Option<&Path>) -> Result<RuleConfig, String> {

@@ -1,5 +1,6 @@
-//! CONNECT: opening a tunnel to its target and relaying it until it ends or moves to the
-//! next generation, and adopting a tunnel the previous generation handed over (checked
+//! Tunnels: opening a CONNECT's to its target, or taking an upgraded connection's (an
+//! absolute-form request its origin answered 101), and relaying it until it ends or moves to
+//! the next generation; adopting a tunnel the previous generation handed over (checked
 //! against this generation's policy, which a reload may have narrowed).
 
 use std::net::IpAddr;
@@ -10,8 +11,10 @@ use std::os::fd::OwnedFd;
 
 use baton_handoff::Peer;
 use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::Parent;
@@ -19,8 +22,9 @@ use crate::config::Parent;
 use crate::proxy::access::Kind;
 use crate::proxy::admission::{Admission, Slot};
 use crate::proxy::connector::connect_checked;
+use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
-use crate::proxy::migrate::{self, TunnelRecord};
+use crate::proxy::migrate::{self, TunnelRecord, UpgradeRecord};
 use crate::proxy::parent::{self, ParentError};
 use crate::proxy::policy::{Denial, Policy, Recheck};
 use crate::proxy::route::next_hop;
@@ -28,6 +32,8 @@ use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::sni::{self, Peeked};
 use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TunnelClient};
+use crate::proxy::upgrade;
+use crate::proxy::upstream::NextHop;
 
 impl Proxy {
     /// Opens the tunnel and leaves it with `client` ([`Proxy::start_tunnel`] relays it once
@@ -138,9 +144,8 @@ impl Proxy {
         };
         // Boxed before the task captures them: every tunnel's task holds what it captures.
         let (mut ask, mut record) = (Box::new(ask), Box::new(record));
-        let sni = self
-            .policy
-            .reads_sni()
+        // An upgraded connection speaks the protocol it switched to, not TLS.
+        let sni = (self.policy.reads_sni() && record.upgrade.is_none())
             .then(|| (self.policy.clone(), self.settings.sni_wait));
         let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         self.drain.tunnels().spawn(async move {
@@ -178,13 +183,17 @@ impl Proxy {
         metrics::migrated("tunnel", 1);
         self.migration.count_adopted(migrate::Kind::Tunnel);
         let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
+        // An upgraded connection's line is its request's: `GET` and the absolute URI.
+        let (method, target) = match &record.upgrade {
+            Some(u) => (Method::GET, &u.uri),
+            None => (Method::CONNECT, &record.target),
+        };
         let ask = Ask {
             peer: record.client.map_or(Peer::Local, Peer::Ip),
-            method: Method::CONNECT,
-            target: record
-                .target
+            target: target
                 .parse::<Uri>()
-                .map_err(|e| format!("bad target {:?}: {e}", record.target))?,
+                .map_err(|e| format!("bad target {target:?}: {e}"))?,
+            method,
             started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
             // Not a connection of this generation's: the line's bytes come from the record.
             sent: Arc::default(),
@@ -247,6 +256,11 @@ impl Proxy {
             None => Peeked::NoSni("it sent no TLS ClientHello with a server name"),
         });
         self.policy.recheck_tunnel(&Recheck {
+            method: if record.upgrade.is_some() {
+                &Method::GET
+            } else {
+                &Method::CONNECT
+            },
             client: record.client.map(|a| a.ip()),
             user: record.user.as_deref(),
             target: &record.target,
@@ -298,8 +312,10 @@ fn sni_refused(ask: &Ask, d: &Denial) {
 struct Ended {
     server: Option<IpAddr>,
     via_parent: bool,
-    /// The bytes of the `200` answer the client was sent.
+    /// The bytes of the `200` (or `101`) answer the client was sent.
     answer: u64,
+    /// `200` for a CONNECT's tunnel, `101` for an upgraded connection.
+    status: StatusCode,
 }
 
 impl From<&TunnelRecord> for Ended {
@@ -308,6 +324,11 @@ impl From<&TunnelRecord> for Ended {
             server: r.server,
             via_parent: r.via_parent,
             answer: r.answer,
+            status: if r.upgrade.is_some() {
+                StatusCode::SWITCHING_PROTOCOLS
+            } else {
+                StatusCode::OK
+            },
         }
     }
 }
@@ -318,12 +339,103 @@ fn tunnel_ended(ask: &Ask, relayed: Relayed, ended: Ended) {
     if outcome.end == "moved" {
         return;
     }
-    metrics::request_done(&Method::CONNECT, StatusCode::OK, ask.started, up, down, true);
-    ask.line(Kind::Tunnel, StatusCode::OK)
+    metrics::request_done(&ask.method, ended.status, ask.started, up, down, true);
+    ask.line(Kind::Tunnel, ended.status)
         .traffic(up, down, ask.started)
         .outcome(outcome)
         .server(ended.server)
         .via_parent(ended.via_parent)
         .wire(ended.answer + down)
         .write();
+}
+
+impl Proxy {
+    /// The next hop answered 101. Asked for (`offered`) and to an offered protocol, the
+    /// origin connection is taken out of hyper and left with `client` as the tunnel's, and
+    /// the 101 goes to the client; otherwise the answer is a 502 and the origin connection
+    /// is closed (what it speaks now is unknown).
+    pub(super) async fn switched(
+        &self,
+        client: &Client,
+        hop: NextHop<'_>,
+        mut resp: Response<Incoming>,
+        offered: Option<&HeaderValue>,
+        mut ask: Ask,
+    ) -> Response<Body> {
+        let chosen = match upgrade::chosen(resp.headers(), offered) {
+            Ok(c) => c,
+            Err(why) => {
+                client.lease.discard();
+                return self.refuse(&ask, StatusCode::BAD_GATEWAY, &format!("{hop} {why}"));
+            }
+        };
+        let on = hyper::upgrade::on(&mut resp);
+        let taken = tokio::time::timeout(self.settings.upstream_response, on).await;
+        client.lease.discard();
+        let parts = match taken {
+            Ok(Ok(up)) => up
+                .downcast::<TokioIo<TcpStream>>()
+                .map_err(|_| "not a TCP stream".to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the connection was not handed over in time".into()),
+        };
+        let parts = match parts {
+            Ok(p) => p,
+            Err(why) => {
+                let reason = format!("{hop} switched protocols, but {why}");
+                return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
+            }
+        };
+        let record = self.upgrade_record(&ask, hop, chosen.to_str().unwrap_or_default());
+        // Copied: the request's target shares hyper's read buffer (see `connect`).
+        ask.target = Uri::try_from(ask.target.to_string()).unwrap_or_else(|_| Uri::from_static("/"));
+        let answer = self.switching_head(resp.headers(), chosen);
+        let accepted = Accepted {
+            origin: parts.io.into_inner(),
+            from_origin: parts.read_buf,
+            ask,
+            record,
+        };
+        *client.tunnel.lock().unwrap_or_else(PoisonError::into_inner) = Some(accepted);
+        answer
+    }
+
+    fn upgrade_record(&self, ask: &Ask, hop: NextHop<'_>, protocol: &str) -> TunnelRecord {
+        let authority = ask.target.authority().map(|a| a.as_str()).unwrap_or_default();
+        let port = ask.target.port_u16().unwrap_or(80);
+        let host = ask.target.host().unwrap_or_default();
+        TunnelRecord {
+            client: match ask.peer {
+                baton_handoff::Peer::Ip(a) => Some(a),
+                baton_handoff::Peer::Local => None,
+            },
+            // `host:port`, as a CONNECT's, for the recheck at a handoff.
+            target: if authority.contains(':') {
+                authority.to_string()
+            } else {
+                format!("{host}:{port}")
+            },
+            user: ask.user.clone(),
+            via_parent: matches!(hop, NextHop::Parent(_)),
+            started_ms: TunnelRecord::now_ms(),
+            upgrade: Some(UpgradeRecord {
+                protocol: protocol.to_ascii_lowercase(),
+                uri: ask.target.to_string(),
+            }),
+            ..TunnelRecord::default()
+        }
+    }
+
+    /// The client's 101: the origin's end-to-end fields, the chosen protocol, and `Via`.
+    fn switching_head(&self, origin: &HeaderMap, chosen: HeaderValue) -> Response<Body> {
+        let mut headers = origin.clone();
+        // A `Connection` that is not a token list was refused by `chosen` already.
+        let _ = strip_hop_by_hop(&mut headers);
+        upgrade::restore(&mut headers, chosen);
+        headers.append(header::VIA, self.via.clone());
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *resp.headers_mut() = headers;
+        resp
+    }
 }

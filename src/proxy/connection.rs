@@ -47,6 +47,7 @@ use crate::proxy::metrics;
 use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::strict::Fault;
+use crate::proxy::upgrade;
 use crate::tls::Handshakes;
 use crate::tls::handshake::Pending;
 
@@ -547,14 +548,22 @@ impl Connections {
                 let resp = refuse_fault(peer, &client.sent, &req, fault).map(|b| Tracked::new(b, signal.clone()));
                 return Box::pin(std::future::ready(Ok(resp)));
             }
-            // The framing waits for a CONNECT's answer: a 2xx makes the rest a tunnel.
+            // The framing waits for a CONNECT's answer (a 2xx makes the rest a tunnel), and for
+            // an upgrade's without content (a 101 does).
             let connect = req.method() == Method::CONNECT;
+            let awaited = signal.awaits_answer(index);
+            let mut req = req;
+            if awaited && !connect {
+                req.extensions_mut().insert(upgrade::SwitchAwaited);
+            }
             let (proxy, client, signal) = (proxy.clone(), client.clone(), signal.clone());
             // The service's future is made inside the box, not moved into it: it is large.
             Box::pin(async move {
                 let Ok(resp) = proxy.serve(peer, client, req).await;
                 if connect {
                     signal.answered_connect(resp.status().is_success());
+                } else if awaited {
+                    signal.answered_connect(resp.status() == StatusCode::SWITCHING_PROTOCOLS);
                 }
                 Ok(resp.map(|b| Tracked::new(b, signal)))
             })

@@ -47,6 +47,9 @@ pub struct RequestSignal {
     finished: AtomicU64,
     fault: OnceLock<(u64, Fault)>,
     connect: AtomicU8,
+    /// 1 + the index of the request whose answer the framing waits for (a CONNECT, or an
+    /// `Upgrade` without content); 0: none yet.
+    awaited: AtomicU64,
     waker: AtomicWaker,
     /// [`Framed`]'s view of the stream: the `IO_*` bits.
     io: AtomicU8,
@@ -130,7 +133,21 @@ impl RequestSignal {
         }
     }
 
-    /// The service answered a CONNECT: with a 2xx the rest of the stream is the tunnel's.
+    /// Whether the framing waits for request `index`'s answer to know what follows it: the
+    /// service must then call [`RequestSignal::answered_connect`] once it has answered.
+    pub fn awaits_answer(&self, index: u64) -> bool {
+        self.awaited.load(Ordering::Acquire) == index + 1
+    }
+
+    /// The framing holds back what follows request `index` until its answer.
+    fn await_answer(&self, index: u64) {
+        self.connect.store(UNDECIDED, Ordering::Release);
+        self.awaited.store(index + 1, Ordering::Release);
+    }
+
+    /// The service answered the request the framing waits for (a CONNECT, or an upgrade):
+    /// `tunnel` (a 2xx to the CONNECT, a 101 to the upgrade), the rest of the stream is the
+    /// tunnel's; else the next request follows.
     pub fn answered_connect(&self, tunnel: bool) {
         self.connect
             .store(if tunnel { TUNNEL } else { REFUSED }, Ordering::Release);
@@ -570,8 +587,9 @@ impl Parser {
                 Phase::Length
             }
             Framing::Chunked => Phase::Chunked(Ck::SizeStart),
-            Framing::Connect => {
-                signal.connect.store(UNDECIDED, Ordering::Release);
+            // Both wait for the answer, which decides what the next byte is.
+            Framing::Connect | Framing::Upgrade => {
+                signal.await_answer(self.begun.saturating_sub(1));
                 Phase::Connect
             }
         }
@@ -977,6 +995,37 @@ mod tests {
                 assert_eq!(held, next.as_bytes(), "the tunnel's first bytes, not judged");
             }
         }
+    }
+
+    /// A request asking to switch protocols, without content, is waited on like a CONNECT
+    /// (the second request here is its answer's to decide); with content, or without
+    /// `Upgrade`, it is not.
+    #[test]
+    fn after_an_upgrade_request_the_framing_waits_for_the_answer() {
+        let upgrade = "GET http://a/ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let next = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (mut f, signal) = framed(vec![format!("{next}{upgrade}{next}").into_bytes()]);
+        let (got, _) = read_all(&mut f, 8192);
+        assert_eq!(
+            got,
+            format!("{next}{upgrade}").as_bytes(),
+            "paused after the upgrade's head"
+        );
+        assert!(!signal.awaits_answer(0), "the plain GET is not waited on");
+        assert!(signal.awaits_answer(1), "the upgrade is request 1");
+        signal.answered_connect(true);
+        let (_, held) = f.into_parts();
+        assert_eq!(
+            held,
+            next.as_bytes(),
+            "after a 101, the new protocol's bytes, not judged"
+        );
+
+        let with_body = "POST http://a/ HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc";
+        let (mut f, signal) = framed(vec![format!("{with_body}{next}").into_bytes()]);
+        let (got, _) = read_all(&mut f, 8192);
+        assert_eq!(got, format!("{with_body}{next}").as_bytes(), "a body: no pause");
+        assert!(!signal.awaits_answer(0), "content means no switch");
     }
 
     #[test]

@@ -118,6 +118,18 @@ pub struct TunnelRecord {
     pub sni_checked: bool,
     #[serde(default)]
     pub sni: Option<String>,
+    /// Set when the tunnel is an upgraded connection (an absolute-form request answered
+    /// 101), not a CONNECT's: its access line, its rules and its SNI check differ.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeRecord>,
+}
+
+/// What an upgraded connection's record adds: the protocol it switched to, and the request's
+/// absolute URI (its access line, and its rules at a handoff, are the request's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    pub protocol: String,
+    pub uri: String,
 }
 
 impl TunnelRecord {

@@ -28,6 +28,7 @@ pub mod sni;
 pub mod strict;
 pub mod target;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upstream;
 
 pub use connection::{ConnectionSettings, Connections};

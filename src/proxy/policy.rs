@@ -49,6 +49,8 @@ pub struct Policy {
 
 /// What a moved tunnel is checked on again (see [`Policy::recheck_tunnel`]).
 pub struct Recheck<'a> {
+    /// CONNECT, or the method of an upgraded request.
+    pub method: &'a http::Method,
     pub client: Option<IpAddr>,
     pub user: Option<&'a str>,
     /// `host:port`, as the CONNECT named it.
@@ -245,7 +247,7 @@ impl Policy {
         let target = tunnel.target;
         let (host, port) = target.rsplit_once(':').unwrap_or((target, ""));
         let port = port.parse().unwrap_or(0);
-        let mut f = Facts::new(tunnel.client, &http::Method::CONNECT, host, port);
+        let mut f = Facts::new(tunnel.client, tunnel.method, host, port);
         let sni = tunnel.sni.filter(|_| self.reads_sni());
         f.sni_to_come = f.ip.is_some() && sni.is_some();
         let user = match (tunnel.user, &self.auth) {

@@ -32,6 +32,7 @@ use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
 use crate::proxy::strict;
 use crate::proxy::target::{check_target, destination, target_len};
+use crate::proxy::upgrade;
 use crate::proxy::upstream::{IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -50,6 +51,8 @@ pub struct ProxySettings {
     pub max_body_bytes: Option<u64>,
     /// `[upstream]`: which destinations go through which parent proxy.
     pub parents: Arc<Parents>,
+    /// `[access] upgrade_protocols`.
+    pub upgrade_protocols: Arc<[String]>,
 }
 
 impl From<&Config> for ProxySettings {
@@ -67,6 +70,7 @@ impl From<&Config> for ProxySettings {
             max_uri_bytes: c.limits.max_uri_bytes,
             max_body_bytes: c.limits.max_body_bytes,
             parents: Arc::new(c.parents.clone()),
+            upgrade_protocols: c.access.upgrade_protocols.clone().into(),
         }
     }
 }
@@ -89,7 +93,7 @@ pub struct Proxy {
 /// accepted CONNECT leaves its tunnel until hyper has written the answer and given the
 /// stream back ([`Proxy::start_tunnel`]).
 pub struct Client {
-    lease: OriginLease,
+    pub(super) lease: OriginLease,
     pub(super) sent: Arc<Sent>,
     pub(super) tunnel: Mutex<Option<Accepted>>,
 }
@@ -238,7 +242,7 @@ impl Proxy {
         let close_after = req.headers().contains_key(header::TRANSFER_ENCODING);
         // Not boxed: the connection boxes this whole future (hyper's `poll_without_shutdown`
         // wants it `Unpin`), and forwarding is its common state.
-        let mut resp = self.forward(&client.lease, req, ask).await;
+        let mut resp = self.forward(&client, req, ask).await;
         if close_after {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -246,7 +250,8 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn forward(&self, lease: &OriginLease, req: Request<Incoming>, ask: Ask) -> Response<Body> {
+    async fn forward(&self, client: &Client, req: Request<Incoming>, ask: Ask) -> Response<Body> {
+        let lease = &client.lease;
         // The next hop borrows from the target, and `ask` travels on with the answer: a
         // `Uri` clone only bumps reference counts.
         let target = ask.target.clone();
@@ -271,8 +276,17 @@ impl Proxy {
         if let Some(answer) = self.answer_max_forwards(&mut parts) {
             return answer;
         }
+        let awaited = parts.extensions.get::<upgrade::SwitchAwaited>().is_some();
+        let offered = upgrade::offer(&parts.headers, awaited, &self.settings.upgrade_protocols);
+        if offered.is_none() && parts.uri.scheme_str() == Some("ws") {
+            let reason = "a ws:// target is for a WebSocket handshake, which this request is not (or upgrade_protocols leaves out)";
+            return self.refuse(&ask, StatusCode::BAD_REQUEST, reason);
+        }
         if let Err(reason) = self.to_next_hop(&mut parts, authority, hop) {
             return self.refuse(&ask, StatusCode::BAD_REQUEST, reason);
+        }
+        if let Some(offered) = &offered {
+            upgrade::restore(&mut parts.headers, offered.clone());
         }
         let stats = Arc::new(BodyStats::default());
         let body = Counted::new(body, stats.clone(), self.settings.max_body_bytes);
@@ -284,6 +298,9 @@ impl Proxy {
                 self.refuse(&ask, StatusCode::GATEWAY_TIMEOUT, &reason)
             }
             Ok(Err(e)) => self.origin_failed(&ask, hop, &stats, &e),
+            Ok(Ok((resp, _))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Box::pin(self.switched(client, hop, resp, offered.as_ref(), ask)).await
+            }
             Ok(Ok((resp, server))) => self.answer(lease, hop, resp, server, stats, ask),
         }
     }
@@ -537,7 +554,8 @@ fn via_header(policy: &Policy) -> HeaderValue {
 /// is not the parent's business), and baton's `Proxy-Authorization` for it.
 fn to_parent(parts: &mut http::request::Parts, authority: &str, parent: &Parent) -> Result<(), &'static str> {
     let has_userinfo = parts.uri.authority().is_some_and(|a| a.as_str().contains('@'));
-    if has_userinfo {
+    // A parent gets the `http://` form every proxy knows (`ws://` is the same origin).
+    if has_userinfo || parts.uri.scheme_str() == Some("ws") {
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = format!("http://{authority}{pq}")
             .parse()

@@ -51,6 +51,10 @@ pub enum Framing {
     Chunked,
     /// A CONNECT: what follows is the tunnel if it is answered 2xx, else the next request.
     Connect,
+    /// An HTTP/1.1 request without content that asks to switch protocols (`Upgrade`): what
+    /// follows is the new protocol if it is answered 101, else the next request. One with
+    /// content is framed by its length, and cannot switch (the service strips `Upgrade`).
+    Upgrade,
 }
 
 /// What [`parse_head`] found.
@@ -264,12 +268,18 @@ struct Fields {
     hosts: u32,
     length: Option<u64>,
     codings: Option<Codings>,
+    /// An `Upgrade` field was seen (its value is the service's to judge).
+    upgrade: bool,
 }
 
 impl Fields {
     fn add(&mut self, name: &[u8], value: &[u8]) -> Result<(), Fault> {
-        // Only three names matter; the length check first keeps the others cheap.
+        // Only four names matter; the length check first keeps the others cheap.
         match name.len() {
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                self.upgrade = true;
+                Ok(())
+            }
             4 if name.eq_ignore_ascii_case(b"host") => {
                 self.hosts += 1;
                 if self.hosts > 1 {
@@ -309,6 +319,7 @@ impl Fields {
         match self.length {
             _ if start.connect && self.length.unwrap_or(0) > 0 => Err(Fault::bad("CONNECT request with content")),
             _ if start.connect => Ok(Framing::Connect),
+            None | Some(0) if self.upgrade && start.http11 => Ok(Framing::Upgrade),
             None | Some(0) => Ok(Framing::Empty),
             Some(n) => Ok(Framing::Length(n)),
         }

@@ -3,8 +3,9 @@
 
 use http::Uri;
 
-/// The origin's `host[:port]` and `host` for an absolute-form `http://` target, or why it is
-/// refused. Byte scans rather than `str::rsplit`: these strings are a few bytes long, and the
+/// The origin's `host[:port]` and `host` for an absolute-form `http://` target (or `ws://`,
+/// which WebSocket clients such as aiohttp send for a handshake: the same origin over HTTP,
+/// RFC 6455 §3), or why it is refused. Byte scans rather than `str::rsplit`: these strings are a few bytes long, and the
 /// general searchers cost hundreds of instructions per request here.
 pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
     let Some(authority) = uri.authority() else {
@@ -13,8 +14,9 @@ pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
         );
     };
     match uri.scheme_str() {
-        Some("http") => {}
+        Some("http" | "ws") => {}
         Some("https") => return Err("https:// targets go through CONNECT, not a plain proxy request"),
+        Some("wss") => return Err("wss:// targets go through CONNECT, not a plain proxy request"),
         _ => return Err("unsupported scheme in request target (only http:// is proxied)"),
     }
     // `host[:port]`, without any `user@` part.
@@ -94,6 +96,8 @@ mod tests {
     fn origin_form_is_refused() {
         assert!(check_target(&"/index.html".parse().unwrap()).is_err());
         assert!(check_target(&"https://a/".parse().unwrap()).is_err());
+        assert!(check_target(&"wss://a/".parse().unwrap()).is_err());
+        assert_eq!(check_target(&"ws://a/chat".parse().unwrap()).unwrap(), ("a", "a", 80));
         assert!(check_target(&"http://a:99999/".parse().unwrap()).is_err());
         assert_eq!(check_target(&"http://a:/".parse().unwrap()).unwrap().2, 80);
         for t in [

@@ -169,8 +169,9 @@ impl Upstream {
         let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
         let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
-            // Ends when the origin closes, or when the last sender is dropped while idle.
-            let _ = conn.await;
+            // Ends when the origin closes, or when the last sender is dropped while idle;
+            // after a 101 it hands the stream to the upgrade (`proxy::upgrade`).
+            let _ = conn.with_upgrades().await;
         });
         Ok(Sender { tx, addr })
     }

@@ -25,6 +25,7 @@ pub mod origin;
 pub mod sockets;
 pub mod tls;
 pub mod tunnels;
+pub mod websocket;
 
 pub use browser::Browser;
 pub use client::{

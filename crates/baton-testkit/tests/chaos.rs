@@ -12,9 +12,15 @@ use serde_json::Value;
 
 const CHAOS: &str = env!("CARGO_BIN_EXE_baton-chaos");
 
+/// With 10 WebSocket sessions (absolute-form upgrades) echoing numbered messages across
+/// the 20 handoffs: each moves with every handoff, and every message comes back in order.
 #[test]
 fn upgrade_under_load_loses_nothing() {
-    chaos(20, 6, 0);
+    let s = chaos_with(20, 6, 0, &["--websockets", "10"]);
+    assert_eq!(s["websockets_intact"], 10, "every session through 20 handoffs: {s}");
+    // Each session echoes one message every ~5 ms for 6 s: far more than one per handoff.
+    let messages = s["websocket_messages"].as_u64().unwrap_or(0);
+    assert!(messages > 10 * 20, "the sessions carried messages throughout: {s}");
 }
 
 /// The same with `workers = 1`: tokio's single-threaded scheduler, the one baton picks when it

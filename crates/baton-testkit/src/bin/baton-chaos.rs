@@ -53,6 +53,10 @@ struct Args {
     /// How often each long tunnel sends its 4 KiB (ms).
     #[arg(long, default_value_t = 20)]
     long_tunnel_every_ms: u64,
+    /// WebSocket sessions (absolute-form upgrades) echoing numbered messages for the whole
+    /// run, across every handoff (they move as tunnels do; none may break or reorder).
+    #[arg(long, default_value_t = 0)]
+    websockets: usize,
     /// baton's drain timeout in ms.
     #[arg(long, default_value_t = 30_000)]
     drain_ms: u64,
@@ -83,7 +87,7 @@ impl Args {
     }
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, Default)]
 struct Summary {
     /// The proxy listener spoke TLS (`--tls`).
     tls: bool,
@@ -138,6 +142,12 @@ struct Summary {
     long_tunnels_intact: usize,
     long_tunnel_bytes: u64,
     long_tunnel_problems: Vec<String>,
+    /// `--websockets`: how many, how many came through intact, messages echoed in order,
+    /// and the first few that broke.
+    websockets: usize,
+    websockets_intact: usize,
+    websocket_messages: u64,
+    websocket_problems: Vec<String>,
     /// From each successful handoff's verdict to its old generation's exit (it waits only
     /// for its own requests in flight: slow ones take 2 s).
     old_exit_ms_median: u64,
@@ -170,6 +180,7 @@ fn main() -> anyhow::Result<()> {
         && (crashed > 0 || summary.keepalive_resets == 0)
         && summary.handoff_failures.is_empty()
         && summary.long_tunnels_intact == summary.long_tunnels
+        && summary.websockets_intact == summary.websockets
         && summary.pids_distinct
         && summary.old_generations_exited_zero == summary.old_generations;
     std::process::exit(if clean { 0 } else { 1 });
@@ -182,13 +193,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let echo = testkit::start_echo().await?;
     let baton = Launched::start(args, echo).await?;
     let traffic = Traffic::start(baton.proxy, origin, echo, args.workers, baton.tls.clone());
-    let long = match args.long_tunnels {
-        0 => None,
-        n => {
-            let every = Duration::from_millis(args.long_tunnel_every_ms);
-            Some(testkit::LongTunnels::open(baton.proxy, echo, n, 4096, every).await?)
-        }
-    };
+    let riders = Riders::open(args, baton.proxy, echo).await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -196,21 +201,16 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let total = Duration::from_secs(args.seconds);
     tokio::time::sleep(total.saturating_sub(started.elapsed()).max(Duration::from_millis(2500))).await;
     let traffic = traffic.finish().await;
-    let long = match long {
-        Some(l) => l.finish().await,
-        None => Vec::new(),
-    };
+    let riders = riders.finish().await;
     let exits = handoffs.old_exit_times().await;
 
     let final_status = wait_status(&baton.control).await?;
     let (exited_zero, old_problems) = stop_generations(&handoffs.pids).await;
     let held: HashSet<u16> = handoffs.crashes.iter().flatten().copied().collect();
     let (failures_at_crashes, failures_elsewhere) = traffic.failures_on(&held);
-    let long_intact = long.iter().filter(|r| r.is_intact()).count();
-    let failed =
-        failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || long_intact < long.len();
+    let failed = failures_elsewhere > 0 || !handoffs.failures.is_empty() || !old_problems.is_empty() || riders.broken();
     let workdir = baton.keep_workdir_if(failed || args.keep_workdir);
-    Ok(Summary {
+    let mut summary = Summary {
         tls: args.tls,
         handoffs_requested: args.handoffs,
         handoffs_ok: (handoffs.pids.len() - 1) as u32,
@@ -239,14 +239,83 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         failures_at_crashes,
         failures_elsewhere,
         max_new_connection_ms: traffic.requests.max_new_connection_ms,
-        long_tunnels: long.len(),
-        long_tunnels_intact: long_intact,
-        long_tunnel_bytes: long.iter().map(|r| r.bytes).sum(),
-        long_tunnel_problems: long.iter().filter_map(|r| r.error.clone()).take(5).collect(),
         old_exit_ms_median: exits.get(exits.len() / 2).copied().unwrap_or(0),
         old_exit_ms_max: exits.last().copied().unwrap_or(0),
         workdir,
-    })
+        ..Summary::default()
+    };
+    riders.report(&mut summary);
+    Ok(summary)
+}
+
+/// What rides through every handoff for the whole run: long tunnels (`--long-tunnels`) and
+/// WebSocket sessions (`--websockets`).
+struct Riders {
+    long: Option<testkit::LongTunnels>,
+    sessions: Option<testkit::websocket::Sessions>,
+}
+
+/// How each rider came through.
+struct RidersReport {
+    long: Vec<testkit::TunnelReport>,
+    sessions: Vec<Result<u64, String>>,
+}
+
+impl Riders {
+    async fn open(args: &Args, proxy: SocketAddr, echo: SocketAddr) -> anyhow::Result<Riders> {
+        let every = Duration::from_millis(args.long_tunnel_every_ms);
+        let long = match args.long_tunnels {
+            0 => None,
+            n => Some(testkit::LongTunnels::open(proxy, echo, n, 4096, every).await?),
+        };
+        let sessions = match args.websockets {
+            0 => None,
+            n => Some(testkit::websocket::Sessions::open(proxy, testkit::websocket::start_echo().await?, n).await?),
+        };
+        Ok(Riders { long, sessions })
+    }
+
+    async fn finish(self) -> RidersReport {
+        RidersReport {
+            long: match self.long {
+                Some(l) => l.finish().await,
+                None => Vec::new(),
+            },
+            sessions: match self.sessions {
+                Some(s) => s.finish().await,
+                None => Vec::new(),
+            },
+        }
+    }
+}
+
+impl RidersReport {
+    fn long_intact(&self) -> usize {
+        self.long.iter().filter(|r| r.is_intact()).count()
+    }
+
+    /// Sessions that echoed messages and closed cleanly.
+    fn sessions_intact(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| s.as_ref().is_ok_and(|n| *n > 0))
+            .count()
+    }
+
+    fn broken(&self) -> bool {
+        self.long_intact() < self.long.len() || self.sessions_intact() < self.sessions.len()
+    }
+
+    fn report(&self, s: &mut Summary) {
+        s.long_tunnels = self.long.len();
+        s.long_tunnels_intact = self.long_intact();
+        s.long_tunnel_bytes = self.long.iter().map(|r| r.bytes).sum();
+        s.long_tunnel_problems = self.long.iter().filter_map(|r| r.error.clone()).take(5).collect();
+        s.websockets = self.sessions.len();
+        s.websockets_intact = self.sessions_intact();
+        s.websocket_messages = self.sessions.iter().filter_map(|r| r.as_ref().ok()).sum();
+        s.websocket_problems = self.sessions.iter().filter_map(|r| r.clone().err()).take(5).collect();
+    }
 }
 
 /// The first generation, started in its own work directory.
