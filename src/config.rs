@@ -61,6 +61,26 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// `secrets_readable_by_others`: a key file others may read is used, with a warning.
     pub key_readable_by_others: bool,
+    /// The protocols offered by ALPN, in the server's order of preference.
+    pub alpn: Vec<Alpn>,
+}
+
+/// A protocol a TLS listener speaks, by its ALPN name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Alpn {
+    #[serde(rename = "h2")]
+    H2,
+    #[serde(rename = "http/1.1")]
+    Http11,
+}
+
+impl Alpn {
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            Alpn::H2 => b"h2",
+            Alpn::Http11 => b"http/1.1",
+        }
+    }
 }
 
 /// `[tls]`: what every TLS listener shares.
@@ -112,6 +132,8 @@ pub struct Limits {
     pub per_client: ClientRates,
     /// `[limits.per_user]`: request rate and bandwidth of each user who logged in.
     pub per_user: UserRates,
+    /// Streams open at once on one HTTP/2 connection.
+    pub h2_max_streams: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -241,6 +263,8 @@ impl Default for RawTls {
 struct RawTlsFiles {
     cert: PathBuf,
     key: PathBuf,
+    /// Default: `["h2", "http/1.1"]`.
+    alpn: Option<Vec<Alpn>>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +329,7 @@ struct RawLimits {
     idle_total: usize,
     per_client: rates::RawRates,
     per_user: rates::RawRates,
+    h2_max_streams: u32,
 }
 
 impl Default for RawLimits {
@@ -322,6 +347,8 @@ impl Default for RawLimits {
             idle_total: 1024,
             per_client: rates::RawRates::default(),
             per_user: rates::RawRates::default(),
+            // nginx's http2_max_concurrent_streams is 128, Go's 250, the h2 crate's none.
+            h2_max_streams: 100,
         }
     }
 }
@@ -474,6 +501,9 @@ fn listeners(
         if listeners.iter().any(|o| o.name == l.name) {
             return Err(at("duplicate listener name"));
         }
+        if l.tls.as_ref().and_then(|t| t.alpn.as_ref()).is_some_and(Vec::is_empty) {
+            return Err(at("`tls.alpn` is empty: give \"h2\", \"http/1.1\" or both"));
+        }
         // Port 0 (any free port) twice is two sockets, not one address twice.
         let ephemeral = matches!(addr, ListenAddr::Tcp(a) if a.port() == 0);
         if !ephemeral && listeners.iter().any(|o| o.addr == addr) {
@@ -486,6 +516,7 @@ fn listeners(
                 cert: resolve(base, t.cert.clone()),
                 key: resolve(base, t.key.clone()),
                 key_readable_by_others: false,
+                alpn: t.alpn.clone().unwrap_or_else(|| vec![Alpn::H2, Alpn::Http11]),
             }),
         });
     }
@@ -532,6 +563,10 @@ fn check_values(raw: &RawConfig) -> Result<(), String> {
         (
             raw.limits.max_header_bytes < 8192,
             "key `limits.max_header_bytes`: must be at least 8192",
+        ),
+        (
+            raw.limits.h2_max_streams == 0,
+            "key `limits.h2_max_streams`: must be at least 1",
         ),
         (
             raw.tls.handshake_timeout.is_zero(),
@@ -590,6 +625,7 @@ impl Limits {
             idle_total: l.idle_total,
             per_client,
             per_user,
+            h2_max_streams: l.h2_max_streams,
         }
     }
 }

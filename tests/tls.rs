@@ -174,10 +174,13 @@ async fn get_post_and_connect_inside_tls() {
     assert!(ok && body.len() == 5000);
     let (_, body, _) = curl(&["-x", &format!("http://{secure}"), &url]);
     assert!(body.is_empty(), "a plain request on the TLS port was answered");
-    // ALPN: a client that offers only h2 is refused; http/1.1 is chosen when offered.
-    let h2 = s_client(secure, &["-CAfile", pki.ca(), "-alpn", "h2"]);
-    assert!(h2.contains("no application protocol"), "{h2}");
-    let h1 = s_client(secure, &["-CAfile", pki.ca(), "-alpn", "h2,http/1.1"]);
+    // ALPN: a client that offers neither protocol is refused; h2 is preferred when offered
+    // (the default `alpn`), http/1.1 chosen when it is the only one.
+    let other = s_client(secure, &["-CAfile", pki.ca(), "-alpn", "spdy/3"]);
+    assert!(other.contains("no application protocol"), "{other}");
+    let h2 = s_client(secure, &["-CAfile", pki.ca(), "-alpn", "http/1.1,h2"]);
+    assert!(h2.contains("ALPN protocol: h2"), "{h2}");
+    let h1 = s_client(secure, &["-CAfile", pki.ca(), "-alpn", "http/1.1"]);
     assert!(h1.contains("ALPN protocol: http/1.1"), "{h1}");
 }
 

@@ -79,6 +79,8 @@ pub struct AccessLine {
     outcome: Option<&'static str>,
     relay: Option<&'static str>,
     reason: Option<Cow<'static, str>>,
+    /// `h2` for a stream of an HTTP/2 connection; HTTP/1.1 goes unsaid.
+    proto: Option<&'static str>,
     squid: SquidPart,
 }
 
@@ -123,6 +125,7 @@ impl AccessLine {
             outcome: None,
             relay: None,
             reason: None,
+            proto: None,
             squid: SquidPart::default(),
         }
     }
@@ -152,6 +155,12 @@ impl AccessLine {
     }
 
     /// The rule that allowed the request, if the line knows it.
+    /// The client's protocol, from its request's version: only HTTP/2 is said.
+    pub fn proto_of(mut self, version: http::Version) -> Self {
+        self.proto = (version == http::Version::HTTP_2).then_some("h2");
+        self
+    }
+
     pub fn rule_of(mut self, rule: Option<&'static str>) -> Self {
         if rule.is_some() {
             self.rule = rule;
@@ -243,6 +252,7 @@ impl AccessLine {
                     user = self.squid.user.as_deref(),
                     method,
                     target,
+                    proto = self.proto,
                     status = self.status,
                     rule = self.rule,
                     bytes_in = self.bytes_in,

@@ -123,6 +123,8 @@ pub struct AccessRecord {
     pub peer: Peer,
     pub method: Method,
     pub target: Uri,
+    /// The client's HTTP version (`proto=h2` on an HTTP/2 stream's line).
+    pub version: http::Version,
     pub status: StatusCode,
     pub started: Instant,
     /// The client connection's byte count (for the Squid line).
@@ -260,6 +262,7 @@ impl Drop for AccessLogged {
                 .sent(r.sent)
                 .user(r.user)
                 .rule_of(r.rule)
+                .proto_of(r.version)
                 .server(Some(r.server))
                 .via_parent(r.via_parent)
                 .content_type(r.content_type)

@@ -199,6 +199,8 @@ impl Proxy {
             sent: Arc::default(),
             user: record.user.clone(),
             rule: None,
+            // Only plain HTTP/1.1 tunnels move.
+            version: http::Version::HTTP_11,
         };
         let ended = Ended::from(&record);
         let admitted = self.recheck(&record, &spliced).and_then(|()| {

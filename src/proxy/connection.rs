@@ -43,6 +43,7 @@ use crate::proxy::admission::{Admission, Refused, Slot};
 use crate::proxy::framing::RequestSignal;
 use crate::proxy::heap;
 use crate::proxy::http1::{ClientIo, Ended, Parked, Stretch, Tracked};
+use crate::proxy::http2;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
@@ -60,6 +61,7 @@ pub struct ConnectionSettings {
     pub max_connections_per_client: Option<usize>,
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
+    pub h2_max_streams: u32,
 }
 
 impl From<&Config> for ConnectionSettings {
@@ -71,6 +73,7 @@ impl From<&Config> for ConnectionSettings {
             max_connections_per_client: c.limits.max_connections_per_client,
             handshake_timeout: c.tls.handshake_timeout,
             max_handshakes: c.tls.max_handshakes,
+            h2_max_streams: c.limits.h2_max_streams,
         }
     }
 }
@@ -87,6 +90,7 @@ pub struct Connections {
     handshakes: Handshakes,
     /// Open connections on TLS listeners (handshaking or serving).
     tls_open: Arc<AtomicUsize>,
+    h2: http2::H2Settings,
 }
 
 impl Connections {
@@ -109,6 +113,10 @@ impl Connections {
             max_header_bytes: settings.max_header_bytes,
             handshakes: Handshakes::new(settings.handshake_timeout, settings.max_handshakes),
             tls_open: Arc::new(AtomicUsize::new(0)),
+            h2: http2::H2Settings {
+                max_streams: settings.h2_max_streams,
+                max_header_bytes: settings.max_header_bytes,
+            },
         })
     }
 
@@ -161,7 +169,15 @@ impl Connections {
         let connections = self.clone();
         self.drain.connections().spawn(async move {
             let _open = open;
-            if let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await {
+            let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await else {
+                return;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                // The connection's own place is held until it ends; its tunnels take theirs.
+                let _slot = slot;
+                let c = &connections;
+                http2::serve(c.proxy.clone(), c.drain.clone(), tls, peer, c.admission.clone(), c.h2).await;
+            } else {
                 connections.clone().serve(Idle::new(tls), peer, slot).await;
             }
         });

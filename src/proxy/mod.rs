@@ -15,6 +15,7 @@ pub mod heap;
 pub mod hop_by_hop;
 pub mod hostset;
 pub mod http1;
+pub mod http2;
 pub mod limits;
 pub mod metrics;
 pub mod migrate;

@@ -137,6 +137,8 @@ pub(super) struct Ask {
     pub(super) user: Option<String>,
     /// The rule that allowed it (a refusal's line names the refusing rule).
     pub(super) rule: Option<Rule>,
+    /// The client's HTTP version: its line says `proto=h2` on an HTTP/2 stream.
+    pub(super) version: http::Version,
 }
 
 impl Ask {
@@ -147,6 +149,7 @@ impl Ask {
             .sent(self.sent.clone())
             .user(self.user.clone())
             .rule_of(self.rule.map(Rule::as_str))
+            .proto_of(self.version)
     }
 }
 
@@ -195,6 +198,7 @@ impl Proxy {
             sent: client.sent.clone(),
             user: None,
             rule: None,
+            version: req.version(),
         };
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
@@ -378,8 +382,13 @@ impl Proxy {
         ask: Ask,
     ) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
-        // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's.
-        parts.version = http::Version::HTTP_11;
+        // An intermediary speaks its own HTTP version (RFC 9110 §6.2), whatever the origin's:
+        // the client's (hyper's HTTP/2 server frames it as HTTP/2 either way).
+        parts.version = if ask.version == http::Version::HTTP_2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         parts.headers.append(header::VIA, self.via.clone());
         let content_type = access::squid_format()
             .then(|| parts.headers.get(header::CONTENT_TYPE).cloned())
@@ -389,6 +398,7 @@ impl Proxy {
             peer: ask.peer,
             method: ask.method,
             target: ask.target,
+            version: ask.version,
             status: parts.status,
             started: ask.started,
             sent: ask.sent,

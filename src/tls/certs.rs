@@ -184,17 +184,19 @@ impl Certificate {
 }
 
 /// The server side of a TLS listener: rustls' safe defaults (TLS 1.3 and 1.2, AEAD suites
-/// with forward secrecy only), ALPN `http/1.1` (a client that offers only `h2` is refused),
-/// no client certificates, no 0-RTT, and session tickets from `tickets`.
+/// with forward secrecy only), ALPN `alpn` in that order of preference (a client that
+/// offers none of them is refused; one that offers no ALPN at all speaks HTTP/1.1), no
+/// client certificates, no 0-RTT, and session tickets from `tickets`.
 pub fn server_config(
     cert: &Certificate,
+    alpn: &[crate::config::Alpn],
     tickets: Arc<dyn ProducesTickets>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.key.clone())));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|a| a.id().to_vec()).collect();
     config.ticketer = tickets;
     Ok(Arc::new(config))
 }

@@ -31,7 +31,7 @@ impl TlsListeners {
             let Some(files) = &l.tls else { continue };
             let cert = certs::load(files).with_context(|| format!("listener `{}`", l.name))?;
             log_certificate(&l.name, &cert);
-            let server = certs::server_config(&cert, tickets.clone())
+            let server = certs::server_config(&cert, &files.alpn, tickets.clone())
                 .with_context(|| format!("listener `{}`: TLS configuration", l.name))?;
             acceptors.insert(l.name.clone(), TlsAcceptor::from(server));
         }

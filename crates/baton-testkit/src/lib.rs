@@ -20,6 +20,7 @@ pub mod browser;
 pub mod client;
 pub mod data;
 pub mod echo;
+pub mod h2;
 pub mod load;
 pub mod origin;
 pub mod sockets;

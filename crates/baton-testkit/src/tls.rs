@@ -86,8 +86,14 @@ impl TestCa {
         std::fs::write(path, &self.pem)
     }
 
-    /// A client that trusts this CA and reaches the proxy as `127.0.0.1`.
+    /// A client that trusts this CA and reaches the proxy as `127.0.0.1`, offering ALPN
+    /// `http/1.1`.
     pub fn client(&self) -> anyhow::Result<ProxyTls> {
+        self.client_offering(&[b"http/1.1"])
+    }
+
+    /// [`TestCa::client`] offering these ALPN protocols (`h2` for HTTP/2 to the proxy).
+    pub fn client_offering(&self, alpn: &[&[u8]]) -> anyhow::Result<ProxyTls> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.pem.as_bytes()) {
             roots.add(cert?)?;
@@ -97,7 +103,7 @@ impl TestCa {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(ProxyTls {
             connector: TlsConnector::from(Arc::new(config)),
             name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
