@@ -1,8 +1,9 @@
 //! HTTP/2 to a TLS listener (issue 24), with hyper's HTTP/2 client over rustls offering
-//! ALPN `h2` and curl's `--proxy-http2`: forward-proxy GET and POST (hash-checked), many
-//! CONNECT streams on one connection (echo-checked), a stream reset mid-body while the
-//! others go on, the per-client connection limit applied to CONNECT streams, GOAWAY at a
-//! handoff, and a listener that offers only `http/1.1`.
+//! ALPN `h2`, the h2 crate's client for a rapid-reset flood, and headless Chromium:
+//! forward-proxy GET and POST (hash-checked), many CONNECT streams on one connection
+//! (echo-checked), a stream reset mid-body while the others go on, the per-client
+//! connection limit applied to CONNECT streams, GOAWAY at a handoff and 20 handoffs under
+//! load, rapid reset answered by GOAWAY, and a listener that offers only `http/1.1`.
 
 mod common;
 
@@ -268,6 +269,113 @@ async fn rapid_reset_gets_goaway_and_others_are_served() {
         .expect("another client");
     assert_eq!(status, 200, "the proxy serves on");
     baton.stop(STOP).await;
+}
+
+/// 20 handoffs under 4 connections × 32 streams: no request fails. Requests the old
+/// generation refused with its GOAWAY (never processed) are retried on a new connection, as
+/// browsers do, and counted apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_handoffs_under_h2_load_fail_no_request() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let (mut baton, ca, _, secure) = start(None, "[timeouts]\ndrain = \"10s\"\n").await;
+    let tls = ca.client_offering(&[b"h2"]).expect("client");
+    let url = format!("http://{origin}/bytes?n=1024");
+    let load = testkit::h2::H2Load::start(secure, tls, url, 4, 32).await.expect("load");
+    for round in 0..20 {
+        let before = load.ok();
+        let mut last = None;
+        control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| {
+            last = Some(e)
+        })
+        .await
+        .expect("control socket");
+        assert!(matches!(last, Some(Event::Done(_))), "round {round}: {last:?}");
+        common::wait_for(Duration::from_secs(10), "requests after the handoff", || async {
+            (load.ok() >= before + 100).then_some(())
+        })
+        .await;
+    }
+    let report = load.finish().await;
+    println!("20 handoffs under h2 load: {report:?}");
+    assert_eq!(report.failed, 0, "failed requests: {report:?}");
+    assert!(report.ok > 2000, "the load ran throughout: {report:?}");
+    baton.stop(STOP).await;
+}
+
+/// Headless Chromium with baton as its HTTPS proxy (`--proxy-server=https://…`; the proxy's
+/// key trusted by `--ignore-certificate-errors-spki-list`) loads a page with 50
+/// sub-resources. Chromium negotiates h2 with the proxy: every request's line says
+/// `proto="h2"`, and the test prints how many connections it opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_of_fifty_resources_over_h2() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let (mut baton, _, _, secure) = start(None, "").await;
+    let cert = baton.dir.path().join("proxy.crt");
+    let spki = spki_hash(&cert);
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{origin}/page?n=50");
+    let args = vec![
+        "--headless".to_string(),
+        "--no-sandbox".into(),
+        "--disable-gpu".into(),
+        "--no-first-run".into(),
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        format!("--user-data-dir={}", profile.path().display()),
+        format!("--proxy-server=https://{secure}"),
+        // Chromium sends loopback addresses past the proxy unless told not to.
+        "--proxy-bypass-list=<-loopback>".into(),
+        format!("--ignore-certificate-errors-spki-list={spki}"),
+        "--virtual-time-budget=10000".into(),
+        "--dump-dom".into(),
+        url,
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(testkit::browser::chromium_path())
+            .args(&args)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("chromium runs (.ci/run installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("<title>done 50</title>"),
+        "every sub-resource loaded: {dom:.300}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = wait_lines(&baton, "/bytes?n=100&i=", 50).await;
+    let h2 = lines.iter().filter(|l| l.contains("proto=\"h2\"")).count();
+    assert_eq!(
+        h2,
+        lines.len(),
+        "Chromium spoke h2 to the proxy for every request: {lines:?}"
+    );
+    let mut clients: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split(" client=").nth(1)?.split(' ').next())
+        .collect();
+    clients.sort_unstable();
+    clients.dedup();
+    println!(
+        "Chromium: {} sub-resources over h2 on {} connection(s) to the proxy",
+        lines.len(),
+        clients.len()
+    );
+    baton.stop(STOP).await;
+}
+
+/// The base64 SHA-256 of a certificate's public key (what Chromium's SPKI list takes).
+fn spki_hash(cert: &std::path::Path) -> String {
+    let script = format!(
+        "openssl x509 -pubkey -noout -in {} | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Waits until `n` access lines contain `text` and end a request; returns them.

@@ -4,6 +4,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -121,4 +123,148 @@ pub async fn rapid_reset(proxy: SocketAddr, tls: &ProxyTls, origin: SocketAddr, 
         Ok(Err(e)) => Err(io::Error::other(e)),
         Err(_) => Ok("connection still open 10 s after the last pair".into()),
     }
+}
+
+/// HTTP/2 load across handoffs: `connections` connections, each with `streams` workers
+/// fetching `url` one request after the other, as a browser keeps a few HTTP/2 connections
+/// busy. A request the proxy did not process (refused by a GOAWAY, or sent as the connection
+/// closed) is retried on a new connection, as RFC 9113 §6.8 lets a client, and counted as a
+/// retry; anything else that is not a complete 200 is a failure.
+pub struct H2Load {
+    stop: tokio_util::sync::CancellationToken,
+    tally: Arc<H2Tally>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct H2Tally {
+    ok: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+    samples: std::sync::Mutex<Vec<String>>,
+}
+
+/// What an [`H2Load`] saw.
+#[derive(Debug, Clone)]
+pub struct H2LoadReport {
+    pub ok: u64,
+    pub retried: u64,
+    pub failed: u64,
+    pub samples: Vec<String>,
+}
+
+impl H2Load {
+    pub async fn start(
+        proxy: SocketAddr,
+        tls: ProxyTls,
+        url: String,
+        connections: usize,
+        streams: usize,
+    ) -> io::Result<H2Load> {
+        let (stop, tally) = (tokio_util::sync::CancellationToken::new(), Arc::new(H2Tally::default()));
+        let mut workers = Vec::new();
+        for _ in 0..connections {
+            let shared = Arc::new(tokio::sync::Mutex::new(H2Proxy::connect(proxy, &tls).await?));
+            for _ in 0..streams {
+                let w = H2Worker {
+                    proxy,
+                    tls: tls.clone(),
+                    url: url.clone(),
+                    conn: shared.clone(),
+                    tally: tally.clone(),
+                };
+                workers.push(tokio::spawn(w.run(stop.clone())));
+            }
+        }
+        Ok(H2Load { stop, tally, workers })
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.tally.ok.load(Ordering::Relaxed)
+    }
+
+    pub async fn finish(self) -> H2LoadReport {
+        self.stop.cancel();
+        for w in self.workers {
+            let _ = w.await;
+        }
+        let t = &self.tally;
+        H2LoadReport {
+            ok: t.ok.load(Ordering::Relaxed),
+            retried: t.retried.load(Ordering::Relaxed),
+            failed: t.failed.load(Ordering::Relaxed),
+            samples: t.samples.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+struct H2Worker {
+    proxy: SocketAddr,
+    tls: ProxyTls,
+    url: String,
+    /// The connection this worker's group shares, replaced once it has closed.
+    conn: Arc<tokio::sync::Mutex<H2Proxy>>,
+    tally: Arc<H2Tally>,
+}
+
+impl H2Worker {
+    async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        while !stop.is_cancelled() {
+            let Some(client) = self.current().await else {
+                continue;
+            };
+            let sent = tokio::time::timeout(std::time::Duration::from_secs(20), client.get(&self.url)).await;
+            match sent {
+                Ok(Ok((status, body))) if status == StatusCode::OK && !body.is_empty() => {
+                    self.tally.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(e)) if not_processed(&e) => {
+                    self.tally.retried.fetch_add(1, Ordering::Relaxed);
+                }
+                other => self.fail(format!("{other:?}")),
+            }
+        }
+    }
+
+    /// The group's connection, a new one if it has closed (`None`: connecting failed,
+    /// counted).
+    async fn current(&self) -> Option<H2Proxy> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_closed() {
+            match H2Proxy::connect(self.proxy, &self.tls).await {
+                Ok(c) => *conn = c,
+                Err(e) => {
+                    self.fail(format!("reconnect: {e}"));
+                    return None;
+                }
+            }
+        }
+        Some(conn.clone())
+    }
+
+    fn fail(&self, what: String) {
+        self.tally.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.tally.samples.lock()
+            && s.len() < 20
+        {
+            s.push(what);
+        }
+    }
+}
+
+/// Whether a request's error says the proxy never processed it: hyper did not send it (the
+/// connection was closing), or HTTP/2 refused the stream (REFUSED_STREAM, or a GOAWAY whose
+/// last stream id is below it, which h2 reports with the GOAWAY's NO_ERROR).
+fn not_processed(e: &io::Error) -> bool {
+    let Some(h) = e.get_ref().and_then(|e| e.downcast_ref::<hyper::Error>()) else {
+        return false;
+    };
+    if h.is_canceled() || h.is_closed() {
+        return true;
+    }
+    let h2 = std::error::Error::source(h).and_then(|s| s.downcast_ref::<::h2::Error>());
+    h2.is_some_and(|e| {
+        e.reason() == Some(::h2::Reason::REFUSED_STREAM)
+            || (e.is_go_away() && e.reason() == Some(::h2::Reason::NO_ERROR))
+    })
 }

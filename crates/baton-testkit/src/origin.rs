@@ -26,7 +26,9 @@ type Body = BoxBody<Bytes, Infallible>;
 /// - `GET /slow?ms=M&n=N` waits M ms, then N bytes;
 /// - `POST|PUT /sha256` the hex SHA-256 and length of the request body (streamed);
 /// - `GET /headers` the request headers as received, one per line;
-/// - `GET /hang` never answers.
+/// - `GET /hang` never answers;
+/// - `GET /page?n=N` an HTML page with N sub-resources (`/bytes?n=100&i=I`), whose script
+///   sets the title to `done N` once every one has loaded or failed (a browser's test).
 pub async fn start_origin() -> std::io::Result<SocketAddr> {
     Ok(start_counted_origin().await?.0)
 }
@@ -78,6 +80,7 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         "/sha256" => hash_body(req.into_body()).await,
         "/headers" => headers(&req),
         "/hang" => std::future::pending().await,
+        "/page" => page(n),
         _ => text(StatusCode::NOT_FOUND, "no such route".into()),
     };
     Ok(resp)
@@ -107,6 +110,21 @@ fn headers(req: &Request<Incoming>) -> Response<Body> {
         .map(|(k, v)| format!("{}: {}\n", k, v.to_str().unwrap_or("?")))
         .collect();
     text(StatusCode::OK, lines)
+}
+
+/// `n` images (pattern bytes, so each fails to decode: `onerror` counts as loaded, the
+/// request went through either way) and a script that counts them.
+fn page(n: u64) -> Response<Body> {
+    let imgs: String = (0..n)
+        .map(|i| format!("<img src=\"/bytes?n=100&i={i}\" onload=\"seen()\" onerror=\"seen()\">"))
+        .collect();
+    let html = format!(
+        "<!doctype html><html><head><title>loading</title><script>let c=0;function seen(){{c++;if(c=={n})document.title='done '+c;}}</script></head><body>{imgs}</body></html>"
+    );
+    let mut r = text(StatusCode::OK, html);
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/html"));
+    r
 }
 
 fn text(status: StatusCode, s: String) -> Response<Body> {
