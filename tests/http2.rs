@@ -87,21 +87,27 @@ async fn forward_proxy_get_and_post_over_h2() {
     baton.stop(STOP).await;
 }
 
-/// 200 CONNECT streams at once on one connection, each echoing its own bytes.
+/// 1,000 CONNECT streams at once on one connection, each echoing its own bytes (the test
+/// holds 2,000 sockets: the tunnels' ends and the echo server's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_connect_streams_share_one_connection() {
+    baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
     let echo = testkit::start_echo().await.expect("echo");
     let extra = format!(
-        "{}\n[limits]\nh2_max_streams = 256\nmax_connections_per_client = 0\n",
+        "{}\n[limits]\nh2_max_streams = 1000\nmax_connections_per_client = 0\n",
         common::connect_ports(&[echo.port()])
     );
     let (mut baton, ca, _, secure) = start(None, &extra).await;
     let client = h2(secure, &ca).await;
     let mut tasks = Vec::new();
-    for i in 0..200u32 {
-        let client = client.clone();
+    // Every stream is open before any echoes: 1,000 at once, not one after the other.
+    let all_open = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
+    for i in 0..1000u32 {
+        let (client, all_open) = (client.clone(), all_open.clone());
         tasks.push(tokio::spawn(async move {
-            let mut t = client.tunnel(echo).await?;
+            let opened = client.tunnel(echo).await;
+            all_open.wait().await;
+            let mut t = opened?;
             let msg = format!("stream {i} ").repeat(100).into_bytes();
             t.write_all(&msg).await?;
             let mut back = vec![0; msg.len()];
@@ -114,7 +120,7 @@ async fn many_connect_streams_share_one_connection() {
     for t in tasks {
         t.await.expect("task").expect("tunnel echoed");
     }
-    wait_lines(&baton, "CONNECT", 200).await;
+    wait_lines(&baton, "CONNECT", 1000).await;
     baton.stop(STOP).await;
 }
 
