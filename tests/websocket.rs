@@ -104,25 +104,32 @@ async fn aiohttp_through_baton_as_its_http_proxy_echoes_a_thousand_messages() {
 /// usual and the connection takes the next request. The origin saw the `Upgrade`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_the_origin_declines_is_an_ordinary_answer() {
-    let http = testkit::start_origin().await.expect("origin");
     let mut baton = Baton::start("").await;
+    let seen = upgrade_then_next(&baton).await;
+    assert!(seen.contains("upgrade: websocket"), "the switch was forwarded: {seen}");
+    baton.stop(STOP).await;
+}
+
+/// Sends a WebSocket handshake to the origin's `/headers` (which answers 200 whatever the
+/// request asks) and a second request behind it on the same connection: asserts that both
+/// are answered, and returns the request fields the origin saw (lowercase).
+async fn upgrade_then_next(baton: &Baton) -> String {
+    let http = testkit::start_origin().await.expect("origin");
     let mut s = testkit::connect_tcp(baton.proxy).await.unwrap();
     let head = format!(
-        "GET http://{http}/headers HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\
+        "GET http://{http}/headers HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
          GET http://{http}/bytes?n=5 HTTP/1.1\r\nHost: {http}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let (first, seen) = testkit::read_response(&mut s).await.expect("first answer");
-    let seen = String::from_utf8_lossy(&seen).to_ascii_lowercase();
-    assert!(first.starts_with("HTTP/1.1 200"), "the origin's own answer: {first}");
-    assert!(seen.contains("upgrade: websocket"), "the switch was forwarded: {seen}");
+    assert!(first.starts_with("HTTP/1.1 200"), "an ordinary answer: {first}");
     let (second, body) = testkit::read_response(&mut s).await.expect("second answer");
     assert!(
         second.starts_with("HTTP/1.1 200") && body.len() == 5,
-        "the next request, answered: {second}"
+        "the next request on the connection, answered: {second}"
     );
-    drop(s);
-    baton.stop(STOP).await;
+    String::from_utf8_lossy(&seen).to_ascii_lowercase()
 }
 
 /// A rule that denies the origin's port: 403 from baton, and the origin never sees a
@@ -164,29 +171,13 @@ async fn a_denied_upgrade_gets_403_and_reaches_no_origin() {
 /// other fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_not_allowed_is_stripped_and_the_connection_goes_on() {
-    let http = testkit::start_origin().await.expect("origin");
     let mut baton = Baton::start("[access]\nupgrade_protocols = []\n").await;
-    let mut s = testkit::connect_tcp(baton.proxy).await.unwrap();
-    let head = format!(
-        "GET http://{http}/headers HTTP/1.1\r\nHost: {http}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
-         GET http://{http}/bytes?n=5 HTTP/1.1\r\nHost: {http}\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let (first, seen) = testkit::read_response(&mut s).await.expect("first answer");
-    let seen = String::from_utf8_lossy(&seen).to_ascii_lowercase();
-    assert!(first.starts_with("HTTP/1.1 200"), "an ordinary answer: {first}");
+    let seen = upgrade_then_next(&baton).await;
     assert!(seen.contains("sec-websocket-key"), "the origin got the request: {seen}");
     assert!(
         !seen.contains("upgrade"),
         "without Upgrade, nor Connection naming it: {seen}"
     );
-    let (second, body) = testkit::read_response(&mut s).await.expect("second answer");
-    assert!(
-        second.starts_with("HTTP/1.1 200") && body.len() == 5,
-        "the next request, answered: {second}"
-    );
-    drop(s);
     baton.stop(STOP).await;
 }
 
