@@ -94,8 +94,16 @@ impl TestCa {
 
     /// [`TestCa::client`] offering these ALPN protocols (`h2` for HTTP/2 to the proxy).
     pub fn client_offering(&self, alpn: &[&[u8]]) -> anyhow::Result<ProxyTls> {
+        ProxyTls::trusting(&self.pem, alpn)
+    }
+}
+
+impl ProxyTls {
+    /// A client that trusts the certificates in `pem` (a CA, or a self-signed proxy
+    /// certificate), reaches the proxy as `127.0.0.1` and offers `alpn`.
+    pub fn trusting(pem: &str, alpn: &[&[u8]]) -> anyhow::Result<ProxyTls> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.pem.as_bytes()) {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             roots.add(cert?)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -1,0 +1,137 @@
+//! Load tool for scripts/bench's h2 section: CONNECT tunnels opened per second to a TLS
+//! listener, over HTTP/2 streams of one connection against HTTP/1.1 (a TLS connection per
+//! tunnel, sessions resumed, as a client does).
+//!
+//!   h2_bench h2open  --proxy HOST:PORT --ca PEM [--conns 32] [--secs 5] [--target-port N]
+//!   h2_bench tlsopen --proxy HOST:PORT --ca PEM [--conns 32] [--secs 5] [--target-port N]
+//!
+//! Each worker loops: CONNECT → 200 → read the one byte the target (a server inside this
+//! tool) writes → close. One JSON line on stdout. Request rates over HTTP/2 come from
+//! h2load, which speaks forward-proxy form with `-H ':scheme: http' -H ':authority: …'`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton_testkit::ProxyTls;
+use baton_testkit::h2::H2Proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+struct Args {
+    mode: String,
+    proxy: SocketAddr,
+    ca: String,
+    conns: usize,
+    secs: f64,
+    target_port: u16,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let mode = it
+        .next()
+        .context("usage: h2_bench h2open|tlsopen --proxy HOST:PORT --ca PEM")?;
+    let (mut proxy, mut ca, mut conns, mut secs, mut target_port) = (None, None, 32, 5.0, 0);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--proxy" => proxy = Some(val()?.parse().context("--proxy HOST:PORT")?),
+            "--ca" => ca = Some(std::fs::read_to_string(val()?).context("--ca PEM")?),
+            "--conns" => conns = val()?.parse()?,
+            "--secs" => secs = val()?.parse()?,
+            "--target-port" => target_port = val()?.parse()?,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(Args {
+        mode,
+        proxy: proxy.context("--proxy needed")?,
+        ca: ca.context("--ca needed")?,
+        conns,
+        secs,
+        target_port,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    // One thread: scripts/bench pins the load generator to one core.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    let target = one_byte_target(a.target_port).await?;
+    let (stop, done, errors) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let h2 = a.mode == "h2open";
+    let tls = ProxyTls::trusting(&a.ca, if h2 { &[b"h2"] } else { &[b"http/1.1"] })?;
+    let shared = if h2 {
+        Some(H2Proxy::connect(a.proxy, &tls).await?)
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..a.conns.max(1) {
+        let (stop, done, errors, tls, shared) =
+            (stop.clone(), done.clone(), errors.clone(), tls.clone(), shared.clone());
+        let proxy = a.proxy;
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let one = async {
+                    let mut b = [0u8; 1];
+                    match &shared {
+                        Some(c) => c.tunnel(target).await?.read_exact(&mut b).await?,
+                        None => {
+                            baton_testkit::open_tunnel_via(proxy, target, Some(&tls))
+                                .await?
+                                .read_exact(&mut b)
+                                .await?
+                        }
+                    };
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(Duration::from_secs(5), one).await {
+                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
+    let (n, el) = (done.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    println!(
+        "{{\"mode\":\"{}\",\"tunnels\":{n},\"per_sec\":{:.1},\"errors\":{}}}",
+        a.mode,
+        n as f64 / el,
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// A target that writes one byte to each connection, then waits for the client to close.
+async fn one_byte_target(port: u16) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(("127.0.0.1", port)).await?;
+    let target = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"x").await;
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    Ok(target)
+}
