@@ -997,6 +997,79 @@ mod tests {
         }
     }
 
+    /// A signal in the given state: `io` bits, then requests begun, started and finished.
+    fn signal_in(io: u8, begun: u64, started: u64, finished: u64) -> RequestSignal {
+        let s = RequestSignal::default();
+        s.update_io(0xff, io);
+        s.begun(begun);
+        for _ in 0..started {
+            s.start();
+        }
+        for _ in 0..finished {
+            s.finish();
+        }
+        s
+    }
+
+    /// `at_rest` holds only when every one of its conditions does: each row breaks one of
+    /// them (with the others met), beside the rows where all are met.
+    #[test]
+    fn at_rest_needs_every_condition() {
+        const REST: u8 = IO_READ_BLOCKED | IO_FLUSHED | IO_BETWEEN;
+        let rows: [(&str, u8, u64, u64, u64, bool); 11] = [
+            ("all met, after a request", REST, 1, 1, 1, true),
+            (
+                "all met, hyper handed bytes of a request",
+                REST | IO_DELIVERED,
+                2,
+                2,
+                2,
+                true,
+            ),
+            ("all met, nothing yet", REST, 0, 0, 0, true),
+            (
+                "hyper's last read did not block",
+                IO_FLUSHED | IO_BETWEEN,
+                1,
+                1,
+                1,
+                false,
+            ),
+            (
+                "hyper's writes not flushed",
+                IO_READ_BLOCKED | IO_BETWEEN,
+                1,
+                1,
+                1,
+                false,
+            ),
+            (
+                "the framing is inside a request",
+                IO_READ_BLOCKED | IO_FLUSHED,
+                1,
+                1,
+                1,
+                false,
+            ),
+            ("a request begun, not started", REST, 2, 1, 1, false),
+            ("a response not finished", REST, 1, 1, 0, false),
+            (
+                "no request, but a byte handed to hyper",
+                REST | IO_DELIVERED,
+                0,
+                0,
+                0,
+                false,
+            ),
+            ("nothing at all set", 0, 0, 0, 0, false),
+            ("more finished than started is not rest either", REST, 1, 1, 2, false),
+        ];
+        for (what, io, begun, started, finished, rest) in rows {
+            let s = signal_in(io, begun, started, finished);
+            assert_eq!(s.at_rest(), rest, "{what}");
+        }
+    }
+
     /// A request asking to switch protocols, without content, is waited on like a CONNECT
     /// (the second request here is its answer's to decide); with content, or without
     /// `Upgrade`, it is not.
