@@ -188,7 +188,10 @@ impl AccessLine {
 
     /// The client connection's byte count: a Squid line takes its bytes from it.
     pub fn sent(mut self, sent: Arc<Sent>) -> Self {
-        self.squid.sent = Some(sent);
+        // A multiplexed connection's count is no one stream's: the line takes its body's.
+        if !sent.multiplexed {
+            self.squid.sent = Some(sent);
+        }
         self
     }
 
@@ -333,6 +336,8 @@ impl AccessLine {
 /// bytes written since the line before it; a connection's lines add up to what it was sent.
 #[derive(Debug, Default)]
 pub struct Sent {
+    /// The connection carries many exchanges at once (HTTP/2): no line takes a share.
+    multiplexed: bool,
     written: AtomicU64,
     /// Whether a line waits: read at every flush without taking the lock.
     waiting: AtomicBool,
@@ -357,6 +362,15 @@ impl SentState {
 }
 
 impl Sent {
+    /// The count of an HTTP/2 stream: its lines are written at once, with the bytes of
+    /// their bodies (the connection's bytes are shared by its streams).
+    pub fn multiplexed() -> Arc<Sent> {
+        Arc::new(Sent {
+            multiplexed: true,
+            ..Sent::default()
+        })
+    }
+
     /// The bytes written since the last line took its share (a tunnel's `200` answer).
     pub fn take(&self) -> u64 {
         self.lock().share(&self.written)
@@ -488,6 +502,14 @@ mod tests {
 
     fn line() -> AccessLine {
         AccessLine::new(Kind::Request, Peer::Local)
+    }
+
+    /// An HTTP/2 stream's line does not wait on the connection's byte count (its Squid
+    /// bytes are its body's); an HTTP/1.1 connection's does.
+    #[test]
+    fn a_multiplexed_count_is_not_a_lines_share() {
+        assert!(line().sent(Sent::multiplexed()).squid.sent.is_none(), "HTTP/2: body bytes");
+        assert!(line().sent(Arc::default()).squid.sent.is_some(), "HTTP/1.1: its share");
     }
 
     #[test]

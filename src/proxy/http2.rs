@@ -126,9 +126,7 @@ async fn stream(
     }
     // Streams share the connection: no byte count of the socket is one stream's, so each
     // line is written when its answer is (its bytes are the body's, not the wire's).
-    let sent = Arc::new(Sent::default());
-    sent.close();
-    let client = Arc::new(Client::new(proxy.upstream(), sent));
+    let client = Arc::new(Client::new(proxy.upstream(), Sent::multiplexed()));
     let Ok(resp) = proxy.clone().serve(peer, client.clone(), req).await;
     if let Some((upgrade, slot)) = upgrade
         && resp.status().is_success()
