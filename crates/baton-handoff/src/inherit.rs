@@ -118,7 +118,7 @@ impl Handoff {
 
 /// The environment, as a lookup: the process's in [`Inherited::from_env`], a table in tests
 /// (the process's is shared by every test thread).
-type Env<'a> = &'a dyn Fn(&str) -> Option<OsString>;
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<OsString>;
 
 /// Variable `var` of `env` as text; unset or not UTF-8 is empty (as `std::env::var` reads it).
 fn text(env: Env<'_>, var: &str) -> String {
@@ -167,7 +167,7 @@ impl Inherited {
 
     /// What `env` says this process was handed, with the passed listening sockets `fds` (in
     /// order); `for_us`: `LISTEN_PID` names this process.
-    fn read(env: Env<'_>, for_us: bool, fds: Vec<RawFd>) -> io::Result<Inherited> {
+    pub(crate) fn read(env: Env<'_>, for_us: bool, fds: Vec<RawFd>) -> io::Result<Inherited> {
         let mut names: Vec<String> = env("LISTEN_FDNAMES")
             .and_then(|v| v.into_string().ok())
             .map(|v| v.split(':').map(str::to_string).collect())
