@@ -396,19 +396,28 @@ fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
 /// The lowest port a process without `CAP_NET_BIND_SERVICE` may bind
 /// (`net.ipv4.ip_unprivileged_port_start`; 1024 where it cannot be read).
 pub fn unprivileged_port_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024)
+    port_start(std::fs::read_to_string(PORT_START).ok().as_deref())
+}
+
+const PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
+
+/// The port in [`PORT_START`]'s `text`; 1024 (the kernel's default) when there is none.
+fn port_start(text: Option<&str>) -> u16 {
+    text.and_then(|s| s.trim().parse().ok()).unwrap_or(1024)
 }
 
 /// Whether binding `addr` needs `CAP_NET_BIND_SERVICE` and process `pid` (`None`: this one)
 /// lacks it. A process whose capabilities cannot be read is given the benefit of the doubt.
 pub fn needs_bind_capability(addr: &ListenAddr, pid: Option<u32>) -> bool {
+    let has = || crate::process::has_capability(pid, crate::process::CAP_NET_BIND_SERVICE);
+    lacks_capability_for(addr, unprivileged_port_start(), has)
+}
+
+/// [`needs_bind_capability`] with the first unprivileged port `start`, and `has` asking
+/// whether the capability is there (only for a privileged port).
+fn lacks_capability_for(addr: &ListenAddr, start: u16, has: impl FnOnce() -> io::Result<bool>) -> bool {
     let ListenAddr::Tcp(a) = addr else { return false };
-    a.port() != 0
-        && a.port() < unprivileged_port_start()
-        && !crate::process::has_capability(pid, crate::process::CAP_NET_BIND_SERVICE).unwrap_or(true)
+    a.port() != 0 && a.port() < start && !has().unwrap_or(true)
 }
 
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
@@ -611,5 +620,91 @@ mod tests {
         assert!(is_connection_error(&io::Error::from_raw_os_error(libc::EPROTO)));
         assert!(!is_connection_error(&emfile()));
         assert!(!is_connection_error(&io::Error::from_raw_os_error(libc::ENFILE)));
+    }
+    fn tcp(s: &str) -> ListenAddr {
+        ListenAddr::Tcp(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_configured_address_is_served_by_itself_or_any_port_for_port_0() {
+        let unix = |p: &str| ListenAddr::Unix(p.into());
+        assert!(unix("/run/a.sock").is_served_by(&unix("/run/a.sock")), "the same path");
+        assert!(!unix("/run/a.sock").is_served_by(&unix("/run/b.sock")), "another path");
+        assert!(tcp("127.0.0.1:80").is_served_by(&tcp("127.0.0.1:80")));
+        assert!(!tcp("127.0.0.1:80").is_served_by(&tcp("127.0.0.1:81")), "another port");
+        assert!(
+            tcp("127.0.0.1:0").is_served_by(&tcp("127.0.0.1:40000")),
+            "port 0: any port"
+        );
+        assert!(
+            !tcp("127.0.0.1:0").is_served_by(&tcp("127.0.0.2:40000")),
+            "but the same IP"
+        );
+        assert!(!tcp("127.0.0.1:80").is_served_by(&unix("/run/a.sock")), "another kind");
+        assert!(tcp("[::1]:0").is_ephemeral(), "port 0 is any free port");
+        assert!(!tcp("[::1]:80").is_ephemeral() && !unix("/run/a.sock").is_ephemeral());
+    }
+
+    #[test]
+    fn addresses_and_origins_read_back_what_they_write() {
+        for text in ["127.0.0.1:8080", "[::1]:0", "unix:/run/baton/a b.sock"] {
+            let addr: ListenAddr = text.parse().expect("parse");
+            assert_eq!(addr.to_string(), text);
+        }
+        assert_eq!(
+            ListenAddr::Unix("/x".into()).to_string(),
+            "unix:/x",
+            "the prefix tells it from host:port"
+        );
+        for (origin, text) in [(Origin::Supervisor, "supervisor"), (Origin::Bound, "bound")] {
+            assert_eq!(origin.as_str(), text);
+            assert_eq!(Origin::parse(text), Some(origin));
+        }
+        assert_eq!(Origin::parse("systemd"), None);
+    }
+
+    #[test]
+    fn the_first_unprivileged_port_is_the_kernels_or_1024() {
+        assert_eq!(port_start(Some("80\n")), 80);
+        assert_eq!(port_start(Some("no")), 1024);
+        assert_eq!(port_start(None), 1024);
+        let kernel = std::fs::read_to_string(PORT_START).ok();
+        assert_eq!(
+            unprivileged_port_start(),
+            port_start(kernel.as_deref()),
+            "read from {PORT_START}"
+        );
+    }
+
+    #[test]
+    fn only_a_privileged_port_without_the_capability_needs_it() {
+        let (lacks, has) = (|| Ok(false), || Ok(true));
+        assert!(
+            lacks_capability_for(&tcp("0.0.0.0:80"), 1024, lacks),
+            "below the start, no capability"
+        );
+        assert!(
+            lacks_capability_for(&tcp("0.0.0.0:1023"), 1024, lacks),
+            "the last privileged port"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:1024"), 1024, lacks),
+            "the first unprivileged one"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:0"), 1024, lacks),
+            "any free port is unprivileged"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:80"), 1024, has),
+            "the capability is there"
+        );
+        let unreadable = || Err(io::Error::other("no /proc"));
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:80"), 1024, unreadable),
+            "benefit of the doubt"
+        );
+        let unix = ListenAddr::Unix("/run/a.sock".into());
+        assert!(!lacks_capability_for(&unix, 1024, lacks), "a path has no port");
     }
 }
