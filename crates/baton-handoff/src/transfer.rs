@@ -524,7 +524,11 @@ mod tests {
             Incoming::new(Wire::new(b).unwrap()),
         );
         incoming.confirm_verdict().await.expect("confirm");
-        let seen = transfer.wire.recv().await.expect("recv").expect("a message");
+        let seen = tokio::time::timeout(Duration::from_secs(5), transfer.wire.recv())
+            .await
+            .expect("confirm_verdict must send seen")
+            .expect("recv")
+            .expect("a message");
         assert_eq!(
             seen.bytes, b"seen",
             "the predecessor waits for this before it calls it done"
