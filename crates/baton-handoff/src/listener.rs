@@ -707,4 +707,182 @@ mod tests {
         let unix = ListenAddr::Unix("/run/a.sock".into());
         assert!(!lacks_capability_for(&unix, 1024, lacks), "a path has no port");
     }
+    /// A bound TCP listener and a client connected to it, with the server's side of the
+    /// connection as a [`Stream`].
+    async fn tcp_pair() -> (Stream, tokio::net::TcpStream, Peer) {
+        let socket = bind("t", &tcp("127.0.0.1:0")).await.expect("bind");
+        let ListenAddr::Tcp(at) = socket.local_addr().expect("addr") else {
+            unreachable!()
+        };
+        let client = tokio::net::TcpStream::connect(at).await.expect("connect");
+        let (stream, peer) = socket.accept().await.expect("accept");
+        (stream, client, peer)
+    }
+
+    /// Polls `f` once: whether it is ready now, without waiting.
+    async fn ready_now<F: std::future::Future>(f: F) -> bool {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx).is_ready())).await
+    }
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn readable_waits_for_a_byte_and_takes_none() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client, peer) = tcp_pair().await;
+        assert_eq!(
+            peer.to_string(),
+            client.local_addr().unwrap().to_string(),
+            "the client's address"
+        );
+        assert_eq!(Peer::Local.to_string(), "unix");
+        // Fresh: tokio takes it for readable until the peek says otherwise.
+        assert!(
+            !ready_now(stream.readable()).await,
+            "nothing arrived: readable must wait"
+        );
+        assert!(
+            !ready_now(std::future::poll_fn(|cx| stream.poll_readable(cx))).await,
+            "the poll too"
+        );
+        assert!(!stream.has_unread_bytes(), "no byte yet");
+        client.write_all(b"hi").await.expect("write");
+        tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("a byte came")
+            .expect("readable");
+        assert!(stream.has_unread_bytes(), "the byte waits");
+        assert!(stream.has_unread_bytes(), "and still waits: a peek takes nothing");
+        let mut got = [0u8; 2];
+        tokio::time::timeout(BOUND, stream.read_exact(&mut got))
+            .await
+            .expect("read")
+            .expect("read");
+        assert_eq!(&got, b"hi", "both bytes, none taken by readable or has_unread_bytes");
+        drop(client);
+        tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("EOF is readable")
+            .expect("readable");
+        assert!(!stream.has_unread_bytes(), "the end of the stream is no byte");
+    }
+
+    #[tokio::test]
+    async fn a_stream_writes_all_it_says_and_shuts_down_its_write_side() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client, _) = tcp_pair().await;
+        stream.write_all(b"hello").await.expect("write");
+        assert!(
+            stream.is_write_vectored(),
+            "a socket writes several buffers in one call"
+        );
+        let bufs = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+        assert_eq!(stream.write_vectored(&bufs).await.expect("writev"), 4, "both buffers");
+        stream.flush().await.expect("flush");
+        stream.shutdown_write().expect("FIN");
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, client.read_to_end(&mut got))
+            .await
+            .expect("EOF after the FIN")
+            .expect("read");
+        assert_eq!(got, b"helloabcd");
+        // Still open for reading.
+        client.write_all(b"x").await.expect("write");
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(BOUND, stream.read_exact(&mut byte))
+            .await
+            .expect("read")
+            .expect("read");
+        assert_eq!(&byte, b"x");
+
+        let (mut stream, mut client, _) = tcp_pair().await;
+        stream.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, client.read_to_end(&mut got))
+            .await
+            .expect("EOF after shutdown")
+            .expect("read");
+        assert!(got.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reset_connection_is_readable_with_its_error() {
+        let (stream, client, _) = tcp_pair().await;
+        // SO_LINGER 0: closing sends a reset instead of a FIN.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&client, nix::sys::socket::sockopt::Linger, &linger).expect("linger");
+        drop(client);
+        let got = tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("the reset is an event");
+        assert_eq!(got.expect_err("a reset").kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_path_gets_its_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/baton/s.sock");
+        let socket = bind("t", &ListenAddr::Unix(path.clone()))
+            .await
+            .expect("bind in new directories");
+        assert_eq!(socket.local_addr().unwrap(), ListenAddr::Unix(path));
+    }
+
+    #[tokio::test]
+    async fn accept_until_hands_over_each_connection_and_stops_when_told() {
+        let socket = Arc::new(bind("t", &tcp("127.0.0.1:0")).await.expect("bind"));
+        let ListenAddr::Tcp(at) = socket.local_addr().expect("addr") else {
+            unreachable!()
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepting = tokio::spawn(accept_until(socket, "t", stop.clone(), move |_, peer| {
+            let _ = tx.send(peer.to_string());
+        }));
+        let client = tokio::net::TcpStream::connect(at).await.expect("connect");
+        let peer = tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .expect("accepted")
+            .expect("a peer");
+        assert_eq!(peer, client.local_addr().unwrap().to_string());
+        stop.cancel();
+        tokio::time::timeout(BOUND, accepting)
+            .await
+            .expect("stopped")
+            .expect("join");
+    }
+
+    #[test]
+    fn a_privileged_port_needs_the_capability_of_the_process_asked_about() {
+        use std::os::unix::process::CommandExt;
+        let privileged = tcp("127.0.0.1:80");
+        assert!(
+            !needs_bind_capability(&tcp("127.0.0.1:8080"), None),
+            "an unprivileged port"
+        );
+        if unprivileged_port_start() <= 80 {
+            eprintln!("every port is unprivileged here: nothing more to check");
+            return;
+        }
+        let cap = crate::process::CAP_NET_BIND_SERVICE;
+        if !crate::process::has_capability(None, cap).unwrap() {
+            assert!(needs_bind_capability(&privileged, None), "this process lacks it");
+            return;
+        }
+        assert!(!needs_bind_capability(&privileged, None), "this process has it");
+        // A process without it: as root, a child that runs as nobody.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .spawn()
+            .expect("spawn");
+        let lacks = needs_bind_capability(&privileged, Some(child.id()));
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(lacks, "nobody lacks CAP_NET_BIND_SERVICE");
+    }
 }
