@@ -342,14 +342,8 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             }
             .map_err(bind_err)?;
             sock.set_reuseaddr(true).map_err(bind_err)?;
-            sock.bind(*a).map_err(|e| match e.raw_os_error() {
-                Some(libc::EACCES) if needs_bind_capability(addr, None) => ListenError::Privileged {
-                    name: name.to_string(),
-                    addr: addr.clone(),
-                    start: unprivileged_port_start(),
-                },
-                _ => bind_err(e),
-            })?;
+            sock.bind(*a)
+                .map_err(|e| bind_error(name, addr, e, || needs_bind_capability(addr, None)))?;
             Ok(Socket::Tcp(sock.listen(BACKLOG).map_err(bind_err)?))
         }
         ListenAddr::Unix(p) => {
@@ -376,6 +370,24 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             }
             Ok(Socket::Unix(bind_private_unix(p).map_err(bind_err)?))
         }
+    }
+}
+
+/// The error of binding `addr` for listener `name`: EACCES is [`ListenError::Privileged`]
+/// when the port `needs` a capability this process lacks (the usual cause, and the one the
+/// message can say how to fix); any other failure as it is.
+fn bind_error(name: &str, addr: &ListenAddr, e: io::Error, needs: impl FnOnce() -> bool) -> ListenError {
+    match e.raw_os_error() {
+        Some(libc::EACCES) if needs() => ListenError::Privileged {
+            name: name.to_string(),
+            addr: addr.clone(),
+            start: unprivileged_port_start(),
+        },
+        _ => ListenError::Bind {
+            name: name.to_string(),
+            addr: addr.clone(),
+            source: e,
+        },
     }
 }
 
@@ -444,11 +456,11 @@ pub async fn accept_until(
                 errors.succeeded(name);
                 on_accept(stream, peer);
             }
-            Err(e) if is_connection_error(&e) => {
-                tracing::debug!(listener = %name, "accept: a connection failed before it was accepted: {e}");
-            }
             Err(e) => {
-                let wait = errors.failed(name, &e, Instant::now());
+                let Some(wait) = errors.wait_after(name, &e, Instant::now()) else {
+                    tracing::debug!(listener = %name, "accept: a connection failed before it was accepted: {e}");
+                    continue;
+                };
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
@@ -506,6 +518,12 @@ struct AcceptErrors {
 }
 
 impl AcceptErrors {
+    /// How long to wait after accept failed with `e` at `now`: not at all for an error about
+    /// one connection (`None`: the next one is accepted at once), else as [`Self::failed`].
+    fn wait_after(&mut self, name: &str, e: &io::Error, now: Instant) -> Option<Duration> {
+        (!is_connection_error(e)).then(|| self.failed(name, e, now))
+    }
+
     /// Counts a failed accept at `now`, warns unless it did within [`LOG_INTERVAL`], and
     /// returns how long to wait before the next attempt.
     fn failed(&mut self, name: &str, e: &io::Error, now: Instant) -> Duration {
@@ -884,5 +902,49 @@ mod tests {
         child.kill().expect("kill");
         child.wait().expect("reap");
         assert!(lacks, "nobody lacks CAP_NET_BIND_SERVICE");
+    }
+    #[test]
+    fn only_errors_about_the_process_back_off() {
+        let mut errors = AcceptErrors::default();
+        let now = Instant::now();
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            errors.wait_after("t", &reset, now),
+            None,
+            "one connection: the next at once"
+        );
+        assert_eq!(errors.in_a_row, 0, "and it counts for nothing");
+        assert_eq!(
+            errors.wait_after("t", &emfile(), now),
+            Some(FIRST_WAIT),
+            "out of fds: wait"
+        );
+        assert_eq!(
+            errors.wait_after("t", &emfile(), now),
+            Some(FIRST_WAIT * 2),
+            "and longer"
+        );
+    }
+
+    #[test]
+    fn eacces_is_privileged_only_when_the_port_needs_a_capability_we_lack() {
+        let addr = tcp("0.0.0.0:80");
+        let eacces = || io::Error::from_raw_os_error(libc::EACCES);
+        let e = bind_error("web", &addr, eacces(), || true);
+        assert!(
+            matches!(&e, ListenError::Privileged { name, .. } if name == "web"),
+            "{e}"
+        );
+        let e = bind_error("web", &addr, eacces(), || false);
+        assert!(
+            matches!(&e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EACCES)),
+            "{e}"
+        );
+        let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        let e = bind_error("web", &addr, in_use, || true);
+        assert!(
+            matches!(&e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EADDRINUSE)),
+            "{e}"
+        );
     }
 }
