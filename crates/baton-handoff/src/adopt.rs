@@ -235,4 +235,76 @@ mod tests {
         );
         assert_eq!(dropped.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["old"]);
     }
+    #[test]
+    fn only_a_socket_taken_from_what_was_handed_is_adopted() {
+        let from = ListenAddr::Tcp("127.0.0.1:1".parse().unwrap());
+        assert!(Opened::Adopted.is_adopted());
+        assert!(
+            Opened::AdoptedElsewhere {
+                configured: from.clone()
+            }
+            .is_adopted()
+        );
+        assert!(!Opened::Bound.is_adopted());
+        assert!(!Opened::Moved { from }.is_adopted());
+    }
+
+    #[test]
+    fn a_unix_socket_whose_file_is_gone_is_bound_anew_unless_the_service_manager_owns_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gone = ListenAddr::Unix(dir.path().join("gone.sock"));
+        let here = dir.path().join("here.sock");
+        std::fs::write(&here, b"").expect("a file at the path");
+        let here = ListenAddr::Unix(here);
+        let held = |addr: &ListenAddr, origin| {
+            [(
+                0,
+                Held {
+                    name: "local".into(),
+                    addr: addr.clone(),
+                    origin,
+                },
+            )]
+        };
+        let moved = Forecast::Move { from: gone.clone() };
+        assert_eq!(
+            plan(&held(&gone, Origin::Bound), "local", &gone),
+            (moved, Some(0)),
+            "takes no connection"
+        );
+        assert_eq!(
+            plan(&held(&gone, Origin::Supervisor), "local", &gone),
+            (Forecast::Adopt, Some(0)),
+            "the service manager's"
+        );
+        assert_eq!(
+            plan(&held(&here, Origin::Bound), "local", &here),
+            (Forecast::Adopt, Some(0)),
+            "its file is there"
+        );
+    }
+
+    /// What a process was handed: a pipe (no listening socket) passed under `name`.
+    fn handed_a_pipe(name: &str) -> (Inherited, std::os::fd::OwnedFd) {
+        use std::os::fd::IntoRawFd;
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let names = std::ffi::OsString::from(name);
+        let env = move |v: &str| (v == "LISTEN_FDNAMES").then(|| names.clone());
+        (Inherited::read(&env, false, vec![r.into_raw_fd()]).expect("read"), w)
+    }
+
+    #[tokio::test]
+    async fn an_fd_passed_under_the_name_that_is_no_listener_is_refused() {
+        let addr = ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        let (mut inherited, _w) = handed_a_pipe("web");
+        let e = open_listener(&mut inherited, "web", &addr)
+            .await
+            .expect_err("a pipe named web");
+        assert!(matches!(&e, ListenError::Adopt { name, .. } if name == "web"), "{e}");
+        // Under another name it is none of this listener's business: the address is bound.
+        let (mut inherited, _w) = handed_a_pipe("other");
+        let listener = open_listener(&mut inherited, "web", &addr).await.expect("bound");
+        assert_eq!(listener.opened, Opened::Bound);
+        assert_eq!(inherited.untaken().len(), 1, "the pipe is left for the rest");
+    }
 }

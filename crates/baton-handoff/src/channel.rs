@@ -225,3 +225,120 @@ impl PredecessorChannel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use nix::unistd::Pid;
+
+    fn channel() -> (OwnedFd, OwnedFd) {
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair")
+    }
+
+    const OFFERS: Offers = Offers {
+        pings: true,
+        confirms: true,
+        takes_transfer: true,
+    };
+
+    /// A watched successor: `program args`, reaped by a thread of its own as `spawn_successor`
+    /// does; the successor's end of the channel comes back too.
+    fn watch(program: &str, args: &[&str]) -> (Watch, OwnedFd, u32) {
+        let child = std::process::Command::new(program).args(args).spawn().expect("spawn");
+        let pid = child.id();
+        std::mem::forget(child);
+        let handle = ChildProcess::new(Pid::from_raw(pid as i32));
+        let (tx, rx) = oneshot::channel();
+        let reaper = handle.clone();
+        std::thread::spawn(move || tx.send(reaper.wait_blocking()));
+        let (ours, theirs) = channel();
+        (Watch::new(handle, rx, ours, OFFERS), theirs, pid)
+    }
+
+    #[tokio::test]
+    async fn a_pinging_successor_passes_and_hears_it() {
+        let (watch, theirs, pid) = watch("sleep", &["30"]);
+        let pinging = tokio::spawn(PredecessorChannel::new(theirs).ping_until_verdict(|| 3));
+        let passed = watch
+            .canary(Duration::from_millis(100))
+            .await
+            .expect("pings within the window pass");
+        assert_eq!(passed.connections, 3, "the count of its last ping");
+        let (verdict, incoming) = pinging.await.expect("join").expect("ping");
+        assert_eq!(verdict, Verdict::Passed);
+        assert!(
+            incoming.is_some() && passed.transfer.is_some(),
+            "it offered to take connections"
+        );
+        ChildProcess::new(Pid::from_raw(pid as i32))
+            .signal(Signal::SIGKILL)
+            .expect("kill");
+    }
+
+    #[tokio::test]
+    async fn a_silent_successor_fails_and_is_killed() {
+        let (watch, _silent, pid) = watch("sleep", &["30"]);
+        let failed = watch.canary(Duration::from_secs(30)).await.expect_err("silence fails");
+        assert!(failed.reason.contains("no liveness ping"), "{failed}");
+        assert_eq!(failed.pid, pid);
+        // `fail` awaited the reaper, which saw the kill.
+        assert!(!crate::process::alive(pid), "a failed successor must not keep running");
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_exits_fails_with_its_status() {
+        let (watch, _theirs, pid) = watch("sh", &["-c", "exit 3"]);
+        let failed = watch.canary(Duration::from_secs(30)).await.expect_err("an exit fails");
+        assert_eq!(
+            failed.reason, "exited: exit status 3",
+            "reaped once, not waited for again"
+        );
+        assert!(!crate::process::alive(pid));
+    }
+
+    /// `pass` on our end of a fresh channel, the successor's end first pinging (if `ping`),
+    /// then running `successor`; how long `pass` took on the paused clock, and what it
+    /// returned.
+    async fn timed_pass(offers: Offers, ping: bool, successor: impl AsyncFnOnce(Wire)) -> (Duration, Passed) {
+        let (ours, theirs) = channel();
+        let theirs = Wire::new(theirs).expect("register");
+        if ping {
+            theirs.send(b"ping 1\n", &[]).await.expect("a ping before the verdict");
+        }
+        let start = tokio::time::Instant::now();
+        let passing = tokio::spawn(pass(Wire::new(ours).unwrap(), Duration::ZERO, 1, offers));
+        let got = theirs.recv().await.expect("recv").expect("a message");
+        assert_eq!(got.bytes, b"pass\n");
+        successor(theirs).await;
+        let passed = passing.await.expect("join");
+        (start.elapsed(), passed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pass_waits_for_seen_past_earlier_pings_if_promised_only() {
+        let (took, _) = timed_pass(OFFERS, true, async |w: Wire| w.send(b"seen", &[]).await.expect("seen")).await;
+        assert!(took < SILENCE, "seen ends the wait: {took:?}");
+        // Promised, never said (the channel held open): the wait runs to its bound, past
+        // the ping that came first.
+        let (took, passed) = timed_pass(OFFERS, true, async |w: Wire| std::mem::forget(w)).await;
+        assert_eq!(took, SILENCE, "a ping is not the confirmation");
+        assert!(passed.transfer.is_some(), "told, and it takes connections");
+        let old = Offers {
+            confirms: false,
+            takes_transfer: false,
+            ..OFFERS
+        };
+        let (took, passed) = timed_pass(old, false, async |w: Wire| std::mem::forget(w)).await;
+        assert!(took < SILENCE, "not promised: not waited for ({took:?})");
+        assert!(passed.transfer.is_none(), "it did not offer to take connections");
+    }
+
+    #[tokio::test]
+    async fn a_successor_gone_before_the_verdict_gets_no_transfer() {
+        let (ours, theirs) = channel();
+        drop(theirs);
+        let passed = pass(Wire::new(ours).unwrap(), Duration::ZERO, 0, OFFERS).await;
+        assert!(passed.transfer.is_none(), "not told: nothing to transfer to");
+    }
+}

@@ -342,14 +342,8 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
             }
             .map_err(bind_err)?;
             sock.set_reuseaddr(true).map_err(bind_err)?;
-            sock.bind(*a).map_err(|e| match e.raw_os_error() {
-                Some(libc::EACCES) if needs_bind_capability(addr, None) => ListenError::Privileged {
-                    name: name.to_string(),
-                    addr: addr.clone(),
-                    start: unprivileged_port_start(),
-                },
-                _ => bind_err(e),
-            })?;
+            sock.bind(*a)
+                .map_err(|e| bind_error(name, addr, e, || needs_bind_capability(addr, None)))?;
             Ok(Socket::Tcp(sock.listen(BACKLOG).map_err(bind_err)?))
         }
         ListenAddr::Unix(p) => {
@@ -379,6 +373,24 @@ pub async fn bind(name: &str, addr: &ListenAddr) -> Result<Socket, ListenError> 
     }
 }
 
+/// The error of binding `addr` for listener `name`: EACCES is [`ListenError::Privileged`]
+/// when the port `needs` a capability this process lacks (the usual cause, and the one the
+/// message can say how to fix); any other failure as it is.
+fn bind_error(name: &str, addr: &ListenAddr, e: io::Error, needs: impl FnOnce() -> bool) -> ListenError {
+    match e.raw_os_error() {
+        Some(libc::EACCES) if needs() => ListenError::Privileged {
+            name: name.to_string(),
+            addr: addr.clone(),
+            start: unprivileged_port_start(),
+        },
+        _ => ListenError::Bind {
+            name: name.to_string(),
+            addr: addr.clone(),
+            source: e,
+        },
+    }
+}
+
 /// A Unix listener at `path` whose file is created with mode 0600: no window between
 /// bind(2) and a chmod in which another user could connect. Linux creates the file with the
 /// mode of the socket's own inode (less the umask: `unix_bind_bsd`), which fchmod(2) on the
@@ -396,19 +408,28 @@ fn bind_private_unix(path: &Path) -> io::Result<UnixListener> {
 /// The lowest port a process without `CAP_NET_BIND_SERVICE` may bind
 /// (`net.ipv4.ip_unprivileged_port_start`; 1024 where it cannot be read).
 pub fn unprivileged_port_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1024)
+    port_start(std::fs::read_to_string(PORT_START).ok().as_deref())
+}
+
+const PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
+
+/// The port in [`PORT_START`]'s `text`; 1024 (the kernel's default) when there is none.
+fn port_start(text: Option<&str>) -> u16 {
+    text.and_then(|s| s.trim().parse().ok()).unwrap_or(1024)
 }
 
 /// Whether binding `addr` needs `CAP_NET_BIND_SERVICE` and process `pid` (`None`: this one)
 /// lacks it. A process whose capabilities cannot be read is given the benefit of the doubt.
 pub fn needs_bind_capability(addr: &ListenAddr, pid: Option<u32>) -> bool {
+    let has = || crate::process::has_capability(pid, crate::process::CAP_NET_BIND_SERVICE);
+    lacks_capability_for(addr, unprivileged_port_start(), has)
+}
+
+/// [`needs_bind_capability`] with the first unprivileged port `start`, and `has` asking
+/// whether the capability is there (only for a privileged port).
+fn lacks_capability_for(addr: &ListenAddr, start: u16, has: impl FnOnce() -> io::Result<bool>) -> bool {
     let ListenAddr::Tcp(a) = addr else { return false };
-    a.port() != 0
-        && a.port() < unprivileged_port_start()
-        && !crate::process::has_capability(pid, crate::process::CAP_NET_BIND_SERVICE).unwrap_or(true)
+    a.port() != 0 && a.port() < start && !has().unwrap_or(true)
 }
 
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
@@ -435,11 +456,11 @@ pub async fn accept_until(
                 errors.succeeded(name);
                 on_accept(stream, peer);
             }
-            Err(e) if is_connection_error(&e) => {
-                tracing::debug!(listener = %name, "accept: a connection failed before it was accepted: {e}");
-            }
             Err(e) => {
-                let wait = errors.failed(name, &e, Instant::now());
+                let Some(wait) = errors.wait_after(name, &e, Instant::now()) else {
+                    tracing::debug!(listener = %name, "accept: a connection failed before it was accepted: {e}");
+                    continue;
+                };
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
@@ -497,6 +518,12 @@ struct AcceptErrors {
 }
 
 impl AcceptErrors {
+    /// How long to wait after accept failed with `e` at `now`: not at all for an error about
+    /// one connection (`None`: the next one is accepted at once), else as [`Self::failed`].
+    fn wait_after(&mut self, name: &str, e: &io::Error, now: Instant) -> Option<Duration> {
+        (!is_connection_error(e)).then(|| self.failed(name, e, now))
+    }
+
     /// Counts a failed accept at `now`, warns unless it did within [`LOG_INTERVAL`], and
     /// returns how long to wait before the next attempt.
     fn failed(&mut self, name: &str, e: &io::Error, now: Instant) -> Duration {
@@ -611,5 +638,313 @@ mod tests {
         assert!(is_connection_error(&io::Error::from_raw_os_error(libc::EPROTO)));
         assert!(!is_connection_error(&emfile()));
         assert!(!is_connection_error(&io::Error::from_raw_os_error(libc::ENFILE)));
+    }
+    fn tcp(s: &str) -> ListenAddr {
+        ListenAddr::Tcp(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_configured_address_is_served_by_itself_or_any_port_for_port_0() {
+        let unix = |p: &str| ListenAddr::Unix(p.into());
+        assert!(unix("/run/a.sock").is_served_by(&unix("/run/a.sock")), "the same path");
+        assert!(!unix("/run/a.sock").is_served_by(&unix("/run/b.sock")), "another path");
+        assert!(tcp("127.0.0.1:80").is_served_by(&tcp("127.0.0.1:80")));
+        assert!(!tcp("127.0.0.1:80").is_served_by(&tcp("127.0.0.1:81")), "another port");
+        assert!(
+            tcp("127.0.0.1:0").is_served_by(&tcp("127.0.0.1:40000")),
+            "port 0: any port"
+        );
+        assert!(
+            !tcp("127.0.0.1:0").is_served_by(&tcp("127.0.0.2:40000")),
+            "but the same IP"
+        );
+        assert!(!tcp("127.0.0.1:80").is_served_by(&unix("/run/a.sock")), "another kind");
+        assert!(tcp("[::1]:0").is_ephemeral(), "port 0 is any free port");
+        assert!(!tcp("[::1]:80").is_ephemeral() && !unix("/run/a.sock").is_ephemeral());
+    }
+
+    #[test]
+    fn addresses_and_origins_read_back_what_they_write() {
+        for text in ["127.0.0.1:8080", "[::1]:0", "unix:/run/baton/a b.sock"] {
+            let addr: ListenAddr = text.parse().expect("parse");
+            assert_eq!(addr.to_string(), text);
+        }
+        assert_eq!(
+            ListenAddr::Unix("/x".into()).to_string(),
+            "unix:/x",
+            "the prefix tells it from host:port"
+        );
+        for (origin, text) in [(Origin::Supervisor, "supervisor"), (Origin::Bound, "bound")] {
+            assert_eq!(origin.as_str(), text);
+            assert_eq!(Origin::parse(text), Some(origin));
+        }
+        assert_eq!(Origin::parse("systemd"), None);
+    }
+
+    #[test]
+    fn the_first_unprivileged_port_is_the_kernels_or_1024() {
+        assert_eq!(port_start(Some("80\n")), 80);
+        assert_eq!(port_start(Some("no")), 1024);
+        assert_eq!(port_start(None), 1024);
+        let kernel = std::fs::read_to_string(PORT_START).ok();
+        assert_eq!(
+            unprivileged_port_start(),
+            port_start(kernel.as_deref()),
+            "read from {PORT_START}"
+        );
+    }
+
+    #[test]
+    fn only_a_privileged_port_without_the_capability_needs_it() {
+        let (lacks, has) = (|| Ok(false), || Ok(true));
+        assert!(
+            lacks_capability_for(&tcp("0.0.0.0:80"), 1024, lacks),
+            "below the start, no capability"
+        );
+        assert!(
+            lacks_capability_for(&tcp("0.0.0.0:1023"), 1024, lacks),
+            "the last privileged port"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:1024"), 1024, lacks),
+            "the first unprivileged one"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:0"), 1024, lacks),
+            "any free port is unprivileged"
+        );
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:80"), 1024, has),
+            "the capability is there"
+        );
+        let unreadable = || Err(io::Error::other("no /proc"));
+        assert!(
+            !lacks_capability_for(&tcp("0.0.0.0:80"), 1024, unreadable),
+            "benefit of the doubt"
+        );
+        let unix = ListenAddr::Unix("/run/a.sock".into());
+        assert!(!lacks_capability_for(&unix, 1024, lacks), "a path has no port");
+    }
+    /// A bound TCP listener and a client connected to it, with the server's side of the
+    /// connection as a [`Stream`].
+    async fn tcp_pair() -> (Stream, tokio::net::TcpStream, Peer) {
+        let socket = bind("t", &tcp("127.0.0.1:0")).await.expect("bind");
+        let ListenAddr::Tcp(at) = socket.local_addr().expect("addr") else {
+            unreachable!()
+        };
+        let client = tokio::net::TcpStream::connect(at).await.expect("connect");
+        let (stream, peer) = socket.accept().await.expect("accept");
+        (stream, client, peer)
+    }
+
+    /// Polls `f` once: whether it is ready now, without waiting.
+    async fn ready_now<F: std::future::Future>(f: F) -> bool {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx).is_ready())).await
+    }
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn readable_waits_for_a_byte_and_takes_none() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client, peer) = tcp_pair().await;
+        assert_eq!(
+            peer.to_string(),
+            client.local_addr().unwrap().to_string(),
+            "the client's address"
+        );
+        assert_eq!(Peer::Local.to_string(), "unix");
+        // Fresh: tokio takes it for readable until the peek says otherwise.
+        assert!(
+            !ready_now(stream.readable()).await,
+            "nothing arrived: readable must wait"
+        );
+        assert!(
+            !ready_now(std::future::poll_fn(|cx| stream.poll_readable(cx))).await,
+            "the poll too"
+        );
+        assert!(!stream.has_unread_bytes(), "no byte yet");
+        client.write_all(b"hi").await.expect("write");
+        tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("a byte came")
+            .expect("readable");
+        assert!(stream.has_unread_bytes(), "the byte waits");
+        assert!(stream.has_unread_bytes(), "and still waits: a peek takes nothing");
+        let mut got = [0u8; 2];
+        tokio::time::timeout(BOUND, stream.read_exact(&mut got))
+            .await
+            .expect("read")
+            .expect("read");
+        assert_eq!(&got, b"hi", "both bytes, none taken by readable or has_unread_bytes");
+        drop(client);
+        tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("EOF is readable")
+            .expect("readable");
+        assert!(!stream.has_unread_bytes(), "the end of the stream is no byte");
+    }
+
+    #[tokio::test]
+    async fn a_stream_writes_all_it_says_and_shuts_down_its_write_side() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client, _) = tcp_pair().await;
+        stream.write_all(b"hello").await.expect("write");
+        assert!(
+            stream.is_write_vectored(),
+            "a socket writes several buffers in one call"
+        );
+        let bufs = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+        assert_eq!(stream.write_vectored(&bufs).await.expect("writev"), 4, "both buffers");
+        stream.flush().await.expect("flush");
+        stream.shutdown_write().expect("FIN");
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, client.read_to_end(&mut got))
+            .await
+            .expect("EOF after the FIN")
+            .expect("read");
+        assert_eq!(got, b"helloabcd");
+        // Still open for reading.
+        client.write_all(b"x").await.expect("write");
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(BOUND, stream.read_exact(&mut byte))
+            .await
+            .expect("read")
+            .expect("read");
+        assert_eq!(&byte, b"x");
+
+        let (mut stream, mut client, _) = tcp_pair().await;
+        stream.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        tokio::time::timeout(BOUND, client.read_to_end(&mut got))
+            .await
+            .expect("EOF after shutdown")
+            .expect("read");
+        assert!(got.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reset_connection_is_readable_with_its_error() {
+        let (stream, client, _) = tcp_pair().await;
+        // SO_LINGER 0: closing sends a reset instead of a FIN.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&client, nix::sys::socket::sockopt::Linger, &linger).expect("linger");
+        drop(client);
+        let got = tokio::time::timeout(BOUND, stream.readable())
+            .await
+            .expect("the reset is an event");
+        assert_eq!(got.expect_err("a reset").kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_path_gets_its_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/baton/s.sock");
+        let socket = bind("t", &ListenAddr::Unix(path.clone()))
+            .await
+            .expect("bind in new directories");
+        assert_eq!(socket.local_addr().unwrap(), ListenAddr::Unix(path));
+    }
+
+    #[tokio::test]
+    async fn accept_until_hands_over_each_connection_and_stops_when_told() {
+        let socket = Arc::new(bind("t", &tcp("127.0.0.1:0")).await.expect("bind"));
+        let ListenAddr::Tcp(at) = socket.local_addr().expect("addr") else {
+            unreachable!()
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepting = tokio::spawn(accept_until(socket, "t", stop.clone(), move |_, peer| {
+            let _ = tx.send(peer.to_string());
+        }));
+        let client = tokio::net::TcpStream::connect(at).await.expect("connect");
+        let peer = tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .expect("accepted")
+            .expect("a peer");
+        assert_eq!(peer, client.local_addr().unwrap().to_string());
+        stop.cancel();
+        tokio::time::timeout(BOUND, accepting)
+            .await
+            .expect("stopped")
+            .expect("join");
+    }
+
+    #[test]
+    fn a_privileged_port_needs_the_capability_of_the_process_asked_about() {
+        use std::os::unix::process::CommandExt;
+        let privileged = tcp("127.0.0.1:80");
+        assert!(
+            !needs_bind_capability(&tcp("127.0.0.1:8080"), None),
+            "an unprivileged port"
+        );
+        if unprivileged_port_start() <= 80 {
+            eprintln!("every port is unprivileged here: nothing more to check");
+            return;
+        }
+        let cap = crate::process::CAP_NET_BIND_SERVICE;
+        if !crate::process::has_capability(None, cap).unwrap() {
+            assert!(needs_bind_capability(&privileged, None), "this process lacks it");
+            return;
+        }
+        assert!(!needs_bind_capability(&privileged, None), "this process has it");
+        // A process without it: as root, a child that runs as nobody.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .spawn()
+            .expect("spawn");
+        let lacks = needs_bind_capability(&privileged, Some(child.id()));
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(lacks, "nobody lacks CAP_NET_BIND_SERVICE");
+    }
+    #[test]
+    fn only_errors_about_the_process_back_off() {
+        let mut errors = AcceptErrors::default();
+        let now = Instant::now();
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            errors.wait_after("t", &reset, now),
+            None,
+            "one connection: the next at once"
+        );
+        assert_eq!(errors.in_a_row, 0, "and it counts for nothing");
+        assert_eq!(
+            errors.wait_after("t", &emfile(), now),
+            Some(FIRST_WAIT),
+            "out of fds: wait"
+        );
+        assert_eq!(
+            errors.wait_after("t", &emfile(), now),
+            Some(FIRST_WAIT * 2),
+            "and longer"
+        );
+    }
+
+    #[test]
+    fn eacces_is_privileged_only_when_the_port_needs_a_capability_we_lack() {
+        let addr = tcp("0.0.0.0:80");
+        let eacces = || io::Error::from_raw_os_error(libc::EACCES);
+        let e = bind_error("web", &addr, eacces(), || true);
+        assert!(
+            matches!(&e, ListenError::Privileged { name, .. } if name == "web"),
+            "{e}"
+        );
+        let e = bind_error("web", &addr, eacces(), || false);
+        assert!(
+            matches!(&e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EACCES)),
+            "{e}"
+        );
+        let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        let e = bind_error("web", &addr, in_use, || true);
+        assert!(
+            matches!(&e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EADDRINUSE)),
+            "{e}"
+        );
     }
 }

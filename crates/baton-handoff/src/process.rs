@@ -9,17 +9,18 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
+/// libc's convention for a call that returns an int: -1 (any negative) and `errno` on
+/// failure. One place for it, so every call below checks it the same way.
+fn os_result(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
 /// Marks `fd` close-on-exec.
 pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD change only the fd's flag word; no memory is involved.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = os_result(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
     // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    os_result(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
     Ok(())
 }
 
@@ -27,18 +28,29 @@ pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
 /// (a shell's pipes, a supervisor's sockets) never reaches a successor: it gets exactly the
 /// listeners and the readiness pipe. Call it before anything opens fds of its own.
 pub fn close_on_exec_all() -> io::Result<()> {
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
-        .collect();
-    for fd in fds {
-        match set_cloexec(fd) {
-            // The directory listing's own fd, closed since.
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
-            other => other?,
-        }
+    let names = std::fs::read_dir("/proc/self/fd")?.filter_map(|e| e.ok().map(|e| e.file_name()));
+    for fd in above_stderr(names) {
+        skip_closed(set_cloexec(fd))?;
     }
     Ok(())
+}
+
+/// The fd numbers among the names of `/proc/self/fd`'s entries, but stdin, stdout and stderr,
+/// which a successor shares on purpose.
+fn above_stderr(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<RawFd> {
+    names
+        .filter_map(|n| n.to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect()
+}
+
+/// An fd listed in `/proc/self/fd` and closed since (the listing's own fd) is not an error;
+/// any other failure is.
+fn skip_closed(marked: io::Result<()>) -> io::Result<()> {
+    match marked {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(()),
+        other => other,
+    }
 }
 
 /// Raises the soft limit on open files to the hard one and returns it: a server holds two
@@ -50,15 +62,11 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit read and write one rlimit struct, which lives on our stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    os_result(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
     if limit.rlim_cur < limit.rlim_max {
         limit.rlim_cur = limit.rlim_max;
         // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        os_result(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
     }
     // rlim_t is u64 on 64-bit Linux, but c_ulong (u32) on 32-bit targets.
     #[allow(clippy::unnecessary_cast)]
@@ -168,7 +176,11 @@ pub const CAP_NET_BIND_SERVICE: u32 = 10;
 /// one the kernel checks), from `CapEff` in `/proc/<pid>/status`.
 pub fn has_capability(pid: Option<u32>, cap: u32) -> io::Result<bool> {
     let path = pid.map_or_else(|| "/proc/self/status".to_string(), |p| format!("/proc/{p}/status"));
-    let status = std::fs::read_to_string(path)?;
+    effective_capability(&std::fs::read_to_string(path)?, cap)
+}
+
+/// Whether bit `cap` is set in the `CapEff:` line (hexadecimal) of a `/proc/<pid>/status`.
+fn effective_capability(status: &str, cap: u32) -> io::Result<bool> {
     let hex = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -227,5 +239,183 @@ mod tests {
         // SAFETY: reading the flag of the same fd.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
+    #[test]
+    fn os_result_fails_on_a_negative_return_only() {
+        assert_eq!(os_result(0).expect("0 is success"), 0);
+        assert_eq!(os_result(1).expect("a positive count is success"), 1);
+        assert!(os_result(-1).is_err(), "-1 is libc's failure");
+    }
+
+    /// The flags of `fd`, or the failure of F_GETFD.
+    fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
+        // SAFETY: F_GETFD reads the flag word of an fd number; no memory is involved.
+        os_result(unsafe { libc::fcntl(fd, libc::F_GETFD) })
+    }
+
+    #[test]
+    fn set_cloexec_sets_the_flag_and_keeps_it_when_set_already() {
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        let fd = r.as_raw_fd();
+        // SAFETY: clearing the flag on a pipe this test owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        set_cloexec(fd).expect("mark a clear fd");
+        assert_eq!(fd_flags(fd).unwrap() & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "marked");
+        // Marked already (F_GETFD returns 1): still a success, and the flag must stay set,
+        // not be toggled off.
+        set_cloexec(fd).expect("marking a marked fd is no error");
+        assert_eq!(
+            fd_flags(fd).unwrap() & libc::FD_CLOEXEC,
+            libc::FD_CLOEXEC,
+            "still marked"
+        );
+    }
+
+    #[test]
+    fn set_cloexec_reports_an_fd_that_is_not_open() {
+        let (_r, w) = nix::unistd::pipe().expect("pipe");
+        set_cloexec(w.as_raw_fd()).expect("an open fd is marked");
+        // -1 is never open (a closed number could be reused by another test's thread).
+        let e = set_cloexec(-1).expect_err("an fd that is not open cannot be marked");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    }
+
+    #[test]
+    fn only_fds_above_stderr_are_marked() {
+        let names = ["0", "1", "2", "3", "17", "not-an-fd"].map(std::ffi::OsString::from);
+        assert_eq!(
+            above_stderr(names.into_iter()),
+            vec![3, 17],
+            "stdio is shared on purpose"
+        );
+    }
+
+    #[test]
+    fn an_fd_closed_since_the_listing_is_skipped_but_another_failure_is_not() {
+        skip_closed(Ok(())).expect("a marked fd");
+        skip_closed(Err(io::Error::from_raw_os_error(libc::EBADF))).expect("the listing's own fd");
+        let e = skip_closed(Err(io::Error::from_raw_os_error(libc::EPERM)))
+            .expect_err("a failure to mark an open fd would leak it to a successor");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
+
+    fn open_files_limit() -> libc::rlimit {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit struct on our stack.
+        os_result(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }).expect("getrlimit");
+        limit
+    }
+
+    /// Lowers the soft limit by one (harmless for the other tests, which hold a few fds),
+    /// then checks that raising brings it back to the hard limit and says so. The only test
+    /// that changes the limit, so no other one races it.
+    #[test]
+    fn raise_open_files_limit_raises_the_soft_limit_to_the_hard_one_and_returns_it() {
+        let hard = open_files_limit().rlim_max;
+        assert!(hard > 64, "a hard limit of {hard} leaves no room to lower the soft one");
+        let lowered = libc::rlimit {
+            rlim_cur: hard - 1,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads one rlimit struct on our stack.
+        os_result(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }).expect("setrlimit");
+        assert_eq!(open_files_limit().rlim_cur, hard - 1, "lowered for the test");
+        let raised = raise_open_files_limit().expect("raise");
+        assert_eq!(open_files_limit().rlim_cur, hard, "the soft limit is the hard one now");
+        assert_eq!(raised as libc::rlim_t, hard, "and the function says what it is");
+        // At the hard limit already: nothing to raise, same answer.
+        assert_eq!(raise_open_files_limit().expect("raise again") as libc::rlim_t, hard);
+    }
+
+    #[test]
+    fn euid_is_the_user_the_kernel_counts_this_process_as() {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to the process's effective user.
+        let owner = std::fs::metadata("/proc/self").expect("stat /proc/self").uid();
+        assert_eq!(euid(), owner);
+        if owner != 0 {
+            return;
+        }
+        // As root, 0 is also what a broken euid() might return: a forked child drops to
+        // nobody and reports what euid() says there. Only async-signal-safe calls in the child.
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        // SAFETY: the child only calls setresuid, geteuid, write and _exit.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                // SAFETY: raw syscalls on values; the child exits right after.
+                unsafe {
+                    let ok = libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) == 0;
+                    let uid = if ok { euid() } else { u32::MAX };
+                    libc::write(w.as_raw_fd(), (&raw const uid).cast(), 4);
+                    libc::_exit(0);
+                }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(w);
+                let mut buf = [0u8; 4];
+                let mut f = std::fs::File::from(r);
+                io::Read::read_exact(&mut f, &mut buf).expect("the child's euid");
+                waitpid(child, None).expect("reap the child");
+                assert_eq!(u32::from_ne_bytes(buf), 65534, "euid() after dropping to nobody");
+            }
+        }
+    }
+
+    #[test]
+    fn child_process_pid_is_the_childs() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let handle = ChildProcess::new(Pid::from_raw(child.id() as i32));
+        assert_eq!(handle.pid(), child.id());
+        child.wait().expect("reap");
+    }
+
+    #[test]
+    fn a_failure_to_signal_other_than_an_exited_child_is_reported() {
+        // A pidfd that is not one: pidfd_send_signal fails with EBADF, which must not be
+        // taken for "exited already" (the reaped case, which is no error, is in the test
+        // above).
+        let not_a_pidfd = std::fs::File::open("/dev/null").expect("open /dev/null");
+        let handle = ChildProcess {
+            pid: Pid::from_raw(i32::MAX),
+            pidfd: Some(Arc::new(OwnedFd::from(not_a_pidfd))),
+        };
+        let e = handle.signal(Signal::SIGCONT).expect_err("not a pidfd");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    }
+
+    #[test]
+    fn the_effective_set_is_read_bit_by_bit() {
+        // Bit 10 (CAP_NET_BIND_SERVICE) alone.
+        let status = "Name:\tbaton\nCapInh:\t0000000000000000\nCapEff:\t0000000000000400\n";
+        assert!(
+            effective_capability(status, CAP_NET_BIND_SERVICE).unwrap(),
+            "bit 10 set"
+        );
+        assert!(!effective_capability(status, 9).unwrap(), "bit 9 clear (below)");
+        assert!(!effective_capability(status, 11).unwrap(), "bit 11 clear (above)");
+        assert!(!effective_capability(status, 0).unwrap(), "bit 0 clear");
+        // Every bit but 10: CapInh (all clear) is not the line read.
+        let status = "CapInh:\t0000000000000000\nCapEff:\tfffffffffffffbff\n";
+        assert!(!effective_capability(status, 10).unwrap(), "bit 10 clear");
+        assert!(effective_capability(status, 9).unwrap(), "bit 9 set");
+        assert!(effective_capability(status, 63).unwrap(), "bit 63 set");
+        assert!(effective_capability("CapInh:\t0\n", 10).is_err(), "no CapEff line");
+        assert!(effective_capability("CapEff:\tzz\n", 10).is_err(), "not hexadecimal");
+    }
+
+    #[test]
+    fn has_capability_reads_this_process_status() {
+        let status = std::fs::read_to_string("/proc/self/status").expect("read status");
+        for cap in 0..64 {
+            let want = effective_capability(&status, cap).unwrap();
+            assert_eq!(has_capability(None, cap).unwrap(), want, "cap {cap}, this process");
+            let pid = Some(std::process::id());
+            assert_eq!(has_capability(pid, cap).unwrap(), want, "cap {cap}, by pid");
+        }
+        // No capability is numbered 63 yet: a clear bit, beside whatever this process has.
+        assert!(!has_capability(None, 63).unwrap());
     }
 }

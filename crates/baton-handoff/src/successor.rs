@@ -219,10 +219,7 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         .chain([ready_w.as_fd(), channel_child.as_fd()])
         .chain(spec.extra.iter().map(|e| e.fd))
         .collect();
-    let ready_target = FIRST_LISTEN_FD + spec.listeners.len() as RawFd;
-    // Move every fd the child needs above the target range first, so the dup2 calls after
-    // fork can never overwrite a source that has not been moved yet.
-    let floor = FIRST_LISTEN_FD + passed.len() as RawFd;
+    let (ready_target, floor) = fd_layout(spec.listeners.len(), passed.len());
     let sources = passed
         .iter()
         .map(|fd| dup_above(*fd, floor))
@@ -279,6 +276,14 @@ pub fn spawn_successor(spec: &SuccessorSpec<'_>) -> Result<Successor, HandoffErr
         channel,
         started: Instant::now(),
     })
+}
+
+/// Where the child's fds go: the readiness pipe's number (after the `listeners`), and the
+/// lowest number the `passed` fds' sources may have. Every source is moved above the target
+/// range 3.. first, so the dup2 calls after fork can never overwrite a source that has not
+/// been moved yet.
+fn fd_layout(listeners: usize, passed: usize) -> (RawFd, RawFd) {
+    (FIRST_LISTEN_FD + listeners as RawFd, FIRST_LISTEN_FD + passed as RawFd)
 }
 
 /// A connected pair of Unix seqpacket sockets (messages keep their bounds and their fds),
@@ -481,18 +486,8 @@ impl Successor {
         };
         let failure = match outcome {
             Some(line) if line.starts_with("ready") => {
-                // `ready <pid> canary`: it pings over the channel (older successors do not).
-                let pings = line.split_whitespace().any(|w| w == "canary");
-                let ours = format!("xfer={}", crate::transfer::TRANSFER_VERSION);
-                let takes_transfer = line.split_whitespace().any(|w| w == ours);
-                let confirms = line.split_whitespace().any(|w| w == "confirms");
                 let after = self.started.elapsed();
-                let offers = crate::channel::Offers {
-                    pings,
-                    confirms,
-                    takes_transfer,
-                };
-                let watch = Watch::new(self.child, self.exited, self.channel, offers);
+                let watch = Watch::new(self.child, self.exited, self.channel, offers(&line));
                 return Ok(Ready { pid, after, watch });
             }
             Some(line) if line_error(&line, pid, &self.program).is_some() => {
@@ -524,6 +519,17 @@ impl Successor {
     }
 }
 
+/// What a readiness line `ready <pid> [canary] [confirms] [xfer=N]` offers; older successors
+/// say less.
+fn offers(line: &str) -> crate::channel::Offers {
+    let says = |word: &str| line.split_whitespace().any(|w| w == word);
+    crate::channel::Offers {
+        pings: says("canary"),
+        confirms: says("confirms"),
+        takes_transfer: says(&format!("xfer={}", crate::transfer::TRANSFER_VERSION)),
+    }
+}
+
 /// The failure a line from the child `pid` reports: `failed <reason>` (it could not start)
 /// or `exec-error <errno>` (the exec of `program` failed); `None` for anything else.
 fn line_error(line: &str, pid: u32, program: &Path) -> Option<HandoffError> {
@@ -550,6 +556,172 @@ async fn read_line(pipe: &mut tokio::net::unix::pipe::Receiver) -> io::Result<St
         buf.extend_from_slice(&chunk[..n]);
         if n == 0 || chunk[..n].contains(&b'\n') || buf.len() > 4096 {
             return Ok(String::from_utf8_lossy(&buf).trim().to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readiness_pipe_follows_the_listeners_and_sources_sit_above_every_target() {
+        // Two listeners at 3 and 4: the pipe is 5, then the channel and three extra fds, so
+        // 3..10 are targets and no source may be below 10.
+        assert_eq!(fd_layout(2, 7), (5, 10));
+        assert_eq!(fd_layout(0, 2), (3, 5), "no listener: the pipe is the first passed fd");
+    }
+
+    #[test]
+    fn extra_fds_are_numbered_in_order_and_bad_names_refused() {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let fd = |name| PassedFd { name, fd: r.as_fd() };
+        assert_eq!(
+            extra_fds_env(&[fd("log"), fd("state.v2")], 7).unwrap(),
+            "BATON_EXTRA_FDS=log=7:state.v2=8"
+        );
+        assert_eq!(extra_fds_env(&[], 7).unwrap(), "BATON_EXTRA_FDS=", "none");
+        for bad in ["", "a:b", "a=b", ":", "="] {
+            assert!(
+                extra_fds_env(&[fd("ok"), fd(bad)], 7).is_err(),
+                "{bad:?} would break the list"
+            );
+        }
+        drop(w);
+    }
+
+    #[test]
+    fn a_readiness_line_says_what_the_successor_offers() {
+        let seen = |line: &str| {
+            let o = offers(line);
+            (o.pings, o.confirms, o.takes_transfer)
+        };
+        let xfer = crate::transfer::TRANSFER_VERSION;
+        assert_eq!(
+            seen(&format!("ready 7 canary confirms xfer={xfer}")),
+            (true, true, true)
+        );
+        assert_eq!(seen("ready 7"), (false, false, false), "an older successor");
+        assert_eq!(seen("ready 7 canary"), (true, false, false));
+        assert_eq!(seen("ready 7 confirms"), (false, true, false));
+        assert_eq!(
+            seen(&format!("ready 7 canary confirms xfer={}", xfer + 1)),
+            (true, true, false),
+            "another version"
+        );
+    }
+
+    #[test]
+    fn a_failure_line_says_why() {
+        let program = Path::new("/usr/bin/baton");
+        match line_error("failed no config", 7, program) {
+            Some(HandoffError::StartFailed { pid: 7, reason }) => assert_eq!(reason, "no config"),
+            other => panic!("{other:?}"),
+        }
+        match line_error("exec-error 0013", 7, program) {
+            Some(HandoffError::Exec { path, errno }) => {
+                assert_eq!((path.as_path(), errno), (program, nix::errno::Errno::EACCES));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(line_error("ready 7", 7, program).is_none());
+        assert!(line_error("", 7, program).is_none(), "EOF is no line");
+    }
+
+    /// `text` written into a pipe whose write end stays open (unless `close`), as read_line
+    /// reads it; bounded, so a read that waits for more fails the test instead of hanging.
+    async fn line_of(text: &[u8], close: bool) -> String {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        nix::unistd::write(&w, text).expect("write");
+        let _open = (!close).then_some(w);
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(r).expect("register");
+        tokio::time::timeout(Duration::from_secs(5), read_line(&mut pipe))
+            .await
+            .expect("read_line must not wait for more than a line")
+            .expect("read")
+    }
+
+    #[tokio::test]
+    async fn read_line_ends_at_a_newline_at_eof_or_past_4_kib() {
+        assert_eq!(
+            line_of(b"ready 7 canary\n", false).await,
+            "ready 7 canary",
+            "the newline ends it"
+        );
+        assert_eq!(line_of(b"failed half", true).await, "failed half", "EOF ends it");
+        // 600 bytes then the newline: the first read (512 bytes) holds no newline yet.
+        let mut long = vec![b'x'; 600];
+        long.push(b'\n');
+        assert_eq!(line_of(&long, false).await.len(), 600, "a line longer than one read");
+        // No newline, the pipe open: reads of 512 bytes until past 4096.
+        assert_eq!(
+            line_of(&[b'y'; 6000], false).await.len(),
+            4608,
+            "the first read past 4 KiB ends it"
+        );
+    }
+
+    /// Spawns `sh -c script` as a successor with one listener; also returns how its
+    /// readiness ended.
+    async fn spawned(script: &str) -> (u32, Result<Ready, HandoffError>, ChildProcess) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let args = ["-c".into(), script.into()];
+        let spec = SuccessorSpec {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            listeners: vec![PassedListener {
+                name: "web",
+                fd: listener.as_fd(),
+                origin: Origin::Bound,
+            }],
+            extra: Vec::new(),
+            generation: 2,
+            binary: None,
+        };
+        let mask = nix::sys::signal::SigSet::thread_get_mask().expect("mask");
+        let successor = spawn_successor(&spec).expect("spawn");
+        let after = nix::sys::signal::SigSet::thread_get_mask().expect("mask");
+        assert!(mask == after, "the signals blocked across fork are unblocked again");
+        let (pid, process) = (successor.pid(), successor.process());
+        (pid, successor.await_ready(Duration::from_secs(20)).await, process)
+    }
+
+    #[tokio::test]
+    async fn a_successor_gets_the_listener_at_3_and_the_pipe_at_4_and_reports_ready() {
+        // It checks what it was handed, says so, and waits to be killed.
+        let script = r#"[ "$LISTEN_PID" = $$ ] && [ "$BATON_READY_FD" = 4 ] && [ -S /proc/self/fd/3 ] \
+            && echo "ready $$ canary" >&4 && exec sleep 30; echo "failed $LISTEN_PID $BATON_READY_FD" >&4"#;
+        let (pid, ready, process) = spawned(script).await;
+        let ready = ready.expect("ready");
+        assert_eq!(ready.pid, pid);
+        // Alive until killed below, so its /proc entry is there.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .expect("PPid")
+            .trim();
+        assert_eq!(ppid, std::process::id().to_string(), "pid() names our child");
+        process.signal(Signal::SIGKILL).expect("kill");
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_says_why_it_failed_is_reported_with_its_reason() {
+        let (pid, ready, _) = spawned(r#"echo "failed no config" >&$BATON_READY_FD; exit 1"#).await;
+        match ready {
+            Err(HandoffError::StartFailed { pid: p, reason }) => assert_eq!((p, reason.as_str()), (pid, "no config")),
+            other => panic!("{:?}", other.map(|r| r.pid)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_exits_without_a_word_is_reported_with_its_status() {
+        let (pid, ready, _) = spawned("exit 3").await;
+        match ready {
+            Err(HandoffError::ChildExited { pid: p, status }) => {
+                assert_eq!((p, status.as_str()), (pid, "exit status 3"))
+            }
+            other => panic!("{:?}", other.map(|r| r.pid)),
         }
     }
 }

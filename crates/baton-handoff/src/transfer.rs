@@ -373,4 +373,211 @@ mod tests {
         };
         assert!(decode(foreign).unwrap_err().contains("version"));
     }
+    /// Items of `fds` fds each with a record of `bytes` bytes, as `batches` sees them.
+    fn shapes(values: &[(usize, usize)]) -> Vec<Vec<usize>> {
+        let items: Vec<(usize, Item)> = values
+            .iter()
+            .enumerate()
+            .map(|(n, &(fds, bytes))| (n, item(fds, &vec![b'r'; bytes])))
+            .collect();
+        batches(items, |(_, i)| i)
+            .into_iter()
+            .map(|b| b.into_iter().map(|(n, _)| n).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_holds_exactly_the_fd_limit_and_no_more() {
+        let limit = MAX_FDS_PER_MESSAGE;
+        assert_eq!(
+            shapes(&[(limit - 3, 1), (3, 1)]),
+            vec![vec![0, 1]],
+            "exactly the limit: one batch"
+        );
+        assert_eq!(
+            shapes(&[(limit - 3, 1), (4, 1)]),
+            vec![vec![0], vec![1]],
+            "one fd more: two"
+        );
+    }
+
+    #[test]
+    fn a_batch_holds_exactly_the_byte_limit_and_no_more() {
+        // Each record weighs its length and 6 bytes of header (fd count, length).
+        let half = MAX_BATCH_BYTES / 2 - 6;
+        assert_eq!(MAX_BATCH_BYTES, 96 * 1024, "well inside the ~208 KiB socket buffer");
+        assert_eq!(
+            shapes(&[(0, half), (0, half)]),
+            vec![vec![0, 1]],
+            "exactly the limit: one batch"
+        );
+        assert_eq!(
+            shapes(&[(0, half), (0, half + 1)]),
+            vec![vec![0], vec![1]],
+            "one byte more: two"
+        );
+        assert_eq!(
+            shapes(&[(0, half), (0, half - 10), (0, 11)]),
+            vec![vec![0, 1], vec![2]],
+            "the third item's weight counts on top of the first two"
+        );
+    }
+
+    /// A successor that answers the first batch with `answer`, and says how many fds came.
+    fn answering(incoming: Incoming, answer: &'static str) -> tokio::task::JoinHandle<usize> {
+        tokio::spawn(async move {
+            let got = incoming.wire.recv().await.expect("recv").expect("a batch");
+            incoming.wire.send(answer.as_bytes(), &[]).await.expect("answer");
+            got.fds.len()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_batch_at_the_limits_is_sent_and_one_past_them_comes_back_too_big() {
+        let (mut transfer, mut incoming) = pair();
+        let fd_limit = vec![item(MAX_FDS_PER_MESSAGE - 1, b"a"), item(1, b"b")];
+        let receiving = tokio::spawn(async move {
+            let first = incoming.next_batch().await.expect("recv").expect("a batch").len();
+            let second = incoming.next_batch().await.expect("recv").expect("a batch").len();
+            (first, second)
+        });
+        let sent = transfer.send_batch(fd_limit, Duration::from_secs(5)).await;
+        assert_eq!(sent.map_err(|(e, _)| e.to_string()), Ok(2), "exactly the fd limit goes");
+        let byte_limit = vec![item(0, &vec![b'r'; MAX_BATCH_BYTES - 6])];
+        let sent = transfer.send_batch(byte_limit, Duration::from_secs(5)).await;
+        assert_eq!(
+            sent.map_err(|(e, _)| e.to_string()),
+            Ok(1),
+            "exactly the byte limit goes"
+        );
+        assert_eq!(receiving.await.expect("join"), (2, 1));
+
+        let too_many_fds = vec![item(MAX_FDS_PER_MESSAGE, b"a"), item(1, b"b")];
+        let (err, back) = transfer
+            .send_batch(too_many_fds, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let want = (MAX_FDS_PER_MESSAGE + 1, 14);
+        assert!(
+            matches!(err, TransferError::TooBig { fds, bytes } if (fds, bytes) == want),
+            "{err:?}"
+        );
+        assert_eq!(back.len(), 2, "the items come back");
+        let too_long = vec![item(0, &vec![b'r'; MAX_BATCH_BYTES - 5])];
+        let (err, _) = transfer.send_batch(too_long, Duration::from_secs(5)).await.unwrap_err();
+        let want = (0, MAX_BATCH_BYTES + 1);
+        assert!(
+            matches!(err, TransferError::TooBig { fds, bytes } if (fds, bytes) == want),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_an_ack_of_every_item_moves_the_batch() {
+        let (mut transfer, incoming) = pair();
+        let successor = answering(incoming, "ack 2");
+        let sent = transfer
+            .send_batch(vec![item(1, b"a"), item(1, b"b")], Duration::from_secs(5))
+            .await;
+        assert_eq!(sent.map_err(|(e, _)| e.to_string()), Ok(2), "ack 2 for 2 items");
+        assert_eq!(successor.await.expect("join"), 2);
+
+        let (mut transfer, incoming) = pair();
+        let successor = answering(incoming, "ack 1");
+        let (err, back) = transfer
+            .send_batch(vec![item(1, b"a"), item(1, b"b")], Duration::from_secs(5))
+            .await
+            .expect_err("an ack of fewer items than sent");
+        assert!(
+            matches!(&err, TransferError::Refused(why) if why.contains("unexpected answer")),
+            "{err:?}"
+        );
+        assert_eq!(back.len(), 2, "the batch comes back whole");
+        successor.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_nack_comes_back_with_its_reason() {
+        let (mut transfer, incoming) = pair();
+        let successor = answering(incoming, "nack no room");
+        let (err, back) = transfer
+            .send_batch(vec![item(1, b"a")], Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, TransferError::Refused(why) if why == "no room"),
+            "{err:?}"
+        );
+        assert_eq!(back.len(), 1);
+        successor.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn finish_says_done_and_confirm_says_seen_on_the_wire() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+        // A second handle keeps our end open after `finish`, so only the message can say done.
+        let ours = a.try_clone().expect("dup");
+        let (transfer, incoming) = (
+            Transfer::new(Wire::new(a).unwrap()),
+            Incoming::new(Wire::new(b).unwrap()),
+        );
+        incoming.confirm_verdict().await.expect("confirm");
+        let seen = tokio::time::timeout(Duration::from_secs(5), transfer.wire.recv())
+            .await
+            .expect("confirm_verdict must send seen")
+            .expect("recv")
+            .expect("a message");
+        assert_eq!(
+            seen.bytes, b"seen",
+            "the predecessor waits for this before it calls it done"
+        );
+        transfer.finish().await;
+        let done = tokio::time::timeout(Duration::from_secs(5), incoming.wire.recv())
+            .await
+            .expect("finish must send done, not leave the successor waiting")
+            .expect("recv")
+            .expect("a message, not the close");
+        assert_eq!(done.bytes, b"done");
+        drop(ours);
+    }
+
+    #[test]
+    fn bytes_or_fds_left_over_refuse_the_batch() {
+        let encoded = || {
+            let items = vec![item(1, b"one")];
+            let bytes = encode(&items);
+            (bytes, items.into_iter().flat_map(|i| i.fds).collect::<Vec<_>>())
+        };
+        let (bytes, fds) = encoded();
+        let exact = Message {
+            bytes,
+            fds,
+            truncated: false,
+        };
+        assert_eq!(decode(exact).expect("exact").len(), 1);
+        let (mut bytes, fds) = encoded();
+        bytes.push(0);
+        let extra_byte = Message {
+            bytes,
+            fds,
+            truncated: false,
+        };
+        assert!(
+            decode(extra_byte).unwrap_err().contains("left over"),
+            "a byte past the records"
+        );
+        let (bytes, mut fds) = encoded();
+        fds.push(item(1, b"").fds.remove(0));
+        let extra_fd = Message {
+            bytes,
+            fds,
+            truncated: false,
+        };
+        assert!(
+            decode(extra_fd).unwrap_err().contains("left over"),
+            "an fd past the records"
+        );
+    }
 }
