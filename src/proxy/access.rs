@@ -508,7 +508,10 @@ mod tests {
     /// bytes are its body's); an HTTP/1.1 connection's does.
     #[test]
     fn a_multiplexed_count_is_not_a_lines_share() {
-        assert!(line().sent(Sent::multiplexed()).squid.sent.is_none(), "HTTP/2: body bytes");
+        assert!(
+            line().sent(Sent::multiplexed()).squid.sent.is_none(),
+            "HTTP/2: body bytes"
+        );
         assert!(line().sent(Arc::default()).squid.sent.is_some(), "HTTP/1.1: its share");
     }
 

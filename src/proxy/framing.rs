@@ -788,7 +788,7 @@ mod tests {
     use std::sync::Arc;
 
     use futures_util::FutureExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
 
@@ -995,6 +995,121 @@ mod tests {
                 assert_eq!(held, next.as_bytes(), "the tunnel's first bytes, not judged");
             }
         }
+    }
+
+    /// Reads what is there now (`None`: the read would block).
+    fn read_now(f: &mut Framed<DuplexStream>) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 256];
+        f.read(&mut buf)
+            .now_or_never()
+            .map(|n| buf[..n.expect("read")].to_vec())
+    }
+
+    /// The signal's view of the stream follows the reads: at rest only once a read has
+    /// blocked between requests, every request begun was started and finished, and nothing
+    /// written waits unflushed; a byte handed over before any request (a lone CRLF) keeps it
+    /// busy; so does a body still being read when its response has finished.
+    #[tokio::test]
+    async fn the_io_bits_follow_the_stream() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let signal = Arc::new(RequestSignal::default());
+        let mut f = Framed::new(server, signal.clone(), 1024);
+        assert!(signal.flushed(), "a new stream has nothing unflushed");
+        assert!(!signal.at_rest(), "no read has blocked yet");
+        assert_eq!(read_now(&mut f), None, "nothing to read");
+        assert!(signal.at_rest(), "blocked between requests, nothing handed over");
+
+        client.write_all(b"\r\n").await.unwrap();
+        assert_eq!(read_now(&mut f).as_deref(), Some(&b"\r\n"[..]), "hyper skips it itself");
+        assert_eq!(read_now(&mut f), None);
+        assert!(!signal.at_rest(), "hyper holds a byte of no request");
+
+        client
+            .write_all(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+            .await
+            .unwrap();
+        assert!(
+            read_now(&mut f).is_some_and(|b| b.ends_with(b"ab")),
+            "the head and half the body"
+        );
+        signal.start();
+        signal.finish();
+        assert!(!signal.at_rest(), "the last read did not block");
+        assert_eq!(read_now(&mut f), None);
+        assert!(!signal.at_rest(), "answered and blocked, but inside the body");
+        client.write_all(b"cd").await.unwrap();
+        assert_eq!(read_now(&mut f).as_deref(), Some(&b"cd"[..]));
+        assert_eq!(read_now(&mut f), None);
+        assert!(
+            signal.at_rest(),
+            "the body read, the request answered, blocked: at rest"
+        );
+    }
+
+    /// Writes go through to the stream and say the stream is unflushed until a flush;
+    /// vectored writes go through too, as the stream supports them; a shutdown reaches it.
+    #[tokio::test]
+    async fn writes_flushes_and_shutdown_go_through() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let signal = Arc::new(RequestSignal::default());
+        let mut f = Framed::new(server, signal.clone(), 1024);
+        f.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(!signal.flushed(), "written, not flushed");
+        f.flush().await.unwrap();
+        assert!(signal.flushed(), "flushed");
+        let slices = [std::io::IoSlice::new(b"ab"), std::io::IoSlice::new(b"cd")];
+        let n = f.write_vectored(&slices).await.unwrap();
+        assert!(n > 0 && !signal.flushed(), "a vectored write went out: {n} bytes");
+        assert_eq!(
+            f.is_write_vectored(),
+            f.get_ref().is_write_vectored(),
+            "the stream's answer"
+        );
+        f.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            [&b"HTTP/1.1 200 OK\r\n"[..], &b"abcd"[..n]].concat(),
+            "every byte, then EOF"
+        );
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let f = Framed::new(tcp, signal, 1024);
+        assert!(
+            f.is_write_vectored(),
+            "a TCP stream writes vectored, and so does its Framed"
+        );
+    }
+
+    /// After a CONNECT's 2xx the held bytes come first, then the stream's, unjudged.
+    #[tokio::test]
+    async fn a_tunnel_reads_its_held_bytes_then_the_stream() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let signal = Arc::new(RequestSignal::default());
+        let mut f = Framed::new(server, signal.clone(), 1024);
+        let connect = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        client.write_all(&[&connect[..], b"\x16held"].concat()).await.unwrap();
+        assert_eq!(read_now(&mut f).as_deref(), Some(&connect[..]));
+        assert!(!signal.tunnel(), "not before the answer");
+        signal.answered_connect(true);
+        assert!(signal.tunnel(), "a 2xx: a tunnel");
+        assert_eq!(
+            read_now(&mut f).as_deref(),
+            Some(&b"\x16held"[..]),
+            "the held bytes first"
+        );
+        client.write_all(b"\r\r\nmore").await.unwrap();
+        assert_eq!(
+            read_now(&mut f).as_deref(),
+            Some(&b"\r\r\nmore"[..]),
+            "then the stream's, unjudged"
+        );
+        signal.answered_connect(false);
+        assert!(!signal.tunnel(), "a refusal is no tunnel");
     }
 
     /// A signal in the given state: `io` bits, then requests begun, started and finished.
