@@ -152,8 +152,10 @@ impl Upstream {
         if !sender.is_ready() {
             return;
         }
+        // One clock read for the whole list.
+        let now = Instant::now();
         let closed = lock(&self.idle).put(origin, sender, |since, s| {
-            since.elapsed() < self.max_idle && !s.is_closed()
+            now.saturating_duration_since(since) < self.max_idle && !s.is_closed()
         });
         // Dropped after the lock: the last sender of an idle connection closes it.
         drop(closed);
@@ -231,9 +233,9 @@ impl<T> IdlePool<T> {
     fn put(&mut self, key: String, conn: T, alive: impl Fn(Instant, &T) -> bool) -> Vec<T> {
         let mut closed = Vec::new();
         let list = self.by_hop.entry(key.clone()).or_default();
-        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(list).into_iter().partition(|i| alive(i.since, &i.conn));
-        *list = kept;
-        for idle in gone {
+        // In place: every HTTP/2 stream gives its connection back, so this runs per request
+        // there; the kept entries move only if one before them leaves.
+        for idle in list.extract_if(.., |i| !alive(i.since, &i.conn)) {
             self.lru.remove(&idle.order);
             closed.push(idle.conn);
         }
