@@ -997,6 +997,89 @@ mod tests {
         }
     }
 
+    /// A GET head of exactly `len` bytes, faulty (a space in its target) when `bad`.
+    fn head_of(len: usize, bad: bool) -> Vec<u8> {
+        let start = if bad {
+            "GET http://a/ x HTTP/1.1\r\n"
+        } else {
+            "GET http://a/ HTTP/1.1\r\n"
+        };
+        let fixed = start.len() + "Host: a\r\nX: \r\n\r\n".len();
+        format!("{start}Host: a\r\nX: {}\r\n\r\n", "y".repeat(len - fixed)).into_bytes()
+    }
+
+    const BAD_NEXT: &[u8] = b"BAD REQUEST LINE\r\n\r\n";
+
+    /// A head up to `max_head` long is judged, in one read or across reads; one longer is
+    /// hyper's to refuse (431): not judged, and the framing stops following the stream (the
+    /// bad request after it is not judged either). The witness for each "not judged": the
+    /// same bytes after a head within the limit are.
+    #[test]
+    fn heads_longer_than_the_limit_are_not_judged_or_kept() {
+        for split in [None, Some(300)] {
+            let pieces = |head: Vec<u8>| match split {
+                None => vec![[&head[..], BAD_NEXT].concat()],
+                Some(at) => vec![head[..at].to_vec(), [&head[at..], BAD_NEXT].concat()],
+            };
+            let (mut f, signal) = framed(pieces(head_of(1024, true)));
+            read_all(&mut f, 8192);
+            assert!(
+                signal.fault(0).is_some(),
+                "{split:?}: a bad head of exactly the limit is judged"
+            );
+            let (mut f, signal) = framed(pieces(head_of(1024, false)));
+            read_all(&mut f, 8192);
+            assert!(
+                signal.fault(0).is_none() && signal.fault(1).is_some(),
+                "{split:?}: the next request is judged"
+            );
+            let (mut f, signal) = framed(pieces(head_of(1025, false)));
+            let (got, _) = read_all(&mut f, 8192);
+            assert_eq!(got.len(), 1025 + BAD_NEXT.len(), "{split:?}: every byte goes to hyper");
+            assert!(
+                signal.fault(1).is_none(),
+                "{split:?}: after a head over the limit, nothing is judged"
+            );
+            assert_eq!(f.parser.phase, Phase::Opaque, "{split:?}");
+            assert!(f.parser.head.is_empty(), "{split:?}: not kept");
+        }
+        let (mut f, _) = framed(vec![vec![b'G'; 3000]]);
+        read_all(&mut f, 8192);
+        assert!(
+            f.parser.head.is_empty() && f.parser.phase == Phase::Opaque,
+            "a partial head over the limit"
+        );
+    }
+
+    /// A head that spans reads is kept in a buffer, which is kept for the next one unless it
+    /// grew past `MAX_KEPT`.
+    #[test]
+    fn a_large_head_buffer_is_freed_a_small_one_kept() {
+        for (len, kept) in [(4000, true), (20_000, false)] {
+            let head = head_of(len, false);
+            let signal = Arc::new(RequestSignal::default());
+            let pieces = vec![head[..100].to_vec(), head[100..].to_vec()];
+            let mut f = Framed::new(Pieces(pieces.into()), signal, 64 * 1024);
+            read_all(&mut f, 64 * 1024);
+            assert_eq!(f.parser.head.capacity() > 0, kept, "a {len}-byte head's buffer");
+        }
+    }
+
+    /// Bytes read before (`resume`) are read first; those after a refused CONNECT's head stay
+    /// held until the answer, then are judged as the next request.
+    #[test]
+    fn resumed_bytes_behind_a_refused_connect_are_the_next_request() {
+        let connect = "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        let next = "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        let signal = Arc::new(RequestSignal::default());
+        let unread = format!("{connect}{next}").into_bytes();
+        let mut f = Framed::resume(Pieces(Vec::new().into()), unread, signal.clone(), 1024);
+        assert_eq!(read_all(&mut f, 8192).0, connect.as_bytes(), "paused after the CONNECT");
+        signal.answered_connect(false);
+        assert_eq!(read_all(&mut f, 8192).0, next.as_bytes(), "then the held request");
+        assert_eq!(signal.begun.load(Ordering::Relaxed), 2, "judged as the second request");
+    }
+
     /// Reads what is there now (`None`: the read would block).
     fn read_now(f: &mut Framed<DuplexStream>) -> Option<Vec<u8>> {
         let mut buf = [0u8; 256];
