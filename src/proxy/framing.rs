@@ -854,6 +854,9 @@ mod tests {
                 Some("5\r\nhello\r\n0\r\nX-T: 1\r\nY:\r\n\r\n"),
             ),
             ("0;e\r\n\r\n", None),
+            // Runs of whitespace, names and values longer than a byte, `;` after a value.
+            ("5 \t;a\r\nhello\r\n0\r\n\r\n", None),
+            ("5;abc=def;ghi=\"x\";jk\r\nhello\r\n0\r\n\r\n", None),
         ] {
             let input = format!("{CHUNKED_HEAD}{body}GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n");
             let want = input.replace(body, canonical.unwrap_or(body));
@@ -899,6 +902,10 @@ mod tests {
             ("0\r\nX: a\x7f\r\n\r\n", "control byte in a trailer field"),
             ("0\r\nX: a\rb\r\n\r\n", "CR without LF in chunked framing"),
             ("0\r\n\r\r", "CR without LF in chunked framing"),
+            ("5 =x\r\n", "invalid chunk size"),
+            ("5;a b\r\n", BAD_EXT),
+            ("5;a=\"x\\\x01\"\r\n", BAD_EXT),
+            ("0\r\n@X: 1\r\n\r\n", "invalid trailer field name"),
         ] {
             let input = format!("{CHUNKED_HEAD}{body}");
             every_split(input.as_bytes(), |got, err, how| {
