@@ -38,7 +38,10 @@ impl H2Proxy {
             return Err(io::Error::other(format!("the proxy chose ALPN {alpn:?}, not h2")));
         }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(1024 * 1024)
+            // Chrome's windows are 6 MiB a stream, 15 MiB a connection: the client's decide
+            // how fast a download (or a tunnel's bytes towards it) may go.
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
