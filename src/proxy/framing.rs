@@ -1062,10 +1062,11 @@ mod tests {
     /// grew past `MAX_KEPT`.
     #[test]
     fn a_large_head_buffer_is_freed_a_small_one_kept() {
-        for (len, kept) in [(4000, true), (20_000, false)] {
+        // 8192 split in halves: the buffer grows to exactly MAX_KEPT (4096 doubled), and is kept.
+        for (len, split, kept) in [(4000, 100, true), (8192, 4096, true), (20_000, 100, false)] {
             let head = head_of(len, false);
             let signal = Arc::new(RequestSignal::default());
-            let pieces = vec![head[..100].to_vec(), head[100..].to_vec()];
+            let pieces = vec![head[..split].to_vec(), head[split..].to_vec()];
             let mut f = Framed::new(Pieces(pieces.into()), signal, 64 * 1024);
             read_all(&mut f, 64 * 1024);
             assert_eq!(f.parser.head.capacity() > 0, kept, "a {len}-byte head's buffer");
@@ -1129,11 +1130,30 @@ mod tests {
         assert!(!signal.at_rest(), "answered and blocked, but inside the body");
         client.write_all(b"cd").await.unwrap();
         assert_eq!(read_now(&mut f).as_deref(), Some(&b"cd"[..]));
+        assert!(
+            !signal.at_rest(),
+            "between requests and answered, but the last read did not block"
+        );
         assert_eq!(read_now(&mut f), None);
         assert!(
             signal.at_rest(),
             "the body read, the request answered, blocked: at rest"
         );
+    }
+
+    /// A writer without vectored writes (AsyncWrite's default).
+    struct Plain;
+
+    impl tokio::io::AsyncWrite for Plain {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
 
     /// Writes go through to the stream and say the stream is unflushed until a flush;
@@ -1168,11 +1188,13 @@ mod tests {
         let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let f = Framed::new(tcp, signal, 1024);
+        let f = Framed::new(tcp, signal.clone(), 1024);
         assert!(
             f.is_write_vectored(),
             "a TCP stream writes vectored, and so does its Framed"
         );
+        let f = Framed::new(Plain, signal, 1024);
+        assert!(!f.is_write_vectored(), "a stream that does not, nor does its Framed");
     }
 
     /// After a CONNECT's 2xx the held bytes come first, then the stream's, unjudged.
@@ -1187,10 +1209,20 @@ mod tests {
         assert!(!signal.tunnel(), "not before the answer");
         signal.answered_connect(true);
         assert!(signal.tunnel(), "a 2xx: a tunnel");
+        // In reads smaller than what is held: the held bytes come first, in order.
+        let mut small = [0u8; 3];
+        let n = f.read(&mut small).now_or_never().expect("held bytes").unwrap();
+        assert_eq!(&small[..n], b"\x16he", "the held bytes first");
+        client.write_all(b"!").await.unwrap();
         assert_eq!(
             read_now(&mut f).as_deref(),
-            Some(&b"\x16held"[..]),
-            "the held bytes first"
+            Some(&b"ld"[..]),
+            "the rest of them before the stream's"
+        );
+        assert_eq!(read_now(&mut f).as_deref(), Some(&b"!"[..]));
+        assert!(
+            f.raw.buf.is_empty() && f.raw.pos == 0,
+            "the held buffer freed once read"
         );
         client.write_all(b"\r\r\nmore").await.unwrap();
         assert_eq!(
