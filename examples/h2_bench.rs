@@ -14,9 +14,7 @@
 //! h2load, which speaks forward-proxy form with `-H ':scheme: http' -H ':authority: …'`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use baton_testkit::ProxyTls;
@@ -103,12 +101,7 @@ async fn bulk(a: Args) -> anyhow::Result<()> {
 }
 
 async fn run(a: Args) -> anyhow::Result<()> {
-    let target = one_byte_target(a.target_port).await?;
-    let (stop, done, errors) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
+    let target = baton_testkit::bench::one_byte_target(a.target_port).await?;
     let h2 = a.mode == "h2open";
     let tls = ProxyTls::trusting(&a.ca, if h2 { &[b"h2"] } else { &[b"http/1.1"] })?;
     let shared = if h2 {
@@ -116,61 +109,30 @@ async fn run(a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut tasks = Vec::new();
-    for _ in 0..a.conns.max(1) {
-        let (stop, done, errors, tls, shared) =
-            (stop.clone(), done.clone(), errors.clone(), tls.clone(), shared.clone());
-        let proxy = a.proxy;
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let one = async {
-                    let mut b = [0u8; 1];
-                    match &shared {
-                        Some(c) => c.tunnel(target).await?.read_exact(&mut b).await?,
-                        None => {
-                            baton_testkit::open_tunnel_via(proxy, target, Some(&tls))
-                                .await?
-                                .read_exact(&mut b)
-                                .await?
-                        }
-                    };
-                    anyhow::Ok(())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), one).await {
-                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => errors.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
-    let (n, el) = (done.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    let proxy = a.proxy;
+    let c = baton_testkit::bench::closed_loop(a.conns, a.secs, move || {
+        let (tls, shared) = (tls.clone(), shared.clone());
+        async move {
+            let mut b = [0u8; 1];
+            match shared {
+                Some(c) => c.tunnel(target).await?.read_exact(&mut b).await?,
+                None => {
+                    baton_testkit::open_tunnel_via(proxy, target, Some(&tls))
+                        .await?
+                        .read_exact(&mut b)
+                        .await?
+                }
+            };
+            anyhow::Ok(())
+        }
+    })
+    .await;
     println!(
-        "{{\"mode\":\"{}\",\"tunnels\":{n},\"per_sec\":{:.1},\"errors\":{}}}",
+        "{{\"mode\":\"{}\",\"tunnels\":{},\"per_sec\":{:.1},\"errors\":{}}}",
         a.mode,
-        n as f64 / el,
-        errors.load(Ordering::Relaxed)
+        c.done,
+        c.done as f64 / c.secs,
+        c.errors
     );
     Ok(())
-}
-
-/// A target that writes one byte to each connection, then waits for the client to close.
-async fn one_byte_target(port: u16) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(("127.0.0.1", port)).await?;
-    let target = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"x").await;
-                let mut b = [0u8; 64];
-                let _ = s.read(&mut b).await;
-            });
-        }
-    });
-    Ok(target)
 }

@@ -23,7 +23,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -114,52 +114,20 @@ async fn tunnel(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<BufRead
 
 async fn open(a: &Args) -> anyhow::Result<()> {
     let proxy = a.proxy.context("--proxy needed")?;
-    // The target: writes one byte and closes.
-    let l = TcpListener::bind(("127.0.0.1", a.target_port)).await?;
-    let target = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(b"x").await;
-                let mut b = [0u8; 64];
-                let _ = s.read(&mut b).await; // wait for the client's close
-            });
-        }
-    });
+    let target = baton_testkit::bench::one_byte_target(a.target_port).await?;
     let conns = a.conns.max(1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let r = async {
-                    let mut t = tunnel(proxy, target).await?;
-                    let mut b = [0u8; 1];
-                    t.read_exact(&mut b).await?;
-                    anyhow::Ok(())
-                };
-                match tokio::time::timeout(Duration::from_secs(5), r).await {
-                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => errors.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
-    let n = done.load(Ordering::Relaxed);
-    let el = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.abort();
-    }
+    let c = baton_testkit::bench::closed_loop(conns, a.secs, move || async move {
+        let mut t = tunnel(proxy, target).await?;
+        let mut b = [0u8; 1];
+        t.read_exact(&mut b).await?;
+        anyhow::Ok(())
+    })
+    .await;
     println!(
-        "{{\"mode\":\"open\",\"conns\":{conns},\"tunnels\":{n},\"per_sec\":{:.1},\"errors\":{}}}",
-        n as f64 / el,
-        errors.load(Ordering::Relaxed)
+        "{{\"mode\":\"open\",\"conns\":{conns},\"tunnels\":{},\"per_sec\":{:.1},\"errors\":{}}}",
+        c.done,
+        c.done as f64 / c.secs,
+        c.errors
     );
     Ok(())
 }

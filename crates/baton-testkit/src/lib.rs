@@ -16,6 +16,7 @@
 //! - [`browser`]: a headless Chromium driven over the DevTools protocol ([`Browser`]), for
 //!   pages whose own scripts must run.
 
+pub mod bench;
 pub mod browser;
 pub mod client;
 pub mod data;
