@@ -1,30 +1,87 @@
-//! Which TCP connections a process holds, read from `/proc`: the clients a generation had
-//! accepted on a port, by their port. baton-chaos reads this from a successor it is about to
+//! Which TCP connections a process holds: the clients a generation had accepted on a port,
+//! by their port. baton-chaos reads this from a successor it has stopped and is about to
 //! kill, so that each client failure is laid on the crash only if its connection was one the
 //! crashed process held (not because it happened near the crash on the clock).
+//!
+//! Each socket among the process's fds is duplicated into this process (`pidfd_getfd(2)`,
+//! Linux 5.6) and asked its addresses, then closed: the cost is the process's own fds.
+//! (Reading `/proc/PID/net/tcp` instead walks every socket of the network namespace: with the
+//! TIME_WAIT sockets of a load test, long enough under load that a stopped successor missed
+//! its canary's pings and was killed by its predecessor first.)
 
 use std::collections::HashSet;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{SockaddrStorage, getpeername, getsockname};
 
 /// The remote ports of the TCP connections that process `pid` holds with local port `port`
 /// (over IPv4 or IPv6): on a proxy listener's port, its clients' ports. The caller stops the
 /// process first (SIGSTOP) if the set must not change while it is read.
 pub fn client_ports(pid: u32, port: u16) -> io::Result<HashSet<u16>> {
-    let inodes = socket_inodes(pid)?;
+    let pidfd = pidfd_open(pid)?;
     let mut clients = HashSet::new();
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
-        for line in text.lines().skip(1) {
-            if let Some(c) = Connection::parse(line)
-                && c.local_port == port
-                && c.remote_port != 0
-                && inodes.contains(&c.inode)
-            {
-                clients.insert(c.remote_port);
-            }
+    for fd in socket_fds(pid)? {
+        // An fd closed since the listing is simply not held any more.
+        let Ok(dup) = pidfd_getfd(&pidfd, fd) else {
+            continue;
+        };
+        let local = getsockname::<SockaddrStorage>(dup.as_raw_fd()).ok();
+        if local.as_ref().and_then(inet_port) != Some(port) {
+            continue;
+        }
+        // A listening socket has no peer.
+        if let Some(peer) = getpeername::<SockaddrStorage>(dup.as_raw_fd())
+            .ok()
+            .as_ref()
+            .and_then(inet_port)
+        {
+            clients.insert(peer);
         }
     }
     Ok(clients)
+}
+
+/// The port of an IPv4 or IPv6 address (`None`: a Unix socket's, say).
+fn inet_port(a: &SockaddrStorage) -> Option<u16> {
+    a.as_sockaddr_in()
+        .map(|v4| v4.port())
+        .or_else(|| a.as_sockaddr_in6().map(|v6| v6.port()))
+}
+
+/// The numbers of `pid`'s fds that are sockets (links `socket:[N]`).
+fn socket_fds(pid: u32) -> io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let is_socket = std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        if is_socket && let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            fds.push(fd);
+        }
+    }
+    Ok(fds)
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1; no memory.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A duplicate of `fd` of the process behind `pidfd`, in this process.
+fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd(2) takes a pidfd, an fd number and flags, and returns a new fd
+    // (close-on-exec) or -1; no memory.
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup as RawFd) })
 }
 
 /// Waits (at most `within`) until every thread of `pid` is stopped (state `T` in
@@ -49,42 +106,6 @@ pub fn wait_stopped(pid: u32, within: std::time::Duration) -> io::Result<()> {
             return Err(io::Error::other(format!("{running} threads of {pid} still running")));
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
-/// The inodes of the sockets among `pid`'s open files (links `socket:[N]`).
-fn socket_inodes(pid: u32) -> io::Result<HashSet<u64>> {
-    let mut inodes = HashSet::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        // An fd closed between the listing and the readlink is simply not held any more.
-        let Ok(target) = std::fs::read_link(entry?.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy();
-        if let Some(n) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
-            inodes.insert(n.parse().map_err(|_| io::Error::other(format!("fd link {target}")))?);
-        }
-    }
-    Ok(inodes)
-}
-
-/// One line of `/proc/net/tcp` or `tcp6`: `sl local_address rem_address st tx:rx tr:when
-/// retrnsmt uid timeout inode ...`, addresses as `HEXADDR:HEXPORT`.
-struct Connection {
-    local_port: u16,
-    remote_port: u16,
-    inode: u64,
-}
-
-impl Connection {
-    fn parse(line: &str) -> Option<Connection> {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-        Some(Connection {
-            local_port: port(fields.get(1)?)?,
-            remote_port: port(fields.get(2)?)?,
-            inode: fields.get(9)?.parse().ok()?,
-        })
     }
 }
 
@@ -113,7 +134,8 @@ mod tests {
     }
 
     /// This process accepts one client: its port is found, and a second client still in the
-    /// accept queue (held by the kernel, not by an fd of ours) is not.
+    /// accept queue (held by the kernel, not by an fd of ours) is not; nor are the clients'
+    /// own sockets (their local ports are not the listener's).
     #[test]
     fn finds_the_accepted_clients_by_port() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -128,22 +150,10 @@ mod tests {
             found.contains(&accepted),
             "the accepted client's port {accepted} in {found:?}"
         );
-        // The client sockets' own lines have local ports of their own, not `port`.
         assert_eq!(
             found.len(),
             1,
             "only the accepted client, not the queued {queued}: {found:?}"
-        );
-    }
-
-    #[test]
-    fn parses_a_proc_net_tcp_line() {
-        let line = "   3: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 424242 1 0000000000000000 20 4 30 10 -1";
-        let c = Connection::parse(line).expect("a well-formed line");
-        assert_eq!((c.local_port, c.remote_port, c.inode), (8080, 50000, 424242));
-        assert!(
-            Connection::parse("  sl  local_address rem_address").is_none(),
-            "the header"
         );
     }
 }
