@@ -128,7 +128,7 @@ struct Summary {
     /// Connections those successors had open at their last ping, as baton reported them.
     connections_lost_reported: u64,
     /// Client connections the crashed successors held when they were killed (read from
-    /// `/proc` with each one stopped, just before the kill).
+    /// their socket fds with each one stopped, just before the kill).
     connections_held_at_crashes: usize,
     /// Client failures on those connections: the crash's.
     failures_at_crashes: u64,
