@@ -132,7 +132,10 @@ async fn stream(
         && resp.status().is_success()
         && let Some(tunnel) = client.take_tunnel()
     {
-        tokio::spawn(async move {
+        // On the drain's tunnel tracker from the start: a generation does not exit between
+        // the 200 and its tunnel.
+        let tunnels = proxy.drain.tunnels().clone();
+        tunnels.spawn(async move {
             // Resolves once hyper has sent the 2xx and given the stream to the tunnel.
             match upgrade.await {
                 Ok(stream) => {
