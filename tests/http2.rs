@@ -306,9 +306,15 @@ async fn twenty_handoffs_under_h2_load_fail_no_request() {
     if report.failed > 0 {
         // What the proxy logged for the failed requests' connections (`port N: …`).
         let log = baton.log();
-        for port in report.samples.iter().filter_map(|s| s.strip_prefix("port ")?.split(':').next()) {
+        for port in report
+            .samples
+            .iter()
+            .filter_map(|s| s.strip_prefix("port ")?.split(':').next())
+        {
             let client = format!("client=127.0.0.1:{port} ");
-            log.lines().filter(|l| l.contains(&client)).for_each(|l| eprintln!("{l}"));
+            log.lines()
+                .filter(|l| l.contains(&client))
+                .for_each(|l| eprintln!("{l}"));
         }
     }
     assert_eq!(report.failed, 0, "failed requests: {report:?}");

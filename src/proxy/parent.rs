@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
+use crate::config::Parent;
+use crate::proxy::connector::{ConnectError, HopStream, connect_parent};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use crate::config::Parent;
-use crate::proxy::connector::{ConnectError, HopStream, connect_parent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParentError {

@@ -751,8 +751,11 @@ mod tests {
                 (got.len(), took)
             };
             let other = TunnelClient::Other(Box::new(client_side));
-            let (relayed, (), (got, took)) =
-                tokio::join!(relay(other, HopStream::Plain(origin_side), early, limits, handover), send, receive);
+            let (relayed, (), (got, took)) = tokio::join!(
+                relay(other, HopStream::Plain(origin_side), early, limits, handover),
+                send,
+                receive
+            );
             assert_eq!((got, relayed.down), (2_000_000, 2_000_000));
             assert!((least..most).contains(&took), "{took} ms");
         }
