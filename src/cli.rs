@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use baton::config::{ADMIN_LISTENER, AccessSink, CONTROL_LISTENER, Config, HostPattern, Parent, Parents, TlsFiles};
@@ -677,6 +678,18 @@ fn print_done(r: &UpgradeReport) {
     }
 }
 
+/// When a generation started, as a UTC date and an age (`2026-12-07T21:52:23Z, 5m 3s ago`).
+fn started(unix: u64, now: SystemTime) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(unix);
+    // Whole seconds: the start is only known to the second.
+    let age = Duration::from_secs(now.duration_since(at).unwrap_or_default().as_secs());
+    format!(
+        "{}, {} ago",
+        humantime::format_rfc3339_seconds(at),
+        humantime::format_duration(age)
+    )
+}
+
 fn print_status(s: &Status) {
     println!("pid         {}", s.pid);
     println!("generation  {}", s.generation);
@@ -684,7 +697,7 @@ fn print_status(s: &Status) {
     println!("version     {}{tag}", s.version);
     println!("state       {}", s.state);
     println!("workers     {}", s.workers);
-    println!("started     {} (unix)", s.started_unix);
+    println!("started     {}", started(s.started_unix, SystemTime::now()));
     println!(
         "connections {}",
         with_adopted(s.active_connections, s.adopted_connections)
@@ -717,5 +730,20 @@ fn with_adopted(active: usize, adopted: u64) -> String {
         format!("{active} ({adopted} moved in from the previous generation)")
     } else {
         active.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start reads as a UTC date and whole units of age; a clock behind the start
+    /// (another host's, or set back) shows an age of zero rather than failing.
+    #[test]
+    fn the_start_is_a_date_and_an_age() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_796_626_085_000 + 303_900);
+        assert_eq!(started(1_796_626_085, now), "2026-12-07T06:48:05Z, 5m 3s ago");
+        let behind = UNIX_EPOCH + Duration::from_secs(1_796_626_000);
+        assert_eq!(started(1_796_626_085, behind), "2026-12-07T06:48:05Z, 0s ago");
     }
 }

@@ -31,7 +31,7 @@ use futures_util::FutureExt;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-use crate::proxy::framing::{Framed, RequestSignal};
+use crate::proxy::framing::{Framed, RequestSignal, STAND_IN_END};
 use crate::proxy::strict::{self, Fault, Framing, Head};
 use crate::proxy::{hop_by_hop, response_framing};
 
@@ -253,8 +253,18 @@ impl AsyncRead for Pieces {
 /// What hyper read is what was sent (all of it, unless a read failed), but for a CR inserted
 /// before an LF (a bare LF ending a line of chunked framing).
 fn only_crs_inserted(sent: &[u8], verdict: &Verdict) {
+    // An overlong method ends what hyper reads with a stand-in head (the method's first
+    // bytes were read as sent): see `framing::overlong_method`.
+    let long = verdict.fault.is_some_and(|(_, f)| f.reason == strict::LONG_METHOD);
+    let read = match long {
+        true => verdict
+            .read
+            .strip_suffix(STAND_IN_END)
+            .expect("an overlong method's stand-in"),
+        false => &verdict.read[..],
+    };
     let mut s = 0;
-    for (r, &b) in verdict.read.iter().enumerate() {
+    for (r, &b) in read.iter().enumerate() {
         if sent.get(s) == Some(&b) {
             s += 1;
         } else {
@@ -263,7 +273,7 @@ fn only_crs_inserted(sent: &[u8], verdict: &Verdict) {
             assert!(b == b'\r' && lf, "byte {r} read is {b:#04x}, not sent byte {s}");
         }
     }
-    if verdict.error.is_none() {
+    if verdict.error.is_none() && !long {
         assert_eq!(s, sent.len(), "bytes sent and read without an error");
     }
 }

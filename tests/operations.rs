@@ -548,6 +548,13 @@ async fn healthz_and_status_on_the_admin_listener() {
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
     let (ok, human) = cli(&baton, &["status"]).await;
     assert!(ok && human.contains("listener    admin 127.0.0.1:"), "{human}");
+    // The start as a date and an age, not a bare Unix time: the date is the JSON's second.
+    let started = std::time::UNIX_EPOCH + Duration::from_secs(st["started_unix"].as_u64().unwrap());
+    let date = humantime::format_rfc3339_seconds(started).to_string();
+    assert!(
+        human.contains(&format!("started     {date}, ")) && human.contains(" ago\n"),
+        "the start is shown as {date} and an age:\n{human}"
+    );
 
     // The admin listener is handed over too.
     let (ok, out) = cli(&baton, &["upgrade"]).await;

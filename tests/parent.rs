@@ -662,3 +662,63 @@ async fn handoffs_while_requests_go_through_the_parent() {
     );
     println!("through Squid: {squid_report}\nthrough a baton parent: {baton_report}");
 }
+
+/// The child's access lines name the parent a request or tunnel went through, in the text
+/// and JSON formats (`parent=`, as Squid's line does with `FIRSTUP_PARENT`). The witness:
+/// the parent's own lines, for the same requests gone direct, name none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_lines_name_the_parent() {
+    let origin = testkit::start_origin().await.unwrap();
+    let echo = testkit::start_echo().await.unwrap();
+    let parent = Baton::start(&common::connect_ports(&[echo.port()])).await;
+    let name = format!("127.0.0.1:{}", parent.proxy.port());
+    for (format, expect) in [
+        ("text", format!("parent=\"{name}\"")),
+        ("json", format!("\"parent\":\"{name}\"")),
+    ] {
+        let config = upstream(&format!("http://{}", parent.proxy), "", &[echo.port()]);
+        let child = Baton::start(&format!("{config}\n[log]\nformat = \"{format}\"\n")).await;
+        let (status, _, _) = get(child.proxy, &format!("http://{origin}/bytes?n=5&named-{format}"), &[]);
+        assert_eq!(status, 200);
+        echo_through(child.proxy, echo, 1000).await;
+        let lines = wait_for(
+            Duration::from_secs(5),
+            "the child's request and tunnel lines",
+            || async {
+                let log = child.log();
+                let request = log
+                    .lines()
+                    .find(|l| l.contains(&format!("named-{format}")))?
+                    .to_string();
+                let tunnel = log
+                    .lines()
+                    .find(|l| l.contains("tunnel") && l.contains("127.0.0.1"))?
+                    .to_string();
+                Some((request, tunnel))
+            },
+        )
+        .await;
+        assert!(
+            lines.0.contains(&expect),
+            "{format}: the request's line names the parent: {}",
+            lines.0
+        );
+        assert!(
+            lines.1.contains(&expect),
+            "{format}: the tunnel's line names the parent: {}",
+            lines.1
+        );
+    }
+    let direct = wait_for(Duration::from_secs(5), "the parent's own request line", || async {
+        parent
+            .log()
+            .lines()
+            .find(|l| l.contains("named-text"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        !direct.contains("parent="),
+        "a request gone direct names no parent: {direct}"
+    );
+}

@@ -517,6 +517,78 @@ async fn a_connection_value_that_is_not_a_token_list_is_refused() {
     );
 }
 
+/// A chunked request body goes on whatever the method (hyper would send a GET, HEAD or
+/// CONNECT of unknown length with no body), and the chunk grammar is applied to it: the
+/// origin's `/sha256` counts what arrived. The http-garden cases that were relayed before
+/// (`0_2e`, an empty chunk size, a bare CR in the size line, data not followed by CRLF) get
+/// 400 naming the fault; the witness is the same GET with a well-formed body, and with
+/// `Content-Length`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_go_on_for_every_method_under_the_chunk_grammar() {
+    let origin = testkit::start_origin().await.expect("origin");
+    let baton = Baton::start("").await;
+    let expected = format!("{} 11", testkit::sha256_hex(b"hello world"));
+    let request = |method: &str, framing: &str, body: &str| {
+        let head = format!("{method} http://{origin}/sha256 HTTP/1.1\r\nHost: {origin}\r\n{framing}\r\n");
+        format!("{head}{body}").into_bytes()
+    };
+    let chunked = "Transfer-Encoding: chunked\r\n";
+    for method in ["GET", "DELETE", "OPTIONS", "POST", "PUT"] {
+        let r = request(method, chunked, "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+        let got = Received::parse(&exchange(baton.proxy, &r).await, false);
+        let body = String::from_utf8_lossy(got.body.as_deref().unwrap_or_default()).into_owned();
+        assert_eq!(
+            (got.status, body),
+            (200, expected.clone()),
+            "{method}: the origin got the 11 chunked bytes"
+        );
+    }
+    let sized = request("GET", "Content-Length: 11\r\nConnection: close\r\n", "hello world");
+    let got = Received::parse(&exchange(baton.proxy, &sized).await, false);
+    assert_eq!(
+        got.body.as_deref().ok(),
+        Some(expected.as_bytes()),
+        "witness: a sized GET body: {got:?}"
+    );
+    for (body, fault) in [
+        ("0_2e\r\n\r\n", "invalid chunk size"),
+        ("\r\nhello\r\n0\r\n\r\n", "missing chunk size"),
+        ("5\r\r\nhello\r\n0\r\n\r\n", "CR without LF in chunked framing"),
+        ("5\r\nhelloXX0\r\n\r\n", "chunk data not followed by CRLF"),
+    ] {
+        let got = Received::parse(&exchange(baton.proxy, &request("GET", chunked, body)).await, false);
+        let text = String::from_utf8_lossy(got.body.as_deref().unwrap_or_default()).into_owned();
+        assert!(
+            got.status == 400 && text.contains(fault),
+            "{body:?} is refused for {fault}: {got:?}"
+        );
+    }
+}
+
+/// A method longer than 32 bytes gets 501 naming the limit even when it is long enough to
+/// push the head past `max_header_bytes` (which hyper alone answers 431). The witness: a
+/// head that long for another reason still gets 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_of_100000_bytes_gets_501() {
+    let baton = Baton::start("").await;
+    let long = [vec![b'M'; 100_000], b" http://a/ HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()].concat();
+    let got = Received::parse(&exchange(baton.proxy, &long).await, false);
+    let text = String::from_utf8_lossy(got.body.as_deref().unwrap_or_default()).into_owned();
+    assert!(
+        got.status == 501 && text.contains("method longer than 32 bytes"),
+        "{got:?}"
+    );
+    let field = format!(
+        "GET http://a/ HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+        "y".repeat(100_000)
+    );
+    let got = Received::parse(&exchange(baton.proxy, field.as_bytes()).await, false);
+    assert_eq!(
+        got.status, 431,
+        "witness: a head over the limit for its fields: {got:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 5: the failed-login budget
 

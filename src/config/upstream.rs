@@ -63,8 +63,9 @@ pub struct Route {
 /// A parent proxy (`http://host:port`).
 #[derive(Clone)]
 pub struct Parent {
-    /// `host:port` as configured: what answers and logs name it by.
-    pub authority: String,
+    /// `host:port` as configured: what answers and logs name it by (shared by every
+    /// request's access line).
+    pub authority: Arc<str>,
     /// The host to connect to (an IPv6 address without its brackets).
     pub host: String,
     pub port: u16,
@@ -197,7 +198,7 @@ fn parent(url: &str) -> Result<Parent, String> {
         port,
         authorization: None,
         pool_key: format!("parent {authority}"),
-        authority,
+        authority: authority.into(),
     })
 }
 
@@ -234,7 +235,7 @@ mod tests {
         let p = parse("proxy = \"http://Parent:3128\"\nbypass = [\"localhost\", \"127.0.0.0/8\"]\n").unwrap();
         let d = p.default.unwrap();
         assert_eq!(
-            (d.authority.as_str(), d.host.as_str(), d.port),
+            (&*d.authority, d.host.as_str(), d.port),
             ("parent:3128", "parent", 3128)
         );
         assert_eq!(p.bypass.len(), 2);

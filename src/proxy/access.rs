@@ -81,6 +81,8 @@ pub struct AccessLine {
     reason: Option<Cow<'static, str>>,
     /// `h2` for a stream of an HTTP/2 connection; HTTP/1.1 goes unsaid.
     proto: Option<&'static str>,
+    /// The parent proxy the request or tunnel went through (`host:port` as configured).
+    parent: Option<Arc<str>>,
     squid: SquidPart,
 }
 
@@ -126,6 +128,7 @@ impl AccessLine {
             relay: None,
             reason: None,
             proto: None,
+            parent: None,
             squid: SquidPart::default(),
         }
     }
@@ -207,9 +210,11 @@ impl AccessLine {
         self
     }
 
-    /// Squid line only: the server is a parent proxy (`FIRSTUP_PARENT`, not `HIER_DIRECT`).
-    pub fn via_parent(mut self, via_parent: bool) -> Self {
-        self.squid.via_parent = via_parent;
+    /// The parent proxy the request went through, if any: `parent=` in the fields, and the
+    /// Squid line's `FIRSTUP_PARENT` (not `HIER_DIRECT`).
+    pub fn parent(mut self, parent: Option<Arc<str>>) -> Self {
+        self.squid.via_parent = parent.is_some();
+        self.parent = parent;
         self
     }
 
@@ -256,6 +261,7 @@ impl AccessLine {
                     method,
                     target,
                     proto = self.proto,
+                    parent = self.parent.as_deref(),
                     status = self.status,
                     rule = self.rule,
                     bytes_in = self.bytes_in,

@@ -134,8 +134,8 @@ pub struct AccessRecord {
     /// The rule that allowed it.
     pub rule: Option<&'static str>,
     pub server: IpAddr,
-    /// `server` is a parent proxy.
-    pub via_parent: bool,
+    /// The parent proxy `server` is, if it is one.
+    pub parent: Option<Arc<str>>,
     pub content_type: Option<HeaderValue>,
 }
 
@@ -264,7 +264,7 @@ impl Drop for AccessLogged {
                 .rule_of(r.rule)
                 .proto_of(r.version)
                 .server(Some(r.server))
-                .via_parent(r.via_parent)
+                .parent(r.parent)
                 .content_type(r.content_type)
                 .write();
         }

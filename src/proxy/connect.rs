@@ -68,6 +68,7 @@ impl Proxy {
             target: authority.to_string(),
             user: ask.user.clone(),
             via_parent: parent.is_some(),
+            parent: parent.map(|p| p.authority.to_string()),
             started_ms: TunnelRecord::now_ms(),
             ..TunnelRecord::default()
         };
@@ -219,7 +220,7 @@ impl Proxy {
                     .traffic(record.up, record.down, ask.started)
                     .reason(format!("moved tunnel closed: {}", d.reason))
                     .server(ended.server)
-                    .via_parent(ended.via_parent)
+                    .parent(ended.parent)
                     .wire(ended.answer + record.down)
                     .write();
                 return Ok(());
@@ -310,10 +311,11 @@ fn sni_refused(ask: &Ask, d: &Denial) {
 }
 
 /// What a tunnel's Squid line says besides its totals, kept from its record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Ended {
     server: Option<IpAddr>,
-    via_parent: bool,
+    /// The parent it went through; `-` when an older generation's record did not say which.
+    parent: Option<Arc<str>>,
     /// The bytes of the `200` (or `101`) answer the client was sent.
     answer: u64,
     /// `200` for a CONNECT's tunnel, `101` for an upgraded connection.
@@ -324,7 +326,10 @@ impl From<&TunnelRecord> for Ended {
     fn from(r: &TunnelRecord) -> Ended {
         Ended {
             server: r.server,
-            via_parent: r.via_parent,
+            parent: match &r.parent {
+                Some(name) => Some(name.as_str().into()),
+                None => r.via_parent.then(|| "-".into()),
+            },
             answer: r.answer,
             status: if r.upgrade.is_some() {
                 StatusCode::SWITCHING_PROTOCOLS
@@ -346,7 +351,7 @@ fn tunnel_ended(ask: &Ask, relayed: Relayed, ended: Ended) {
         .traffic(up, down, ask.started)
         .outcome(outcome)
         .server(ended.server)
-        .via_parent(ended.via_parent)
+        .parent(ended.parent)
         .wire(ended.answer + down)
         .write();
 }
@@ -419,6 +424,10 @@ impl Proxy {
             },
             user: ask.user.clone(),
             via_parent: matches!(hop, NextHop::Parent(_)),
+            parent: match hop {
+                NextHop::Parent(p) => Some(p.authority.to_string()),
+                NextHop::Origin { .. } => None,
+            },
             started_ms: TunnelRecord::now_ms(),
             upgrade: Some(UpgradeRecord {
                 protocol: protocol.to_ascii_lowercase(),

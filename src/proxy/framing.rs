@@ -381,6 +381,9 @@ enum Phase {
     Opaque,
     /// A chunked body broke its framing: reads fail with this reason.
     Failed(&'static str),
+    /// After a method too long to answer as a request (its stand-in went to hyper): the
+    /// rest of the stream is read and dropped until the connection closes after the answer.
+    Discard,
 }
 
 /// A state of the chunked body (RFC 9112 §7.1).
@@ -437,6 +440,22 @@ struct Parser {
     max_head: usize,
 }
 
+/// The stand-in head for a request whose method is longer than [`strict::MAX_METHOD`]
+/// (`held`, the head's bytes hyper already has, then `rest`), once its first
+/// `MAX_METHOD + 1` bytes are all token bytes: `held` is shorter than that, or the method
+/// was found too long before.
+fn overlong_method(held: &[u8], rest: &[u8]) -> Option<Vec<u8>> {
+    let need = strict::MAX_METHOD + 1;
+    if held.len() >= need || held.len() + rest.len() < need {
+        return None;
+    }
+    let start = [held, &rest[..need - held.len()]].concat();
+    strict::long_method(&start).then(|| [&start[..strict::MAX_METHOD], STAND_IN_END].concat())
+}
+
+/// What follows an overlong method's first bytes in its stand-in head.
+pub(crate) const STAND_IN_END: &[u8] = b" / HTTP/1.1\r\n\r\n";
+
 /// The input of one [`Parser::process`] call and what it passed on: `input[..r]` unchanged,
 /// unless a CR was inserted at `frozen`, after which the output continues in `out`.
 struct Cursor<'a> {
@@ -456,6 +475,13 @@ impl Cursor<'_> {
             self.out.extend_from_slice(&self.input[self.r..self.r + n]);
         }
         self.r += n;
+    }
+
+    /// Hands `bytes` over in place of the rest of the input, which is consumed unseen.
+    fn replace_rest(&mut self, bytes: &[u8]) {
+        self.frozen.get_or_insert(self.r);
+        self.out.extend_from_slice(bytes);
+        self.r = self.input.len();
     }
 
     fn insert_cr(&mut self) {
@@ -501,6 +527,7 @@ impl Parser {
                 Phase::Chunked(ck) => self.chunked(ck, &mut c),
                 Phase::Connect => break c.r,
                 Phase::Opaque => c.pass(c.rest().len()),
+                Phase::Discard => c.replace_rest(&[]),
                 Phase::Failed(_) => break input.len(),
             }
         };
@@ -532,6 +559,17 @@ impl Parser {
     }
 
     fn head(&mut self, c: &mut Cursor<'_>, signal: &RequestSignal) {
+        if let Some(stand_in) = overlong_method(&self.head, c.rest()) {
+            // Its own answer is 501, which hyper would never reach: a method near the head
+            // limit is a head over it (431). hyper gets a short head in its place (the
+            // method's first bytes, those it has already included), the service answers
+            // the recorded fault, and the connection closes.
+            c.replace_rest(&stand_in[self.head.len()..]);
+            signal.record_fault(strict::Fault::not_implemented(strict::LONG_METHOD));
+            self.head.clear();
+            self.phase = Phase::Discard;
+            return;
+        }
         // A head longer than the limit is hyper's to refuse (431): not judged, not kept.
         let judged = if self.head.is_empty() {
             // The head starts in this input: judged in place when it is complete here.
@@ -1050,12 +1088,33 @@ mod tests {
             assert_eq!(f.parser.phase, Phase::Opaque, "{split:?}");
             assert!(f.parser.head.is_empty(), "{split:?}: not kept");
         }
-        let (mut f, _) = framed(vec![vec![b'G'; 3000]]);
+        let (mut f, _) = framed(vec![b"GET /".repeat(600)]);
         read_all(&mut f, 8192);
         assert!(
             f.parser.head.is_empty() && f.parser.phase == Phase::Opaque,
             "a partial head over the limit"
         );
+    }
+
+    /// A method longer than 32 bytes gets its 501 even when the head is over hyper's limit
+    /// (which would answer 431): hyper reads a short stand-in head, whatever the reads, and
+    /// nothing after it. The witness: a 32-byte method goes to hyper as sent.
+    #[test]
+    fn an_overlong_method_reaches_hyper_as_a_short_head() {
+        let long = [vec![b'M'; 3000], b" http://a/ HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()].concat();
+        let stand_in = [vec![b'M'; 32], b" / HTTP/1.1\r\n\r\n".to_vec()].concat();
+        for at in [1, 10, 32, 33, 34, 2000] {
+            let (mut f, signal) = framed(vec![long[..at].to_vec(), long[at..].to_vec()]);
+            let (got, err) = read_all(&mut f, 8192);
+            assert_eq!((got, err), (stand_in.clone(), None), "split at {at}");
+            let fault = signal.fault(0).expect("the method's fault is recorded");
+            assert_eq!((fault.status.as_u16(), fault.reason), (501, strict::LONG_METHOD));
+            assert_eq!(f.parser.phase, Phase::Discard, "split at {at}");
+        }
+        let fits = b"MMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMM http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (mut f, signal) = framed(vec![fits.to_vec()]);
+        assert_eq!(read_all(&mut f, 8192).0, fits, "a 32-byte method is passed on");
+        assert!(signal.fault(0).is_none(), "and not refused");
     }
 
     /// A head that spans reads is kept in a buffer, which is kept for the next one unless it

@@ -96,6 +96,10 @@ pub struct TunnelRecord {
     /// Opened through a parent proxy: the origin socket leads to the parent.
     #[serde(default)]
     pub via_parent: bool,
+    /// Which parent (`host:port` as configured), for the access line; absent from an older
+    /// generation's record.
+    #[serde(default)]
+    pub parent: Option<String>,
     /// When the CONNECT request arrived (milliseconds since the Unix epoch).
     pub started_ms: u64,
     /// Bytes so far, client→origin and origin→client (across generations).

@@ -38,7 +38,7 @@ mod tests {
     }
 
     fn hop(p: &Parents, host: &str) -> Option<String> {
-        next_hop(p, host).map(|p| p.authority.clone())
+        next_hop(p, host).map(|p| p.authority.to_string())
     }
 
     #[test]

@@ -333,8 +333,11 @@ impl Proxy {
             let reason = format!("{hop} sent a response that cannot be relayed: {why}");
             return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
         }
-        let via_parent = matches!(hop, NextHop::Parent(_));
-        self.to_client(Response::from_parts(parts, body), server, via_parent, stats, ask)
+        let parent = match hop {
+            NextHop::Parent(p) => Some(p.authority.clone()),
+            NextHop::Origin { .. } => None,
+        };
+        self.to_client(Response::from_parts(parts, body), server, parent, stats, ask)
     }
 
     /// Makes the client's request head the next hop's: hop-by-hop fields out (the client's
@@ -347,7 +350,16 @@ impl Proxy {
         authority: &str,
         hop: NextHop<'_>,
     ) -> Result<(), &'static str> {
+        // The client's chunked framing is hop-by-hop, but its body goes on: hyper would send
+        // a GET, HEAD or CONNECT of unknown length with no body at all, so the next hop is
+        // told `chunked` explicitly (the framing layer holds the body to the chunk grammar).
+        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
         strip_hop_by_hop(&mut parts.headers)?;
+        if chunked {
+            parts
+                .headers
+                .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         // The proxy answered `Expect: 100-continue` itself (hyper sends 100 when the body is
         // first read); the origin receives the body without waiting.
         parts.headers.remove(header::EXPECT);
@@ -371,13 +383,13 @@ impl Proxy {
         Ok(())
     }
 
-    /// The response (from `server`, a parent proxy if `via_parent`; its head already the
+    /// The response (from `server`, which is `parent` if set; its head already the
     /// client's) on its way to the client, logged when its body ends.
     fn to_client(
         &self,
         resp: Response<Incoming>,
         server: IpAddr,
-        via_parent: bool,
+        parent: Option<Arc<str>>,
         stats: Arc<BodyStats>,
         ask: Ask,
     ) -> Response<Body> {
@@ -405,7 +417,7 @@ impl Proxy {
             user: ask.user,
             rule: ask.rule.map(Rule::as_str),
             server,
-            via_parent,
+            parent,
             content_type,
         };
         Response::from_parts(parts, AccessLogged::new(body, stats, record, throttle).boxed())

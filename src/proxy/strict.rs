@@ -34,7 +34,7 @@ impl Fault {
         }
     }
 
-    const fn not_implemented(reason: &'static str) -> Fault {
+    pub(crate) const fn not_implemented(reason: &'static str) -> Fault {
         Fault {
             status: StatusCode::NOT_IMPLEMENTED,
             reason,
@@ -68,6 +68,8 @@ pub enum Head {
 
 /// The longest method accepted; a longer one is answered 501.
 pub const MAX_METHOD: usize = 32;
+/// The reason a longer one is refused with.
+pub const LONG_METHOD: &str = "method longer than 32 bytes";
 
 /// Parses the request head at the start of `buf` (its request line first: empty lines before
 /// it are the caller's). Only complete lines are judged, so a fault in a partial head is
@@ -225,6 +227,12 @@ pub fn content_length(value: &[u8]) -> Result<u64, Fault> {
     })
 }
 
+/// Whether `start`, the first bytes of a request line, already holds a method longer than
+/// [`MAX_METHOD`]: its first `MAX_METHOD + 1` bytes are token bytes.
+pub fn long_method(start: &[u8]) -> bool {
+    start.len() > MAX_METHOD && start[..=MAX_METHOD].iter().all(|&b| is_tchar(b))
+}
+
 /// What the request line says about the rest of the head.
 #[derive(Debug, Clone, Copy)]
 struct Start {
@@ -234,6 +242,10 @@ struct Start {
 
 /// `method SP request-target SP HTTP-version`.
 fn request_line(line: &[u8]) -> Result<Start, Fault> {
+    // Judged first, as the framing judges it before the line ends (`long_method`).
+    if long_method(line) {
+        return Err(Fault::not_implemented(LONG_METHOD));
+    }
     let (rest, http11) = if let Some(rest) = line.strip_suffix(b" HTTP/1.1") {
         (rest, true)
     } else if let Some(rest) = line.strip_suffix(b" HTTP/1.0") {
@@ -249,9 +261,6 @@ fn request_line(line: &[u8]) -> Result<Start, Fault> {
     let (method, target) = (&rest[..sp], &rest[sp + 1..]);
     if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
         return Err(Fault::bad("invalid method"));
-    }
-    if method.len() > MAX_METHOD {
-        return Err(Fault::not_implemented("method longer than 32 bytes"));
     }
     if target.is_empty() || !all_graphic(target) {
         return Err(Fault::bad("request target with a space, a control or a non-ASCII byte"));
