@@ -303,6 +303,14 @@ async fn twenty_handoffs_under_h2_load_fail_no_request() {
     }
     let report = load.finish().await;
     println!("20 handoffs under h2 load: {report:?}");
+    if report.failed > 0 {
+        // What the proxy logged for the failed requests' connections (`port N: …`).
+        let log = baton.log();
+        for port in report.samples.iter().filter_map(|s| s.strip_prefix("port ")?.split(':').next()) {
+            let client = format!("client=127.0.0.1:{port} ");
+            log.lines().filter(|l| l.contains(&client)).for_each(|l| eprintln!("{l}"));
+        }
+    }
     assert_eq!(report.failed, 0, "failed requests: {report:?}");
     assert!(report.ok > 2000, "the load ran throughout: {report:?}");
     baton.stop(STOP).await;

@@ -21,7 +21,7 @@ use crate::config::Parent;
 
 use crate::proxy::access::Kind;
 use crate::proxy::admission::{Admission, Slot};
-use crate::proxy::connector::connect_checked;
+use crate::proxy::connector::{HopStream, connect_checked};
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{self, TunnelRecord, UpgradeRecord};
@@ -53,7 +53,7 @@ impl Proxy {
             Some(p) => self.connect_via(p, &authority, &req, &ask).await,
             None => connect_checked(&self.policy, authority.host(), port, self.settings.upstream_connect)
                 .await
-                .map(|s| (s, Bytes::new()))
+                .map(|s| (HopStream::Plain(s), Bytes::new()))
                 .map_err(|e| self.connect_failed(&ask, authority.as_str(), &e)),
         };
         let (origin, from_origin) = match opened {
@@ -93,7 +93,7 @@ impl Proxy {
         authority: &http::uri::Authority,
         req: &Request<Incoming>,
         ask: &Ask,
-    ) -> Result<(TcpStream, Bytes), Response<Body>> {
+    ) -> Result<(HopStream, Bytes), Response<Body>> {
         if let Err(d) = self
             .policy
             .check_name(authority.host(), authority.port_u16().unwrap_or(443))
@@ -379,14 +379,19 @@ impl Proxy {
         let on = hyper::upgrade::on(&mut resp);
         let taken = tokio::time::timeout(self.settings.upstream_response, on).await;
         client.lease.discard();
+        // A pooled origin connection is a bare socket; a parent's may be TLS.
         let parts = match taken {
-            Ok(Ok(up)) => up
-                .downcast::<TokioIo<TcpStream>>()
-                .map_err(|_| "not a TCP stream".to_string()),
+            Ok(Ok(up)) => match up.downcast::<TokioIo<TcpStream>>() {
+                Ok(p) => Ok((HopStream::Plain(p.io.into_inner()), p.read_buf)),
+                Err(up) => up
+                    .downcast::<TokioIo<HopStream>>()
+                    .map(|p| (p.io.into_inner(), p.read_buf))
+                    .map_err(|_| "not a stream baton opened".to_string()),
+            },
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the connection was not handed over in time".into()),
         };
-        let parts = match parts {
+        let (origin, from_origin) = match parts {
             Ok(p) => p,
             Err(why) => {
                 let reason = format!("{hop} switched protocols, but {why}");
@@ -398,8 +403,8 @@ impl Proxy {
         ask.target = Uri::try_from(ask.target.to_string()).unwrap_or_else(|_| Uri::from_static("/"));
         let answer = self.switching_head(resp.headers(), chosen);
         let accepted = Accepted {
-            origin: parts.io.into_inner(),
-            from_origin: parts.read_buf,
+            origin,
+            from_origin,
             ask,
             record,
         };

@@ -3,11 +3,17 @@
 //! which the operator chose: it is not held to the destination rules (they apply to the
 //! destinations it reaches, see `Policy::check_name`).
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
+use crate::config::Parent;
 use crate::proxy::policy::{Denial, Policy, ResolveError};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,55 @@ impl From<ResolveError> for ConnectError {
     }
 }
 
+/// A connection to the next hop: a plain socket, or TLS to an `https://` parent proxy.
+pub enum HopStream {
+    Plain(TcpStream),
+    /// Boxed: rustls' connection state is large, and most hops are plain.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl HopStream {
+    /// The address connected to (the Squid line's `FIRSTUP_PARENT/…` or `HIER_DIRECT/…`).
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            HopStream::Plain(s) => s.peer_addr(),
+            HopStream::Tls(s) => s.get_ref().0.peer_addr(),
+        }
+    }
+}
+
+impl AsyncRead for HopStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HopStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HopStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HopStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            HopStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HopStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Resolves, checks and connects (trying each approved address in turn) within `timeout`.
 pub async fn connect_checked(
     policy: &Policy,
@@ -44,8 +99,14 @@ pub async fn connect_checked(
         .map_err(|_| ConnectError::TimedOut(timeout))?
 }
 
-/// Resolves and connects to a parent proxy (`host` without brackets) within `timeout`.
-pub async fn connect_parent(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// Connects to a parent proxy within `timeout`.
+pub async fn connect_parent(parent: &Parent, timeout: Duration) -> Result<HopStream, ConnectError> {
+    let tcp = connect_host(&parent.host, parent.port, timeout).await?;
+    Ok(HopStream::Plain(tcp))
+}
+
+/// Resolves and connects to `host` (without brackets) within `timeout`.
+async fn connect_host(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let attempt = async {
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],

@@ -11,10 +11,8 @@ use http::{Method, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
 use crate::config::Parent;
-use crate::proxy::connector::{ConnectError, connect_parent};
+use crate::proxy::connector::{ConnectError, HopStream, connect_parent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParentError {
@@ -33,7 +31,7 @@ pub enum ParentError {
 /// A tunnel the parent opened: the connection to it, and the bytes that followed its 2xx
 /// answer (from the destination: a server that speaks first), owed to the client.
 pub struct Opened {
-    pub stream: TcpStream,
+    pub stream: HopStream,
     pub early: Bytes,
 }
 
@@ -49,7 +47,7 @@ pub async fn open_tunnel(
     connect: Duration,
     response: Duration,
 ) -> Result<Opened, ParentError> {
-    let stream = connect_parent(&parent.host, parent.port, connect).await?;
+    let stream = connect_parent(parent, connect).await?;
     let exchange = async {
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         // Ends when the upgrade takes the connection over, or when the parent refused.
@@ -73,14 +71,14 @@ pub async fn open_tunnel(
             return Err(ParentError::Refused(resp.status()));
         }
         let upgraded = hyper::upgrade::on(resp).await?;
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<HopStream>>() {
             Ok(parts) => Ok(Opened {
                 stream: parts.io.into_inner(),
                 early: parts.read_buf,
             }),
             // Not expected: the io type is the one handed to the handshake above.
             Err(_) => Err(ParentError::Connect(ConnectError::Io(std::io::Error::other(
-                "the upgraded connection is not the TCP stream it was opened on",
+                "the upgraded connection is not the stream it was opened on",
             )))),
         }
     };

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::config::{Config, Parent, Parents};
 use crate::proxy::access::{self, AccessLine, Kind, Sent};
 use crate::proxy::body::{AccessLogged, AccessRecord, BodyStats, Counted};
-use crate::proxy::connector::ConnectError;
+use crate::proxy::connector::{ConnectError, HopStream};
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::limits::Limits;
 use crate::proxy::metrics;
@@ -116,7 +116,7 @@ impl Client {
 /// A tunnel that a CONNECT answered with a 2xx opened, waiting for hyper to write the
 /// answer and give the client's stream back.
 pub struct Accepted {
-    pub(super) origin: tokio::net::TcpStream,
+    pub(super) origin: HopStream,
     /// Bytes read from the origin side behind a parent proxy's answer.
     pub(super) from_origin: Bytes,
     pub(super) ask: Ask,

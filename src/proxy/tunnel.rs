@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::proxy::access::Outcome;
+use crate::proxy::connector::HopStream;
 use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::migrate::{Migration, Moved, TunnelRecord};
 
@@ -84,23 +85,21 @@ pub struct Early {
 /// the bandwidth buckets both directions take from, if a limit applies.
 pub async fn relay(
     client: TunnelClient,
-    mut origin: TcpStream,
+    origin: HopStream,
     early: Early,
     limits: Relay,
     handover: Handover<'_>,
 ) -> Relayed {
-    let Relay { idle, cut, throttle } = limits;
     let counters = Counters::default();
-    let mut client = match client {
-        TunnelClient::Socket(Stream::Tcp(s)) => End::Tcp(s),
-        TunnelClient::Socket(Stream::Unix(s)) => End::Unix(s),
-        // Boxed: TLS tunnels are the rarer kind, and every tunnel's task would keep room
-        // for the copy's state.
-        TunnelClient::Other(io) => {
-            let limits = Relay { idle, cut, throttle };
-            return Box::pin(copied(io, origin, early, limits, counters)).await;
-        }
+    // Boxed: copied tunnels (TLS at either end) are the rarer kind, and every tunnel's task
+    // would keep room for the copy's state.
+    let (mut client, mut origin) = match (client, origin) {
+        (TunnelClient::Socket(Stream::Tcp(s)), HopStream::Plain(o)) => (End::Tcp(s), o),
+        (TunnelClient::Socket(Stream::Unix(s)), HopStream::Plain(o)) => (End::Unix(s), o),
+        (TunnelClient::Socket(s), o) => return Box::pin(copied(Box::new(s), o, early, limits, counters)).await,
+        (TunnelClient::Other(io), o) => return Box::pin(copied(io, o, early, limits, counters)).await,
     };
+    let Relay { idle, cut, throttle } = limits;
     let delivered = async {
         deliver(&mut origin, &early.to_origin, &counters.up).await?;
         match &mut client {
@@ -555,7 +554,7 @@ async fn deliver<W: AsyncWrite + Unpin + ?Sized>(to: &mut W, bytes: &[u8], total
 /// through user-space buffers; it does not move at a handoff.
 async fn copied(
     mut client: Box<dyn CopyIo>,
-    mut origin: TcpStream,
+    mut origin: HopStream,
     early: Early,
     limits: Relay,
     counters: Counters,
@@ -582,7 +581,7 @@ async fn copied(
 /// The buffered copy, counted as it goes, and paced under a bandwidth limit.
 async fn copy_both<C: AsyncRead + AsyncWrite + Unpin>(
     client: C,
-    origin: TcpStream,
+    origin: HopStream,
     counters: &Counters,
     throttle: Option<Throttle>,
 ) -> io::Result<()> {
@@ -694,7 +693,7 @@ mod tests {
         };
         let task = relay(
             TunnelClient::Socket(Stream::Tcp(client)),
-            origin,
+            HopStream::Plain(origin),
             early,
             Relay {
                 idle: Duration::from_secs(1),
@@ -753,7 +752,7 @@ mod tests {
             };
             let other = TunnelClient::Other(Box::new(client_side));
             let (relayed, (), (got, took)) =
-                tokio::join!(relay(other, origin_side, early, limits, handover), send, receive);
+                tokio::join!(relay(other, HopStream::Plain(origin_side), early, limits, handover), send, receive);
             assert_eq!((got, relayed.down), (2_000_000, 2_000_000));
             assert!((least..most).contains(&took), "{took} ms");
         }

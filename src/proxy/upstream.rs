@@ -162,21 +162,35 @@ impl Upstream {
     }
 
     async fn connect(&self, hop: NextHop<'_>) -> Result<Sender, UpstreamError> {
-        let stream = match hop {
+        // An origin's connection is a bare socket (the upgrade takes it back as one); a
+        // parent's may be TLS.
+        match hop {
             NextHop::Origin { host, port, .. } => {
-                connect_checked(&self.policy, host, port, self.connect_timeout).await?
+                let stream = connect_checked(&self.policy, host, port, self.connect_timeout).await?;
+                let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
+                handshake(stream, addr).await
             }
-            NextHop::Parent(p) => connect_parent(&p.host, p.port, self.connect_timeout).await?,
-        };
-        let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
-        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            // Ends when the origin closes, or when the last sender is dropped while idle;
-            // after a 101 it hands the stream to the upgrade (`proxy::upgrade`).
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(Sender { tx, addr })
+            NextHop::Parent(p) => {
+                let stream = connect_parent(p, self.connect_timeout).await?;
+                let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
+                handshake(stream, addr).await
+            }
+        }
     }
+}
+
+/// hyper's HTTP/1.1 client connection over `stream` (to `addr`), driven on a task of its own.
+async fn handshake<S>(stream: S, addr: IpAddr) -> Result<Sender, UpstreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        // Ends when the origin closes, or when the last sender is dropped while idle;
+        // after a 101 it hands the stream to the upgrade (`proxy::upgrade`).
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(Sender { tx, addr })
 }
 
 /// Idle connections by next hop, oldest first in each list, and in the order they came

@@ -22,13 +22,17 @@ use crate::tls::ProxyTls;
 #[derive(Clone)]
 pub struct H2Proxy {
     sender: http2::SendRequest<Full<Bytes>>,
+    /// The connection's local port: the proxy's access lines name it (`client=…:port`).
+    pub port: u16,
 }
 
 impl H2Proxy {
     /// Connects over TLS with `tls` (which must offer `h2`); an error if the proxy chose
     /// another protocol.
     pub async fn connect(proxy: SocketAddr, tls: &ProxyTls) -> io::Result<H2Proxy> {
-        let stream = tls.connect(connect_tcp(proxy).await?).await?;
+        let tcp = connect_tcp(proxy).await?;
+        let port = tcp.local_addr()?.port();
+        let stream = tls.connect(tcp).await?;
         let alpn = stream
             .get_ref()
             .1
@@ -48,7 +52,7 @@ impl H2Proxy {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(H2Proxy { sender })
+        Ok(H2Proxy { sender, port })
     }
 
     /// Whether the connection is closed (after GOAWAY and its last stream, say).
@@ -224,7 +228,7 @@ impl H2Worker {
                 Ok(Err(e)) if not_processed(&e) => {
                     self.tally.retried.fetch_add(1, Ordering::Relaxed);
                 }
-                other => self.fail(format!("{other:?}")),
+                other => self.fail(format!("port {}: {other:?}", client.port)),
             }
         }
     }
