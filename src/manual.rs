@@ -3,10 +3,11 @@
 //!
 //! baton(1), one page per subcommand and the completions come from the clap definitions
 //! (clap_mangen, clap_complete). baton.toml(5) comes from the commented example configuration
-//! in README.md's "Configuration" section, compiled in with `include_str!`: the README is the
-//! only copy of the documented keys, so the page cannot drift from it, and a README whose
+//! in docs/configuration.md's "Keys" section, compiled in with `include_str!`: that file is the
+//! only copy of the documented keys, so the page cannot drift from it, and a file whose
 //! section no longer has that block (or a line this parser does not understand) makes this
-//! command and its unit test fail instead of producing a page with keys missing.
+//! command and its unit test fail instead of producing a page with keys missing
+//! (`tests/docs.rs` checks that the block names every key the configuration parser accepts).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -17,7 +18,10 @@ use anyhow::{Context as _, bail};
 use clap::Command;
 use clap_complete::Shell;
 
-const README: &str = include_str!("../README.md");
+/// The configuration reference, whose "Keys" section becomes baton.toml(5).
+const CONFIGURATION: &str = include_str!("../docs/configuration.md");
+/// Where the reference is, in the tree and in messages.
+const CONFIGURATION_PATH: &str = "docs/configuration.md";
 
 #[derive(clap::Args)]
 pub struct ManualArgs {
@@ -82,7 +86,8 @@ The units: \fBsystemctl reload baton\fR hands off to the installed binary and su
 only when the new generation serves.
 .SH "SEE ALSO"
 \fBbaton.toml\fR(5), \fBsystemctl\fR(1), \fBsystemd.socket\fR(5),
-\fI/usr/share/doc/baton/README.md\fR
+\fI/usr/share/doc/baton/README.md\fR,
+\fI/usr/share/doc/baton/docs/\fR
 "#;
 
 /// Writes every page and completion under `out`; returns the paths written.
@@ -148,7 +153,7 @@ fn main_page(cmd: &Command) -> anyhow::Result<Vec<u8>> {
     Ok(roff)
 }
 
-/// The "Configuration" section of README.md: the prose before and after its TOML block,
+/// The "Keys" section of docs/configuration.md: the prose before and after its TOML block,
 /// and the block itself.
 struct Example {
     intro: Vec<String>,
@@ -156,18 +161,18 @@ struct Example {
     after: Vec<String>,
 }
 
-fn readme_example(readme: &'static str) -> anyhow::Result<Example> {
-    let Some((_, section)) = readme.split_once("\n## Configuration\n") else {
-        bail!("README.md has no \"## Configuration\" section");
+fn config_example(reference: &'static str) -> anyhow::Result<Example> {
+    let Some((_, section)) = reference.split_once("\n## Keys\n") else {
+        bail!("{CONFIGURATION_PATH} has no \"## Keys\" section");
     };
     let Some((intro, rest)) = section
         .split_once("```toml\n")
         .filter(|(intro, _)| !intro.contains("\n#"))
     else {
-        bail!("README.md's Configuration section has no ```toml block");
+        bail!("{CONFIGURATION_PATH}'s Keys section has no ```toml block");
     };
     let Some((block, after)) = rest.split_once("\n```") else {
-        bail!("README.md's Configuration example is not closed with ```");
+        bail!("{CONFIGURATION_PATH}'s example is not closed with ```");
     };
     let after = after.split("\n#").next().unwrap_or_default();
     Ok(Example {
@@ -279,7 +284,7 @@ fn parse_keys(block: &str) -> anyhow::Result<Vec<Table>> {
                 commented: false,
             });
         } else if !code.is_empty() {
-            bail!("README.md configuration example, line {}: cannot read {line:?}", n + 1);
+            bail!("{CONFIGURATION_PATH} example, line {}: cannot read {line:?}", n + 1);
         } else if let Some(key) = line.strip_prefix('#').and_then(commented_key) {
             table.keys.push(key);
         } else if let Some(key) = table.keys.last_mut() {
@@ -324,7 +329,7 @@ fn roff_prose(text: &str) -> String {
 }
 
 fn config_page(version: &str) -> anyhow::Result<String> {
-    let example = readme_example(README)?;
+    let example = config_example(CONFIGURATION)?;
     let tables = parse_keys(example.block)?;
     let mut r = format!(".TH BATON.TOML 5 \"\" \"baton {version}\" \"File Formats\"\n");
     r.push_str(".SH NAME\nbaton.toml \\- configuration of the baton HTTP forward proxy\n");
@@ -400,7 +405,7 @@ mod tests {
         names
     }
 
-    /// Every key of the README example: the tables and keys TOML sees, plus the commented
+    /// Every key of the example in docs/configuration.md: the tables and keys TOML sees, plus the commented
     /// alternatives (`# key = value` at the start of a line).
     fn example_keys(block: &str) -> BTreeSet<String> {
         fn walk(table: &toml::Table, keys: &mut BTreeSet<String>) {
@@ -424,7 +429,9 @@ mod tests {
         }
         let mut keys = BTreeSet::new();
         walk(
-            &block.parse::<toml::Table>().expect("the README example is valid TOML"),
+            &block
+                .parse::<toml::Table>()
+                .expect("the example in docs/configuration.md is valid TOML"),
             &mut keys,
         );
         for line in block.lines().filter_map(|l| l.strip_prefix("# ")) {
@@ -474,7 +481,7 @@ mod tests {
         }
 
         let config = read("man/baton.toml.5");
-        let example = readme_example(README).unwrap();
+        let example = config_example(CONFIGURATION).unwrap();
         let keys = example_keys(example.block);
         assert!(
             keys.len() > 30 && keys.contains("path") && keys.contains("allow_clients"),
@@ -522,7 +529,7 @@ mod tests {
         let c = &tables[1].keys[1];
         assert!(c.commented && c.name == "c" && c.doc == "instead of b", "{c:?}");
         assert!(parse_keys("what is this\n").is_err());
-        assert!(readme_example("# x\n## Configuration\nno block\n## Next\n").is_err());
+        assert!(config_example("# x\n## Keys\nno block\n## Next\n").is_err());
     }
 
     #[test]
