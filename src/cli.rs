@@ -659,6 +659,10 @@ fn print_done(r: &UpgradeReport) {
         Some(tls) if tls > 0 => format!("{connections} connections ({tls} TLS)"),
         _ => format!("{connections} connections"),
     };
+    let tunnels = match r.draining_bumped_connections {
+        Some(bumped) if bumped > 0 => format!("{tunnels} ({bumped} bumped)"),
+        _ => tunnels.to_string(),
+    };
     match r.canary_ms {
         Some(canary) => {
             println!(
