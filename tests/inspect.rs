@@ -101,11 +101,9 @@ fn curl_bumped(baton: &Baton, pki: &Pki, url: &str, extra: &[&str]) -> (u16, Vec
 async fn access_line(baton: &Baton, texts: &[&str]) -> String {
     common::wait_for(Duration::from_secs(10), &format!("a line with {texts:?}"), || async {
         let log = baton.log();
-        let line = log
-            .lines()
+        log.lines()
             .find(|l| l.contains("baton::access") && texts.iter().all(|t| l.contains(t)))
-            .map(str::to_string);
-        line
+            .map(str::to_string)
     })
     .await
 }
@@ -120,7 +118,12 @@ async fn bumped_requests_are_served_checked_and_logged_as_https() {
 
     let n = 1 << 20;
     let (status, body, err) = curl_bumped(&baton, &pki, &format!("{base}/bytes?n={n}"), &[]);
-    assert_eq!(status, 200, "GET through the bump (curl trusts only baton's CA): {err}\n{}", baton.log());
+    assert_eq!(
+        status,
+        200,
+        "GET through the bump (curl trusts only baton's CA): {err}\n{}",
+        baton.log()
+    );
     assert_eq!(body.len(), n, "the whole body");
     assert!(body == testkit::pattern(n), "the origin's bytes, unchanged");
 
@@ -143,9 +146,19 @@ async fn bumped_requests_are_served_checked_and_logged_as_https() {
     // A `paths` rule refuses inside the TLS, with its reason; /bytes (above) was allowed.
     let (status, body, _) = curl_bumped(&baton, &pki, &format!("{base}/admin/users"), &[]);
     let reason = String::from_utf8_lossy(&body);
-    assert_eq!(status, 403, "the paths rule denies /admin inside the bumped TLS: {reason}");
+    assert_eq!(
+        status, 403,
+        "the paths rule denies /admin inside the bumped TLS: {reason}"
+    );
     assert!(reason.contains("no-admin"), "the reason names the rule: {reason}");
     access_line(&baton, &[&format!("{base}/admin/users"), "status=403", "no-admin"]).await;
+
+    // A client that does not trust baton's CA (as a pinned app) refuses the leaf with an
+    // alert: logged with its server name, as a reason to splice it.
+    let proxy = format!("http://{}", baton.proxy);
+    let (ok, _, err) = curl(&["-x", &proxy, &format!("{base}/bytes?n=10")]);
+    assert!(!ok, "curl with the system's roots refuses baton's leaf: {err}");
+    access_line(&baton, &["bumped localhost", "refused the minted certificate"]).await;
 
     // The origin saw baton's Via, as any proxied request.
     let (_, body, _) = curl_bumped(&baton, &pki, &format!("{base}/headers"), &[]);
@@ -169,7 +182,10 @@ async fn origins_that_fail_verification_get_502_naming_the_reason() {
     for (origin, why) in [(expired, "expired"), (wrong, "not valid for")] {
         let (status, body, _) = curl_bumped(&baton, &pki, &url(origin), &[]);
         let reason = String::from_utf8_lossy(&body).to_ascii_lowercase();
-        assert_eq!(status, 502, "an origin whose certificate fails ({why}) is a 502: {reason}");
+        assert_eq!(
+            status, 502,
+            "an origin whose certificate fails ({why}) is a 502: {reason}"
+        );
         assert!(
             reason.contains("invalid peer certificate") && reason.contains(why),
             "the 502 names the verification error ({why}): {reason}"
@@ -181,13 +197,25 @@ async fn origins_that_fail_verification_get_502_naming_the_reason() {
 /// `openssl s_client` through baton's CONNECT (`-proxy`) to `target`; its output.
 fn s_client_via(baton: &Baton, target: &str, servername: Option<&str>, ca: &str) -> String {
     let mut cmd = Command::new("openssl");
-    cmd.args(["s_client", "-proxy", &baton.proxy.to_string(), "-connect", target, "-CAfile", ca]);
+    cmd.args([
+        "s_client",
+        "-proxy",
+        &baton.proxy.to_string(),
+        "-connect",
+        target,
+        "-CAfile",
+        ca,
+    ]);
     match servername {
         Some(name) => cmd.args(["-servername", name]),
         None => cmd.arg("-noservername"),
     };
     let out = cmd.stdin(Stdio::null()).output().expect("openssl must be installed");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,12 +228,18 @@ async fn a_splice_rule_relays_the_origins_own_certificate() {
 
     // 127.0.0.1 is spliced: the origin's own certificate, issued by the origin CA.
     let spliced = s_client_via(&baton, &format!("127.0.0.1:{}", origin.port()), None, origin_ca);
-    assert!(spliced.contains("origin test CA"), "spliced: the origin's issuer: {spliced}");
+    assert!(
+        spliced.contains("origin test CA"),
+        "spliced: the origin's issuer: {spliced}"
+    );
     assert!(spliced.contains("Verify return code: 0 (ok)"), "{spliced}");
     // The witness: localhost is bumped, and the same tool sees baton's CA as issuer.
     let target = format!("localhost:{}", origin.port());
     let bumped = s_client_via(&baton, &target, Some("localhost"), pki.ca());
-    assert!(bumped.contains("baton inspection CA"), "bumped: baton's issuer: {bumped}");
+    assert!(
+        bumped.contains("baton inspection CA"),
+        "bumped: baton's issuer: {bumped}"
+    );
     assert!(bumped.contains("Verify return code: 0 (ok)"), "{bumped}");
     assert!(!bumped.contains("origin test CA"), "{bumped}");
     baton.stop(STOP).await;
@@ -244,9 +278,16 @@ async fn chromium_trusting_the_leaf_loads_a_page_through_the_bump() {
     let origin = pki.origin(&["localhost"], from, to).await;
     let mut baton = Baton::start(&pki.config(&[origin.port()])).await;
     // The leaf baton minted for localhost (kept in its cache): what Chromium is told to trust.
-    let shown = s_client_via(&baton, &format!("localhost:{}", origin.port()), Some("localhost"), pki.ca());
+    let shown = s_client_via(
+        &baton,
+        &format!("localhost:{}", origin.port()),
+        Some("localhost"),
+        pki.ca(),
+    );
     let leaf = pki.dir.path().join("leaf.pem");
-    let begin = shown.find("-----BEGIN CERTIFICATE-----").expect("s_client shows the leaf");
+    let begin = shown
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("s_client shows the leaf");
     let end = shown.find("-----END CERTIFICATE-----").expect("its end") + 25;
     std::fs::write(&leaf, &shown[begin..end]).expect("write leaf");
     let spki = spki_hash(&leaf);
@@ -268,12 +309,10 @@ async fn chromium_trusting_the_leaf_loads_a_page_through_the_bump() {
         "--dump-dom".into(),
         url,
     ];
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(testkit::browser::chromium_path()).args(&args).output()
-    })
-    .await
-    .unwrap()
-    .expect("chromium runs (.ci/run installs it)");
+    let out = tokio::task::spawn_blocking(move || Command::new(testkit::browser::chromium_path()).args(&args).output())
+        .await
+        .unwrap()
+        .expect("chromium runs (.ci/run installs it)");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(
         dom.contains("<title>done 10</title>"),
@@ -306,9 +345,11 @@ async fn twenty_handoffs_under_bumped_keep_alive_load_fail_no_request() {
     for round in 0..20 {
         let before = load.ok.load(Ordering::Relaxed);
         let mut last = None;
-        control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| last = Some(e))
-            .await
-            .expect("control socket");
+        control::events(&baton.control, Request::Upgrade { wait_drain: false }, |e| {
+            last = Some(e)
+        })
+        .await
+        .expect("control socket");
         match &last {
             Some(Event::Done(r)) => assert!(r.draining_bumped_connections.is_some(), "{r:?}"),
             other => panic!("round {round}: {other:?}\n{}", baton.log()),
@@ -374,7 +415,9 @@ async fn one_tunnel(
     ok: &AtomicU64,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let mut tcp = tokio::net::TcpStream::connect(proxy).await.map_err(|e| format!("connect: {e}"))?;
+    let mut tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let head = format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n");
     tcp.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
@@ -389,7 +432,10 @@ async fn one_tunnel(
     if !answer.starts_with(b"HTTP/1.1 200") {
         return Err(format!("CONNECT: {}", String::from_utf8_lossy(&answer)));
     }
-    let stream = tls.connect_as("localhost", tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let stream = tls
+        .connect_as("localhost", tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -418,4 +464,40 @@ async fn one_tunnel(
         }
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, common::config_text(dir, &pki.config(&[443]))).expect("config");
+    let (ok, out) = common::check_config(&good);
+    assert!(ok, "the witness: the inspection CA passes: {out}");
+    assert!(
+        out.contains("inspection CA") && out.contains("baton inspection CA"),
+        "{out}"
+    );
+    // A leaf (no basicConstraints CA:TRUE) with its own key, in the CA's place.
+    let (from, to) = now_and_in(30 * DAY);
+    let leaf = pki.origin_ca.leaf_for(&["localhost"], 9, from, to).expect("leaf");
+    std::fs::write(dir.join("leaf.pem"), &leaf.cert_pem).expect("leaf");
+    testkit::write_secret(&dir.join("leaf.key"), &leaf.key_pem).expect("key");
+    let text = pki
+        .config(&[443])
+        .replace("inspect-ca.pem", "leaf.pem")
+        .replace("inspect-ca.key", "leaf.key");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, common::config_text(dir, &text)).expect("config");
+    let (ok, out) = common::check_config(&bad);
+    assert!(!ok, "a leaf is no CA: {out}");
+    assert!(out.contains("not a CA certificate"), "the reason names it: {out}");
+    // A CA key others may read is refused, naming the file.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&pki.inspect_ca_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = common::check_config(&good);
+    assert!(
+        !ok && out.contains("inspect-ca.key") && out.contains("mode 0644"),
+        "{out}"
+    );
 }
