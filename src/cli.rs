@@ -165,6 +165,9 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &config.tls.ticket_keys {
         check_ticket_keys(path)?;
     }
+    if let Some(inspect) = &config.inspect {
+        check_inspection(inspect)?;
+    }
     println!("  control socket {}", config.control_socket.display());
     match config.workers {
         Some(n) => println!("  workers {n}"),
@@ -403,6 +406,34 @@ fn check_certificate(listener: &str, files: &TlsFiles) -> anyhow::Result<()> {
             files.cert.display()
         ),
     }
+}
+
+/// Under this much validity left, `baton check` warns about the inspection CA: every leaf
+/// it mints ends with it, and replacing it means every client trusting the new one.
+const CA_EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// `[inspect]`: a CA certificate (basicConstraints CA:TRUE) with its key, usable to mint, and
+/// origin roots that load; a warning when the CA expires within 30 days.
+fn check_inspection(inspect: &baton::config::Inspect) -> anyhow::Result<()> {
+    let mint = baton::tls::mint::Mint::load(inspect).context("[inspect]")?;
+    baton::tls::origin::connector(&inspect.origin_roots).context("[inspect] origin_roots")?;
+    let left = mint.ca.left(std::time::SystemTime::now());
+    let days = left.as_secs() / 86_400;
+    println!(
+        "  inspection CA {} ({}): {days} days left, up to {} leaves cached",
+        inspect.ca_cert.display(),
+        mint.ca.subject,
+        inspect.leaf_cache
+    );
+    if left.is_zero() {
+        anyhow::bail!("[inspect] the CA in {} has expired", inspect.ca_cert.display());
+    }
+    if left < CA_EXPIRY_WARNING {
+        println!(
+            "  warning: the inspection CA expires in {days} days: clients must be given its successor before then"
+        );
+    }
+    Ok(())
 }
 
 /// `[tls] ticket_keys`: usable, and not readable by every user (whoever reads it can
@@ -659,6 +690,10 @@ fn print_done(r: &UpgradeReport) {
     let connections = match r.draining_tls_connections {
         Some(tls) if tls > 0 => format!("{connections} connections ({tls} TLS)"),
         _ => format!("{connections} connections"),
+    };
+    let tunnels = match r.draining_bumped_connections {
+        Some(bumped) if bumped > 0 => format!("{tunnels} ({bumped} bumped)"),
+        _ => tunnels.to_string(),
     };
     match r.canary_ms {
         Some(canary) => {

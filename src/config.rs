@@ -11,11 +11,13 @@ use serde::Deserialize;
 pub mod access;
 mod admin;
 pub mod hosts;
+pub mod inspect;
 pub mod rates;
 mod upstream;
 pub use access::{Access, Action, RuleConfig, SniMode};
 pub use admin::{AdminConfig, AdminToken};
 pub use hosts::HostPattern;
+pub use inspect::{Inspect, OriginRoots};
 pub use rates::{ClientRates, UserRates, UserTable};
 pub use upstream::{Parent, Parents, Route};
 
@@ -189,6 +191,8 @@ pub struct Config {
     /// `[upstream]`: parent proxies and which destinations go through them.
     pub parents: Parents,
     pub tls: TlsSettings,
+    /// `[inspect]`: the CA that bumped tunnels' leaves are minted with, if configured.
+    pub inspect: Option<Inspect>,
 }
 
 /// Where the access log (target `baton::access`) goes.
@@ -237,6 +241,7 @@ struct RawConfig {
     upstream: upstream::RawUpstream,
     #[serde(default)]
     tls: RawTls,
+    inspect: Option<inspect::RawInspect>,
 }
 
 #[derive(Deserialize)]
@@ -421,6 +426,19 @@ impl Config {
             Some(p) => resolve(base, p),
             None => default_control_socket(env).ok_or_else(|| invalid(no_default_control_socket(path)))?,
         };
+        let inspect = raw
+            .inspect
+            .map(|i| inspect::inspect(i, base, raw.secrets_readable_by_others))
+            .transpose()
+            .map_err(&invalid)?;
+        if inspect.is_none()
+            && let Some(r) = access.rules.iter().find(|r| r.tls == access::TlsAction::Bump)
+        {
+            return Err(invalid(format!(
+                "line {}, [[access.rule]] `{}`: action = \"bump\" needs an [inspect] section (ca_cert, ca_key) to mint certificates with",
+                r.line, r.name
+            )));
+        }
         let tls = TlsSettings {
             handshake_timeout: raw.tls.handshake_timeout,
             max_handshakes: raw.tls.max_handshakes,
@@ -428,6 +446,7 @@ impl Config {
         };
         Ok(Config {
             tls,
+            inspect,
             admin,
             access_log,
             source: path.map(Path::to_path_buf),

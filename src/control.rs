@@ -125,6 +125,10 @@ pub struct UpgradeReport {
     /// They drain like the others; they are never moved to the new generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_tls_connections: Option<usize>,
+    /// Of `draining_tunnels`: those bumped (TLS inspection), which drain and never move
+    /// (absent from daemons before inspection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_bumped_connections: Option<usize>,
 }
 
 /// How the old generation's drain ended (`baton upgrade --wait-drain`).

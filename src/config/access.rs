@@ -68,6 +68,28 @@ impl Action {
     }
 }
 
+/// What a rule that allows a CONNECT does with the TLS inside it: relay it as it is
+/// (`allow`, `splice`), or terminate it with a minted certificate and serve the HTTP/1.1
+/// inside through the proxy (`bump`, with `[inspect]`). Nothing is bumped unless a rule says
+/// so. On a request that is not a CONNECT both are `allow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsAction {
+    #[default]
+    Splice,
+    Bump,
+}
+
+/// A rule's `action` as written: `allow` and `deny`, or an allow that says what to do with
+/// a tunnel's TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawAction {
+    Allow,
+    Deny,
+    Bump,
+    Splice,
+}
+
 /// `[access] sni`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -86,11 +108,16 @@ pub struct RuleConfig {
     /// Where it is written, for messages about it.
     pub line: usize,
     pub action: Action,
+    /// `bump` or `splice` (an `allow` splices).
+    pub tls: TlsAction,
     pub clients: Option<Vec<IpNet>>,
     pub users: Option<Vec<UserEntry>>,
     pub hosts: Option<Vec<HostEntry>>,
     pub ports: Option<Vec<u16>>,
     pub methods: Option<Vec<Method>>,
+    /// Path prefixes (`/admin/`): a request whose path starts with one matches; a CONNECT,
+    /// which has no path, never does (a bumped tunnel's requests have theirs).
+    pub paths: Option<Vec<String>>,
 }
 
 /// An entry of a rule's `users`.
@@ -136,12 +163,13 @@ pub(super) struct RawAccess {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Option<String>,
-    action: Action,
+    action: RawAction,
     clients: Option<Vec<IpNet>>,
     users: Option<Vec<String>>,
     hosts: Option<Vec<Spanned<String>>>,
     ports: Option<Vec<u16>>,
     methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
 }
 
 impl Default for RawAccess {
@@ -284,6 +312,7 @@ fn rule(r: &RawRule, index: usize, line: usize, text: &str, base: Option<&Path>)
         ("hosts", r.hosts.as_ref().is_some_and(Vec::is_empty)),
         ("ports", r.ports.as_ref().is_some_and(Vec::is_empty)),
         ("methods", r.methods.as_ref().is_some_and(Vec::is_empty)),
+        ("paths", r.paths.as_ref().is_some_and(Vec::is_empty)),
     ];
     if let Some((key, _)) = empty.iter().find(|(_, e)| *e) {
         return Err(format!(
@@ -293,9 +322,19 @@ fn rule(r: &RawRule, index: usize, line: usize, text: &str, base: Option<&Path>)
     if r.ports.as_ref().is_some_and(|p| p.contains(&0)) {
         return Err(format!("rule `{name}`: port 0 is no port"));
     }
+    if let Some(p) = r.paths.iter().flatten().find(|p| !p.starts_with('/')) {
+        return Err(format!("rule `{name}`: path `{p}` does not start with `/`"));
+    }
+    let (action, tls) = match r.action {
+        RawAction::Allow | RawAction::Splice => (Action::Allow, TlsAction::Splice),
+        RawAction::Bump => (Action::Allow, TlsAction::Bump),
+        RawAction::Deny => (Action::Deny, TlsAction::Splice),
+    };
     Ok(RuleConfig {
         line,
-        action: r.action,
+        action,
+        tls,
+        paths: r.paths.clone(),
         clients: r.clients.as_ref().map(|c| c.iter().map(IpNet::trunc).collect()),
         users: r
             .users

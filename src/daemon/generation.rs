@@ -514,9 +514,38 @@ async fn open_proxy(
     own.extend(admin.as_ref().and_then(tcp));
     policy.set_identity(own, policy::default_via_token(first_port));
     let limits = Arc::new(Limits::new(&config.limits, config.access.groups.as_deref())?);
-    let proxy = Arc::new(Proxy::new(ProxySettings::from(config), policy, limits, drain.clone()));
+    let inspection = load_inspection(config)?;
+    let proxy = Arc::new(Proxy::new(
+        ProxySettings::from(config),
+        policy,
+        limits,
+        drain.clone(),
+        inspection,
+    ));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     Ok((opened, connections))
+}
+
+/// `[inspect]`'s CA and origin roots, read at every generation's start: a successor signs
+/// with the same CA its predecessor's clients trust, and one that cannot read it fails (and
+/// the old generation serves on).
+fn load_inspection(config: &Config) -> anyhow::Result<Option<crate::proxy::service::Inspection>> {
+    use anyhow::Context as _;
+    let Some(inspect) = &config.inspect else {
+        return Ok(None);
+    };
+    let mint = crate::tls::mint::Mint::load(inspect).context("[inspect]")?;
+    let origin = crate::tls::origin::connector(&inspect.origin_roots).context("[inspect] origin_roots")?;
+    let days_left = mint.ca.left(std::time::SystemTime::now()).as_secs() / 86_400;
+    if days_left < 30 {
+        tracing::warn!(subject = %mint.ca.subject, days_left, "the inspection CA expires soon: bumped clients will refuse its leaves");
+    } else {
+        info!(subject = %mint.ca.subject, days_left, "inspection CA loaded");
+    }
+    Ok(Some(crate::proxy::service::Inspection {
+        mint: Arc::new(mint),
+        origin,
+    }))
 }
 
 /// Pings the predecessor during its canary window, tells the controller the verdict, then

@@ -21,6 +21,7 @@ use crate::config::Parent;
 
 use crate::proxy::access::Kind;
 use crate::proxy::admission::{Admission, Slot};
+use crate::proxy::bump::Bump;
 use crate::proxy::connector::{HopStream, connect_checked};
 use crate::proxy::hop_by_hop::strip_hop_by_hop;
 use crate::proxy::metrics;
@@ -124,7 +125,14 @@ impl Proxy {
     /// written the `200` (`unread`: the bytes the client sent behind its CONNECT head;
     /// `answer`: the bytes of the `200`, which its Squid line counts in whichever generation
     /// it ends), registered with the drain; movable at a handoff.
-    pub fn start_tunnel(&self, accepted: Accepted, client: TunnelClient, unread: Vec<u8>, answer: u64, slot: Slot) {
+    pub fn start_tunnel(
+        self: &Arc<Self>,
+        accepted: Accepted,
+        client: TunnelClient,
+        unread: Vec<u8>,
+        answer: u64,
+        slot: Slot,
+    ) {
         let Accepted {
             origin,
             from_origin,
@@ -149,6 +157,11 @@ impl Proxy {
         let sni = (self.policy.reads_sni() && record.upgrade.is_none())
             .then(|| (self.policy.clone(), self.settings.sni_wait));
         let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
+        // Only with `[inspect]` can a rule bump: without, tunnels keep nothing for it.
+        let bumper = self
+            .inspection
+            .is_some()
+            .then(|| (self.clone(), self.settings.sni_wait));
         self.drain.tunnels().spawn(async move {
             // The client connection's place under the connection limits, until the tunnel ends.
             let _slot = slot;
@@ -156,6 +169,18 @@ impl Proxy {
             if let Some((policy, wait)) = sni {
                 match Box::pin(check_sni(&policy, &mut client, &mut early, &mut ask, &mut record, wait)).await {
                     Ok(()) => {}
+                    Err(d) => return sni_refused(&ask, &d),
+                }
+            }
+            if let Some((proxy, wait)) = bumper {
+                let bumping = Box::pin(bump_of(&proxy, &mut client, &mut early, &mut ask, &mut record, wait));
+                match bumping.await {
+                    Ok(None) => {}
+                    Ok(Some(bump)) => {
+                        // Requests inside open their own TLS connections to the origin.
+                        drop(origin);
+                        return Box::pin(proxy.bump(client, early.to_origin, bump, &ask)).await;
+                    }
                     Err(d) => return sni_refused(&ask, &d),
                 }
             }
@@ -299,6 +324,37 @@ async fn check_sni(
     Ok(())
 }
 
+/// Whether the tunnel is to be bumped, and as what: its rule says `bump` and its ClientHello
+/// named a server (read now if `sni = "ignore"` skipped it, and held to the rules as
+/// `"match"` would). `Ok(None)`: relay it as it is (`no_sni = "allow"` for a hello
+/// without a name).
+async fn bump_of(
+    proxy: &Proxy,
+    client: &mut TunnelClient,
+    early: &mut Early,
+    ask: &mut Ask,
+    record: &mut TunnelRecord,
+    wait: Duration,
+) -> Result<Option<Bump>, Denial> {
+    let policy = &proxy.policy;
+    if !policy.bumps(ask.rule) {
+        return Ok(None);
+    }
+    if !record.sni_checked {
+        check_sni(policy, client, early, ask, record, wait).await?;
+        // An address CONNECT was decided anew on its server name.
+        if !policy.bumps(ask.rule) {
+            return Ok(None);
+        }
+    }
+    let port = record
+        .target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(443);
+    Ok(record.sni.clone().map(|sni| Bump { sni, port }))
+}
+
 /// A tunnel its first bytes refused: the client and the origin are closed (the `200` is
 /// out: no answer can tell the client why), and the line names the rule.
 fn sni_refused(ask: &Ask, d: &Denial) {
@@ -429,10 +485,7 @@ impl Proxy {
             },
             user: ask.user.clone(),
             via_parent: matches!(hop, NextHop::Parent(_)),
-            parent: match hop {
-                NextHop::Parent(p) => Some(p.authority.to_string()),
-                NextHop::Origin { .. } => None,
-            },
+            parent: hop.parent().map(|p| p.authority.to_string()),
             started_ms: TunnelRecord::now_ms(),
             upgrade: Some(UpgradeRecord {
                 protocol: protocol.to_ascii_lowercase(),

@@ -764,7 +764,13 @@ mod tests {
         let drain = Drain::new();
         let policy = Arc::new(Policy::new(config.access.clone()).unwrap());
         let limits = Arc::default();
-        let proxy = Arc::new(Proxy::new(ProxySettings::from(&config), policy, limits, drain.clone()));
+        let proxy = Arc::new(Proxy::new(
+            ProxySettings::from(&config),
+            policy,
+            limits,
+            drain.clone(),
+            None,
+        ));
         let connections = Connections::new(proxy, drain, &ConnectionSettings::from(&config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())

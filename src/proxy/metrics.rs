@@ -46,6 +46,12 @@ pub struct RuleLabels {
     pub decision: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SniLabels {
+    /// The server name a bumped tunnel's ClientHello gave.
+    pub sni: String,
+}
+
 /// The counters of this process (one generation).
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -56,6 +62,11 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// Bumped tunnels by how they ended (`ok`, `client_refused`, `failed`, `timeout`, `mint_failed`).
+    pub bumped: Family<ResultLabels, Counter>,
+    /// Bumped tunnels whose client refused the minted leaf, by server name.
+    pub bump_client_refusals: Family<SniLabels, Counter>,
+    pub bump_leaves_minted: Counter,
     /// Requests and tunnels each access rule decided.
     pub rule_decisions: Family<RuleLabels, Counter>,
     /// bcrypt verifications run (proxy authentication): what the failed-login budget bounds.
@@ -77,6 +88,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    bumped: Family::default(),
+    bump_client_refusals: Family::default(),
+    bump_leaves_minted: Counter::default(),
     rule_decisions: Family::default(),
     auth_checks: Counter::default(),
     idle_connections: Gauge::default(),
@@ -125,6 +139,21 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
             self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "bumped_tunnels",
+            "Bumped (TLS-inspected) tunnels by result: ok, client_refused (the client refused the minted certificate), failed, timeout, mint_failed",
+            self.bumped.clone(),
+        );
+        registry.register(
+            "bump_client_refusals",
+            "Bumped tunnels whose client refused the minted certificate (a pinned app: give it a splice rule), by server name",
+            self.bump_client_refusals.clone(),
+        );
+        registry.register(
+            "bump_leaves_minted",
+            "Leaf certificates minted for bumped tunnels (the rest came from the leaf cache)",
+            self.bump_leaves_minted.clone(),
         );
         registry.register(
             "access_rule_decisions",
@@ -281,6 +310,22 @@ pub fn answered() -> Answered {
 }
 
 /// Records how a TLS handshake ended (`ok`, or a [`crate::tls::HandshakeError`]'s label).
+/// A bumped tunnel ended (`ok`), or how it failed before serving.
+pub fn bumped(result: &'static str) {
+    get().bumped.get_or_create(&ResultLabels { result }).inc();
+}
+
+/// A client refused the leaf minted for `sni` (it pins its server's key): it needs `splice`.
+pub fn bump_client_refused(sni: &str) {
+    let labels = SniLabels { sni: sni.to_string() };
+    get().bump_client_refusals.get_or_create(&labels).inc();
+}
+
+/// A leaf was minted (not found in the cache).
+pub fn bump_leaf_minted() {
+    get().bump_leaves_minted.inc();
+}
+
 pub fn tls_handshake(result: &'static str) {
     get().tls_handshakes.get_or_create(&ResultLabels { result }).inc();
 }

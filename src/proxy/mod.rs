@@ -6,6 +6,7 @@ pub mod access;
 pub mod admission;
 pub mod auth;
 pub mod body;
+pub mod bump;
 pub mod connect;
 pub mod connection;
 pub mod connector;

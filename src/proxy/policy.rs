@@ -229,6 +229,11 @@ impl Policy {
         }
     }
 
+    /// Whether a tunnel that `rule` allowed is to be bumped (its rule's action is `bump`).
+    pub fn bumps(&self, rule: Option<Rule>) -> bool {
+        rule.is_some_and(|r| self.rules.bumps(r))
+    }
+
     /// The rules, for `baton check`.
     pub fn rules(&self) -> &Rules {
         &self.rules

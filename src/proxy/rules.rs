@@ -20,7 +20,7 @@ use http::Method;
 use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::access::{HostEntry, UserEntry};
+use crate::config::access::{HostEntry, TlsAction, UserEntry};
 use crate::config::hosts::literal_ip;
 use crate::config::{Access, Action, ConfigError, RuleConfig};
 use crate::proxy::groups::Groups;
@@ -98,6 +98,8 @@ pub struct Facts<'a> {
     /// A CONNECT to an address whose ClientHello will name the server (`[access] sni =
     /// "match"`): a rule whose names could match that name is left to it ([`Verdict::Pending`]).
     pub sni_to_come: bool,
+    /// The request's path, for `paths` rules (`None`: a CONNECT, which has none).
+    pub path: Option<&'a str>,
 }
 
 impl<'a> Facts<'a> {
@@ -118,6 +120,7 @@ impl<'a> Facts<'a> {
             host,
             port,
             sni_to_come: false,
+            path: None,
         }
     }
 }
@@ -166,6 +169,8 @@ pub struct Rules {
 struct Entry {
     rule: Rule,
     action: Action,
+    /// What an allowed CONNECT does with its TLS (`bump` or relay it).
+    tls: TlsAction,
     tests: Vec<Test>,
     users: Option<Users>,
     /// Its decisions (its action, and its 407s), resolved once: a decision costs one add.
@@ -181,6 +186,8 @@ enum Test {
     /// `connect_ports`: a CONNECT to a port not among them.
     ConnectOutside(Vec<u16>),
     Hosts(Vec<Arc<HostSet>>, String),
+    /// Path prefixes; a request without a path (CONNECT) is outside them.
+    Paths(Vec<String>),
 }
 
 fn hosts_hold(sets: &[Arc<HostSet>], f: &Facts) -> Match {
@@ -313,6 +320,12 @@ impl Rules {
         }
     }
 
+    /// Whether the tunnel `rule` allowed is to be bumped: only a configured rule whose action
+    /// is `bump` says so (the built-in rules and the default relay).
+    pub fn bumps(&self, rule: Rule) -> bool {
+        matches!(rule, Rule::Named(_)) && self.list.iter().any(|e| e.rule == rule && e.tls == TlsAction::Bump)
+    }
+
     /// Whether any rule names users (a request may then be asked to log in).
     pub fn may_need_login(&self) -> bool {
         self.list.iter().any(|e| e.users.is_some())
@@ -377,6 +390,7 @@ impl Entry {
             counts: [counter(rule, action.as_str()), counter(rule, "login")],
             rule,
             action,
+            tls: TlsAction::Splice,
             tests,
             users,
         }
@@ -445,6 +459,9 @@ fn configured(
     if let Some(h) = &r.hosts {
         tests.push(hosts(h, files)?);
     }
+    if let Some(p) = &r.paths {
+        tests.push(Test::Paths(p.clone()));
+    }
     let users = r
         .users
         .as_ref()
@@ -453,7 +470,9 @@ fn configured(
     // Leaked once per generation (a reload is a new process): every access line and
     // metric of this rule borrows the name without a copy.
     let name: &'static str = Box::leak(r.name.clone().into_boxed_str());
-    Ok(Entry::new(Rule::Named(name), r.action, tests, users))
+    let mut entry = Entry::new(Rule::Named(name), r.action, tests, users);
+    entry.tls = r.tls;
+    Ok(entry)
 }
 
 fn hosts(entries: &[HostEntry], files: &mut Vec<(PathBuf, Arc<HostSet>)>) -> Result<Test, ConfigError> {
@@ -534,6 +553,9 @@ impl Test {
             Test::Ports(p) => p.contains(&f.port),
             Test::ConnectOutside(p) => f.method == Method::CONNECT && !p.contains(&f.port),
             Test::Hosts(sets, _) => return hosts_hold(sets, f),
+            Test::Paths(prefixes) => f
+                .path
+                .is_some_and(|p| prefixes.iter().any(|x| p.starts_with(x.as_str()))),
         };
         if yes { Match::Yes } else { Match::No }
     }
@@ -551,6 +573,10 @@ impl Test {
                 false => format!("{} is not CONNECT", f.method),
             },
             Test::Hosts(_, text) => format!("host {} is not in [{text}]", f.host),
+            Test::Paths(prefixes) => match f.path {
+                Some(p) => format!("path {p} is not under {prefixes:?}"),
+                None => format!("{} has no path", f.method),
+            },
         }
     }
 
@@ -570,7 +596,11 @@ fn nets_text(nets: &[IpNet]) -> String {
 
 impl fmt::Display for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.rule.as_str(), self.action.as_str())?;
+        let action = match self.tls {
+            TlsAction::Bump => "bump",
+            TlsAction::Splice => self.action.as_str(),
+        };
+        write!(f, "{} ({action})", self.rule.as_str())?;
         for t in &self.tests {
             match t {
                 Test::Clients(n) => write!(f, " clients={}", nets_text(&n.written))?,
@@ -579,6 +609,7 @@ impl fmt::Display for Entry {
                 Test::Ports(p) => write!(f, " ports={p:?}")?,
                 Test::ConnectOutside(p) => write!(f, " CONNECT-to-ports-not-in={p:?}")?,
                 Test::Hosts(_, text) => write!(f, " hosts=[{text}]")?,
+                Test::Paths(p) => write!(f, " paths={p:?}")?,
             }
         }
         if let Some(u) = &self.users {

@@ -31,7 +31,7 @@ use crate::proxy::response_framing;
 use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
 use crate::proxy::strict;
-use crate::proxy::target::{check_target, destination, target_len};
+use crate::proxy::target::{Inspected, check_target_as, destination, target_len};
 use crate::proxy::upgrade;
 use crate::proxy::upstream::{IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
 
@@ -53,6 +53,10 @@ pub struct ProxySettings {
     pub parents: Arc<Parents>,
     /// `[access] upgrade_protocols`.
     pub upgrade_protocols: Arc<[String]>,
+    /// A bumped tunnel's TLS handshake with its client (`[tls] handshake_timeout`).
+    pub handshake_timeout: Duration,
+    /// A bumped tunnel's wait for each request head (`timeouts.header_read`).
+    pub header_read: Duration,
 }
 
 impl From<&Config> for ProxySettings {
@@ -71,12 +75,25 @@ impl From<&Config> for ProxySettings {
             max_body_bytes: c.limits.max_body_bytes,
             parents: Arc::new(c.parents.clone()),
             upgrade_protocols: c.access.upgrade_protocols.clone().into(),
+            handshake_timeout: c.tls.handshake_timeout,
+            header_read: c.timeouts.header_read,
         }
     }
 }
 
+/// TLS inspection (`[inspect]`), loaded when a generation starts: the CA that mints bumped
+/// tunnels' leaves, and TLS to their origins.
+pub struct Inspection {
+    pub mint: Arc<crate::tls::mint::Mint>,
+    pub origin: tokio_rustls::TlsConnector,
+}
+
 pub struct Proxy {
     upstream: Arc<Upstream>,
+    /// `None`: no `[inspect]`, and nothing is bumped.
+    pub(super) inspection: Option<Arc<crate::tls::mint::Mint>>,
+    /// Bumped tunnels open now (counted apart at a handoff: they drain, never move).
+    pub(super) bumped_open: Arc<std::sync::atomic::AtomicUsize>,
     pub(super) settings: ProxySettings,
     pub(super) policy: Arc<Policy>,
     /// Request rates and bandwidth per client and per user.
@@ -142,6 +159,20 @@ pub(super) struct Ask {
 }
 
 impl Ask {
+    /// A request that starts now, before any rule decided on it.
+    pub(super) fn of<B>(peer: Peer, req: &Request<B>, sent: Arc<Sent>) -> Ask {
+        Ask {
+            peer,
+            method: req.method().clone(),
+            target: req.uri().clone(),
+            started: Instant::now(),
+            sent,
+            user: None,
+            rule: None,
+            version: req.version(),
+        }
+    }
+
     /// The access line of this request's answer.
     pub(super) fn line(&self, kind: Kind, status: StatusCode) -> AccessLine {
         AccessLine::new(kind, self.peer)
@@ -154,15 +185,28 @@ impl Ask {
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings, policy: Arc<Policy>, limits: Arc<Limits>, drain: Drain) -> Proxy {
+    pub fn new(
+        settings: ProxySettings,
+        policy: Arc<Policy>,
+        limits: Arc<Limits>,
+        drain: Drain,
+        inspection: Option<Inspection>,
+    ) -> Proxy {
+        let (mint, origin_tls) = match inspection {
+            Some(i) => (Some(i.mint), Some(i.origin)),
+            None => (None, None),
+        };
         let upstream = Upstream::new(
             policy.clone(),
             settings.upstream_connect,
             settings.upstream_idle,
             settings.idle,
+            origin_tls,
         );
         let via = via_header(&policy);
         Proxy {
+            inspection: mint,
+            bumped_open: Arc::default(),
             upstream,
             settings,
             policy,
@@ -171,6 +215,11 @@ impl Proxy {
             migration: Arc::default(),
             via,
         }
+    }
+
+    /// Bumped tunnels open now.
+    pub fn bumped_connections(&self) -> usize {
+        self.bumped_open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Moving this generation's tunnels out at a handoff.
@@ -190,16 +239,7 @@ impl Proxy {
         client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
-        let mut ask = Ask {
-            peer,
-            method: req.method().clone(),
-            target: req.uri().clone(),
-            started: Instant::now(),
-            sent: client.sent.clone(),
-            user: None,
-            rule: None,
-            version: req.version(),
-        };
+        let mut ask = Ask::of(peer, &req, client.sent.clone());
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
         {
@@ -215,6 +255,9 @@ impl Proxy {
             let mut f = Facts::new(client_ip, &ask.method, host, port);
             // A CONNECT to an address is judged on the server name its ClientHello gives.
             f.sni_to_come = ask.method == Method::CONNECT && f.ip.is_some() && self.policy.reads_sni();
+            if ask.method != Method::CONNECT {
+                f.path = Some(req.uri().path());
+            }
             match self.policy.decide(&f) {
                 Some(Ok(rule)) => ask.rule = Some(rule),
                 Some(Err(d)) => return Ok(self.deny(&ask, &d)),
@@ -259,7 +302,8 @@ impl Proxy {
         // The next hop borrows from the target, and `ask` travels on with the answer: a
         // `Uri` clone only bumps reference counts.
         let target = ask.target.clone();
-        let (authority, host, port) = match check_target(&target) {
+        let inspected = req.extensions().get::<Inspected>().cloned();
+        let (authority, host, port) = match check_target_as(&target, inspected.is_some()) {
             Ok(a) => a,
             Err(reason) => return self.refuse(&ask, StatusCode::BAD_REQUEST, reason),
         };
@@ -269,9 +313,20 @@ impl Proxy {
             let reason = format!("request body larger than {max} bytes");
             return self.refuse(&ask, StatusCode::PAYLOAD_TOO_LARGE, &reason);
         }
-        let hop = match next_hop(&self.settings.parents, host) {
-            None => NextHop::Origin { authority, host, port },
-            Some(p) => match self.policy.check_name(host, port) {
+        let hop = match (next_hop(&self.settings.parents, host), &inspected) {
+            (None, None) => NextHop::Origin { authority, host, port },
+            (None, Some(i)) => NextHop::OriginTls {
+                authority,
+                host,
+                port,
+                sni: &i.sni,
+                key: &i.key,
+            },
+            (Some(p), Some(_)) => {
+                let reason = format!("{host} is routed through {p}, which bumped requests cannot take yet: splice it");
+                return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
+            }
+            (Some(p), None) => match self.policy.check_name(host, port) {
                 Ok(()) => NextHop::Parent(p),
                 Err(d) => return self.deny(&ask, &d),
             },
@@ -333,10 +388,7 @@ impl Proxy {
             let reason = format!("{hop} sent a response that cannot be relayed: {why}");
             return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
         }
-        let parent = match hop {
-            NextHop::Parent(p) => Some(p.authority.clone()),
-            NextHop::Origin { .. } => None,
-        };
+        let parent = hop.parent().map(|p| p.authority.clone());
         self.to_client(Response::from_parts(parts, body), server, parent, stats, ask)
     }
 
@@ -372,7 +424,7 @@ impl Proxy {
         }
         parts.headers.append(header::VIA, self.via.clone());
         match hop {
-            NextHop::Origin { .. } => {
+            NextHop::Origin { .. } | NextHop::OriginTls { .. } => {
                 parts.uri = parts
                     .uri
                     .path_and_query()
@@ -436,6 +488,7 @@ impl Proxy {
             UpstreamError::Connect(ConnectError::Denied(d)) => return self.deny(ask, d),
             UpstreamError::Connect(c) => return self.connect_failed(ask, &hop.to_string(), c),
             UpstreamError::Http(h) => (StatusCode::BAD_GATEWAY, format!("{hop} failed: {h}")),
+            UpstreamError::Tls(why) => (StatusCode::BAD_GATEWAY, why.clone()),
         };
         self.refuse(ask, status, &reason)
     }

@@ -8,17 +8,34 @@ use http::Uri;
 /// RFC 6455 §3), or why it is refused. Byte scans rather than `str::rsplit`: these strings are a few bytes long, and the
 /// general searchers cost hundreds of instructions per request here.
 pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
+    check_target_as(uri, false)
+}
+
+/// A request read inside a bumped tunnel (`proxy::bump`): its target is the `https://`
+/// origin the tunnel's server name gave, and its connection to the origin is TLS to that
+/// name (`key`: the origin pool's key, host, port and server name). Only such requests may
+/// have an `https://` target: a plain client's goes through CONNECT.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    pub sni: std::sync::Arc<str>,
+    pub key: std::sync::Arc<str>,
+}
+
+/// [`check_target`], with `https://` targets (port 443 by default) when `inspected`.
+pub fn check_target_as(uri: &Uri, inspected: bool) -> Result<(&str, &str, u16), &'static str> {
     let Some(authority) = uri.authority() else {
         return Err(
             "origin-form request sent to a forward proxy: use an absolute URI (http://host/path), e.g. curl -x",
         );
     };
-    match uri.scheme_str() {
-        Some("http" | "ws") => {}
+    let default_port = match uri.scheme_str() {
+        Some("http" | "ws") if !inspected => 80,
+        Some("https") if inspected => 443,
+        _ if inspected => return Err("a bumped tunnel carries https:// requests only"),
         Some("https") => return Err("https:// targets go through CONNECT, not a plain proxy request"),
         Some("wss") => return Err("wss:// targets go through CONNECT, not a plain proxy request"),
         _ => return Err("unsupported scheme in request target (only http:// is proxied)"),
-    }
+    };
     // `host[:port]`, without any `user@` part.
     let full = authority.as_str();
     let host_port = match full.bytes().rposition(|b| b == b'@') {
@@ -40,7 +57,7 @@ pub fn check_target(uri: &Uri) -> Result<(&str, &str, u16), &'static str> {
     }
     // No port, or an empty one (RFC 3986 §3.2.3): 80.
     let port = match port.strip_prefix(':') {
-        None | Some("") => 80,
+        None | Some("") => default_port,
         Some(p) => p.parse().map_err(|_| "invalid port in request target")?,
     };
     Ok((host_port, host, port))
@@ -85,7 +102,10 @@ pub fn destination<B>(req: &http::Request<B>) -> Option<(&str, u16)> {
         let a = req.uri().authority().filter(|a| !a.as_str().contains('@'))?;
         return Some((a.host(), a.port_u16()?));
     }
-    check_target(req.uri()).ok().map(|(_, host, port)| (host, port))
+    let inspected = req.extensions().get::<Inspected>().is_some();
+    check_target_as(req.uri(), inspected)
+        .ok()
+        .map(|(_, host, port)| (host, port))
 }
 
 #[cfg(test)]

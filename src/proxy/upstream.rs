@@ -25,6 +25,9 @@ use crate::config::Parent;
 use crate::proxy::body::Counted;
 use crate::proxy::connector::{ConnectError, connect_checked, connect_parent};
 use crate::proxy::policy::Policy;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// The body of a request to an origin: the client's body, counted and limited (not boxed:
 /// it is the only kind sent).
@@ -53,6 +56,9 @@ pub enum UpstreamError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// TLS to the origin of a bumped request failed (its certificate did not verify, say).
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Where a request's connection goes.
@@ -66,6 +72,25 @@ pub enum NextHop<'a> {
     },
     /// A parent proxy, which receives the request in absolute form.
     Parent(&'a Parent),
+    /// The origin of a bumped request, over TLS to `sni` (`key`: the pool's, which names
+    /// host, port and server name).
+    OriginTls {
+        authority: &'a str,
+        host: &'a str,
+        port: u16,
+        sni: &'a str,
+        key: &'a str,
+    },
+}
+
+impl<'a> NextHop<'a> {
+    /// The parent proxy this is, if it is one.
+    pub fn parent(&self) -> Option<&'a Parent> {
+        match *self {
+            NextHop::Parent(p) => Some(p),
+            NextHop::Origin { .. } | NextHop::OriginTls { .. } => None,
+        }
+    }
 }
 
 impl NextHop<'_> {
@@ -75,6 +100,7 @@ impl NextHop<'_> {
         match self {
             NextHop::Origin { authority, .. } => authority,
             NextHop::Parent(p) => &p.pool_key,
+            NextHop::OriginTls { key, .. } => key,
         }
     }
 }
@@ -85,6 +111,7 @@ impl std::fmt::Display for NextHop<'_> {
         match self {
             NextHop::Origin { authority, .. } => write!(f, "origin {authority}"),
             NextHop::Parent(p) => p.fmt(f),
+            NextHop::OriginTls { authority, .. } => write!(f, "origin https://{authority}"),
         }
     }
 }
@@ -97,6 +124,8 @@ pub struct Upstream {
     /// the origins' own keep-alive timeout, commonly 60-75 s).
     max_idle: Duration,
     idle: Mutex<IdlePool<Sender>>,
+    /// TLS to the origins of bumped requests (`[inspect]`), if configured.
+    origin_tls: Option<TlsConnector>,
 }
 
 /// The bounds of the idle pool.
@@ -117,8 +146,10 @@ impl Upstream {
         connect_timeout: Duration,
         max_idle: Duration,
         bounds: IdleBounds,
+        origin_tls: Option<TlsConnector>,
     ) -> Arc<Upstream> {
         let upstream = Arc::new(Upstream {
+            origin_tls,
             policy,
             connect_timeout,
             max_idle,
@@ -175,6 +206,34 @@ impl Upstream {
                 let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
                 handshake(stream, addr).await
             }
+            NextHop::OriginTls { host, port, sni, .. } => {
+                let tcp = connect_checked(&self.policy, host, port, self.connect_timeout).await?;
+                Box::pin(self.connect_tls(hop, tcp, sni)).await
+            }
+        }
+    }
+
+    /// TLS to a bumped request's origin over `tcp`, as `sni`, verified against
+    /// `[inspect] origin_roots`; it must agree to HTTP/1.1.
+    async fn connect_tls(&self, hop: NextHop<'_>, tcp: TcpStream, sni: &str) -> Result<Sender, UpstreamError> {
+        let addr = tcp.peer_addr().map_err(ConnectError::Io)?.ip();
+        let failed = |why: String| UpstreamError::Tls(format!("TLS to {hop} failed: {why}"));
+        let Some(connector) = &self.origin_tls else {
+            return Err(failed("no [inspect] section configures TLS to origins".into()));
+        };
+        let name = ServerName::try_from(sni.to_string()).map_err(|e| failed(format!("{sni:?}: {e}")))?;
+        let shake = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp));
+        let tls = match shake.await {
+            Err(_) => return Err(failed(format!("no handshake within {:?}", self.connect_timeout))),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Ok(Ok(tls)) => tls,
+        };
+        match tls.get_ref().1.alpn_protocol() {
+            None | Some(b"http/1.1") => handshake(tls, addr).await,
+            Some(other) => Err(failed(format!(
+                "it chose ALPN {:?}, not http/1.1",
+                String::from_utf8_lossy(other)
+            ))),
         }
     }
 }

@@ -102,7 +102,7 @@ fn read(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, CertError> {
         })
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let pem = read(path)?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -121,7 +121,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
 
 /// `readable_by_others`: `secrets_readable_by_others` (else a key others may read is
 /// refused, as ssh refuses one).
-fn read_key(path: &Path, readable_by_others: bool) -> Result<PrivateKeyDer<'static>, CertError> {
+pub(crate) fn read_key(path: &Path, readable_by_others: bool) -> Result<PrivateKeyDer<'static>, CertError> {
     let read_error = |source| CertError::Read {
         path: path.to_path_buf(),
         source,

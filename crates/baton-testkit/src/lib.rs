@@ -37,6 +37,6 @@ pub use client::{
 pub use data::{pattern, pattern_byte, sha256_hex};
 pub use echo::start_echo;
 pub use load::{Load, LoadReport, LoadSpec};
-pub use origin::{start_counted_origin, start_origin};
+pub use origin::{start_counted_origin, start_origin, start_tls_origin};
 pub use tls::{ProxyTls, TestCa, write_secret};
 pub use tunnels::{LongTunnels, TunnelReport, assert_intact};

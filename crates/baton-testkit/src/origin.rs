@@ -59,6 +59,40 @@ pub async fn start_counted_origin() -> std::io::Result<(SocketAddr, Arc<AtomicUs
     Ok((addr, open))
 }
 
+/// [`start_origin`]'s routes over TLS on `127.0.0.1:<ephemeral>`, with the certificate and
+/// key of `leaf` (an expired one, or one for another name, as a test needs), ALPN
+/// `http/1.1`.
+pub async fn start_tls_origin(leaf: &crate::tls::Leaf) -> anyhow::Result<SocketAddr> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service_fn(route))
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri()
         .query()?

@@ -30,8 +30,13 @@ pub struct Leaf {
 
 impl TestCa {
     pub fn new() -> anyhow::Result<TestCa> {
+        TestCa::named("baton test CA")
+    }
+
+    /// A CA whose subject's common name is `name` (two CAs of one test told apart).
+    pub fn named(name: &str) -> anyhow::Result<TestCa> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, "baton test CA");
+        params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate()?;
         let pem = params.self_signed(&key)?.pem();
@@ -51,7 +56,19 @@ impl TestCa {
     /// A leaf (see [`TestCa::leaf`]) valid from `not_before` to `not_after`: expired ones,
     /// ones not valid yet.
     pub fn leaf_between(&self, serial: u64, not_before: SystemTime, not_after: SystemTime) -> anyhow::Result<Leaf> {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        self.leaf_for(&["127.0.0.1", "localhost"], serial, not_before, not_after)
+    }
+
+    /// A leaf for `names` (a leaf for another name than the server's, say).
+    pub fn leaf_for(
+        &self,
+        names: &[&str],
+        serial: u64,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> anyhow::Result<Leaf> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names)?;
         params.distinguished_name.push(DnType::CommonName, "baton test proxy");
         let bytes = serial.to_be_bytes();
         let first = bytes.iter().position(|b| *b != 0).unwrap_or(7);
@@ -79,6 +96,12 @@ impl TestCa {
         std::fs::write(&cert, leaf.cert_pem)?;
         write_secret(&key, leaf.key_pem)?;
         Ok((cert, key))
+    }
+
+    /// Writes the CA's private key (PKCS#8 PEM) to `path`, mode 0600: baton's `[inspect]
+    /// ca_key, when the test CA is the inspection CA.
+    pub fn write_key(&self, path: &Path) -> io::Result<()> {
+        write_secret(path, self.issuer.key().serialize_pem())
     }
 
     /// Writes the CA certificate to `path` (for `--proxy-cacert`, `-CAfile`).
@@ -137,6 +160,12 @@ impl ProxyTls {
     /// The TLS handshake on a connected TCP stream.
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         self.connector.connect(self.name.clone(), tcp).await
+    }
+
+    /// The TLS handshake to the server `name` (an origin inside a tunnel, say).
+    pub async fn connect_as(&self, name: &str, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        let name = ServerName::try_from(name.to_string()).map_err(io::Error::other)?;
+        self.connector.connect(name, tcp).await
     }
 }
 

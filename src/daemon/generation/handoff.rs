@@ -279,6 +279,7 @@ impl Generation {
         }
         let (connections, tunnels) = (self.drain.active_connections(), self.drain.active_tunnels());
         let tls = self.connections.tls_connections();
+        let bumped = self.connections.proxy().bumped_connections();
         // Migration first: a connection woken by the drain finds it requested, and moves
         // rather than closing.
         match passed.transfer {
@@ -297,6 +298,7 @@ impl Generation {
             draining_connections: connections,
             draining_tunnels: tunnels,
             draining_tls_connections: Some(tls.min(connections)),
+            draining_bumped_connections: Some(bumped),
         };
         let record = HandoffRecord {
             canary_ms: report.canary_ms,
@@ -318,6 +320,7 @@ impl Generation {
             draining_connections = report.draining_connections,
             draining_tunnels = report.draining_tunnels,
             draining_tls_connections = tls,
+            draining_bumped_connections = bumped,
             "handoff complete: draining"
         );
         if let Some(r) = pending.reply {
