@@ -168,6 +168,9 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     if let Some(inspect) = &config.inspect {
         check_inspection(inspect)?;
     }
+    if config.parents.any_tls() {
+        baton::tls::origin::connector(&config.parents.roots).context("[upstream] roots")?;
+    }
     println!("  control socket {}", config.control_socket.display());
     match config.workers {
         Some(n) => println!("  workers {n}"),

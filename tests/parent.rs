@@ -722,3 +722,63 @@ async fn access_lines_name_the_parent() {
         "a request gone direct names no parent: {direct}"
     );
 }
+
+/// A baton parent with a TLS listener (and its plain one), its certificate signed by `ca`.
+async fn tls_parent(ca: &testkit::TestCa, extra: &str) -> (Baton, SocketAddr) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = ca
+        .write_leaf(dir.path(), "parent", 1, Duration::from_secs(86_400))
+        .expect("leaf");
+    let listener = format!(
+        "[[listener]]\nname = \"secure\"\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        cert.display(),
+        key.display()
+    );
+    let baton = Baton::start_in(dir, Path::new(common::BATON), &format!("{listener}\n{extra}"), &[]).await;
+    let secure = common::listener_addr(&baton.status().await, "secure");
+    (baton, secure)
+}
+
+/// An `https://` parent: baton speaks TLS to it (its TLS listener speaks nothing else),
+/// verifying its certificate against `[upstream] roots`. Bodies both ways, a tunnel through
+/// its CONNECT and a WebSocket-free upgrade-free plain GET all go through; the access line
+/// names it. The witness for the verification: a child trusting another CA gets 502
+/// naming the failure, for a request and for a CONNECT, and nothing reaches the parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_parent_is_verified_and_carries_requests_and_tunnels() {
+    let origin = testkit::start_origin().await.unwrap();
+    let echo = testkit::start_echo().await.unwrap();
+    let ca = testkit::TestCa::new().expect("CA");
+    let (parent, secure) = tls_parent(&ca, &common::connect_ports(&[echo.port()])).await;
+    let ca_pem = parent.dir.path().join("ca.pem");
+    ca.write_ca(&ca_pem).expect("CA file");
+    let trusting = format!("roots = [\"{}\"]", ca_pem.display());
+    let child = Baton::start(&upstream(&format!("https://{secure}"), &trusting, &[echo.port()])).await;
+    bodies_arrive_intact(child.proxy, origin, child.dir.path());
+    echo_through(child.proxy, echo, 2 * MIB).await;
+    let named = format!("parent=\"{secure}\"");
+    let line = wait_for(Duration::from_secs(5), "the child's line naming the parent", || async {
+        child
+            .log()
+            .lines()
+            .find(|l| l.contains("/bytes?n=1 "))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(line.contains(&named), "the request went through {secure}: {line}");
+
+    let other = testkit::TestCa::named("another CA").expect("CA");
+    let other_pem = child.dir.path().join("other-ca.pem");
+    other.write_ca(&other_pem).expect("CA file");
+    let untrusting = format!("roots = [\"{}\"]", other_pem.display());
+    let doubter = Baton::start(&upstream(&format!("https://{secure}"), &untrusting, &[echo.port()])).await;
+    let (status, _, body) = get(doubter.proxy, &format!("http://{origin}/bytes?n=5&doubted"), &[]);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        status == 502 && body.contains("TLS handshake failed") && body.contains("certificate"),
+        "an https parent whose certificate does not verify is refused, naming why: {status} {body}"
+    );
+    let (_, head) = connect(doubter.proxy, &echo.to_string(), b"").await;
+    assert!(head.starts_with("HTTP/1.1 502"), "a CONNECT through it too: {head}");
+    assert!(!parent.log().contains("doubted"), "nothing reached the parent");
+}

@@ -24,9 +24,10 @@ pub struct Inspect {
 }
 
 /// What origins' certificates are verified against. There is no way to skip the check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum OriginRoots {
     /// The system's trust store (rustls-native-certs: `/etc/ssl/certs` on Debian).
+    #[default]
     System,
     /// PEM files of trusted CA certificates.
     Files(Vec<PathBuf>),
@@ -43,9 +44,10 @@ pub(super) struct RawInspect {
     leaf_cache: usize,
 }
 
-#[derive(Deserialize)]
+/// Roots as written: `"system"` or a list of PEM files (`[upstream] roots` too).
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
-enum RawRoots {
+pub(super) enum RawRoots {
     Word(String),
     Files(Vec<PathBuf>),
 }
@@ -55,24 +57,25 @@ fn default_leaf_cache() -> usize {
     1000
 }
 
+/// Roots from `raw` (absent: the system's store), files resolved against `base`; errors
+/// name `key`.
+pub(super) fn roots(raw: Option<RawRoots>, base: Option<&Path>, key: &str) -> Result<OriginRoots, String> {
+    match raw {
+        None => Ok(OriginRoots::System),
+        Some(RawRoots::Word(w)) if w == "system" => Ok(OriginRoots::System),
+        Some(RawRoots::Word(w)) => Err(format!("{key} = {w:?}: give \"system\" or a list of PEM files")),
+        Some(RawRoots::Files(files)) if files.is_empty() => Err(format!(
+            "{key} is an empty list, which no server would pass: give \"system\" or PEM files"
+        )),
+        Some(RawRoots::Files(files)) => Ok(OriginRoots::Files(
+            files.into_iter().map(|p| resolve(base, p)).collect(),
+        )),
+    }
+}
+
 /// `[inspect]` with its paths resolved against `base`; errors name the key.
 pub(super) fn inspect(raw: RawInspect, base: Option<&Path>, secrets_readable: bool) -> Result<Inspect, String> {
-    let origin_roots = match raw.origin_roots {
-        None => OriginRoots::System,
-        Some(RawRoots::Word(w)) if w == "system" => OriginRoots::System,
-        Some(RawRoots::Word(w)) => {
-            return Err(format!(
-                "[inspect] origin_roots = {w:?}: give \"system\" or a list of PEM files"
-            ));
-        }
-        Some(RawRoots::Files(files)) if files.is_empty() => {
-            return Err(
-                "[inspect] origin_roots is an empty list, which no origin would pass: give \"system\" or PEM files"
-                    .into(),
-            );
-        }
-        Some(RawRoots::Files(files)) => OriginRoots::Files(files.into_iter().map(|p| resolve(base, p)).collect()),
-    };
+    let origin_roots = roots(raw.origin_roots, base, "[inspect] origin_roots")?;
     if raw.leaf_cache == 0 {
         return Err("[inspect] leaf_cache = 0: at least 1 (every bumped connection would mint anew)".into());
     }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::hosts::HostPattern;
+use super::inspect::{OriginRoots, RawRoots, roots};
 use super::{line_of, resolve};
 
 /// `[upstream]` as written.
@@ -23,6 +24,8 @@ pub(super) struct RawUpstream {
     credentials: Option<Spanned<PathBuf>>,
     bypass: Vec<Spanned<String>>,
     route: Vec<Spanned<RawRoute>>,
+    /// What `https://` parents' certificates are verified against.
+    roots: Option<RawRoots>,
 }
 
 /// One `[[upstream.route]]` as written.
@@ -44,12 +47,21 @@ pub struct Parents {
     pub bypass: Vec<HostPattern>,
     /// Checked in order after `bypass`; the first route whose hosts match decides.
     pub routes: Vec<Route>,
+    /// What `https://` parents are verified against (`[upstream] roots`; default: the
+    /// system's store). There is no way to skip the check.
+    pub roots: OriginRoots,
 }
 
 impl Parents {
     /// Whether every destination is reached directly (nothing to choose per request).
     pub fn all_direct(&self) -> bool {
         self.default.is_none() && self.routes.iter().all(|r| r.parent.is_none())
+    }
+
+    /// Whether any parent is reached over TLS (`https://`).
+    pub fn any_tls(&self) -> bool {
+        let routed = self.routes.iter().filter_map(|r| r.parent.as_ref());
+        self.default.iter().chain(routed).any(|p| p.tls)
     }
 }
 
@@ -60,9 +72,12 @@ pub struct Route {
     pub parent: Option<Arc<Parent>>,
 }
 
-/// A parent proxy (`http://host:port`).
+/// A parent proxy (`http://host:port`, or `https://host:port`: TLS to the parent, its
+/// certificate verified for `host` against [`Parents::roots`]).
 #[derive(Clone)]
 pub struct Parent {
+    /// Spoken to over TLS (`https://`).
+    pub tls: bool,
     /// `host:port` as configured: what answers and logs name it by (shared by every
     /// request's access line).
     pub authority: Arc<str>,
@@ -109,10 +124,12 @@ pub(super) fn parents(text: &str, raw: &RawUpstream, base: Option<&Path>) -> Res
         .map(|p| HostPattern::parse(p.get_ref()).map_err(|m| cx.at(p, "upstream.bypass", &m)))
         .collect::<Result<_, _>>()?;
     let routes = raw.route.iter().map(|r| cx.route(r)).collect::<Result<_, _>>()?;
+    let roots = roots(raw.roots.clone(), base, "[upstream] roots")?;
     Ok(Parents {
         default,
         bypass,
         routes,
+        roots,
     })
 }
 
@@ -172,13 +189,11 @@ fn parent(url: &str) -> Result<Parent, String> {
     let uri: Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| format!("not a URL ({e}): give the parent as http://host:port"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("https:// parents are not supported: baton speaks plain HTTP to its parent".into());
-        }
-        _ => return Err("give the parent as http://host:port".into()),
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err("give the parent as http://host:port or https://host:port".into()),
+    };
     let Some(authority) = uri.authority() else {
         return Err("give the parent as http://host:port".into());
     };
@@ -199,6 +214,7 @@ fn parent(url: &str) -> Result<Parent, String> {
         authorization: None,
         pool_key: format!("parent {authority}"),
         authority: authority.into(),
+        tls,
     })
 }
 
@@ -246,7 +262,11 @@ mod tests {
                 "\nproxy = \"http://p\"\n",
                 "line 2, key `upstream.proxy`: the parent's port",
             ),
-            ("proxy = \"https://p:1\"\n", "https:// parents are not supported"),
+            ("proxy = \"ftp://p:1\"\n", "http://host:port or https://host:port"),
+            (
+                "proxy = \"https://p:1\"\nroots = []\n",
+                "[upstream] roots is an empty list",
+            ),
             ("proxy = \"http://p:1/x\"\n", "no path"),
             ("bypass = [\n\"ok\",\n\"a*b\"]\n", "line 3, key `upstream.bypass`"),
             (

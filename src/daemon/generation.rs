@@ -515,12 +515,18 @@ async fn open_proxy(
     policy.set_identity(own, policy::default_via_token(first_port));
     let limits = Arc::new(Limits::new(&config.limits, config.access.groups.as_deref())?);
     let inspection = load_inspection(config)?;
+    // Read at every generation's start, as the inspection roots are.
+    let parent_tls = match config.parents.any_tls() {
+        true => Some(crate::tls::origin::connector(&config.parents.roots).context("[upstream] roots")?),
+        false => None,
+    };
     let proxy = Arc::new(Proxy::new(
         ProxySettings::from(config),
         policy,
         limits,
         drain.clone(),
         inspection,
+        parent_tls,
     ));
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     Ok((opened, connections))

@@ -102,7 +102,16 @@ impl Proxy {
             return Err(self.deny(ask, &d));
         }
         let (connect, response) = (self.settings.upstream_connect, self.settings.upstream_response);
-        let opened = parent::open_tunnel(parent, req.uri(), req.headers(), &self.via, connect, response);
+        let tls = self.upstream().parent_tls().cloned();
+        let opened = parent::open_tunnel(
+            parent,
+            tls.as_ref(),
+            req.uri(),
+            req.headers(),
+            &self.via,
+            connect,
+            response,
+        );
         match opened.await {
             Ok(opened) => Ok((opened.stream, opened.early)),
             Err(ParentError::Connect(e)) => Err(self.connect_failed(ask, &parent.to_string(), &e)),

@@ -770,6 +770,7 @@ mod tests {
             limits,
             drain.clone(),
             None,
+            None,
         ));
         let connections = Connections::new(proxy, drain, &ConnectionSettings::from(&config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

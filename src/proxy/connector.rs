@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::Parent;
@@ -26,6 +27,10 @@ pub enum ConnectError {
     TimedOut(Duration),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The TLS handshake with an `https://` parent failed (its certificate did not verify,
+    /// say): the reason is rustls'.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
 }
 
 impl From<ResolveError> for ConnectError {
@@ -99,10 +104,28 @@ pub async fn connect_checked(
         .map_err(|_| ConnectError::TimedOut(timeout))?
 }
 
-/// Connects to a parent proxy within `timeout`.
-pub async fn connect_parent(parent: &Parent, timeout: Duration) -> Result<HopStream, ConnectError> {
+/// Connects to a parent proxy within `timeout`: over TLS with `tls` for an `https://` one,
+/// its certificate verified for its host name (or address).
+pub async fn connect_parent(
+    parent: &Parent,
+    tls: Option<&TlsConnector>,
+    timeout: Duration,
+) -> Result<HopStream, ConnectError> {
+    let started = tokio::time::Instant::now();
     let tcp = connect_host(&parent.host, parent.port, timeout).await?;
-    Ok(HopStream::Plain(tcp))
+    if !parent.tls {
+        return Ok(HopStream::Plain(tcp));
+    }
+    // Loaded at start whenever a parent is https://: its absence is a bug, not a setting.
+    let tls = tls.ok_or_else(|| ConnectError::Tls("no TLS configuration was loaded for https:// parents".into()))?;
+    let name = rustls::pki_types::ServerName::try_from(parent.host.clone())
+        .map_err(|e| ConnectError::Tls(format!("{:?} is not a name to verify: {e}", parent.host)))?;
+    let left = timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, tls.connect(name, tcp)).await {
+        Err(_) => Err(ConnectError::TimedOut(timeout)),
+        Ok(Err(e)) => Err(ConnectError::Tls(e.to_string())),
+        Ok(Ok(s)) => Ok(HopStream::Tls(Box::new(s))),
+    }
 }
 
 /// Resolves and connects to `host` (without brackets) within `timeout`.

@@ -41,13 +41,14 @@ pub struct Opened {
 /// `response`. The client's bytes are not sent here: they flow only once this returned.
 pub async fn open_tunnel(
     parent: &Parent,
+    tls: Option<&tokio_rustls::TlsConnector>,
     target: &Uri,
     incoming: &HeaderMap,
     via: &HeaderValue,
     connect: Duration,
     response: Duration,
 ) -> Result<Opened, ParentError> {
-    let stream = connect_parent(parent, connect).await?;
+    let stream = connect_parent(parent, tls, connect).await?;
     let exchange = async {
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         // Ends when the upgrade takes the connection over, or when the parent refused.

@@ -33,7 +33,7 @@ use crate::proxy::rules::Facts;
 use crate::proxy::strict;
 use crate::proxy::target::{Inspected, check_target_as, destination, target_len};
 use crate::proxy::upgrade;
-use crate::proxy::upstream::{IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
+use crate::proxy::upstream::{HopTls, IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -191,17 +191,22 @@ impl Proxy {
         limits: Arc<Limits>,
         drain: Drain,
         inspection: Option<Inspection>,
+        parent_tls: Option<tokio_rustls::TlsConnector>,
     ) -> Proxy {
         let (mint, origin_tls) = match inspection {
             Some(i) => (Some(i.mint), Some(i.origin)),
             None => (None, None),
+        };
+        let tls = HopTls {
+            origin: origin_tls,
+            parent: parent_tls,
         };
         let upstream = Upstream::new(
             policy.clone(),
             settings.upstream_connect,
             settings.upstream_idle,
             settings.idle,
-            origin_tls,
+            tls,
         );
         let via = via_header(&policy);
         Proxy {

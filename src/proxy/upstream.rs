@@ -126,6 +126,17 @@ pub struct Upstream {
     idle: Mutex<IdlePool<Sender>>,
     /// TLS to the origins of bumped requests (`[inspect]`), if configured.
     origin_tls: Option<TlsConnector>,
+    /// TLS to `https://` parents, if any is configured.
+    parent_tls: Option<TlsConnector>,
+}
+
+/// The TLS an `Upstream` may speak to next hops, each loaded at start when configured.
+#[derive(Default)]
+pub struct HopTls {
+    /// To the origins of bumped requests (`[inspect] origin_roots`).
+    pub origin: Option<TlsConnector>,
+    /// To `https://` parents (`[upstream] roots`).
+    pub parent: Option<TlsConnector>,
 }
 
 /// The bounds of the idle pool.
@@ -146,10 +157,11 @@ impl Upstream {
         connect_timeout: Duration,
         max_idle: Duration,
         bounds: IdleBounds,
-        origin_tls: Option<TlsConnector>,
+        tls: HopTls,
     ) -> Arc<Upstream> {
         let upstream = Arc::new(Upstream {
-            origin_tls,
+            origin_tls: tls.origin,
+            parent_tls: tls.parent,
             policy,
             connect_timeout,
             max_idle,
@@ -166,6 +178,11 @@ impl Upstream {
             }
         });
         upstream
+    }
+
+    /// TLS to `https://` parents (for a tunnel through one's CONNECT).
+    pub fn parent_tls(&self) -> Option<&TlsConnector> {
+        self.parent_tls.as_ref()
     }
 
     /// Drops idle connections past `max_idle` or closed by their origin.
@@ -202,7 +219,7 @@ impl Upstream {
                 handshake(stream, addr).await
             }
             NextHop::Parent(p) => {
-                let stream = connect_parent(p, self.connect_timeout).await?;
+                let stream = connect_parent(p, self.parent_tls.as_ref(), self.connect_timeout).await?;
                 let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
                 handshake(stream, addr).await
             }

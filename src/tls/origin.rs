@@ -1,7 +1,7 @@
-//! TLS from baton to the origins of bumped tunnels: the roots their certificates are
-//! verified against (`[inspect] origin_roots`: the system's store, or PEM files), ALPN
-//! `http/1.1` only (what the bumped side speaks). There is no way to skip verification: an
-//! origin that fails it is a 502 naming the reason.
+//! TLS from baton to the origins of bumped tunnels and to `https://` parents: the roots
+//! their certificates are verified against (`[inspect] origin_roots`, `[upstream] roots`:
+//! the system's store, or PEM files), ALPN `http/1.1` only (what baton speaks to them).
+//! There is no way to skip verification: a server that fails it is a 502 naming the reason.
 
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ fn system_roots() -> Result<RootCertStore, CertError> {
             .first()
             .map_or_else(|| "no certificates found".to_string(), ToString::to_string);
         return Err(CertError::Invalid {
-            path: "[inspect] origin_roots = \"system\"".into(),
+            path: "the system's trust store (roots = \"system\")".into(),
             what: format!("the system's trust store is empty ({why}): install ca-certificates, or list PEM files"),
         });
     }
