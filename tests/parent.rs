@@ -740,9 +740,8 @@ async fn tls_parent(ca: &testkit::TestCa, extra: &str) -> (Baton, SocketAddr) {
 }
 
 /// An `https://` parent: baton speaks TLS to it (its TLS listener speaks nothing else),
-/// verifying its certificate against `[upstream] roots`. Bodies both ways, a tunnel through
-/// its CONNECT and a WebSocket-free upgrade-free plain GET all go through; the access line
-/// names it. The witness for the verification: a child trusting another CA gets 502
+/// verifying its certificate against `[upstream] roots`. Bodies both ways and a tunnel
+/// through its CONNECT go through; the access line names it. The witness for the verification: a child trusting another CA gets 502
 /// naming the failure, for a request and for a CONNECT, and nothing reaches the parent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_https_parent_is_verified_and_carries_requests_and_tunnels() {
