@@ -36,6 +36,7 @@ pub mod process;
 pub mod received;
 pub mod successor;
 pub mod transfer;
+pub mod upgrader;
 mod wire;
 
 pub use adopt::{Forecast, Held, Listener, Opened, forecast, open_listener};
@@ -46,4 +47,5 @@ pub use listener::{ListenAddr, ListenError, Origin, Peer, Socket, Stream, accept
 pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};
 pub use transfer::{Incoming, Item, TRANSFER_VERSION, Transfer, TransferError, batches};
+pub use upgrader::{Options, UpgradeError, Upgraded, Upgrader};
 pub use wire::MAX_FDS_PER_MESSAGE;
