@@ -8,7 +8,7 @@
 //! channel ([`crate::transfer`]).
 //!
 //! [`Watch`] is the old generation's side, [`PredecessorChannel`] the successor's. Each text
-//! line is one message of a SOCK_SEQPACKET pair ([`crate::wire`]).
+//! line is one message of a SOCK_SEQPACKET pair (the private `wire` module).
 
 use std::io;
 use std::os::fd::OwnedFd;

@@ -435,7 +435,7 @@ fn lacks_capability_for(addr: &ListenAddr, start: u16, has: impl FnOnce() -> io:
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
 /// Accept errors that are not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off
 /// exponentially up to 1 s, forever, instead of spinning: the kernel queue waits meanwhile.
-/// They are logged at most once a second ([`AcceptErrors`]). The socket is dropped, closing
+/// They are logged at most once a second (`AcceptErrors`). The socket is dropped, closing
 /// this process's fd, when the loop ends; a successor that inherited it keeps accepting from
 /// the same queue.
 pub async fn accept_until(
