@@ -259,31 +259,40 @@ impl Upgrader {
     /// passed one by that name or at that address, bound otherwise (the rule is
     /// [`crate::adopt::plan`]'s). Call it before [`Upgrader::ready`], inside a tokio runtime.
     pub async fn listen(&self, name: &str, addr: SocketAddr) -> Result<TcpListener, ListenError> {
-        match self.open(name, ListenAddr::Tcp(addr)).await? {
+        let addr = ListenAddr::Tcp(addr);
+        let listener = open_listener(&mut *self.inner.inherited.lock().await, name, &addr).await?;
+        match self.keep(name, &addr, listener)? {
             Socket::Tcp(l) => Ok(l),
-            Socket::Unix(_) => Err(mismatch(name, "a Unix socket was passed where a TCP one is wanted")),
+            Socket::Unix(_) => unreachable!("keep refuses a mismatch"),
         }
     }
 
     /// The Unix listener `name` at `path`, as [`Upgrader::listen`] (a stale socket file of
     /// our own is replaced; a new one gets mode 0600).
     pub async fn listen_unix(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixListener, ListenError> {
-        match self.open(name, ListenAddr::Unix(path.as_ref().to_path_buf())).await? {
+        let addr = ListenAddr::Unix(path.as_ref().to_path_buf());
+        let listener = open_listener(&mut *self.inner.inherited.lock().await, name, &addr).await?;
+        match self.keep(name, &addr, listener)? {
             Socket::Unix(l) => Ok(l),
-            Socket::Tcp(_) => Err(mismatch(name, "a TCP socket was passed where a Unix one is wanted")),
+            Socket::Tcp(_) => unreachable!("keep refuses a mismatch"),
         }
     }
 
-    /// Opens the listener and keeps a duplicate of its fd for the successor.
-    async fn open(&self, name: &str, addr: ListenAddr) -> Result<Socket, ListenError> {
-        let mut inherited = self.inner.inherited.lock().await;
-        let listener = open_listener(&mut inherited, name, &addr).await?;
-        let register = |source| ListenError::Adopt {
+    /// Keeps a duplicate of the listener's fd for the successor, and hands the socket out,
+    /// unless it is of another kind than asked for (the service manager passed a Unix
+    /// socket under a TCP listener's name, or the other way round).
+    fn keep(&self, name: &str, wanted: &ListenAddr, listener: crate::adopt::Listener) -> Result<Socket, ListenError> {
+        let socket = Arc::into_inner(listener.socket).expect("open_listener shares its socket with nobody");
+        let refuse = |source| ListenError::Adopt {
             name: name.to_string(),
             source,
         };
-        let socket = Arc::into_inner(listener.socket).expect("open_listener shares its socket with nobody");
-        let fd = socket.as_fd().try_clone_to_owned().map_err(register)?;
+        match (&socket, wanted) {
+            (Socket::Tcp(_), ListenAddr::Tcp(_)) | (Socket::Unix(_), ListenAddr::Unix(_)) => {}
+            (Socket::Unix(_), _) => return Err(refuse(mismatch("a Unix socket was passed where a TCP one is wanted"))),
+            (Socket::Tcp(_), _) => return Err(refuse(mismatch("a TCP socket was passed where a Unix one is wanted"))),
+        }
+        let fd = socket.as_fd().try_clone_to_owned().map_err(refuse)?;
         lock(&self.inner.kept).push(Kept {
             name: name.to_string(),
             fd,
@@ -443,14 +452,130 @@ impl Upgrader {
     }
 }
 
-fn mismatch(name: &str, what: &str) -> ListenError {
-    ListenError::Adopt {
-        name: name.to_string(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, what.to_string()),
-    }
+fn mismatch(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
 }
 
 /// The lock's value even if a thread panicked holding it: every value here stays valid.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upgrader for a first generation (nothing inherited), whose successor is
+    /// `sh -c script`.
+    fn upgrader(script: &str) -> Upgrader {
+        let options = Options::default()
+            .program("/bin/sh")
+            .args(["-c", script])
+            .ready_timeout(Duration::from_secs(20));
+        Upgrader::from_inherited(Inherited::none(), options).expect("upgrader")
+    }
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().expect("address")
+    }
+
+    #[test]
+    fn from_env_refuses_while_another_thread_runs() {
+        // A thread held alive: whatever thread the harness runs this on, there are two.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let refused = Upgrader::from_env().expect_err("another thread runs");
+        assert!(refused.to_string().contains("before any other thread"), "{refused}");
+        drop(tx);
+        let _ = other.join();
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_before_ready_is_refused_and_one_after_it_starts_a_successor() {
+        let up = upgrader("exit 3");
+        let _listener = up.listen("web", loopback()).await.expect("bind");
+        assert!(
+            matches!(up.upgrade().await, Err(UpgradeError::NotReady)),
+            "not ready yet"
+        );
+        up.ready().expect("ready");
+        // The same call after ready() reaches the successor, which fails.
+        match up.upgrade().await {
+            Err(UpgradeError::Handoff(HandoffError::ChildExited { status, .. })) => assert_eq!(status, "exit status 3"),
+            other => panic!("the successor's exit must be the error: {other:?}"),
+        }
+        assert!(!up.is_exiting(), "a failed upgrade leaves this generation serving");
+    }
+
+    #[tokio::test]
+    async fn a_ready_successor_gets_the_listener_and_exit_resolves() {
+        // It checks that the listener came as fd 3 under its name, reports ready, and waits
+        // to be killed; anything else says why it failed.
+        let up = upgrader(
+            r#"[ "$LISTEN_FDNAMES" = web ] && [ -S /proc/self/fd/3 ] && echo "ready $$" >&$BATON_READY_FD \
+               && exec sleep 30; echo "failed $LISTEN_FDNAMES" >&$BATON_READY_FD"#,
+        );
+        let listener = up.listen("web", loopback()).await.expect("bind");
+        up.ready().expect("ready");
+        let exit = up.exit();
+        let upgraded = up.upgrade().await.expect("the successor is ready");
+        tokio::time::timeout(Duration::from_secs(5), exit)
+            .await
+            .expect("exit resolves once a successor took over");
+        assert!(up.is_exiting());
+        assert!(
+            matches!(up.upgrade().await, Err(UpgradeError::Exiting)),
+            "one handover only"
+        );
+        assert!(
+            listener.local_addr().is_ok(),
+            "the server's listener is its own to close"
+        );
+        let pid = nix::unistd::Pid::from_raw(upgraded.pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the successor");
+    }
+
+    #[tokio::test]
+    async fn stop_resolves_exit_and_refuses_upgrades() {
+        let up = upgrader("exit 0");
+        up.ready().expect("ready");
+        assert!(!up.is_exiting(), "not before stop()");
+        up.stop();
+        tokio::time::timeout(Duration::from_secs(5), up.exit())
+            .await
+            .expect("stop resolves exit");
+        assert!(matches!(up.upgrade().await, Err(UpgradeError::Exiting)));
+    }
+
+    #[tokio::test]
+    async fn a_unix_listener_is_bound_and_kept_for_the_successor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let up = upgrader("exit 0");
+        let unix = up.listen_unix("local", dir.path().join("s.sock")).await.expect("bind");
+        assert!(unix.local_addr().expect("addr").as_pathname().is_some());
+        assert_eq!(lock(&up.inner.kept).len(), 1, "kept for the successor");
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_passed_where_tcp_is_wanted_is_refused() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passed = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).expect("bind");
+        // Passed by the service manager as "web": its socket wins over the configured address.
+        let names = OsString::from("web");
+        let env = move |v: &str| (v == "LISTEN_FDNAMES").then(|| names.clone());
+        let inherited = Inherited::read(&env, false, vec![passed.into_raw_fd()]).expect("read");
+        let up = Upgrader::from_inherited(inherited, Options::default()).expect("upgrader");
+        let refused = up
+            .listen("web", loopback())
+            .await
+            .expect_err("a Unix socket is no TcpListener");
+        let why = std::error::Error::source(&refused).map(ToString::to_string);
+        assert_eq!(
+            why.as_deref(),
+            Some("a Unix socket was passed where a TCP one is wanted"),
+            "{refused}"
+        );
+        assert!(lock(&up.inner.kept).is_empty(), "nothing kept for a refused listener");
+    }
 }
