@@ -50,6 +50,7 @@ pub(crate) struct Offers {
 /// The canary passed.
 #[derive(Debug)]
 pub struct Passed {
+    /// The window it was watched for.
     pub window: Duration,
     /// Connections it had open at its last ping.
     pub connections: u64,
@@ -61,7 +62,9 @@ pub struct Passed {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("new generation (pid {pid}) failed {lived:?} after ready: {reason}")]
 pub struct CanaryFailed {
+    /// The successor's pid.
     pub pid: u32,
+    /// How it failed (exited, went silent, closed the channel).
     pub reason: String,
     /// From ready to the failure.
     pub lived: Duration,

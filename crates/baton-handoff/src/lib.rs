@@ -66,6 +66,8 @@
 //! - [`process`]: fd and process hygiene around fork;
 //! - [`received`]: what a received fd really is (and a connection's real peer).
 
+#![deny(missing_docs)]
+
 pub mod adopt;
 pub mod channel;
 pub mod drain;
@@ -75,7 +77,6 @@ pub mod process;
 pub mod received;
 pub mod successor;
 pub mod transfer;
-#[deny(missing_docs)]
 pub mod upgrader;
 mod wire;
 

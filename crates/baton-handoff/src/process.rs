@@ -128,6 +128,7 @@ impl ChildProcess {
         ChildProcess { pid, pidfd }
     }
 
+    /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
     }
