@@ -337,13 +337,17 @@ impl Upgrader {
         *lock(&self.inner.incoming) = Some(rx);
         let drain = self.inner.drain.clone();
         let open = move || drain.active_connections() + drain.active_tunnels();
+        let take_transfer = self.inner.options.take_transfer;
         tokio::spawn(async move {
             match channel.ping_until_verdict(open).await {
                 Ok((Verdict::Passed, Some(incoming))) => {
                     if let Err(e) = incoming.confirm_verdict().await {
                         tracing::debug!("the predecessor did not hear our confirmation: {e}");
                     }
-                    let _ = tx.send(incoming);
+                    // Without the offer the predecessor sends nothing: no Incoming to read.
+                    if take_transfer {
+                        let _ = tx.send(incoming);
+                    }
                 }
                 Ok(_) => tracing::debug!("the predecessor went away without a verdict"),
                 Err(e) => tracing::warn!("the channel to the predecessor failed: {e}"),
