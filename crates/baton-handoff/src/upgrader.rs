@@ -110,9 +110,6 @@ pub enum UpgradeError {
     /// This generation handed over already, or was stopped ([`Upgrader::stop`]).
     #[error("this generation is exiting")]
     Exiting,
-    /// The successor's program could not be determined.
-    #[error("cannot determine the program to execute")]
-    Program(#[source] io::Error),
 }
 
 /// A successful upgrade: the successor serves, and [`Upgrader::exit`] has resolved.
