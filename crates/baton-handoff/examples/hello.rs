@@ -1,62 +1,40 @@
-//! An HTTP/1.1 "hello" server that upgrades itself on SIGUSR2 without refusing a connection.
-use baton_handoff::{Drain, Inherited, PassedListener, SuccessorSpec, accept_until, open_listener, spawn_successor};
-use std::{error::Error, io::Write, time::Duration};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::sleep;
+//! An HTTP/1.1 server that upgrades itself on SIGHUP: `hello 127.0.0.1:8080`, then `kill -HUP <pid>`.
+use baton_handoff::Upgrader;
+use tokio::{io::AsyncBufReadExt, io::AsyncWriteExt, io::BufReader, signal::unix::SignalKind};
 
-fn main() -> Result<(), Box<dyn Error>> {
-    let (mut inherited, exe) = (unsafe { Inherited::from_env() }?, std::env::current_exe()?); // SAFETY: no threads yet.
-    baton_handoff::process::close_on_exec_all()?;
-    let addr: baton_handoff::ListenAddr = std::env::args().nth(1).ok_or("usage: hello <ip:port>")?.parse()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let (listener, drain) = (open_listener(&mut inherited, "http", &addr).await?, Drain::new());
-        let (socket, conns, generation) = (listener.socket.clone(), drain.clone(), inherited.generation);
-        tokio::spawn(accept_until(socket, "http", drain.draining(), move |stream, _peer| {
-            conns.connections().spawn(serve(stream, conns.clone(), generation));
-        }));
-        let (mut usr2, pid) = (signal(SignalKind::user_defined2())?, std::process::id());
-        inherited.ready.take().map(|r| r.signal_ready()).transpose()?;
-        println!("serving pid={pid} generation={generation} on {}", listener.bound);
-        std::io::stdout().flush()?;
-        let ready = loop {
-            usr2.recv().await.ok_or("no more signals")?;
-            let (name, fd, origin) = ("http", listener.socket.as_fd(), listener.origin);
-            let spec = SuccessorSpec {
-                program: inherited.program.as_deref().unwrap_or(&exe),
-                args: &std::env::args_os().skip(1).collect::<Vec<_>>(),
-                listeners: vec![PassedListener { name, fd, origin }],
-                extra: vec![],
-                generation: generation + 1,
-                binary: None,
-            };
-            match async { spawn_successor(&spec)?.await_ready(Duration::from_secs(10)).await }.await {
-                Ok(ready) => break ready,
-                Err(e) => eprintln!("{pid}: upgrade failed, still serving: {e:?}"),
-            }
-        };
-        let report = drain.drain_until(Duration::from_secs(5)).await;
-        eprintln!("{pid}: handed over to {ready:?}; drained {report:?}");
-        Ok(())
-    })
+#[tokio::main(flavor = "current_thread")] // No other thread yet when `from_env` reads the environment.
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let upgrader = Upgrader::from_env()?;
+    let addr = std::env::args().nth(1).ok_or("usage: hello <ip:port>")?.parse()?;
+    let listener = upgrader.listen("http", addr).await?;
+    upgrader.ready()?;
+    let pid = std::process::id();
+    println!("serving pid={pid} on {}", listener.local_addr()?);
+    upgrader.upgrade_on(SignalKind::hangup(), |e| eprintln!("upgrade failed: {e}"))?;
+    let drain = upgrader.drain();
+    loop {
+        let conn = tokio::select! { c = listener.accept() => BufReader::new(c?.0), () = upgrader.exit() => break };
+        drain.connections().spawn(serve(conn, upgrader.clone()));
+    }
+    // Idle keep-alive connections close at the deadline: closing at once could fail a request on its way.
+    drain.drain_until(std::time::Duration::from_secs(2)).await;
+    Ok(())
 }
 
-async fn serve(mut stream: baton_handoff::Stream, drain: Drain, generation: u64) -> std::io::Result<()> {
-    let body = format!("hello from pid={} generation={generation}\n", std::process::id());
-    let (mut buf, mut closing) = (Vec::new(), false);
+/// Answers each GET on a keep-alive connection; once exiting, with `Connection: close`.
+async fn serve(mut conn: BufReader<tokio::net::TcpStream>, upgrader: Upgrader) -> std::io::Result<()> {
+    let mut closing = false;
     while !closing {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            tokio::select! {
-                n = stream.read_buf(&mut buf) => if n? == 0 { return Ok(()) } else { continue },
-                _ = async { drain.draining().cancelled().await; sleep(Duration::from_secs(1)).await } => return Ok(()),
-            }
-        };
-        buf.drain(..end + 4);
-        closing = drain.is_draining(); // Closing between requests would race a request on its way.
-        let connection = if closing { "Connection: close\r\n" } else { "" };
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{connection}\r\n", body.len());
-        stream.write_all(format!("{head}{body}").as_bytes()).await?;
+        let mut head = String::new();
+        while conn.read_line(&mut head).await? > 2 {} // To the empty line that ends the head.
+        if !head.ends_with("\r\n\r\n") {
+            return Ok(()); // End of file.
+        }
+        closing = upgrader.is_exiting();
+        let close = if closing { "Connection: close\r\n" } else { "" };
+        let body = format!("hello from pid={}\n", std::process::id());
+        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{close}\r\n{body}", body.len());
+        conn.write_all(answer.as_bytes()).await?;
     }
     Ok(())
 }

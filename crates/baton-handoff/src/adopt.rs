@@ -13,11 +13,15 @@ use crate::listener::{ListenAddr, ListenError, Origin, Socket, bind};
 /// A named listening socket of this generation.
 #[derive(Debug)]
 pub struct Listener {
+    /// The listener's name (the configuration's, and `LISTEN_FDNAMES`' for a successor).
     pub name: String,
     /// The address the kernel reports (for a configured port 0, the real port).
     pub bound: ListenAddr,
+    /// The listening socket, shared by the accept loop and the next handoff.
     pub socket: Arc<Socket>,
+    /// Who bound the socket first: the service manager or a generation.
     pub origin: Origin,
+    /// How [`open_listener`] got it.
     pub opened: Opened,
 }
 
@@ -28,14 +32,21 @@ pub enum Opened {
     Adopted,
     /// Inherited from the service manager at another address than configured: the service
     /// manager's socket wins.
-    AdoptedElsewhere { configured: ListenAddr },
+    AdoptedElsewhere {
+        /// The address the configuration asked for.
+        configured: ListenAddr,
+    },
     /// Bound here (nothing inherited matched).
     Bound,
     /// Bound here because the configuration moved it; the inherited socket was closed.
-    Moved { from: ListenAddr },
+    Moved {
+        /// Where the inherited socket was bound.
+        from: ListenAddr,
+    },
 }
 
 impl Opened {
+    /// Whether the socket was inherited (not bound here).
     pub fn is_adopted(&self) -> bool {
         matches!(self, Opened::Adopted | Opened::AdoptedElsewhere { .. })
     }
@@ -44,8 +55,11 @@ impl Opened {
 /// A socket held or inherited, as the rule sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
+    /// Its name.
     pub name: String,
+    /// The address it is bound to.
     pub addr: ListenAddr,
+    /// Who bound it first.
     pub origin: Origin,
 }
 
@@ -55,11 +69,20 @@ pub enum Forecast {
     /// The held socket of the same name and address is adopted.
     Adopt,
     /// The held socket at this address, now called `from`, is adopted under the new name.
-    Rename { from: String },
+    Rename {
+        /// The held socket's name.
+        from: String,
+    },
     /// The service manager's socket of this name, at `passed`, wins over the configuration.
-    KeptElsewhere { passed: ListenAddr },
+    KeptElsewhere {
+        /// The address the service manager's socket is bound to.
+        passed: ListenAddr,
+    },
     /// The configured address changed: the held socket at `from` is closed, the new one bound.
-    Move { from: ListenAddr },
+    Move {
+        /// The held socket's address.
+        from: ListenAddr,
+    },
     /// Nothing held matches: the address is bound.
     Bind,
 }

@@ -8,7 +8,7 @@
 //! channel ([`crate::transfer`]).
 //!
 //! [`Watch`] is the old generation's side, [`PredecessorChannel`] the successor's. Each text
-//! line is one message of a SOCK_SEQPACKET pair ([`crate::wire`]).
+//! line is one message of a SOCK_SEQPACKET pair (the private `wire` module).
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -50,6 +50,7 @@ pub(crate) struct Offers {
 /// The canary passed.
 #[derive(Debug)]
 pub struct Passed {
+    /// The window it was watched for.
     pub window: Duration,
     /// Connections it had open at its last ping.
     pub connections: u64,
@@ -61,7 +62,9 @@ pub struct Passed {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("new generation (pid {pid}) failed {lived:?} after ready: {reason}")]
 pub struct CanaryFailed {
+    /// The successor's pid.
     pub pid: u32,
+    /// How it failed (exited, went silent, closed the channel).
     pub reason: String,
     /// From ready to the failure.
     pub lived: Duration,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// One generation's drain: its two signals and the work they wait for. Clones share it.
 #[derive(Clone, Default)]
 pub struct Drain {
     /// Cancelled when draining starts: accept loops stop, connections finish and close.
@@ -28,14 +29,18 @@ pub struct Drain {
 /// What a drain found and how it ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainReport {
+    /// Connections open when the drain began.
     pub connections: usize,
+    /// Tunnels open when the drain began.
     pub tunnels: usize,
     /// Connections and tunnels that were still open at the deadline and were cut.
     pub cut: usize,
+    /// How long the drain took, in milliseconds.
     pub millis: u64,
 }
 
 impl Drain {
+    /// A drain that has not begun.
     pub fn new() -> Drain {
         Drain::default()
     }
@@ -52,22 +57,27 @@ impl Drain {
         self.begun.load(Ordering::Acquire)
     }
 
+    /// Cancelled at the drain deadline: whatever still runs must end.
     pub fn cut_token(&self) -> CancellationToken {
         self.cut.clone()
     }
 
+    /// The tracker of connection tasks: spawn them on it so that the drain waits for them.
     pub fn connections(&self) -> &TaskTracker {
         &self.connections
     }
 
+    /// The tracker of tunnel tasks (long-lived streams): they end at the cut, not at `draining`.
     pub fn tunnels(&self) -> &TaskTracker {
         &self.tunnels
     }
 
+    /// Connection tasks still running.
     pub fn active_connections(&self) -> usize {
         self.connections.len()
     }
 
+    /// Tunnel tasks still running.
     pub fn active_tunnels(&self) -> usize {
         self.tunnels.len()
     }

@@ -65,6 +65,7 @@ pub struct Inherited {
     /// The channel to the predecessor, for its canary window; `None` for a first generation
     /// (or a predecessor too old to open one).
     pub channel: Option<PredecessorChannel>,
+    /// This process's generation: 1 for the first, one more for each successor.
     pub generation: u64,
     /// The program the first generation resolved, for successors to exec.
     pub program: Option<PathBuf>,
@@ -232,10 +233,12 @@ impl Inherited {
         Some(self.extra.swap_remove(i).1)
     }
 
+    /// How many listening sockets were passed (taken or not).
     pub fn len(&self) -> usize {
         self.fds.len()
     }
 
+    /// Whether no listening socket was passed.
     pub fn is_empty(&self) -> bool {
         self.fds.is_empty()
     }

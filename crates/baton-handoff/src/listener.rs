@@ -20,37 +20,70 @@ use tracing::{info, warn};
 /// Kernel backlog for sockets bound here (systemd's default is 4096 too).
 const BACKLOG: u32 = 4096;
 
+/// Why a listener could not be opened; each names the listener.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
+    /// The address could not be bound.
     #[error("listener `{name}`: cannot bind {addr}")]
     Bind {
+        /// The listener's name.
         name: String,
+        /// The address.
         addr: ListenAddr,
+        /// The bind's error.
         #[source]
         source: io::Error,
     },
+    /// A live process answers on the socket at the path.
     #[error("listener `{name}`: {path} is in use by a running process")]
-    InUse { name: String, path: PathBuf },
+    InUse {
+        /// The listener's name.
+        name: String,
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is at the path.
     #[error(
         "listener `{name}`: {path} exists and is not a socket; it is left alone: remove it, or choose another path"
     )]
-    NotASocket { name: String, path: PathBuf },
+    NotASocket {
+        /// The listener's name.
+        name: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// A socket of another user is at the path.
     #[error(
         "listener `{name}`: {path} is a socket owned by uid {owner}, not by uid {uid} that this process runs as; only a stale socket of our own is replaced: remove it if it is stale, or choose another path"
     )]
     NotOurs {
+        /// The listener's name.
         name: String,
+        /// The socket's path.
         path: PathBuf,
+        /// The socket file's owner.
         owner: u32,
+        /// The uid this process runs as.
         uid: u32,
     },
+    /// The port needs `CAP_NET_BIND_SERVICE`, which this process lacks.
     #[error(
         "listener `{name}`: cannot bind {addr}: ports below {start} need CAP_NET_BIND_SERVICE, which this process lacks (not in its effective capability set); grant it (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE, then restart the service) or have a socket unit pass the socket"
     )]
-    Privileged { name: String, addr: ListenAddr, start: u16 },
+    Privileged {
+        /// The listener's name.
+        name: String,
+        /// The address.
+        addr: ListenAddr,
+        /// `net.ipv4.ip_unprivileged_port_start`.
+        start: u16,
+    },
+    /// An inherited socket could not be taken (not a listening socket, or of another kind than asked).
     #[error("listener `{name}`: cannot adopt the inherited socket")]
     Adopt {
+        /// The listener's name.
         name: String,
+        /// Why.
         #[source]
         source: io::Error,
     },
@@ -59,7 +92,9 @@ pub enum ListenError {
 /// Where a listener accepts connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// An IP address and port (port 0: any free port).
     Tcp(SocketAddr),
+    /// A Unix socket's path (`unix:/path`).
     Unix(PathBuf),
 }
 
@@ -110,6 +145,7 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The name in `BATON_LISTEN_ORIGINS`.
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Supervisor => "supervisor",
@@ -117,6 +153,7 @@ impl Origin {
         }
     }
 
+    /// The origin named `s` in `BATON_LISTEN_ORIGINS`, if it is one.
     pub fn parse(s: &str) -> Option<Origin> {
         match s {
             "supervisor" => Some(Origin::Supervisor),
@@ -129,7 +166,9 @@ impl Origin {
 /// A listening socket, TCP or Unix.
 #[derive(Debug)]
 pub enum Socket {
+    /// A TCP listener.
     Tcp(TcpListener),
+    /// A Unix listener.
     Unix(UnixListener),
 }
 
@@ -150,6 +189,7 @@ impl Socket {
         }
     }
 
+    /// Accepts the next connection (TCP ones with `TCP_NODELAY`).
     pub async fn accept(&self) -> io::Result<(Stream, Peer)> {
         match self {
             Socket::Tcp(l) => {
@@ -179,6 +219,7 @@ impl Socket {
         }
     }
 
+    /// The socket's fd, to pass to a successor.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Socket::Tcp(l) => l.as_fd(),
@@ -190,7 +231,9 @@ impl Socket {
 /// An accepted connection, TCP or Unix; reads and writes go to whichever it is.
 #[derive(Debug)]
 pub enum Stream {
+    /// A TCP connection.
     Tcp(TcpStream),
+    /// A Unix connection.
     Unix(UnixStream),
 }
 
@@ -310,7 +353,9 @@ impl AsyncWrite for Stream {
 /// Who is on the other end of an accepted connection.
 #[derive(Debug, Clone, Copy)]
 pub enum Peer {
+    /// A TCP peer's address.
     Ip(SocketAddr),
+    /// A Unix socket's peer (it has no address worth naming).
     Local,
 }
 
@@ -435,7 +480,7 @@ fn lacks_capability_for(addr: &ListenAddr, start: u16, has: impl FnOnce() -> io:
 /// Accepts on `socket` until `stop` is cancelled, handing each connection to `on_accept`.
 /// Accept errors that are not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off
 /// exponentially up to 1 s, forever, instead of spinning: the kernel queue waits meanwhile.
-/// They are logged at most once a second ([`AcceptErrors`]). The socket is dropped, closing
+/// They are logged at most once a second (`AcceptErrors`). The socket is dropped, closing
 /// this process's fd, when the loop ends; a successor that inherited it keeps accepting from
 /// the same queue.
 pub async fn accept_until(

@@ -53,6 +53,22 @@ fn skip_closed(marked: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// How many threads this process runs (`Threads:` in `/proc/self/status`). One means no
+/// other thread can be reading the environment while this one changes it: a new thread
+/// could only be started by this one.
+pub fn thread_count() -> io::Result<u64> {
+    threads_in(&std::fs::read_to_string("/proc/self/status")?)
+}
+
+/// The `Threads:` count of a `/proc/<pid>/status` text.
+fn threads_in(status: &str) -> io::Result<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads line in /proc/self/status"))
+}
+
 /// Raises the soft limit on open files to the hard one and returns it: a server holds two
 /// sockets per tunnel plus its pipes, and a hand-over has batches of them in flight at
 /// once. The successor inherits the raised limit.
@@ -112,6 +128,7 @@ impl ChildProcess {
         ChildProcess { pid, pidfd }
     }
 
+    /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
     }
@@ -204,6 +221,22 @@ pub fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thread_count_is_read_and_sees_a_new_thread() {
+        assert_eq!(threads_in("Name:\tx\nThreads:\t1\nX: 2\n").unwrap(), 1);
+        assert!(threads_in("Name:\tx\n").is_err(), "no Threads line");
+        // Other tests run threads of their own meanwhile: this test's and the one it holds
+        // alive are at least two.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        assert!(
+            thread_count().expect("read") >= 2,
+            "this test's thread and the spawned one"
+        );
+        drop(tx);
+        let _ = t.join();
+    }
 
     #[test]
     fn this_process_is_alive_and_a_reaped_child_is_not() {

@@ -15,7 +15,9 @@ use nix::sys::stat::{SFlag, fstat};
 #[derive(Debug, thiserror::Error)]
 #[error("fd {fd}: {reason}")]
 pub struct Refused {
+    /// The fd that was refused.
     pub fd: RawFd,
+    /// What it was, and what it should have been.
     pub reason: String,
 }
 

@@ -35,33 +35,60 @@ use crate::inherit::{
 use crate::listener::Origin;
 use crate::process::ChildProcess;
 
+/// Why a successor did not become ready. It was killed and reaped (if it ever ran).
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
+    /// The program is not executable by this process.
     #[error("cannot execute {path}")]
     NotExecutable {
+        /// The program.
         path: PathBuf,
+        /// `access(2)`'s error.
         #[source]
         source: io::Error,
     },
+    /// `fork(2)` failed.
     #[error("fork failed")]
     Fork(#[source] nix::Error),
+    /// `execve(2)` failed in the child (it wrote the errno to the readiness pipe).
     #[error("exec of {path} failed in the child")]
     Exec {
+        /// The program.
         path: PathBuf,
+        /// The errno.
         #[source]
         errno: nix::Error,
     },
+    /// The successor exited before it was ready.
     #[error("new generation (pid {pid}) exited before it was ready: {status}")]
-    ChildExited { pid: u32, status: String },
+    ChildExited {
+        /// The successor's pid.
+        pid: u32,
+        /// How it ended (`exit status 3`, `killed by SIGSEGV`).
+        status: String,
+    },
     /// The child said why it could not start (its configuration, a listener, ...).
     #[error("new generation (pid {pid}) exited before it was ready: {reason}")]
-    StartFailed { pid: u32, reason: String },
+    StartFailed {
+        /// The successor's pid.
+        pid: u32,
+        /// What it wrote after `failed `.
+        reason: String,
+    },
+    /// The successor was not ready in time.
     #[error("new generation (pid {pid}) was not ready within {timeout:?}; killed")]
-    Timeout { pid: u32, timeout: Duration },
+    Timeout {
+        /// The successor's pid.
+        pid: u32,
+        /// The time it had.
+        timeout: Duration,
+    },
     /// A system call of the handoff failed; `step` says which.
     #[error("handoff i/o while {step}")]
     Io {
+        /// What the handoff was doing.
         step: &'static str,
+        /// The error.
         #[source]
         source: io::Error,
     },
@@ -74,8 +101,11 @@ fn at(step: &'static str) -> impl FnOnce(io::Error) -> HandoffError {
 
 /// A listening socket to pass, with its name and origin (see [`Origin`]).
 pub struct PassedListener<'a> {
+    /// Its name (`LISTEN_FDNAMES`).
     pub name: &'a str,
+    /// The listening socket.
     pub fd: BorrowedFd<'a>,
+    /// Where it came from (`BATON_LISTEN_ORIGINS`).
     pub origin: Origin,
 }
 
@@ -83,7 +113,9 @@ pub struct PassedListener<'a> {
 /// memfd, an open file). The name must not contain `:` or `=`; the successor takes it with
 /// [`crate::Inherited::take_extra`].
 pub struct PassedFd<'a> {
+    /// Its name (`BATON_EXTRA_FDS`).
     pub name: &'a str,
+    /// The fd.
     pub fd: BorrowedFd<'a>,
 }
 
@@ -93,9 +125,13 @@ pub struct SuccessorSpec<'a> {
     /// The path to execute, `argv[0]` and `BATON_PROGRAM` (what the successor's own
     /// successors execute).
     pub program: &'a Path,
+    /// The arguments (without `argv[0]`, which is `program`).
     pub args: &'a [OsString],
+    /// The listening sockets, passed as fds 3, 4, ... in this order.
     pub listeners: Vec<PassedListener<'a>>,
+    /// Other fds, passed by name after the readiness pipe and the channel.
     pub extra: Vec<PassedFd<'a>>,
+    /// The successor's generation number (`BATON_GENERATION`).
     pub generation: u64,
     /// Execute this binary (an fd, `O_PATH` is enough) instead of the file at `program`:
     /// a rollback to a binary an install has replaced since. `program` stays what the
@@ -117,9 +153,11 @@ pub struct Successor {
 /// window needs.
 #[derive(Debug)]
 pub struct Ready {
+    /// The successor's pid.
     pub pid: u32,
     /// From spawn to the readiness line.
     pub after: Duration,
+    /// What its canary window needs ([`Watch::canary`]).
     pub watch: Watch,
 }
 
@@ -451,6 +489,7 @@ unsafe fn cloexec_from(first: RawFd) {
 }
 
 impl Successor {
+    /// The successor's pid.
     pub fn pid(&self) -> u32 {
         self.child.pid()
     }

@@ -29,21 +29,33 @@ const MAGIC: &[u8; 4] = b"XFER";
 /// One connection on the move: the server's record of it and its fds.
 #[derive(Debug)]
 pub struct Item {
+    /// The server's own description of the connection, opaque to this crate.
     pub record: Vec<u8>,
+    /// Its fds (a tunnel has two sockets), closed here once the successor acknowledged them.
     pub fds: Vec<OwnedFd>,
 }
 
 /// Why a batch did not move. Its items come back with it.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
+    /// The successor refused the batch; the reason it gave.
     #[error("the new generation refused the batch: {0}")]
     Refused(String),
+    /// No answer within the time given.
     #[error("no acknowledgement within {0:?}")]
     Timeout(Duration),
+    /// The successor closed the channel.
     #[error("the new generation closed the channel")]
     Closed,
+    /// An item is too big for one message.
     #[error("an item is too big to send ({fds} fds, {bytes} record bytes)")]
-    TooBig { fds: usize, bytes: usize },
+    TooBig {
+        /// Its fds.
+        fds: usize,
+        /// Its record's bytes.
+        bytes: usize,
+    },
+    /// Sending or receiving on the channel failed.
     #[error("channel i/o")]
     Io(#[from] io::Error),
 }
