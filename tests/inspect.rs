@@ -501,3 +501,77 @@ async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
         "{out}"
     );
 }
+
+/// `CONNECT localhost:port` through `proxy`, TLS inside trusting `tls`'s roots, `raw` sent
+/// as it is; everything read until the proxy closes.
+async fn raw_inside_bump(proxy: SocketAddr, port: u16, tls: &testkit::ProxyTls, raw: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.expect("connect");
+    let head = format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.expect("CONNECT");
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(tcp.read(&mut byte).await.expect("read"), 1, "CONNECT answered");
+        answer.push(byte[0]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let mut inside = tls.connect_as("localhost", tcp).await.expect("TLS inside");
+    inside.write_all(raw).await.expect("send");
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), inside.read_to_end(&mut all)).await;
+    assert!(
+        read.is_ok(),
+        "the proxy closed within 10 s: {}",
+        String::from_utf8_lossy(&all)
+    );
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// Requests inside a bumped tunnel meet the same framing rules as a plain connection's: a
+/// Content-Length beside Transfer-Encoding (smuggling) and a broken chunk line get 400 naming
+/// the fault, and the connection closes. The witness: a well-formed chunked POST on the same
+/// path reaches the origin whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_inside_the_bump_are_held_to_the_framing_rules() {
+    let pki = Pki::new();
+    let (from, to) = now_and_in(30 * DAY);
+    let origin = pki.origin(&["localhost"], from, to).await;
+    let baton = Baton::start(&pki.config(&[origin.port()])).await;
+    let pem = std::fs::read_to_string(&pki.inspect_ca_pem).expect("CA");
+    let tls = testkit::ProxyTls::trusting(&pem, &[b"http/1.1"]).expect("client");
+    let port = origin.port();
+    let post = |framing: &str, body: &str| {
+        format!("POST /sha256 HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n{framing}\r\n{body}")
+            .into_bytes()
+    };
+    let good = raw_inside_bump(
+        baton.proxy,
+        port,
+        &tls,
+        &post("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"),
+    )
+    .await;
+    let hash = testkit::sha256_hex(b"hello");
+    assert!(
+        good.starts_with("HTTP/1.1 200") && good.contains(&format!("{hash} 5")),
+        "witness: {good}"
+    );
+    for (framing, body, fault) in [
+        (
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+            "Transfer-Encoding",
+        ),
+        ("Transfer-Encoding: chunked\r\n", "0_2e\r\n\r\n", "invalid chunk size"),
+    ] {
+        let got = raw_inside_bump(baton.proxy, port, &tls, &post(framing, body)).await;
+        assert!(
+            got.starts_with("HTTP/1.1 400") && got.contains(fault),
+            "{framing:?} {body:?}: 400 naming {fault}: {got}"
+        );
+    }
+}

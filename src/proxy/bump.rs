@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::proxy::access::{Kind, Sent};
+use crate::proxy::framing::{Framed, RequestSignal};
 use crate::proxy::metrics;
 use crate::proxy::service::{Ask, Body, Client, Proxy};
 use crate::proxy::target::Inspected;
@@ -95,7 +96,12 @@ impl Proxy {
             peer: ask.peer,
             closing: AtomicBool::new(false),
             served: AtomicUsize::new(0),
+            signal: Arc::new(RequestSignal::default()),
         });
+        // The requests inside are held to the same framing rules as a plain connection's
+        // (a smuggled request would reach the origin inside the bump as well).
+        let max_head = self.settings.max_header_bytes;
+        let framed = Framed::new(tls, inner.signal.clone(), max_head);
         let service = {
             let inner = inner.clone();
             service_fn(move |req| inner.clone().answer(req))
@@ -104,8 +110,9 @@ impl Proxy {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read)
+            .max_buf_size(max_head)
             .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        let conn = builder.serve_connection(TokioIo::new(framed), service);
         tokio::pin!(conn);
         let (draining, cut) = (self.drain.draining(), self.drain.cut_token());
         tokio::select! {
@@ -138,6 +145,8 @@ struct Inner {
     /// The generation drains: answers close the connection.
     closing: AtomicBool,
     served: AtomicUsize,
+    /// The framing's word on each request: its fault, and whether it waits for an answer.
+    signal: Arc<RequestSignal>,
 }
 
 impl Inner {
@@ -148,14 +157,26 @@ impl Inner {
     /// One request from inside the tunnel, as the proxy serves an absolute-form one.
     async fn answer(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
         self.served.fetch_add(1, Ordering::Relaxed);
-        let mut resp = match self.to_target(&mut req) {
+        let index = self.signal.start();
+        // After a fault the framing no longer follows the stream: the connection closes.
+        let fault = self.signal.fault(index);
+        let checked = match fault {
+            Some(fault) => Err((fault.status, fault.reason.to_string())),
+            None => self.to_target(&mut req),
+        };
+        let mut resp = match checked {
             Ok(()) => {
                 let Ok(resp) = self.proxy.clone().serve(self.peer, self.client.clone(), req).await;
                 resp
             }
             Err((status, reason)) => self.proxy.refuse_inside(self.peer, &req, status, &reason),
         };
-        if self.closing.load(Ordering::Relaxed) {
+        // A CONNECT or an upgrade inside is never a tunnel here: what follows it is the next
+        // request (or, after a fault, nothing: the connection closes).
+        if self.signal.awaits_answer(index) {
+            self.signal.answered_connect(false);
+        }
+        if fault.is_some() || self.closing.load(Ordering::Relaxed) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -57,6 +57,8 @@ pub struct ProxySettings {
     pub handshake_timeout: Duration,
     /// A bumped tunnel's wait for each request head (`timeouts.header_read`).
     pub header_read: Duration,
+    /// A bumped tunnel's request head limit (`limits.max_header_bytes`), as a connection's.
+    pub max_header_bytes: usize,
 }
 
 impl From<&Config> for ProxySettings {
@@ -77,6 +79,7 @@ impl From<&Config> for ProxySettings {
             upgrade_protocols: c.access.upgrade_protocols.clone().into(),
             handshake_timeout: c.tls.handshake_timeout,
             header_read: c.timeouts.header_read,
+            max_header_bytes: c.limits.max_header_bytes,
         }
     }
 }
