@@ -9,7 +9,9 @@
 //! no session resumption (every connection a full handshake), offering ALPN `http/1.1`.
 //! keepalive: GET after GET on that connection (req/s through the bump); conns: one GET with
 //! `Connection: close`, then close, and again (bumped connections per second). keepalive's
-//! window opens once every worker has its connection (the handshakes are not in it). A response
+//! window opens once every worker has its connection (the handshakes are not in it); conns'
+//! once as many connections completed as there are workers, and it lasts until as many more
+//! did (at least `--secs`). A response
 //! must be a 200 with a body (Content-Length or chunked, as goproxy sends). On stdout, a line
 //! `{"window":"open"}` when the measured window opens (scripts/bench reads the proxy's CPU
 //! then), and one JSON line with the figures as soon as it closes.
@@ -287,15 +289,22 @@ fn main() -> anyhow::Result<()> {
         let tasks: Vec<_> = (0..a.conns.max(1))
             .map(|_| tokio::spawn(job.clone().worker()))
             .collect();
-        // keepalive: the window opens once every worker has its bumped connection (at most
-        // OPEN_TIMEOUT * 2 from now), so that it counts requests on them, not handshakes.
-        let started = Instant::now();
-        while !close && job.opened.load(Ordering::Relaxed) < a.conns as u64 && started.elapsed() < 2 * OPEN_TIMEOUT {
+        // The window opens once every worker has its bumped connection (keepalive) or has
+        // completed one (conns), at most OPEN_TIMEOUT * 2 from now: a proxy that makes a key
+        // per CONNECT finishes its first 32 together, seconds in. conns' window lasts until it
+        // has counted `conns` too (at most OPEN_TIMEOUT * 2 more), so that a slow proxy's
+        // figure is not 0 or 1 batch.
+        let (started, want) = (Instant::now(), a.conns as u64);
+        let count = if close { &job.done } else { &job.opened };
+        while count.load(Ordering::Relaxed) < want && started.elapsed() < 2 * OPEN_TIMEOUT {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (d0, t0) = (job.done.load(Ordering::Relaxed), Instant::now());
         println!("{{\"window\":\"open\"}}");
         tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
+        while close && job.done.load(Ordering::Relaxed) - d0 < want && t0.elapsed() < 2 * OPEN_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let counted = (job.done.load(Ordering::Relaxed) - d0, t0.elapsed().as_secs_f64());
         job.stop.store(true, Ordering::Relaxed);
         for t in tasks {
