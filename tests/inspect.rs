@@ -575,3 +575,40 @@ async fn requests_inside_the_bump_are_held_to_the_framing_rules() {
         );
     }
 }
+
+/// A bumped request whose host `[upstream]` routes to a parent reaches its origin through the
+/// parent's CONNECT, TLS inside it still verified against `origin_roots`; the access line
+/// names the parent, and the parent logged the CONNECT. The witness for "through": the
+/// parent's own line for `CONNECT localhost:port`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bumped_request_routed_to_a_parent_goes_through_its_connect() {
+    let pki = Pki::new();
+    let (from, to) = now_and_in(30 * DAY);
+    let origin = pki.origin(&["localhost"], from, to).await;
+    let parent = Baton::start(&common::connect_ports(&[origin.port()])).await;
+    let extra = format!(
+        "{}\n[upstream]\nproxy = \"http://{}\"\n",
+        pki.config(&[origin.port()]),
+        parent.proxy
+    );
+    let baton = Baton::start(&extra).await;
+    let url = format!("https://localhost:{}/bytes?n=4096", origin.port());
+    let (status, body, err) = curl_bumped(&baton, &pki, &url, &[]);
+    assert_eq!(
+        (status, body.len()),
+        (200, 4096),
+        "through the bump and the parent: {err}"
+    );
+    let named = format!("parent=\"{}\"", parent.proxy);
+    let line = access_line(&baton, &[&url, "status=200"]).await;
+    assert!(line.contains(&named), "the line names the parent: {line}");
+    let connect = format!("target=localhost:{}", origin.port());
+    let seen = common::wait_for(Duration::from_secs(10), "the parent's CONNECT line", || async {
+        let log = parent.log();
+        log.lines()
+            .find(|l| l.contains("baton::access") && l.contains(&connect))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(seen.contains("method=CONNECT"), "{seen}");
+}

@@ -33,7 +33,7 @@ use crate::proxy::rules::Facts;
 use crate::proxy::strict;
 use crate::proxy::target::{Inspected, check_target_as, destination, target_len};
 use crate::proxy::upgrade;
-use crate::proxy::upstream::{HopTls, IdleBounds, NextHop, OriginLease, Upstream, UpstreamError};
+use crate::proxy::upstream::{HopTls, IdleBounds, NextHop, OriginLease, Through, Upstream, UpstreamError};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -321,23 +321,28 @@ impl Proxy {
             let reason = format!("request body larger than {max} bytes");
             return self.refuse(&ask, StatusCode::PAYLOAD_TOO_LARGE, &reason);
         }
-        let hop = match (next_hop(&self.settings.parents, host), &inspected) {
+        let parent = next_hop(&self.settings.parents, host);
+        // Through a parent, only the name can be checked here (the parent resolves it).
+        if parent.is_some()
+            && let Err(d) = self.policy.check_name(host, port)
+        {
+            return self.deny(&ask, &d);
+        }
+        let hop = match (parent, &inspected) {
             (None, None) => NextHop::Origin { authority, host, port },
-            (None, Some(i)) => NextHop::OriginTls {
+            (parent, Some(i)) => NextHop::OriginTls {
                 authority,
                 host,
                 port,
                 sni: &i.sni,
                 key: &i.key,
+                through: parent.map(|parent| Through {
+                    parent,
+                    via: &self.via,
+                    response: self.settings.upstream_response,
+                }),
             },
-            (Some(p), Some(_)) => {
-                let reason = format!("{host} is routed through {p}, which bumped requests cannot take yet: splice it");
-                return self.refuse(&ask, StatusCode::BAD_GATEWAY, &reason);
-            }
-            (Some(p), None) => match self.policy.check_name(host, port) {
-                Ok(()) => NextHop::Parent(p),
-                Err(d) => return self.deny(&ask, &d),
-            },
+            (Some(p), None) => NextHop::Parent(p),
         };
         let (mut parts, body) = req.into_parts();
         if let Some(answer) = self.answer_max_forwards(&mut parts) {

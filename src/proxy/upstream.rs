@@ -16,18 +16,19 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
 use crate::config::Parent;
 use crate::proxy::body::Counted;
-use crate::proxy::connector::{ConnectError, connect_checked, connect_parent};
-use crate::proxy::policy::Policy;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::proxy::connector::{ConnectError, HopStream, connect_checked, connect_parent};
+use crate::proxy::parent::{self, ParentError};
+use crate::proxy::policy::Policy;
 
 /// The body of a request to an origin: the client's body, counted and limited (not boxed:
 /// it is the only kind sent).
@@ -73,14 +74,25 @@ pub enum NextHop<'a> {
     /// A parent proxy, which receives the request in absolute form.
     Parent(&'a Parent),
     /// The origin of a bumped request, over TLS to `sni` (`key`: the pool's, which names
-    /// host, port and server name).
+    /// host, port and server name); `through` a parent's CONNECT when `[upstream]` routes
+    /// its host to one.
     OriginTls {
         authority: &'a str,
         host: &'a str,
         port: u16,
         sni: &'a str,
         key: &'a str,
+        through: Option<Through<'a>>,
     },
+}
+
+/// A parent whose CONNECT a bumped request's origin connection goes through: this proxy's
+/// `Via` entry for the CONNECT, and how long the parent may take to answer it.
+#[derive(Debug, Clone, Copy)]
+pub struct Through<'a> {
+    pub parent: &'a Parent,
+    pub via: &'a HeaderValue,
+    pub response: Duration,
 }
 
 impl<'a> NextHop<'a> {
@@ -88,7 +100,8 @@ impl<'a> NextHop<'a> {
     pub fn parent(&self) -> Option<&'a Parent> {
         match *self {
             NextHop::Parent(p) => Some(p),
-            NextHop::Origin { .. } | NextHop::OriginTls { .. } => None,
+            NextHop::OriginTls { through, .. } => through.map(|t| t.parent),
+            NextHop::Origin { .. } => None,
         }
     }
 }
@@ -180,6 +193,34 @@ impl Upstream {
         upstream
     }
 
+    /// A tunnel to `authority` through `t`'s parent, for TLS to a bumped request's origin.
+    async fn tunnel_through(&self, t: Through<'_>, authority: &str) -> Result<HopStream, UpstreamError> {
+        let target: Uri = authority
+            .parse()
+            .map_err(|e| UpstreamError::Tls(format!("{authority}: {e}")))?;
+        // No client head to take a `Via` chain from: the CONNECT is baton's own.
+        let incoming = HeaderMap::new();
+        let opened = parent::open_tunnel(
+            t.parent,
+            self.parent_tls.as_ref(),
+            &target,
+            &incoming,
+            t.via,
+            self.connect_timeout,
+            t.response,
+        );
+        match opened.await {
+            // A TLS server speaks only after the client's hello: bytes before it are not TLS.
+            Ok(o) if o.early.is_empty() => Ok(o.stream),
+            Ok(_) => Err(UpstreamError::Tls(format!(
+                "{} sent bytes before the TLS handshake",
+                t.parent
+            ))),
+            Err(ParentError::Connect(e)) => Err(e.into()),
+            Err(e) => Err(UpstreamError::Tls(format!("{} on CONNECT {authority}: {e}", t.parent))),
+        }
+    }
+
     /// TLS to `https://` parents (for a tunnel through one's CONNECT).
     pub fn parent_tls(&self) -> Option<&TlsConnector> {
         self.parent_tls.as_ref()
@@ -223,17 +264,38 @@ impl Upstream {
                 let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
                 handshake(stream, addr).await
             }
-            NextHop::OriginTls { host, port, sni, .. } => {
+            NextHop::OriginTls {
+                host,
+                port,
+                sni,
+                through: None,
+                ..
+            } => {
                 let tcp = connect_checked(&self.policy, host, port, self.connect_timeout).await?;
-                Box::pin(self.connect_tls(hop, tcp, sni)).await
+                let addr = tcp.peer_addr().map_err(ConnectError::Io)?.ip();
+                Box::pin(self.connect_tls(hop, tcp, addr, sni)).await
+            }
+            NextHop::OriginTls {
+                host,
+                port,
+                sni,
+                through: Some(t),
+                ..
+            } => {
+                // host:port even for 443, which the request's authority leaves out.
+                let stream = Box::pin(self.tunnel_through(t, &format!("{host}:{port}"))).await?;
+                let addr = stream.peer_addr().map_err(ConnectError::Io)?.ip();
+                Box::pin(self.connect_tls(hop, stream, addr, sni)).await
             }
         }
     }
 
     /// TLS to a bumped request's origin over `tcp`, as `sni`, verified against
     /// `[inspect] origin_roots`; it must agree to HTTP/1.1.
-    async fn connect_tls(&self, hop: NextHop<'_>, tcp: TcpStream, sni: &str) -> Result<Sender, UpstreamError> {
-        let addr = tcp.peer_addr().map_err(ConnectError::Io)?.ip();
+    async fn connect_tls<S>(&self, hop: NextHop<'_>, tcp: S, addr: IpAddr, sni: &str) -> Result<Sender, UpstreamError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let failed = |why: String| UpstreamError::Tls(format!("TLS to {hop} failed: {why}"));
         let Some(connector) = &self.origin_tls else {
             return Err(failed("no [inspect] section configures TLS to origins".into()));
