@@ -449,8 +449,14 @@ fn overlong_method(held: &[u8], rest: &[u8]) -> Option<Vec<u8>> {
     if held.len() >= need || held.len() + rest.len() < need {
         return None;
     }
-    let start = [held, &rest[..need - held.len()]].concat();
-    strict::long_method(&start).then(|| [&start[..strict::MAX_METHOD], STAND_IN_END].concat())
+    // Every head is asked: no allocation unless the method is too long.
+    let start = || held.iter().chain(&rest[..need - held.len()]);
+    if !start().all(|&b| strict::is_tchar(b)) {
+        return None;
+    }
+    let mut stand_in: Vec<u8> = start().take(strict::MAX_METHOD).copied().collect();
+    stand_in.extend_from_slice(STAND_IN_END);
+    Some(stand_in)
 }
 
 /// What follows an overlong method's first bytes in its stand-in head.
