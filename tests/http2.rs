@@ -331,38 +331,16 @@ async fn chromium_loads_a_page_of_fifty_resources_over_h2() {
     let origin = testkit::start_origin().await.expect("origin");
     let (mut baton, _, _, secure) = start(None, "").await;
     let cert = baton.dir.path().join("proxy.crt");
-    let spki = spki_hash(&cert);
-    let profile = tempfile::tempdir().unwrap();
+    let spki = testkit::browser::spki_hash(&cert).expect("SPKI hash");
     let url = format!("http://{origin}/page?n=50");
-    let args = vec![
-        "--headless".to_string(),
-        "--no-sandbox".into(),
-        "--disable-gpu".into(),
-        "--no-first-run".into(),
-        "--disable-background-networking".into(),
-        "--disable-component-update".into(),
-        format!("--user-data-dir={}", profile.path().display()),
-        format!("--proxy-server=https://{secure}"),
-        // Chromium sends loopback addresses past the proxy unless told not to.
-        "--proxy-bypass-list=<-loopback>".into(),
-        format!("--ignore-certificate-errors-spki-list={spki}"),
-        "--virtual-time-budget=10000".into(),
-        "--dump-dom".into(),
-        url,
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(testkit::browser::chromium_path())
-            .args(&args)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("chromium runs (.ci/run installs it)");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let proxy = format!("https://{secure}");
+    let (dom, stderr) = tokio::task::spawn_blocking(move || testkit::browser::dump_dom_through(&proxy, &spki, &url))
+        .await
+        .unwrap()
+        .expect("chromium runs");
     assert!(
         dom.contains("<title>done 50</title>"),
-        "every sub-resource loaded: {dom:.300}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "every sub-resource loaded: {dom:.300}\n{stderr}"
     );
     let lines = wait_lines(&baton, "/bytes?n=100&i=", 50).await;
     let h2 = lines.iter().filter(|l| l.contains("proto=\"h2\"")).count();
@@ -386,18 +364,6 @@ async fn chromium_loads_a_page_of_fifty_resources_over_h2() {
 }
 
 /// The base64 SHA-256 of a certificate's public key (what Chromium's SPKI list takes).
-fn spki_hash(cert: &std::path::Path) -> String {
-    let script = format!(
-        "openssl x509 -pubkey -noout -in {} | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
-        cert.display()
-    );
-    let out = std::process::Command::new("sh")
-        .args(["-c", &script])
-        .output()
-        .expect("openssl");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Waits until `n` access lines contain `text` and end a request; returns them.
 async fn wait_lines(baton: &Baton, text: &str, n: usize) -> Vec<String> {
     common::wait_for(Duration::from_secs(10), &format!("{n} lines with {text}"), || async {

@@ -290,34 +290,16 @@ async fn chromium_trusting_the_leaf_loads_a_page_through_the_bump() {
         .expect("s_client shows the leaf");
     let end = shown.find("-----END CERTIFICATE-----").expect("its end") + 25;
     std::fs::write(&leaf, &shown[begin..end]).expect("write leaf");
-    let spki = spki_hash(&leaf);
-    let profile = tempfile::tempdir().unwrap();
+    let spki = testkit::browser::spki_hash(&leaf).expect("SPKI hash");
     let url = format!("https://localhost:{}/page?n=10", origin.port());
-    let args = vec![
-        "--headless".to_string(),
-        "--no-sandbox".into(),
-        "--disable-gpu".into(),
-        "--no-first-run".into(),
-        "--disable-background-networking".into(),
-        "--disable-component-update".into(),
-        format!("--user-data-dir={}", profile.path().display()),
-        format!("--proxy-server=http://{}", baton.proxy),
-        // Chromium sends loopback names past the proxy unless told not to.
-        "--proxy-bypass-list=<-loopback>".into(),
-        format!("--ignore-certificate-errors-spki-list={spki}"),
-        "--virtual-time-budget=10000".into(),
-        "--dump-dom".into(),
-        url,
-    ];
-    let out = tokio::task::spawn_blocking(move || Command::new(testkit::browser::chromium_path()).args(&args).output())
+    let proxy = format!("http://{}", baton.proxy);
+    let (dom, stderr) = tokio::task::spawn_blocking(move || testkit::browser::dump_dom_through(&proxy, &spki, &url))
         .await
         .unwrap()
-        .expect("chromium runs (.ci/run installs it)");
-    let dom = String::from_utf8_lossy(&out.stdout);
+        .expect("chromium runs");
     assert!(
         dom.contains("<title>done 10</title>"),
-        "every sub-resource loaded through the bump: {dom:.300}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "every sub-resource loaded through the bump: {dom:.300}\n{stderr}"
     );
     let image = format!("https://localhost:{}/bytes?n=100&i=9", origin.port());
     access_line(&baton, &[&image, "status=200"]).await;
@@ -325,15 +307,6 @@ async fn chromium_trusting_the_leaf_loads_a_page_through_the_bump() {
 }
 
 /// The base64 SHA-256 of a certificate's public key (what Chromium's SPKI list takes).
-fn spki_hash(cert: &std::path::Path) -> String {
-    let script = format!(
-        "openssl x509 -pubkey -noout -in {} | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
-        cert.display()
-    );
-    let out = Command::new("sh").args(["-c", &script]).output().expect("openssl");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_handoffs_under_bumped_keep_alive_load_fail_no_request() {
     let pki = Pki::new();

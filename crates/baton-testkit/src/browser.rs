@@ -221,3 +221,51 @@ fn spawn_reader(pipe: std::io::PipeReader) -> mpsc::Receiver<Value> {
     });
     rx
 }
+
+/// The base64 SHA-256 of the public key in the PEM certificate at `cert`, as Chromium's
+/// `--ignore-certificate-errors-spki-list` takes it (openssl computes it).
+pub fn spki_hash(cert: &std::path::Path) -> anyhow::Result<String> {
+    let script = format!(
+        "openssl x509 -pubkey -noout -in '{}' | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().context("openssl")?;
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || hash.is_empty() {
+        bail!(
+            "no SPKI hash of {}: {}",
+            cert.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(hash)
+}
+
+/// Loads `url` once in a headless Chromium (a fresh profile) whose proxy is `proxy` (an
+/// `http://` or `https://` URL), trusting the certificate whose SPKI hash is `spki`, with
+/// loopback destinations sent through the proxy too; returns the DOM it printed once its
+/// virtual time budget (10 s) ran out, and its stderr.
+pub fn dump_dom_through(proxy: &str, spki: &str, url: &str) -> anyhow::Result<(String, String)> {
+    let profile = tempfile::tempdir()?;
+    let out = Command::new(chromium_path())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            &format!("--user-data-dir={}", profile.path().display()),
+            &format!("--proxy-server={proxy}"),
+            // Chromium sends loopback destinations past the proxy unless told not to.
+            "--proxy-bypass-list=<-loopback>",
+            &format!("--ignore-certificate-errors-spki-list={spki}"),
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .context("chromium runs (.ci/run installs it)")?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok((text(&out.stdout), text(&out.stderr)))
+}

@@ -125,16 +125,7 @@ impl ProxyTls {
     /// A client that trusts the certificates in `pem` (a CA, or a self-signed proxy
     /// certificate), reaches the proxy as `127.0.0.1` and offers `alpn`.
     pub fn trusting(pem: &str, alpn: &[&[u8]]) -> anyhow::Result<ProxyTls> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert?)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let config = client_config(pem, alpn)?;
         Ok(ProxyTls {
             connector: TlsConnector::from(Arc::new(config)),
             name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
@@ -167,6 +158,21 @@ impl ProxyTls {
         let name = ServerName::try_from(name.to_string()).map_err(io::Error::other)?;
         self.connector.connect(name, tcp).await
     }
+}
+
+/// A rustls client configuration trusting only the certificates in `pem`, offering `alpn`.
+pub fn client_config(pem: &str, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
 }
 
 /// Writes a secret file (a private key, an htpasswd file) as baton wants one: mode 0600
