@@ -449,14 +449,13 @@ fn overlong_method(held: &[u8], rest: &[u8]) -> Option<Vec<u8>> {
     if held.len() >= need || held.len() + rest.len() < need {
         return None;
     }
-    // Every head is asked: no allocation unless the method is too long.
-    let start = || held.iter().chain(&rest[..need - held.len()]);
-    if !start().all(|&b| strict::is_tchar(b)) {
-        return None;
-    }
-    let mut stand_in: Vec<u8> = start().take(strict::MAX_METHOD).copied().collect();
-    stand_in.extend_from_slice(STAND_IN_END);
-    Some(stand_in)
+    // Every head is asked: the line's first bytes on the stack, judged by `strict`'s rule,
+    // and an allocation only for a method that is too long.
+    let mut start = [0u8; strict::MAX_METHOD + 1];
+    let (have, new) = start.split_at_mut(held.len());
+    have.copy_from_slice(held);
+    new.copy_from_slice(&rest[..need - held.len()]);
+    strict::long_method(&start).then(|| [&start[..strict::MAX_METHOD], STAND_IN_END].concat())
 }
 
 /// What follows an overlong method's first bytes in its stand-in head.
