@@ -110,6 +110,9 @@ pub struct Timeouts {
     pub canary: Duration,
     /// How long a tunnel's first bytes are awaited for its SNI (`[access] sni = "match"`).
     pub sni: Duration,
+    /// How long a connection lives before it is kept in systemd's fd store (under systemd
+    /// with an fd store only); zero: never.
+    pub stash_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +305,8 @@ struct RawTimeouts {
     canary: Duration,
     #[serde(with = "humantime_serde")]
     sni: Duration,
+    #[serde(with = "humantime_serde")]
+    stash_after: Duration,
 }
 
 impl Default for RawTimeouts {
@@ -317,6 +322,7 @@ impl Default for RawTimeouts {
             canary: Duration::from_secs(2),
             // Server-speaks-first protocols send nothing first: they wait this long.
             sni: Duration::from_secs(5),
+            stash_after: Duration::from_secs(1),
         }
     }
 }
@@ -627,6 +633,7 @@ impl From<RawTimeouts> for Timeouts {
             upgrade: t.upgrade,
             canary: t.canary,
             sni: t.sni,
+            stash_after: t.stash_after,
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::daemon::traffic::Sampler;
 use crate::proxy::limits::Limits;
 use crate::proxy::migrate::Kind as MoveKind;
 use crate::proxy::policy::{self, Policy};
+use crate::proxy::stash::{self, Stash, Stored};
 use crate::proxy::{ConnectionSettings, Connections, Proxy, ProxySettings};
 use crate::tls::TlsListeners;
 use crate::tls::tickets::FD_NAME as TICKET_KEYS_FD;
@@ -153,6 +154,12 @@ impl Generation {
         }
         // Certificates before any socket: a broken one fails the handoff, not a listener.
         let tls = TlsListeners::load(&config, inherited.take_extra(TICKET_KEYS_FD))?;
+        // A first generation takes what a crashed one stashed in systemd's fd store (a
+        // successor is never passed the store).
+        let stored = match ready {
+            None => Stored::take(&mut inherited),
+            Some(_) => Stored::default(),
+        };
         // The admin listener opens before the proxy's: its address is one of this proxy's own.
         let admin_listener = open_admin(&config, &mut inherited).await?;
         let admin_bound = admin_listener.as_ref().map(|l| l.bound.clone());
@@ -178,6 +185,7 @@ impl Generation {
         close_unused(&mut inherited);
         let stale_stored = inherited_names
             .into_iter()
+            .filter(|n| !n.starts_with(stash::TABLE_PREFIX) && !n.starts_with(stash::CONNECTION_PREFIX))
             .filter(|n| !opened.iter().any(|l| &l.name == n && l.opened.is_adopted()))
             .collect();
         let mut generation = Generation {
@@ -206,6 +214,7 @@ impl Generation {
             traffic,
         };
         generation.report_ready(ready, inherited.channel.take())?;
+        generation.connections.recover(stored);
         Ok(generation)
     }
 
@@ -263,6 +272,10 @@ impl Generation {
             .map(|l| (l.name.as_str(), l.socket.as_fd()))
             .collect();
         notify::sync_fd_store(&self.stale_stored, &bound);
+        // Serving now: live connections go into the store too.
+        if let Some(stash) = self.connections.proxy().stash() {
+            stash.activate();
+        }
     }
 
     fn log_serving(&self) {
@@ -389,6 +402,10 @@ impl Generation {
         let (moved, stayed) = self.connections.proxy().migration().counts();
         info!(connections, tunnels, moved, stayed, cut, ms, "drained; exiting");
         self.drain_finished(handed_off, &report).await;
+        // Every connection ended or moved on: this generation's table leaves the store.
+        if let Some(stash) = self.connections.proxy().stash() {
+            stash.retire();
+        }
         // Let `baton upgrade` read its report before the process goes away.
         self.control_clients.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_clients.wait()).await;
@@ -520,14 +537,18 @@ async fn open_proxy(
         true => Some(crate::tls::origin::connector(&config.parents.roots).context("[upstream] roots")?),
         false => None,
     };
-    let proxy = Arc::new(Proxy::new(
-        ProxySettings::from(config),
-        policy,
-        limits,
-        drain.clone(),
-        inspection,
-        parent_tls,
-    ));
+    let stash = Stash::from_env(config.timeouts.stash_after, config.limits.max_connections);
+    let proxy = Arc::new(
+        Proxy::new(
+            ProxySettings::from(config),
+            policy,
+            limits,
+            drain.clone(),
+            inspection,
+            parent_tls,
+        )
+        .with_stash(stash),
+    );
     let connections = Connections::new(proxy, drain.clone(), &ConnectionSettings::from(config));
     Ok((opened, connections))
 }

@@ -32,6 +32,7 @@ use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::sni::{self, Peeked};
+use crate::proxy::stash;
 use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TunnelClient};
 use crate::proxy::upgrade;
 use crate::proxy::upstream::NextHop;
@@ -151,10 +152,11 @@ impl Proxy {
         // For the Squid line: the address the tunnel leads to (the target, or the parent).
         record.server = origin.peer_addr().ok().map(|a| a.ip());
         record.answer = answer;
-        let (idle, cut, migration) = (
+        let (idle, cut, migration, stash) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
             self.migration.clone(),
+            self.stash.clone(),
         );
         let early = Early {
             to_origin: unread,
@@ -197,6 +199,7 @@ impl Proxy {
             let handover = Handover {
                 migration: &migration,
                 record,
+                stash,
             };
             let limits = Relay { idle, cut, throttle };
             let relayed = tunnel::relay(client, origin, early, limits, handover).await;
@@ -257,16 +260,20 @@ impl Proxy {
                     .parent(ended.parent)
                     .wire(ended.answer + record.down)
                     .write();
+                // Closed here, it must leave systemd's store too, which holds copies.
+                spliced.shut();
+                stash::forget(self.stash.as_deref(), record.stashed.as_deref());
                 return Ok(());
             }
         };
         let counters = Counters::starting_at(record.up, record.down);
         // This generation's buckets for its key: they start full (buckets do not move).
         let spliced = spliced.throttled(self.limits.throttle(&ask.peer, ask.user.as_deref()));
-        let (idle, cut, migration) = (
+        let (idle, cut, migration, stash) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
             self.migration.clone(),
+            self.stash.clone(),
         );
         let (ask, record) = (Box::new(ask), Box::new(record));
         self.drain.tunnels().spawn(async move {
@@ -274,6 +281,7 @@ impl Proxy {
             let handover = Handover {
                 migration: &migration,
                 record,
+                stash,
             };
             tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await, ended);
         });

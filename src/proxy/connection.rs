@@ -47,6 +47,7 @@ use crate::proxy::http2;
 use crate::proxy::metrics;
 use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
+use crate::proxy::stash::{self, Entry, Stored};
 use crate::proxy::strict::Fault;
 use crate::proxy::upgrade;
 use crate::tls::Handshakes;
@@ -194,11 +195,7 @@ impl Connections {
                 Err(e) => return warn!("receiving from the previous generation failed: {e}"),
             };
             for item in items {
-                let adopted = match Moved::decode(&item.record) {
-                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds, &self.admission),
-                    Ok(Moved::Connection(record)) => self.adopt_connection(record, item.fds),
-                    Err(e) => Err(e),
-                };
+                let adopted = Moved::decode(&item.record).and_then(|moved| self.adopt_one(moved, item.fds));
                 if let Err(why) = adopted {
                     refused += 1;
                     warn!("a connection from the previous generation was dropped: {why}");
@@ -208,6 +205,36 @@ impl Connections {
             let (tunnels, connections) = (adopted.get(MoveKind::Tunnel), adopted.get(MoveKind::Connection));
             info!(tunnels, connections, refused, "adopted from the previous generation");
         }
+    }
+
+    fn adopt_one(self: &Arc<Self>, moved: Moved, fds: Vec<OwnedFd>) -> Result<(), String> {
+        match moved {
+            Moved::Tunnel(record) => self.proxy.adopt_tunnel(record, fds, &self.admission),
+            Moved::Connection(record) => self.adopt_connection(record, fds),
+        }
+    }
+
+    /// Takes back the connections a crashed generation kept in systemd's fd store, as a
+    /// migration's: checked against their records and this generation's policy, then served
+    /// (and stashed on under their names).
+    pub fn recover(self: &Arc<Self>, stored: Stored) {
+        if stored.is_empty() {
+            return;
+        }
+        let stash = self.proxy.stash();
+        let found = stored.connections(&|name| stash::forget(stash, Some(name)));
+        let mut refused = 0u64;
+        for (moved, fds) in found {
+            let name = moved.stashed().map(str::to_string);
+            if let Err(why) = self.adopt_one(moved, fds) {
+                refused += 1;
+                stash::forget(stash, name.as_deref());
+                warn!("a connection kept in systemd's fd store was dropped: {why}");
+            }
+        }
+        let adopted = &self.proxy.migration().adopted;
+        let (tunnels, connections) = (adopted.get(MoveKind::Tunnel), adopted.get(MoveKind::Connection));
+        info!(tunnels, connections, refused, "taken back from systemd's fd store after a crash");
     }
 
     /// One idle client connection the previous generation handed over: served here from
@@ -230,6 +257,7 @@ impl Connections {
                 .rule(d.rule.as_str())
                 .reason(format!("moved connection closed: {}", d.reason))
                 .write();
+            stash::forget(self.proxy.stash(), record.stashed.as_deref());
             stream.close(false, &self.drain);
             return Ok(());
         }
@@ -237,11 +265,13 @@ impl Connections {
             Ok(slot) => slot,
             Err(refused) => {
                 log_over_limit(peer, &refused, "a moved connection is closed");
+                stash::forget(self.proxy.stash(), record.stashed.as_deref());
                 stream.close(false, &self.drain);
                 return Ok(());
             }
         };
         let idle_for = Duration::from_millis(record.idle_ms);
+        let stash = self.keep_stashed(&record, &stream);
         let idle = Idle {
             parked: Some(Parked {
                 stream,
@@ -251,9 +281,26 @@ impl Connections {
             served: record.served,
             stalled: false,
             stay: false,
+            stash,
+            stash_from: Instant::now(),
         };
         self.drain.connections().spawn(self.clone().serve(idle, peer, slot));
         Ok(())
+    }
+
+    /// An adopted connection that was stashed (by the previous generation, or by a crashed
+    /// one) stays in the store under its name, with its record in this generation's table;
+    /// without a stash here it leaves the store.
+    fn keep_stashed(&self, record: &ConnectionRecord, stream: &Stream) -> Option<Box<Entry>> {
+        let name = record.stashed.as_deref()?;
+        let kept = match (self.proxy.stash(), stream.stash_fd()) {
+            (Some(stash), Some(fd)) => stash.keep(name, &Moved::Connection(record.clone()), &[fd]),
+            _ => None,
+        };
+        if kept.is_none() {
+            stash::forget(self.proxy.stash(), Some(name));
+        }
+        kept
     }
 
     /// The TLS handshake, within its limits; a connection cut by the drain deadline, or
@@ -296,7 +343,11 @@ impl Connections {
                 let woke = self.wait(&idle, &peer).await;
                 match woke {
                     Wake::Readable => {}
-                    Wake::Close => return,
+                    Wake::Close => return self.unstash(&mut idle),
+                    Wake::Stash => {
+                        self.stash_idle(&mut idle, &peer);
+                        continue;
+                    }
                     Wake::Move => {
                         // Boxed: once per connection at most, and every task would keep room.
                         let moved = Box::pin(self.depart(&mut idle, &peer)).await;
@@ -306,10 +357,14 @@ impl Connections {
                         continue;
                     }
                 }
+                if let (Some(stash), Some(entry)) = (self.proxy.stash(), &idle.stash) {
+                    stash.hide(entry);
+                }
                 let rested = self.busy(&mut idle, &peer, &slot).await;
                 if !rested {
-                    return;
+                    return self.unstash(&mut idle);
                 }
+                self.restash(&mut idle, &peer);
             }
         }
     }
@@ -340,7 +395,8 @@ impl Connections {
         let movable = T::MOVABLE && !idle.stay;
         let _counted = metrics::IdleConnection::new();
         let deadline = idle.since + self.header_read_timeout;
-        let timer = tokio::time::sleep_until(deadline);
+        let stash_at = self.stash_due(idle).filter(|at| *at < deadline);
+        let timer = tokio::time::sleep_until(stash_at.unwrap_or(deadline));
         tokio::pin!(timer);
         // Resolves at the drain deadline; on its way it wakes the task when draining begins.
         let drain = async {
@@ -364,6 +420,7 @@ impl Connections {
                 timer.as_mut().reset(deadline.min(Instant::now() + IDLE_GRACE));
             }
             match timer.as_mut().poll(cx) {
+                Poll::Ready(()) if stash_at.is_some() && !grace && Instant::now() < deadline => Poll::Ready(Wake::Stash),
                 Poll::Ready(()) if grace => Poll::Ready(Wake::Close),
                 Poll::Ready(()) => {
                     log_idle_timeout(*peer);
@@ -399,8 +456,13 @@ impl Connections {
             unread,
             served: idle.served,
             idle_ms: idle.since.elapsed().as_millis() as u64,
+            stashed: idle.stash.as_ref().map(|e| e.name().to_string()),
         });
         let Err(mut fds) = self.proxy.migration().depart(&record, vec![fd]).await else {
+            // The successor keeps it in the store under its name.
+            if let (Some(stash), Some(entry)) = (self.proxy.stash(), idle.stash.take()) {
+                stash.release(entry);
+            }
             return true;
         };
         let Moved::Connection(record) = record else {
@@ -416,6 +478,67 @@ impl Connections {
             }
             _ => true,
         }
+    }
+
+    /// When the idle connection is due to be stashed: only with a stash, for a connection
+    /// that can be (a plain socket), not stashed yet, and not while draining.
+    fn stash_due<T: ClientIo>(&self, idle: &Idle<T>) -> Option<Instant> {
+        let stash = self.proxy.stash()?;
+        let due = T::MOVABLE && idle.stash.is_none() && !idle.stay && !self.drain.is_draining();
+        due.then(|| idle.stash_from + stash.after())
+    }
+
+    /// The record a stashed idle connection is taken back by.
+    fn idle_record<T: ClientIo>(idle: &Idle<T>, peer: &Peer) -> Option<Moved> {
+        let parked = idle.parked.as_ref()?;
+        Some(Moved::Connection(ConnectionRecord {
+            client: match peer {
+                Peer::Ip(a) => Some(*a),
+                Peer::Local => None,
+            },
+            unread: parked.unread.to_vec(),
+            served: idle.served,
+            idle_ms: 0,
+            stashed: None,
+        }))
+    }
+
+    /// Keeps the idle connection in systemd's fd store. Not possible now (this generation
+    /// does not serve yet, no slot is free, its record does not fit): tried again
+    /// `stash_after` later.
+    fn stash_idle<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer) {
+        idle.stash_from = Instant::now();
+        let (Some(stash), Some(record)) = (self.proxy.stash(), Self::idle_record(idle, peer)) else {
+            return;
+        };
+        let Some(fd) = idle.parked.as_ref().and_then(|p| p.stream.stash_fd()) else {
+            return;
+        };
+        idle.stash = stash.put(&record, &[fd]);
+    }
+
+    /// The stashed connection rests again: its record is written again (its unread bytes
+    /// may have changed); one that no longer fits leaves the store.
+    fn restash<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer) {
+        let (Some(stash), Some(entry)) = (self.proxy.stash(), idle.stash.take()) else {
+            return;
+        };
+        match Self::idle_record(idle, peer) {
+            Some(record) if stash.show(&entry, &record) => idle.stash = Some(entry),
+            _ => stash.remove(entry),
+        }
+    }
+
+    /// The connection ends (closed here, or a tunnel now, which stashes itself): out of the
+    /// store. A parked stream left is shut down first: systemd's copy would keep it open.
+    fn unstash<T: ClientIo>(&self, idle: &mut Idle<T>) {
+        let (Some(stash), Some(entry)) = (self.proxy.stash(), idle.stash.take()) else {
+            return;
+        };
+        if let Some(fd) = idle.parked.as_ref().and_then(|p| p.stream.stash_fd()) {
+            stash::shut(fd);
+        }
+        stash.remove(entry);
     }
 
     /// Serves the idle connection with hyper until it comes to rest (`true`: `idle` is
@@ -447,13 +570,10 @@ impl Connections {
         let served = signal.started() > 0;
         match ended {
             Ended::Rest { parked, since } => {
-                *idle = Idle {
-                    parked: Some(parked),
-                    since,
-                    served: idle.served || served,
-                    stalled: !served,
-                    stay: idle.stay,
-                };
+                idle.parked = Some(parked);
+                idle.since = since;
+                idle.served |= served;
+                idle.stalled = !served;
                 true
             }
             Ended::Done(parked) => {
@@ -599,6 +719,8 @@ enum Wake {
     Close,
     /// Move it to the successor.
     Move,
+    /// Keep it in systemd's fd store (it has lived `stash_after`).
+    Stash,
 }
 
 /// An idle connection between two busy stretches.
@@ -614,6 +736,12 @@ struct Idle<T> {
     stalled: bool,
     /// A move was tried and failed: it stays in this generation.
     stay: bool,
+    /// Its place in systemd's fd store (`proxy::stash`), once it is kept there; boxed, one
+    /// word in every connection's task.
+    stash: Option<Box<Entry>>,
+    /// Since when it counts for the stash: it is stashed once idle `stash_after` past this
+    /// (accepted, or the last try, made while this generation did not serve yet).
+    stash_from: Instant,
 }
 
 impl<T: ClientIo> Idle<T> {
@@ -625,6 +753,8 @@ impl<T: ClientIo> Idle<T> {
             served: false,
             stalled: false,
             stay: false,
+            stash: None,
+            stash_from: Instant::now(),
         }
     }
 }
@@ -828,6 +958,7 @@ mod tests {
             unread: request.to_vec(),
             served: true,
             idle_ms: 0,
+            stashed: None,
         };
         connections.adopt_connection(record, vec![fd]).unwrap();
         let within = Duration::from_secs(5);
@@ -856,6 +987,7 @@ mod tests {
             unread: request.to_vec(),
             served: true,
             idle_ms: 0,
+            stashed: None,
         };
         connections.adopt_connection(record.clone(), vec![fd]).unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), answer(&mut client))

@@ -20,7 +20,7 @@
 //! closed, `Connection: close`, or a CONNECT answered 2xx, whose stream becomes the tunnel's).
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -63,6 +63,9 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// The socket, out of the runtime, and whether it is a Unix socket.
     fn into_fd(self) -> io::Result<(OwnedFd, bool)>;
 
+    /// The socket, borrowed, when it can be kept in systemd's fd store (`proxy::stash`).
+    fn stash_fd(&self) -> Option<BorrowedFd<'_>>;
+
     /// A socket [`ClientIo::into_fd`] gave (here or in another process), in this runtime.
     /// It is non-blocking already: the flag belongs to the open file description, which
     /// SCM_RIGHTS shares (no syscalls to set it again, for each of thousands at a handoff).
@@ -87,6 +90,13 @@ impl ClientIo for Stream {
     }
 
     const MOVABLE: bool = true;
+
+    fn stash_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        })
+    }
 
     fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
         Ok(match self {
@@ -140,6 +150,10 @@ impl ClientIo for TlsStream<Stream> {
     /// Its session state lives in this process (kernel TLS would be needed to move it): a
     /// TLS connection drains.
     const MOVABLE: bool = false;
+
+    fn stash_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
         Err(io::Error::from(io::ErrorKind::Unsupported))

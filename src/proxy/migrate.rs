@@ -50,6 +50,22 @@ impl Moved {
     pub fn decode(bytes: &[u8]) -> Result<Moved, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("bad record: {e}"))
     }
+
+    /// The name its fds have in systemd's fd store, if it is stashed (`proxy::stash`).
+    pub fn stashed(&self) -> Option<&str> {
+        match self {
+            Moved::Tunnel(t) => t.stashed.as_deref(),
+            Moved::Connection(c) => c.stashed.as_deref(),
+        }
+    }
+
+    pub fn set_stashed(&mut self, name: &str) {
+        let stashed = match self {
+            Moved::Tunnel(t) => &mut t.stashed,
+            Moved::Connection(c) => &mut c.stashed,
+        };
+        *stashed = Some(name.to_string());
+    }
 }
 
 /// A client connection idle between requests: one fd, the client socket.
@@ -64,6 +80,10 @@ pub struct ConnectionRecord {
     pub served: bool,
     /// How long it had been idle (its `header_read` deadline goes on from there).
     pub idle_ms: u64,
+    /// Its name in systemd's fd store, when it is stashed there: the next generation keeps
+    /// it under that name (`proxy::stash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stashed: Option<String>,
 }
 
 impl ConnectionRecord {
@@ -126,6 +146,9 @@ pub struct TunnelRecord {
     /// 101), not a CONNECT's: its access line, its rules and its SNI check differ.
     #[serde(default)]
     pub upgrade: Option<UpgradeRecord>,
+    /// Its name in systemd's fd store, when it is stashed there (`proxy::stash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stashed: Option<String>,
 }
 
 /// What an upgraded connection's record adds: the protocol it switched to, and the request's

@@ -27,6 +27,7 @@ pub mod route;
 pub mod rules;
 pub mod service;
 pub mod sni;
+pub mod stash;
 pub mod strict;
 pub mod target;
 pub mod tunnel;

@@ -30,6 +30,7 @@ use crate::proxy::policy::{Denial, Policy, Rule};
 use crate::proxy::response_framing;
 use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
+use crate::proxy::stash::Stash;
 use crate::proxy::strict;
 use crate::proxy::target::{Inspected, check_target_as, destination, target_len};
 use crate::proxy::upgrade;
@@ -104,6 +105,7 @@ pub struct Proxy {
     pub(super) drain: Drain,
     /// Moving this generation's tunnels to the next one (`connect`).
     pub(super) migration: Arc<Migration>,
+    pub(super) stash: Option<Arc<Stash>>,
     pub(super) via: HeaderValue,
 }
 
@@ -221,6 +223,7 @@ impl Proxy {
             limits,
             drain,
             migration: Arc::default(),
+            stash: None,
             via,
         }
     }
@@ -233,6 +236,17 @@ impl Proxy {
     /// Moving this generation's tunnels out at a handoff.
     pub fn migration(&self) -> &Arc<Migration> {
         &self.migration
+    }
+
+    /// Keeping live connections in systemd's fd store, when this generation does.
+    pub fn stash(&self) -> Option<&Stash> {
+        self.stash.as_deref()
+    }
+
+    /// The proxy with `stash` (`None`: connections are not stashed).
+    pub fn with_stash(mut self, stash: Option<Stash>) -> Proxy {
+        self.stash = stash.map(Arc::new);
+        self
     }
 
     /// The origin connection pool, for each busy client connection's [`Client`].

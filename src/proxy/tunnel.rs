@@ -11,6 +11,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use crate::proxy::access::Outcome;
 use crate::proxy::connector::HopStream;
 use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::migrate::{Migration, Moved, TunnelRecord};
+use crate::proxy::stash::{self, Entry, Stash};
 
 /// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
 /// origin→client).
@@ -69,6 +71,9 @@ pub struct Handover<'a> {
     pub migration: &'a Migration,
     /// Boxed: every tunnel's task would otherwise hold it inline, more than once.
     pub record: Box<TunnelRecord>,
+    /// Where it is kept in systemd's fd store once it has lived `stash_after` (`None`: it
+    /// is not).
+    pub stash: Option<Arc<Stash>>,
 }
 
 /// What a tunnel starts with besides its two ends: the bytes the client sent right behind
@@ -176,7 +181,8 @@ impl Spliced {
     }
 
     /// Relays until the tunnel ends, or moves (once: a hand-over that fails is not retried;
-    /// the tunnel relays on here).
+    /// the tunnel relays on here). Stashed in systemd's fd store once it has lived
+    /// `stash_after` (kept under its name at once if it was stashed before it came here).
     pub async fn run(
         mut self,
         idle: Duration,
@@ -184,6 +190,8 @@ impl Spliced {
         counters: Counters,
         mut handover: Option<Handover<'_>>,
     ) -> Relayed {
+        // Boxed, and only with a stash: every tunnel's task keeps one word for it.
+        let mut stashing = handover.as_ref().and_then(|h| Stashing::start(&self, h, &counters));
         loop {
             let requested = async {
                 match &handover {
@@ -191,18 +199,38 @@ impl Spliced {
                     None => std::future::pending().await,
                 }
             };
+            let watch = stashing.as_ref().is_some_and(|s| s.entry.is_some());
+            let due = async {
+                match stashing.as_mut().and_then(|s| s.timer.as_mut()) {
+                    Some(at) => at.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             let end = tokio::select! {
-                r = self.splice_both(&counters) => match r {
-                    Ok(()) => "closed",
+                r = self.splice_both(&counters, watch) => match r {
+                    Ok(true) => "closed",
+                    Ok(false) => {
+                        if let (Some(s), Some(h)) = (stashing.as_deref_mut(), &handover) {
+                            self.grow_stash(s, &h.record, &counters);
+                        }
+                        continue;
+                    }
                     Err(e) => end_of(&e),
                 },
                 _ = idle_for(&counters.activity, idle) => "idle timeout",
                 _ = cut.cancelled() => "cut at drain timeout",
+                () = due => {
+                    if let (Some(s), Some(h)) = (stashing.as_deref_mut(), &handover) {
+                        self.stash(s, &h.record, &counters);
+                    }
+                    continue;
+                }
                 () = requested => {
                     let Some(h) = handover.take() else { continue };
                     // Boxed: the rare path, and every tunnel's task would keep its room.
-                    match Box::pin(self.hand_over(h, &counters)).await {
-                        Ok(end) => end,
+                    // It handles the stash entry: moved, it went with the tunnel.
+                    match Box::pin(self.hand_over(h, &counters, stashing.as_deref_mut())).await {
+                        Ok(end) => return Relayed::ended(end, "splice", &counters),
                         Err(kept) => {
                             self = kept;
                             continue;
@@ -210,15 +238,80 @@ impl Spliced {
                     }
                 }
             };
+            if let Some(s) = stashing
+                && let Some(e) = s.entry
+            {
+                self.shut();
+                s.stash.remove(e);
+            }
             return Relayed::ended(end, "splice", &counters);
         }
+    }
+
+    /// The tunnel's record as it stands (counts, layout).
+    fn record_now(&self, record: &TunnelRecord, counters: &Counters) -> TunnelRecord {
+        let mut record = record.clone();
+        record.up = counters.up.load(Ordering::Relaxed);
+        record.down = counters.down.load(Ordering::Relaxed);
+        record.client_unix = matches!(self.client, End::Unix(_));
+        record.pipes = [self.up.pipe.is_some(), self.down.pipe.is_some()];
+        record
+    }
+
+    /// Its fds as [`Spliced::into_fds`] lays them out, borrowed.
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.client.fd(), self.origin.fd()];
+        for pipe in [&self.up.pipe, &self.down.pipe].into_iter().flatten() {
+            fds.extend([pipe.r.as_fd(), pipe.w.as_fd()]);
+        }
+        fds
+    }
+
+    /// Stashes the tunnel; not now (this generation does not serve yet, say): later.
+    fn stash(&mut self, s: &mut Stashing, record: &TunnelRecord, counters: &Counters) {
+        self.up.made = false;
+        self.down.made = false;
+        s.entry = s.stash.put(&Moved::Tunnel(self.record_now(record, counters)), &self.fds());
+        s.timer = s.entry.is_none().then(|| Box::pin(tokio::time::sleep(s.stash.after())));
+    }
+
+    /// A tunnel that was stashed before it came here keeps its name; without a slot here it
+    /// leaves the store.
+    fn keep_stashed(&self, stash: &Stash, name: &str, record: &TunnelRecord, counters: &Counters) -> Option<Box<Entry>> {
+        let kept = stash.keep(name, &Moved::Tunnel(self.record_now(record, counters)), &self.fds());
+        if kept.is_none() {
+            stash.forget(name);
+        }
+        kept
+    }
+
+    /// A stashed tunnel made a pipe: it goes into the store too, and the record says so.
+    fn grow_stash(&mut self, s: &mut Stashing, record: &TunnelRecord, counters: &Counters) {
+        let Some(entry) = s.entry.as_deref_mut() else { return };
+        let made = [std::mem::take(&mut self.up.made), std::mem::take(&mut self.down.made)];
+        let mut new = Vec::new();
+        for (way, made) in [&self.up, &self.down].into_iter().zip(made) {
+            if let (true, Some(pipe)) = (made, &way.pipe) {
+                new.extend([pipe.r.as_fd(), pipe.w.as_fd()]);
+            }
+        }
+        let record = Moved::Tunnel(self.record_now(record, counters));
+        s.stash.grow(entry, &record, &self.fds(), &new);
+    }
+
+    /// Shuts both sockets down: systemd's copies in the store would keep them open.
+    pub fn shut(&self) {
+        stash::shut(self.client.fd());
+        stash::shut(self.origin.fd());
     }
 
     /// Both directions at once; an error in either ends both (the other side would
     /// otherwise wait for a peer that is gone). One poll function over two [`OneWay`]s:
     /// each socket's reader and writer slots are each used by one direction, so no waiter
     /// is needed, and an idle tunnel's task holds only these few words.
-    async fn splice_both(&mut self, counters: &Counters) -> io::Result<()> {
+    /// `Ok(false)`: a pipe was made and `watch` asks to hear of it (a stashed tunnel's pipes
+    /// join it in the store).
+    async fn splice_both(&mut self, counters: &Counters, watch: bool) -> io::Result<bool> {
         let Spliced {
             client,
             origin,
@@ -234,7 +327,9 @@ impl Spliced {
             let a = up.poll_move(cx, (client, origin), p_up, &counters.activity, &counters.up)?;
             let b = down.poll_move(cx, (origin, client), p_down, &counters.activity, &counters.down)?;
             if a.is_ready() && b.is_ready() {
-                Poll::Ready(Ok(()))
+                Poll::Ready(Ok(true))
+            } else if watch && (up.made || down.made) {
+                Poll::Ready(Ok(false))
             } else {
                 Poll::Pending
             }
@@ -251,23 +346,41 @@ impl Spliced {
     }
 
     /// Gives the tunnel to the next generation (`Ok("moved")`); back on failure.
-    async fn hand_over(self, h: Handover<'_>, counters: &Counters) -> Result<&'static str, Spliced> {
-        let mut record = h.record;
-        record.up = counters.up.load(Ordering::Relaxed);
-        record.down = counters.down.load(Ordering::Relaxed);
-        record.client_unix = matches!(self.client, End::Unix(_));
-        record.pipes = [self.up.pipe.is_some(), self.down.pipe.is_some()];
+    /// A stashed tunnel's name goes with it: the successor keeps it in the store.
+    async fn hand_over(
+        self,
+        h: Handover<'_>,
+        counters: &Counters,
+        mut stashing: Option<&mut Stashing>,
+    ) -> Result<&'static str, Spliced> {
+        let mut record = Box::new(self.record_now(&h.record, counters));
+        record.stashed = stashing.as_ref().and_then(|s| s.entry.as_ref()).map(|e| e.name().to_string());
+        let mut stashed = stashing.as_mut().and_then(|s| s.entry.take());
         let fds = match self.into_fds() {
             Ok(fds) => fds,
             Err(e) => {
                 warn!("cannot take a tunnel apart to move it: {e}");
+                if let (Some(s), Some(e)) = (&h.stash, stashed.take()) {
+                    s.remove(e);
+                }
                 return Ok("error");
             }
         };
         match h.migration.depart(&Moved::Tunnel(*record.clone()), fds).await {
-            Ok(()) => Ok("moved"),
+            Ok(()) => {
+                if let (Some(s), Some(e)) = (&h.stash, stashed.take()) {
+                    s.release(e);
+                }
+                Ok("moved")
+            }
             Err(fds) => match Spliced::from_fds(&record, fds) {
-                Ok(kept) => Err(kept),
+                Ok(kept) => {
+                    // It stays: still stashed here.
+                    if let Some(s) = stashing {
+                        s.entry = stashed;
+                    }
+                    Err(kept)
+                }
                 Err(e) => {
                     warn!("cannot rebuild a tunnel that did not move: {e}");
                     Ok("error")
@@ -307,6 +420,7 @@ impl Spliced {
             Ok(OneWay {
                 in_pipe: pipe.queued()?,
                 pipe: Some(pipe),
+                made: false,
                 done: false,
             })
         };
@@ -402,6 +516,8 @@ struct OneWay {
     pipe: Option<Pipe>,
     /// Bytes in the pipe not yet passed on.
     in_pipe: usize,
+    /// The pipe was made since the tunnel was last stashed.
+    made: bool,
     /// The sender closed and everything was passed on (and the half-close too).
     done: bool,
 }
@@ -447,7 +563,10 @@ impl OneWay {
                         self.close(to);
                         continue;
                     }
-                    Ok(_) => self.pipe.insert(Pipe::new()?),
+                    Ok(_) => {
+                        self.made = true;
+                        self.pipe.insert(Pipe::new()?)
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Poll::Ready(Err(e)),
                 },
@@ -655,6 +774,40 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<'_, T> {
     }
 }
 
+/// A tunnel's part in the stash: where, its entry once stashed, the timer until then.
+struct Stashing {
+    stash: Arc<Stash>,
+    entry: Option<Box<Entry>>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stashing {
+    /// With a stash: a tunnel stashed before it came here is kept under its name at once;
+    /// another is stashed once it has lived `stash_after`.
+    fn start(tunnel: &Spliced, h: &Handover<'_>, counters: &Counters) -> Option<Box<Stashing>> {
+        let stash = h.stash.clone()?;
+        let mut s = Box::new(Stashing {
+            stash,
+            entry: None,
+            timer: None,
+        });
+        match h.record.stashed.as_deref() {
+            Some(name) => s.entry = tunnel.keep_stashed(&s.stash, name, &h.record, counters),
+            None => {
+                let at = stash_due(h.record.started_ms, s.stash.after());
+                s.timer = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+        }
+        Some(s)
+    }
+}
+
+/// When a tunnel that started at `started_ms` (Unix epoch) has lived `after`.
+fn stash_due(started_ms: u64, after: Duration) -> tokio::time::Instant {
+    let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(started_ms));
+    tokio::time::Instant::now() + after.saturating_sub(age)
+}
+
 /// Resolves once no byte has moved through the tunnel for `idle`.
 async fn idle_for(activity: &AtomicU64, idle: Duration) {
     let mut seen = activity.load(Ordering::Relaxed);
@@ -675,7 +828,9 @@ mod tests {
     /// An idle tunnel costs its task (mostly this future) and its two sockets'
     /// registrations: it stays small (the target is 4 KiB all told). 1,352 bytes in a debug
     /// build when this was written: a movable tunnel carries the hand-over's futures, which
-    /// the 872-byte task before tunnels moved did not (its record is boxed).
+    /// the 872-byte task before tunnels moved did not (its record is boxed). 1,560 bytes once
+    /// tunnels were stashed in systemd's fd store (the stash's state is one boxed word, but
+    /// the timer's arm of the relay's `select!` and the hand-over's stash entry take room).
     #[tokio::test]
     async fn a_tunnel_task_is_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -690,6 +845,7 @@ mod tests {
         let handover = Handover {
             migration: &migration,
             record: Box::default(),
+            stash: None,
         };
         let task = relay(
             TunnelClient::Socket(Stream::Tcp(client)),
@@ -704,7 +860,7 @@ mod tests {
         );
         let size = std::mem::size_of_val(&task);
         eprintln!("the tunnel's relay future: {size} bytes");
-        assert!(size <= 1536, "the tunnel's relay future is {size} bytes");
+        assert!(size <= 1600, "the tunnel's relay future is {size} bytes");
     }
 
     /// A copied tunnel (a TLS client's) is paced too: 2 MB at 1 MB/s, with one second's
@@ -731,6 +887,7 @@ mod tests {
             let handover = Handover {
                 migration: &migration,
                 record: Box::default(),
+                stash: None,
             };
             let limits = Relay {
                 idle: Duration::from_secs(10),

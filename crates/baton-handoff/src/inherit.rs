@@ -269,6 +269,16 @@ impl Inherited {
             .collect()
     }
 
+    /// Takes inherited fd `idx` as it is, whatever it is (a connection or a memfd a server
+    /// kept in systemd's fd store), close-on-exec so that no successor inherits it.
+    pub fn take_fd(&mut self, idx: usize) -> Option<OwnedFd> {
+        let fd = self.fds.get_mut(idx).and_then(Option::take)?;
+        // SAFETY: `self.fds` hands each inherited fd out once; from here we own it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let _ = crate::process::set_cloexec(owned.as_raw_fd());
+        Some(owned)
+    }
+
     /// Takes inherited socket `idx` as a TCP or Unix listener, with where it came from.
     /// Call it inside a tokio runtime: the socket is registered with its reactor.
     pub fn take(&mut self, idx: usize) -> io::Result<(Socket, Origin)> {
