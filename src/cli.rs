@@ -117,6 +117,29 @@ fn check_open_files(migrate: bool) {
     }
 }
 
+/// The systemd unit's settings against the configuration (`daemon::unit`): a warning for
+/// each contradiction. Not under systemd, and no unit named: nothing to check.
+fn check_unit(config: &Config, unit: Option<&str>) {
+    let under_systemd = std::path::Path::new("/run/systemd/system").is_dir();
+    let unit = match unit.map(str::to_string).or_else(baton::daemon::unit::own_unit) {
+        Some(u) => u,
+        None if under_systemd => "baton.service".to_string(),
+        None => return,
+    };
+    match baton::daemon::unit::read(&unit) {
+        Ok(settings) => {
+            let found = baton::daemon::unit::contradictions(&settings, config);
+            if found.is_empty() {
+                println!("  unit {unit}: its settings fit the configuration");
+            }
+            for f in found {
+                println!("  warning: unit {unit}: {f}");
+            }
+        }
+        Err(e) => println!("  unit {unit} not checked: {e}"),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct CheckArgs {
     #[arg(long, short)]
@@ -142,6 +165,10 @@ pub struct CheckArgs {
     /// The server name of the tunnel's TLS ClientHello, for a CONNECT to explain.
     #[arg(long, requires = "explain")]
     sni: Option<String>,
+    /// The systemd unit to hold to the configuration (default: the unit this runs in, else
+    /// `baton.service` where systemd runs).
+    #[arg(long)]
+    unit: Option<String>,
 }
 
 pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
@@ -197,6 +224,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
             "  warning: upgrade + canary ({verdict:?}) must stay below the unit's TimeoutStartSec= (60s in baton.service), or systemd fails the reload first"
         );
     }
+    check_unit(&config, args.unit.as_deref());
     if args.offline {
         warn_privileged(&config);
         return Ok(ExitCode::SUCCESS);

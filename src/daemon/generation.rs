@@ -213,8 +213,12 @@ impl Generation {
             drain_waiter: None,
             traffic,
         };
+        let first = ready.is_none();
         generation.report_ready(ready, inherited.channel.take())?;
         generation.connections.recover(stored);
+        if first {
+            spawn_unit_check(&generation.config);
+        }
         Ok(generation)
     }
 
@@ -597,6 +601,21 @@ fn spawn_pinger(
                 connections.adopt(handed).await;
             }
         }
+    });
+}
+
+/// Under systemd, a first generation holds its unit to the configuration (`daemon::unit`)
+/// and warns of each contradiction, off the runtime (`systemctl` is a process).
+fn spawn_unit_check(config: &Config) {
+    let Some(unit) = crate::daemon::unit::own_unit() else { return };
+    let (fd_store_needed, config) = (crate::daemon::unit::fd_store_needed(config), config.clone());
+    tokio::task::spawn_blocking(move || match crate::daemon::unit::read(&unit) {
+        Ok(settings) => {
+            for found in crate::daemon::unit::contradictions(&settings, &config) {
+                warn!(%unit, "the unit contradicts the configuration: {found}");
+            }
+        }
+        Err(e) => info!(%unit, fd_store_needed, "the unit's settings were not checked: {e}"),
     });
 }
 

@@ -17,3 +17,4 @@ pub mod notify;
 pub mod state_dir;
 pub mod status_page;
 pub mod traffic;
+pub mod unit;
