@@ -154,12 +154,7 @@ impl Generation {
         }
         // Certificates before any socket: a broken one fails the handoff, not a listener.
         let tls = TlsListeners::load(&config, inherited.take_extra(TICKET_KEYS_FD))?;
-        // A first generation takes what a crashed one stashed in systemd's fd store (a
-        // successor is never passed the store).
-        let stored = match ready {
-            None => Stored::take(&mut inherited),
-            Some(_) => Stored::default(),
-        };
+        let stored = stored_connections(ready.is_none(), &mut inherited, &config);
         // The admin listener opens before the proxy's: its address is one of this proxy's own.
         let admin_listener = open_admin(&config, &mut inherited).await?;
         let admin_bound = admin_listener.as_ref().map(|l| l.bound.clone());
@@ -183,11 +178,7 @@ impl Generation {
             });
         }
         close_unused(&mut inherited);
-        let stale_stored = inherited_names
-            .into_iter()
-            .filter(|n| !n.starts_with(stash::TABLE_PREFIX) && !n.starts_with(stash::CONNECTION_PREFIX))
-            .filter(|n| !opened.iter().any(|l| &l.name == n && l.opened.is_adopted()))
-            .collect();
+        let stale_stored = stale_listeners(inherited_names, &opened);
         let mut generation = Generation {
             launch,
             number: inherited.generation,
@@ -213,12 +204,8 @@ impl Generation {
             drain_waiter: None,
             traffic,
         };
-        let first = ready.is_none();
         generation.report_ready(ready, inherited.channel.take())?;
         generation.connections.recover(stored);
-        if first {
-            spawn_unit_check(&generation.config);
-        }
         Ok(generation)
     }
 
@@ -604,10 +591,32 @@ fn spawn_pinger(
     });
 }
 
+/// A first generation (`first`) takes what a crashed one stashed in systemd's fd store (a
+/// successor is never passed the store), and holds its unit to the configuration.
+fn stored_connections(first: bool, inherited: &mut Inherited, config: &Config) -> Stored {
+    if !first {
+        return Stored::default();
+    }
+    spawn_unit_check(config);
+    Stored::take(inherited)
+}
+
+/// The names of inherited listeners this generation did not adopt under that name (the
+/// stash's names are not listeners: `proxy::stash` owns them).
+fn stale_listeners(inherited: Vec<String>, opened: &[Listener]) -> Vec<String> {
+    inherited
+        .into_iter()
+        .filter(|n| !n.starts_with(stash::TABLE_PREFIX) && !n.starts_with(stash::CONNECTION_PREFIX))
+        .filter(|n| !opened.iter().any(|l| &l.name == n && l.opened.is_adopted()))
+        .collect()
+}
+
 /// Under systemd, a first generation holds its unit to the configuration (`daemon::unit`)
 /// and warns of each contradiction, off the runtime (`systemctl` is a process).
 fn spawn_unit_check(config: &Config) {
-    let Some(unit) = crate::daemon::unit::own_unit() else { return };
+    let Some(unit) = crate::daemon::unit::own_unit() else {
+        return;
+    };
     let (fd_store_needed, config) = (crate::daemon::unit::fd_store_needed(config), config.clone());
     tokio::task::spawn_blocking(move || match crate::daemon::unit::read(&unit) {
         Ok(settings) => {

@@ -29,7 +29,12 @@ pub fn own_unit() -> Option<String> {
 /// The unit's properties, read with `systemctl show`.
 pub fn read(unit: &str) -> Result<UnitSettings, String> {
     let out = Command::new("systemctl")
-        .args(["show", unit, "-p", "LoadState,FileDescriptorStoreMax,TimeoutStopUSec,ExecReload"])
+        .args([
+            "show",
+            unit,
+            "-p",
+            "LoadState,FileDescriptorStoreMax,TimeoutStopUSec,ExecReload",
+        ])
         .output()
         .map_err(|e| format!("cannot run systemctl: {e}"))?;
     if !out.status.success() {
@@ -47,10 +52,15 @@ pub fn read(unit: &str) -> Result<UnitSettings, String> {
 pub fn parse(text: &str) -> Result<UnitSettings, String> {
     let mut settings = UnitSettings::default();
     for line in text.lines() {
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         match key {
             "FileDescriptorStoreMax" => {
-                settings.fd_store_max = value.trim().parse().map_err(|_| format!("{key}={value}: not a number"))?;
+                settings.fd_store_max = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{key}={value}: not a number"))?;
             }
             "TimeoutStopUSec" => settings.timeout_stop = stop_timeout(value)?,
             "ExecReload" => settings.exec_reload.extend(argv(value)),
@@ -140,8 +150,15 @@ mod tests {
             "argv[] without the other fields"
         );
         let none = parse("TimeoutStopUSec=infinity\nExecReload=\n").unwrap();
-        assert_eq!((none.timeout_stop, none.exec_reload.len()), (None, 0), "no timeout, no reload command");
-        assert!(parse("FileDescriptorStoreMax=lots").is_err(), "a value that is not a number is an error");
+        assert_eq!(
+            (none.timeout_stop, none.exec_reload.len()),
+            (None, 0),
+            "no timeout, no reload command"
+        );
+        assert!(
+            parse("FileDescriptorStoreMax=lots").is_err(),
+            "a value that is not a number is an error"
+        );
     }
 
     #[test]
@@ -150,13 +167,24 @@ mod tests {
         let config = Config::parse(text, None).unwrap();
         let found = contradictions(&parse(SHOWN).unwrap(), &config);
         assert_eq!(found.len(), 2, "the store and the stop timeout: {found:?}");
-        assert!(found[0].contains("FileDescriptorStoreMax=16 is below 60016"), "{}", found[0]);
+        assert!(
+            found[0].contains("FileDescriptorStoreMax=16 is below 60016"),
+            "{}",
+            found[0]
+        );
         assert!(found[1].contains("shorter than [timeouts] drain"), "{}", found[1]);
-        let other = parse("FileDescriptorStoreMax=65536\nExecReload={ path=/bin/kill ; argv[]=/bin/kill -HUP $MAINPID ; }").unwrap();
+        let other =
+            parse("FileDescriptorStoreMax=65536\nExecReload={ path=/bin/kill ; argv[]=/bin/kill -HUP $MAINPID ; }")
+                .unwrap();
         let found = contradictions(&other, &config);
         assert_eq!(found.len(), 1, "only the reload: {found:?}");
         assert!(found[0].contains("ExecReload= is not `baton upgrade`"), "{}", found[0]);
-        let good = parse("FileDescriptorStoreMax=65536\nTimeoutStopUSec=3min\nExecReload={ argv[]=/usr/bin/baton upgrade ; }").unwrap();
-        assert!(contradictions(&good, &config).is_empty(), "a unit that fits says nothing");
+        let good =
+            parse("FileDescriptorStoreMax=65536\nTimeoutStopUSec=3min\nExecReload={ argv[]=/usr/bin/baton upgrade ; }")
+                .unwrap();
+        assert!(
+            contradictions(&good, &config).is_empty(),
+            "a unit that fits says nothing"
+        );
     }
 }

@@ -234,7 +234,10 @@ impl Connections {
         }
         let adopted = &self.proxy.migration().adopted;
         let (tunnels, connections) = (adopted.get(MoveKind::Tunnel), adopted.get(MoveKind::Connection));
-        info!(tunnels, connections, refused, "taken back from systemd's fd store after a crash");
+        info!(
+            tunnels,
+            connections, refused, "taken back from systemd's fd store after a crash"
+        );
     }
 
     /// One idle client connection the previous generation handed over: served here from
@@ -420,7 +423,9 @@ impl Connections {
                 timer.as_mut().reset(deadline.min(Instant::now() + IDLE_GRACE));
             }
             match timer.as_mut().poll(cx) {
-                Poll::Ready(()) if stash_at.is_some() && !grace && Instant::now() < deadline => Poll::Ready(Wake::Stash),
+                Poll::Ready(()) if stash_at.is_some() && !grace && Instant::now() < deadline => {
+                    Poll::Ready(Wake::Stash)
+                }
                 Poll::Ready(()) if grace => Poll::Ready(Wake::Close),
                 Poll::Ready(()) => {
                     log_idle_timeout(*peer);

@@ -76,7 +76,10 @@ pub fn encode_slot(record: &Record) -> Option<Vec<u8>> {
 /// A slot read back: `Ok(None)` for an empty (or cleared) one; an error for one that is
 /// torn or forged (its checksum, length or JSON is wrong).
 pub fn decode_slot(slot: &[u8]) -> Result<Option<Record>, String> {
-    let word = |at: usize| slot.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()));
+    let word = |at: usize| {
+        slot.get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
+    };
     if word(0) != Some(MAGIC) {
         return Ok(None);
     }
@@ -85,15 +88,21 @@ pub fn decode_slot(slot: &[u8]) -> Result<Option<Record>, String> {
         .get(HEADER..HEADER + len)
         .filter(|_| len <= SLOT - HEADER)
         .ok_or_else(|| format!("a record of {len} bytes does not fit its slot"))?;
-    let sum = slot.get(8..16).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let sum = slot
+        .get(8..16)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     if sum != Some(fnv(body)) {
         return Err("a record whose checksum does not match (torn or forged)".into());
     }
-    serde_json::from_slice(body).map(Some).map_err(|e| format!("a bad record: {e}"))
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| format!("a bad record: {e}"))
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// An fd's identity: the same open socket or pipe has it in every process.
@@ -226,7 +235,11 @@ impl Stash {
     /// A connection already in the store under `name` (moved here by a handoff, or taken
     /// back after a crash): only its record is written, into this generation's table.
     pub fn keep(&self, name: &str, moved: &Moved, fds: &[BorrowedFd<'_>]) -> Option<Box<Entry>> {
-        let ids = fds.iter().map(|fd| identity(*fd)).collect::<io::Result<Vec<_>>>().ok()?;
+        let ids = fds
+            .iter()
+            .map(|fd| identity(*fd))
+            .collect::<io::Result<Vec<_>>>()
+            .ok()?;
         let slot = self.free.lock().ok()?.pop()?;
         let entry = Box::new(Entry {
             slot,
@@ -234,7 +247,10 @@ impl Stash {
             ids,
         });
         if !self.show(&entry, moved) {
-            debug!(name, "a connection's record does not fit its slot: not kept in the fd store");
+            debug!(
+                name,
+                "a connection's record does not fit its slot: not kept in the fd store"
+            );
             self.release(entry);
             return None;
         }
@@ -442,7 +458,10 @@ fn in_order(record: Record, mut group: Vec<OwnedFd>) -> Result<(Moved, Vec<Owned
     }
     let mut ordered = Vec::with_capacity(group.len());
     for id in &record.ids {
-        match group.iter().position(|fd| identity(fd.as_fd()).ok().as_ref() == Some(id)) {
+        match group
+            .iter()
+            .position(|fd| identity(fd.as_fd()).ok().as_ref() == Some(id))
+        {
             Some(i) => ordered.push(group.swap_remove(i)),
             None => {
                 group.extend(ordered);

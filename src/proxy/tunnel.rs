@@ -271,13 +271,21 @@ impl Spliced {
     fn stash(&mut self, s: &mut Stashing, record: &TunnelRecord, counters: &Counters) {
         self.up.made = false;
         self.down.made = false;
-        s.entry = s.stash.put(&Moved::Tunnel(self.record_now(record, counters)), &self.fds());
+        s.entry = s
+            .stash
+            .put(&Moved::Tunnel(self.record_now(record, counters)), &self.fds());
         s.timer = s.entry.is_none().then(|| Box::pin(tokio::time::sleep(s.stash.after())));
     }
 
     /// A tunnel that was stashed before it came here keeps its name; without a slot here it
     /// leaves the store.
-    fn keep_stashed(&self, stash: &Stash, name: &str, record: &TunnelRecord, counters: &Counters) -> Option<Box<Entry>> {
+    fn keep_stashed(
+        &self,
+        stash: &Stash,
+        name: &str,
+        record: &TunnelRecord,
+        counters: &Counters,
+    ) -> Option<Box<Entry>> {
         let kept = stash.keep(name, &Moved::Tunnel(self.record_now(record, counters)), &self.fds());
         if kept.is_none() {
             stash.forget(name);
@@ -354,7 +362,10 @@ impl Spliced {
         mut stashing: Option<&mut Stashing>,
     ) -> Result<&'static str, Spliced> {
         let mut record = Box::new(self.record_now(&h.record, counters));
-        record.stashed = stashing.as_ref().and_then(|s| s.entry.as_ref()).map(|e| e.name().to_string());
+        record.stashed = stashing
+            .as_ref()
+            .and_then(|s| s.entry.as_ref())
+            .map(|e| e.name().to_string());
         let mut stashed = stashing.as_mut().and_then(|s| s.entry.take());
         let fds = match self.into_fds() {
             Ok(fds) => fds,

@@ -26,8 +26,13 @@ fn a_record_survives_its_slot() {
     let back = decode_slot(&bytes).unwrap().expect("a written slot holds a record");
     assert_eq!(back.name, record.name, "the name comes back");
     assert_eq!(back.ids, record.ids, "the fds' identities come back in order");
-    let Moved::Tunnel(t) = back.moved else { panic!("the kind comes back") };
-    assert_eq!((t.target.as_str(), t.pipes, t.up, t.down), ("example.com:443", [true, false], 10, 20));
+    let Moved::Tunnel(t) = back.moved else {
+        panic!("the kind comes back")
+    };
+    assert_eq!(
+        (t.target.as_str(), t.pipes, t.up, t.down),
+        ("example.com:443", [true, false], 10, 20)
+    );
 }
 
 #[test]
@@ -35,7 +40,10 @@ fn an_empty_or_cleared_slot_holds_nothing() {
     assert!(decode_slot(&[0u8; SLOT]).unwrap().is_none(), "a zero slot is free");
     let mut bytes = encode_slot(&tunnel_record()).unwrap();
     bytes[..HEADER].fill(0);
-    assert!(decode_slot(&bytes).unwrap().is_none(), "hide() clears the header: nothing to take back");
+    assert!(
+        decode_slot(&bytes).unwrap().is_none(),
+        "hide() clears the header: nothing to take back"
+    );
 }
 
 #[test]
@@ -49,7 +57,10 @@ fn a_torn_or_forged_slot_is_refused() {
     let mut long = bytes.clone();
     long[4..8].copy_from_slice(&(SLOT as u32).to_le_bytes());
     let e = decode_slot(&long).unwrap_err();
-    assert!(e.contains("does not fit"), "a length past the slot is refused, not read past: {e}");
+    assert!(
+        e.contains("does not fit"),
+        "a length past the slot is refused, not read past: {e}"
+    );
     let e = decode_slot(&bytes[..HEADER + 3]).unwrap_err();
     assert!(e.contains("does not fit"), "a short slot is refused: {e}");
 }
@@ -64,7 +75,10 @@ fn a_record_too_big_for_its_slot_is_not_stashed() {
             ..ConnectionRecord::default()
         }),
     };
-    assert!(encode_slot(&record).is_none(), "a record over {SLOT} bytes does not fit");
+    assert!(
+        encode_slot(&record).is_none(),
+        "a record over {SLOT} bytes does not fit"
+    );
 }
 
 /// The whole way: a table written by one stash is read back as a crashed generation's, its
@@ -85,7 +99,9 @@ fn stored_connections_come_back_in_their_records_order() {
     stored.tables.push(("stash.x".into(), stash.table.try_clone().unwrap()));
     let copies = |f: &[BorrowedFd<'_>]| f.iter().map(|fd| fd.try_clone_to_owned().unwrap()).collect::<Vec<_>>();
     // Shuffled: the store promises no order.
-    stored.fds.insert("c.x.1".into(), copies(&[w.as_fd(), a.as_fd(), r.as_fd()]));
+    stored
+        .fds
+        .insert("c.x.1".into(), copies(&[w.as_fd(), a.as_fd(), r.as_fd()]));
     stored.fds.insert("c.x.2".into(), copies(&[b.as_fd()]));
     let forgotten = std::cell::RefCell::new(Vec::new());
     let found = stored.connections(&|n| forgotten.borrow_mut().push(n.to_string()));
@@ -93,10 +109,17 @@ fn stored_connections_come_back_in_their_records_order() {
     let (moved, fds) = &found[0];
     assert_eq!(moved.stashed(), Some("c.x.1"), "it keeps its name in the store");
     let ids: Vec<_> = fds.iter().map(|f| identity(f.as_fd()).unwrap()).collect();
-    let want: Vec<_> = [a.as_fd(), r.as_fd(), w.as_fd()].iter().map(|f| identity(*f).unwrap()).collect();
+    let want: Vec<_> = [a.as_fd(), r.as_fd(), w.as_fd()]
+        .iter()
+        .map(|f| identity(*f).unwrap())
+        .collect();
     assert_eq!(ids, want, "the fds in the record's order");
     let mut forgotten = forgotten.into_inner();
     forgotten.sort();
-    assert_eq!(forgotten, ["c.x.2", "stash.x"], "the busy one and the old table leave the store");
+    assert_eq!(
+        forgotten,
+        ["c.x.2", "stash.x"],
+        "the busy one and the old table leave the store"
+    );
     drop(entry);
 }
