@@ -2,7 +2,8 @@
 //! (`kill -9`, an OOM kill, an abort, a watchdog kill) loses none: the restarted first
 //! generation takes them back like a migration's ([`Stored`]).
 //!
-//! - Each stashed connection is one name in the store, `c.<process>.<n>`, under which all
+//! - Each stashed connection is one name in the store, `c.<process>.<n>` (base 36, short:
+//!   the names of all stored fds come back in one environment string, [`NAMES_BUDGET`]), under which all
 //!   its fds go in one `FDSTORE=1` message (a tunnel's client and origin sockets and the
 //!   pipes it has made; an idle connection's socket), and one `FDSTOREREMOVE=1` takes them
 //!   all out when it ends: one message to PID 1 each way (a pipe made later adds one).
@@ -27,7 +28,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
@@ -48,6 +49,12 @@ pub const CONNECTION_PREFIX: &str = "c.";
 pub const SLOT: usize = 1024;
 const HEADER: usize = 16;
 const MAGIC: u32 = u32::from_le_bytes(*b"BTS1");
+/// The bytes the stashed connections' names may take in `LISTEN_FDNAMES` (each fd's name and
+/// a `:`). systemd passes the store back in that one environment string, and the kernel
+/// refuses an `execve` with a string over 128 KiB (`MAX_ARG_STRLEN`): past it, a restart
+/// after a crash would fail to start baton at all. What is left of the 128 KiB is for the
+/// listeners' names, the tables and a draining generation's connections.
+pub const NAMES_BUDGET: usize = 100_000;
 
 /// What a slot holds: the connection's name in the store, its fds' identities in the order
 /// the record lays them out, and the record.
@@ -99,6 +106,19 @@ pub fn decode_slot(slot: &[u8]) -> Result<Option<Record>, String> {
         .map_err(|e| format!("a bad record: {e}"))
 }
 
+fn base36(mut n: u128) -> String {
+    let mut digits = Vec::new();
+    loop {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
+}
+
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -129,6 +149,11 @@ impl Entry {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// What it takes of [`NAMES_BUDGET`]: its name and a `:` for each fd.
+    fn cost(&self) -> usize {
+        (self.name.len() + 1) * self.ids.len()
+    }
 }
 
 /// This generation's stash.
@@ -140,6 +165,8 @@ pub struct Stash {
     prefix: String,
     next: AtomicU64,
     free: Mutex<Vec<u32>>,
+    /// Bytes of `LISTEN_FDNAMES` this generation's stashed connections take.
+    names_used: AtomicUsize,
     active: AtomicBool,
     to_pid1: Mutex<mpsc::Sender<Message>>,
 }
@@ -169,7 +196,11 @@ impl Stash {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let process = format!("{started:x}{:x}", std::process::id());
+        // Short (every fd's name counts against NAMES_BUDGET) and unique among the
+        // generations whose names share the store: the pid, and the start time's low bits
+        // in case a later generation reuses the pid.
+        let pid = u128::from(std::process::id());
+        let process = format!("{}{}", base36(pid), base36(started % 1296));
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("fd-store".into())
@@ -181,6 +212,7 @@ impl Stash {
             prefix: format!("{CONNECTION_PREFIX}{process}."),
             next: AtomicU64::new(0),
             free: Mutex::new((0..slots as u32).rev().collect()),
+            names_used: AtomicUsize::new(0),
             active: AtomicBool::new(false),
             to_pid1: Mutex::new(tx),
         })
@@ -219,7 +251,12 @@ impl Stash {
         if !self.is_active() {
             return None;
         }
-        let name = format!("{}{:x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed));
+        let n = u128::from(self.next.fetch_add(1, Ordering::Relaxed));
+        let name = format!("{}{}", self.prefix, base36(n));
+        if self.names_used.load(Ordering::Relaxed) + (name.len() + 1) * fds.len() > NAMES_BUDGET {
+            debug!("the fd store's names are at their budget: a connection is not stashed");
+            return None;
+        }
         let entry = self.keep(&name, moved, fds)?;
         match fds.iter().map(|fd| fd.try_clone_to_owned()).collect() {
             Ok(copies) => self.send(Message::Store(name.into(), copies)),
@@ -246,6 +283,7 @@ impl Stash {
             name: name.into(),
             ids,
         });
+        self.names_used.fetch_add(entry.cost(), Ordering::Relaxed);
         if !self.show(&entry, moved) {
             debug!(
                 name,
@@ -267,7 +305,9 @@ impl Stash {
             return warn!(name = %entry.name, "cannot stash a tunnel's new pipe");
         };
         self.send(Message::Store(entry.name.clone(), copies));
+        self.names_used.fetch_sub(entry.cost(), Ordering::Relaxed);
         entry.ids = ids;
+        self.names_used.fetch_add(entry.cost(), Ordering::Relaxed);
         self.show(entry, moved);
     }
 
@@ -300,6 +340,7 @@ impl Stash {
     /// is freed.
     pub fn release(&self, entry: Box<Entry>) {
         self.hide(&entry);
+        self.names_used.fetch_sub(entry.cost(), Ordering::Relaxed);
         if let Ok(mut free) = self.free.lock() {
             free.push(entry.slot);
         }

@@ -123,3 +123,33 @@ fn stored_connections_come_back_in_their_records_order() {
     );
     drop(entry);
 }
+
+/// A restart after a crash gets every stored fd's name in one environment string, which the
+/// kernel caps at 128 KiB: past the budget a connection is not stashed (rather than a restart
+/// that cannot exec baton), and what leaves the store gives its share back.
+#[test]
+fn the_names_stay_within_what_a_restart_can_pass() {
+    let stash = Stash::new(Duration::from_secs(1), 8).unwrap();
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let moved = Moved::Connection(ConnectionRecord::default());
+    assert!(
+        stash.put(&moved, &[a.as_fd()]).is_none(),
+        "nothing is stashed before this generation serves"
+    );
+    stash.active.store(true, Ordering::Release);
+    let entry = stash.put(&moved, &[a.as_fd()]).expect("a serving generation stashes");
+    let cost = entry.cost();
+    assert_eq!(cost, entry.name().len() + 1, "one fd: its name and a colon");
+    assert!(entry.name().len() <= 16, "names are short: {}", entry.name());
+    stash.names_used.store(NAMES_BUDGET - cost + 1, Ordering::Relaxed);
+    assert!(
+        stash.put(&moved, &[a.as_fd()]).is_none(),
+        "one byte over the budget: not stashed"
+    );
+    stash.remove(entry);
+    assert_eq!(
+        stash.names_used.load(Ordering::Relaxed),
+        NAMES_BUDGET - 2 * cost + 1,
+        "a removed connection gives its share back"
+    );
+}
