@@ -29,7 +29,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use baton_handoff::Inherited;
@@ -55,6 +55,10 @@ const MAGIC: u32 = u32::from_le_bytes(*b"BTS1");
 /// after a crash would fail to start baton at all. What is left of the 128 KiB is for the
 /// listeners' names, the tables and a draining generation's connections.
 pub const NAMES_BUDGET: usize = 100_000;
+/// Stores sent to the notifier thread and not yet through to PID 1. Each holds copies of its
+/// fds: when PID 1 falls behind (it checks each new fd against every stored one), new
+/// connections are not stashed rather than copies piling up against the open-files limit.
+const STORES_IN_FLIGHT: usize = 1024;
 
 /// What a slot holds: the connection's name in the store, its fds' identities in the order
 /// the record lays them out, and the record.
@@ -169,6 +173,8 @@ pub struct Stash {
     names_used: AtomicUsize,
     active: AtomicBool,
     to_pid1: Mutex<mpsc::Sender<Message>>,
+    /// Stores not yet through to PID 1 (shared with the notifier thread).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Stash {
@@ -202,9 +208,11 @@ impl Stash {
         let pid = u128::from(std::process::id());
         let process = format!("{}{}", base36(pid), base36(started % 1296));
         let (tx, rx) = mpsc::channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let sent = in_flight.clone();
         std::thread::Builder::new()
             .name("fd-store".into())
-            .spawn(move || notifier(&rx))?;
+            .spawn(move || notifier(&rx, &sent))?;
         Ok(Stash {
             after,
             table,
@@ -215,6 +223,7 @@ impl Stash {
             names_used: AtomicUsize::new(0),
             active: AtomicBool::new(false),
             to_pid1: Mutex::new(tx),
+            in_flight,
         })
     }
 
@@ -255,6 +264,10 @@ impl Stash {
         let name = format!("{}{}", self.prefix, base36(n));
         if self.names_used.load(Ordering::Relaxed) + (name.len() + 1) * fds.len() > NAMES_BUDGET {
             debug!("the fd store's names are at their budget: a connection is not stashed");
+            return None;
+        }
+        if self.in_flight.load(Ordering::Relaxed) >= STORES_IN_FLIGHT {
+            debug!("PID 1 is behind with the fd store: a connection is not stashed now");
             return None;
         }
         let entry = self.keep(&name, moved, fds)?;
@@ -352,6 +365,9 @@ impl Stash {
     }
 
     fn send(&self, message: Message) {
+        if matches!(message, Message::Store(..)) {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
         if let Ok(tx) = self.to_pid1.lock() {
             let _ = tx.send(message);
         }
@@ -361,7 +377,7 @@ impl Stash {
 /// The notifier thread: each message to PID 1 in order. A send that fails is logged; the
 /// connection lives on, only unstashed (or, for a removal, closed when systemd notices its
 /// POLLHUP).
-fn notifier(rx: &mpsc::Receiver<Message>) {
+fn notifier(rx: &mpsc::Receiver<Message>, in_flight: &AtomicUsize) {
     while let Ok(message) = rx.recv() {
         let sent = match &message {
             Message::Store(name, fds) => {
@@ -372,6 +388,9 @@ fn notifier(rx: &mpsc::Receiver<Message>) {
         };
         if let Err(e) = sent {
             debug!("a message to systemd's fd store failed: {e}");
+        }
+        if matches!(message, Message::Store(..)) {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
