@@ -266,6 +266,11 @@ impl Proxy {
                 return Ok(());
             }
         };
+        // Stashed by the generation before, and this one does not stash: out of the store,
+        // or systemd's copies would keep the sockets open after the tunnel ends.
+        if self.stash.is_none() {
+            stash::forget(None, record.stashed.take().as_deref());
+        }
         let counters = Counters::starting_at(record.up, record.down);
         // This generation's buckets for its key: they start full (buckets do not move).
         let spliced = spliced.throttled(self.limits.throttle(&ask.peer, ask.user.as_deref()));
