@@ -440,7 +440,7 @@ async fn one_tunnel(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
+async fn check_refuses_an_inspection_ca_that_is_not_a_ca_and_warns_of_one_expiring() {
     let pki = Pki::new();
     let dir = pki.dir.path();
     let good = dir.join("good.toml");
@@ -450,6 +450,22 @@ async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
     assert!(
         out.contains("inspection CA") && out.contains("baton inspection CA"),
         "{out}"
+    );
+    assert!(
+        !out.contains("warning: the inspection CA expires"),
+        "the witness for the expiry warning: a CA valid for years gets none: {out}"
+    );
+    // A CA with 10 days left still passes (its leaves are valid until then) but is warned of,
+    // since every client must be given its successor first. Ten and a half days, so that the
+    // whole days counted are 10 whatever the seconds the certificate's time drops.
+    let soon = TestCa::named_until("short-lived CA", SystemTime::now() + 10 * DAY + DAY / 2).expect("CA");
+    soon.write_ca(&pki.inspect_ca_pem).expect("write");
+    soon.write_key(&pki.inspect_ca_key).expect("write");
+    let (ok, out) = common::check_config(&good);
+    assert!(ok, "a CA with 10 days left is still usable: {out}");
+    assert!(
+        out.contains("warning: the inspection CA expires in 10 days"),
+        "under 30 days left is warned of, with the days the check line counts: {out}"
     );
     // A leaf (no basicConstraints CA:TRUE) with its own key, in the CA's place.
     let (from, to) = now_and_in(30 * DAY);
