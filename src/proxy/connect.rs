@@ -166,14 +166,14 @@ impl Proxy {
         let sni = (self.policy.reads_sni() && record.upgrade.is_none())
             .then(|| (self.policy.clone(), self.settings.sni_wait));
         let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
-        // Only with `[inspect]` can a rule bump: without, tunnels keep nothing for it.
-        let bumper = self
-            .inspection
-            .is_some()
-            .then(|| (self.clone(), self.settings.sni_wait));
+        // Only with `[inspect]` can a rule bump: without, tunnels keep nothing for it. An
+        // upgraded connection is never bumped (it was a request, or is inside a bump).
+        let bumper =
+            (self.inspection.is_some() && record.upgrade.is_none()).then(|| (self.clone(), self.settings.sni_wait));
         self.drain.tunnels().spawn(async move {
-            // The client connection's place under the connection limits, until the tunnel ends.
-            let _slot = slot;
+            // The client connection's place under the connection limits, until the tunnel ends
+            // (a WebSocket inside a bump keeps a share of it for its own tunnel).
+            let slot = slot;
             let (mut client, mut early) = (client, early);
             if let Some((policy, wait)) = sni {
                 match Box::pin(check_sni(&policy, &mut client, &mut early, &mut ask, &mut record, wait)).await {
@@ -188,7 +188,7 @@ impl Proxy {
                     Ok(Some(bump)) => {
                         // Requests inside open their own TLS connections to the origin.
                         drop(origin);
-                        return Box::pin(proxy.bump(client, early.to_origin, bump, &ask)).await;
+                        return Box::pin(proxy.bump(client, early.to_origin, bump, &ask, slot)).await;
                     }
                     Err(d) => return sni_refused(&ask, &d),
                 }
@@ -444,15 +444,8 @@ impl Proxy {
         let on = hyper::upgrade::on(&mut resp);
         let taken = tokio::time::timeout(self.settings.upstream_response, on).await;
         client.lease.discard();
-        // A pooled origin connection is a bare socket; a parent's may be TLS.
         let parts = match taken {
-            Ok(Ok(up)) => match up.downcast::<TokioIo<TcpStream>>() {
-                Ok(p) => Ok((HopStream::Plain(p.io.into_inner()), p.read_buf)),
-                Err(up) => up
-                    .downcast::<TokioIo<HopStream>>()
-                    .map(|p| (p.io.into_inner(), p.read_buf))
-                    .map_err(|_| "not a stream baton opened".to_string()),
-            },
+            Ok(Ok(up)) => hop_stream(up),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the connection was not handed over in time".into()),
         };
@@ -479,7 +472,13 @@ impl Proxy {
 
     fn upgrade_record(&self, ask: &Ask, hop: NextHop<'_>, protocol: &str) -> TunnelRecord {
         let authority = ask.target.authority().map(|a| a.as_str()).unwrap_or_default();
-        let port = ask.target.port_u16().unwrap_or(80);
+        // A WebSocket inside a bump has an `https://` target.
+        let default_port = if ask.target.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        let port = ask.target.port_u16().unwrap_or(default_port);
         let host = ask.target.host().unwrap_or_default();
         TunnelRecord {
             client: match ask.peer {
@@ -515,5 +514,24 @@ impl Proxy {
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *resp.headers_mut() = headers;
         resp
+    }
+}
+
+/// The stream under an origin connection hyper gave up after a 101, with what hyper had read
+/// past the 101: a pooled origin connection is a bare socket, a parent's may be TLS, and a
+/// bumped request's origin connection is TLS (a WebSocket inside a bump).
+fn hop_stream(up: hyper::upgrade::Upgraded) -> Result<(HopStream, Bytes), String> {
+    type OriginTls = tokio_rustls::client::TlsStream<TcpStream>;
+    let up = match up.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => return Ok((HopStream::Plain(p.io.into_inner()), p.read_buf)),
+        Err(up) => up,
+    };
+    let up = match up.downcast::<TokioIo<HopStream>>() {
+        Ok(p) => return Ok((p.io.into_inner(), p.read_buf)),
+        Err(up) => up,
+    };
+    match up.downcast::<TokioIo<OriginTls>>() {
+        Ok(p) => Ok((HopStream::Tls(Box::new(p.io.into_inner())), p.read_buf)),
+        Err(_) => Err("not a stream baton can relay (an origin reached through a parent's tunnel)".into()),
     }
 }
