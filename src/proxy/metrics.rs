@@ -62,6 +62,9 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// TLS connections and tunnels that stayed at a handoff (they drain), by why
+    /// (`tls::moving::Refusal`).
+    pub tls_not_moved: Family<ReasonLabels, Counter>,
     /// Bumped tunnels by how they ended (`ok`, `client_refused`, `failed`, `timeout`, `mint_failed`).
     pub bumped: Family<ResultLabels, Counter>,
     /// Bumped tunnels whose client refused the minted leaf, by server name.
@@ -88,6 +91,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    tls_not_moved: Family::default(),
     bumped: Family::default(),
     bump_client_refusals: Family::default(),
     bump_leaves_minted: Counter::default(),
@@ -139,6 +143,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
             self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_not_moved",
+            "TLS connections and tunnels that could not move at a handoff and drain instead, by reason (tls12, plaintext_buffered, ciphertext_buffered, suite, closing, extraction)",
+            self.tls_not_moved.clone(),
         );
         registry.register(
             "bumped_tunnels",
@@ -324,6 +333,11 @@ pub fn bump_client_refused(sni: &str) {
 /// A leaf was minted (not found in the cache).
 pub fn bump_leaf_minted() {
     get().bump_leaves_minted.inc();
+}
+
+/// A TLS connection or tunnel that stays at a handoff, and why.
+pub fn tls_not_moved(reason: &'static str) {
+    get().tls_not_moved.get_or_create(&ReasonLabels { reason }).inc();
 }
 
 pub fn tls_handshake(result: &'static str) {
