@@ -191,11 +191,11 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
 
 /// A successor that passes its predecessor's canary window, offers to take its tunnels, and
 /// dies as the first batch arrives, before acknowledging it: the handoff protocol by hand
-/// (`BATON_READY_FD` gets `ready <pid> canary xfer=2`; `BATON_CHANNEL_FD`, a seqpacket
+/// (`BATON_READY_FD` gets `ready <pid> canary xfer=3`; `BATON_CHANNEL_FD`, a seqpacket
 /// socket, gets a ping every 250 ms until `pass`; the next message is the batch).
 const FAKE_SUCCESSOR: &str = r#"#!/usr/bin/env python3
 import os, socket, sys
-os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=2\n" % os.getpid())
+os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=3\n" % os.getpid())
 chan = socket.socket(fileno=int(os.environ["BATON_CHANNEL_FD"]))
 chan.settimeout(0.25)
 passed = False

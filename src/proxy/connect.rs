@@ -226,26 +226,7 @@ impl Proxy {
         };
         metrics::migrated("tunnel", 1);
         self.migration.count_adopted(migrate::Kind::Tunnel);
-        let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
-        // An upgraded connection's line is its request's: `GET` and the absolute URI.
-        let (method, target) = match &record.upgrade {
-            Some(u) => (Method::GET, &u.uri),
-            None => (Method::CONNECT, &record.target),
-        };
-        let ask = Ask {
-            peer: record.client.map_or(Peer::Local, Peer::Ip),
-            target: target
-                .parse::<Uri>()
-                .map_err(|e| format!("bad target {target:?}: {e}"))?,
-            method,
-            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-            // Not a connection of this generation's: the line's bytes come from the record.
-            sent: Arc::default(),
-            user: record.user.clone(),
-            rule: None,
-            // Only HTTP/1.1 tunnels move.
-            version: http::Version::HTTP_11,
-        };
+        let ask = moved_ask(&record)?;
         let ended = Ended::from(&record);
         let admitted = self.recheck(&record, relay.origin_addr().ok()).and_then(|()| {
             admission.admit(&ask.peer).map_err(|r| Denial {
@@ -314,6 +295,31 @@ impl Proxy {
             origin,
         })
     }
+}
+
+/// The request a moved tunnel answers, for its access line: an upgraded connection's is its
+/// `GET` and absolute URI, a tunnel's its CONNECT; its start as the record says.
+fn moved_ask(record: &TunnelRecord) -> Result<Ask, String> {
+    let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
+    // An upgraded connection's line is its request's: `GET` and the absolute URI.
+    let (method, target) = match &record.upgrade {
+        Some(u) => (Method::GET, &u.uri),
+        None => (Method::CONNECT, &record.target),
+    };
+    Ok(Ask {
+        peer: record.client.map_or(Peer::Local, Peer::Ip),
+        target: target
+            .parse::<Uri>()
+            .map_err(|e| format!("bad target {target:?}: {e}"))?,
+        method,
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        // Not a connection of this generation's: the line's bytes come from the record.
+        sent: Arc::default(),
+        user: record.user.clone(),
+        rule: None,
+        // Only HTTP/1.1 tunnels move.
+        version: http::Version::HTTP_11,
+    })
 }
 
 /// A moved tunnel, as it relays on here.

@@ -139,16 +139,7 @@ impl Metrics {
             "Live connections this process adopted from the previous generation at a handoff, by kind",
             self.migrated.clone(),
         );
-        registry.register(
-            "tls_handshakes",
-            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
-            self.tls_handshakes.clone(),
-        );
-        registry.register(
-            "tls_not_moved",
-            "TLS connections and tunnels that could not move at a handoff and drain instead, by reason (tls12, plaintext_buffered, ciphertext_buffered, suite, closing, extraction)",
-            self.tls_not_moved.clone(),
-        );
+        self.register_tls(registry);
         registry.register(
             "bumped_tunnels",
             "Bumped (TLS-inspected) tunnels by result: ok, client_refused (the client refused the minted certificate), failed, timeout, mint_failed",
@@ -180,6 +171,23 @@ impl Metrics {
             "Client connections of this process that are idle: between requests (no HTTP state \
              held, their origin connection back in the pool) or before their first",
             self.idle_connections.clone(),
+        );
+    }
+}
+
+impl Metrics {
+    /// The TLS listeners' own: handshakes, and connections that could not move.
+    fn register_tls(&self, registry: &mut Registry) {
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
+            self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_not_moved",
+            "TLS connections and tunnels that could not move at a handoff and drain instead, by reason \
+             (tls12, plaintext_buffered, ciphertext_buffered, suite, closing, busy, extraction)",
+            self.tls_not_moved.clone(),
         );
     }
 }

@@ -220,8 +220,11 @@ impl HkdfExpander for GivenKey<'_> {
     }
 }
 
+/// A direction's sealer and the other's opener.
+type Sealers = (Box<dyn MessageEncrypter>, Box<dyn MessageDecrypter>);
+
 /// The suite's encrypter and decrypter for `secrets`.
-fn rebuild(secrets: &Secrets) -> Result<(Box<dyn MessageEncrypter>, Box<dyn MessageDecrypter>), String> {
+fn rebuild(secrets: &Secrets) -> Result<Sealers, String> {
     let suite = suite_of(secrets.suite).ok_or_else(|| format!("cipher suite {:#06x} unknown here", secrets.suite))?;
     let aead = suite.aead_alg;
     let parts = |d: &Direction| -> Result<(AeadKey, Iv), String> {
@@ -273,7 +276,7 @@ impl TlsClient {
     /// connection back (`None` if rustls failed after giving up its state) and why.
     pub fn take_apart(self) -> Result<(Stream, Secrets), (Option<TlsClient>, Refusal)> {
         match self {
-            TlsClient::Live(live) => take_live(*live).map_err(|(l, r)| (l.map(|l| TlsClient::Live(Box::new(l))), r)),
+            TlsClient::Live(live) => take_live(live).map_err(|(l, r)| (l.map(TlsClient::Live), r)),
             TlsClient::Resumed(r) => r.take_apart().map_err(|(r, why)| (Some(TlsClient::Resumed(r)), why)),
         }
     }
@@ -297,8 +300,11 @@ impl TlsClient {
     }
 }
 
+/// rustls's connection back when it stays (`None`: lost), and why.
+type KeptLive = (Option<Box<TlsStream<Aligned>>>, Refusal);
+
 /// rustls's connection taken apart, once the checks rustls does not make passed.
-fn take_live(mut live: TlsStream<Aligned>) -> Result<(Stream, Secrets), (Option<TlsStream<Aligned>>, Refusal)> {
+fn take_live(mut live: Box<TlsStream<Aligned>>) -> Result<(Stream, Secrets), KeptLive> {
     let (aligned, conn) = live.get_mut();
     if conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
         return Err((Some(live), Refusal::Tls12));
@@ -326,7 +332,7 @@ fn take_live(mut live: TlsStream<Aligned>) -> Result<(Stream, Secrets), (Option<
         return Err((Some(live), Refusal::Ciphertext));
     }
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let (aligned, conn) = live.into_inner();
+    let (aligned, conn) = (*live).into_inner();
     let extracted = conn
         .dangerous_extract_secrets()
         .map_err(|_| (None, Refusal::Extraction))?;

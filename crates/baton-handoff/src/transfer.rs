@@ -8,7 +8,7 @@
 //! A batch: `XFER`, the protocol version (u16, big-endian), the item count (u16), then per
 //! item its fd count (u16) and record length (u32) and the record; the fds in item order.
 //! The answers are text: `ack <items>` or `nack <reason>`; the old generation ends with
-//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=2`): a successor that
+//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=3`): a successor that
 //! does not offer ours gets no batches, and the old generation drains as before.
 
 use std::io;
