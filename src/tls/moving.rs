@@ -93,8 +93,7 @@ impl AsyncRead for Aligned {
         let this = self.get_mut();
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let new = buf.filled()[before..].to_vec();
-        this.follow(&new);
+        this.follow(&buf.filled()[before..]);
         Poll::Ready(Ok(()))
     }
 }
@@ -425,8 +424,7 @@ impl Resumed {
             }
             self.out_pos += n;
         }
-        self.out.clear();
-        self.out_pos = 0;
+        (self.out, self.out_pos) = (Vec::new(), 0);
         Poll::Ready(Ok(()))
     }
 
@@ -448,6 +446,10 @@ impl Resumed {
     /// Opens the record of `len` bytes at the start of `inbuf` and acts on what it holds.
     fn open(&mut self, len: usize) -> io::Result<()> {
         let mut record: Vec<u8> = self.inbuf.drain(..len).collect();
+        if self.inbuf.is_empty() {
+            // An idle connection keeps no buffer (the first read made one of 16 KiB).
+            self.inbuf = Vec::new();
+        }
         let msg = InboundOpaqueMessage::new(
             ContentType::ApplicationData,
             ProtocolVersion::TLSv1_2,
@@ -503,6 +505,9 @@ impl AsyncRead for Resumed {
                 let n = buf.remaining().min(this.plain.len() - this.plain_pos);
                 buf.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
                 this.plain_pos += n;
+                if this.plain_pos == this.plain.len() {
+                    (this.plain, this.plain_pos) = (Vec::new(), 0);
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.read_closed {
@@ -597,6 +602,198 @@ impl TlsClient {
         match self {
             TlsClient::Live(s) => s.into_inner().0.io,
             TlsClient::Resumed(r) => r.io,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::crypto::ring::cipher_suite as cs;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    type Client = tokio_rustls::client::TlsStream<tokio::net::UnixStream>;
+
+    /// A handshake over a socketpair: baton's side as a connection on a TLS listener (with
+    /// secret extraction, as `tls::certs` configures it), a rustls client speaking `suite`.
+    async fn pair(suite: rustls::SupportedCipherSuite) -> (TlsClient, Client) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let der = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let version = match suite {
+            rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+            rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+        };
+        let only = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(only))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(Aligned::new(Stream::Unix(a)));
+        let name = ServerName::try_from("localhost").unwrap();
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, b);
+        let (server, client) = tokio::join!(accept, connect);
+        (TlsClient::Live(Box::new(server.unwrap())), client.unwrap())
+    }
+
+    /// `n` bytes each way between the two ends.
+    async fn exchange(server: &mut TlsClient, client: &mut Client, n: usize) {
+        let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let mut got = vec![0u8; n];
+        let (wrote, read) = tokio::join!(client.write_all(&data), server.read_exact(&mut got));
+        wrote.unwrap();
+        read.unwrap();
+        assert!(got == data, "the client's bytes arrive intact");
+        let (wrote, read) = tokio::join!(
+            async { server.write_all(&data).await.and(server.flush().await) },
+            client.read_exact(&mut got)
+        );
+        wrote.unwrap();
+        read.unwrap();
+        assert!(got == data, "the server's bytes arrive intact");
+    }
+
+    /// Takes `server` apart and resumes it from its state, as a successor would.
+    fn moved(server: TlsClient) -> TlsClient {
+        let (stream, secrets) = server.take_apart().map_err(|(_, why)| why).expect("at rest it moves");
+        TlsClient::resume(stream, secrets).expect("rebuilt")
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_on_from_its_moved_state_with_each_suite() {
+        let suites = [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        for suite in suites {
+            let (mut server, mut client) = pair(suite).await;
+            exchange(&mut server, &mut client, 1000).await;
+            let mut server = moved(server);
+            // More than one record each way, then a second move from the resumed state.
+            exchange(&mut server, &mut client, 100_000).await;
+            let mut server = moved(server);
+            exchange(&mut server, &mut client, 10).await;
+            // The client's close_notify ends reads; the server's answers it.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            assert_eq!(
+                server.read_to_end(&mut rest).await.unwrap(),
+                0,
+                "{suite:?}: a clean end"
+            );
+            server.shutdown().await.unwrap();
+            let end = client.read_to_end(&mut rest).await;
+            assert!(
+                end.is_ok(),
+                "{suite:?}: rustls saw our close_notify, not a truncation: {end:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_buffered_or_tls12_keeps_the_connection_here() {
+        let (mut server, mut client) = pair(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256).await;
+        exchange(&mut server, &mut client, 10).await;
+        let Err((Some(mut server), Refusal::Tls12)) = server.take_apart() else {
+            panic!("TLS 1.2 stays")
+        };
+        exchange(&mut server, &mut client, 10).await;
+        // Plaintext read by rustls but not by us.
+        let (mut server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+        client.write_all(b"0123456789").await.unwrap();
+        let mut one = [0u8; 1];
+        server.read_exact(&mut one).await.unwrap();
+        let Err((Some(mut server), Refusal::Plaintext)) = server.take_apart() else {
+            panic!("unread plaintext stays")
+        };
+        let mut rest = [0u8; 9];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"123456789", "and the connection goes on");
+        // Part of a record: a header, its body not yet here.
+        client.get_mut().0.write_all(&[23, 3, 3, 0, 40, 1, 2]).await.unwrap();
+        let mut buf = [0u8; 1];
+        let partial = tokio::time::timeout(std::time::Duration::from_millis(100), server.read(&mut buf)).await;
+        assert!(partial.is_err(), "nothing to read yet");
+        let Err((Some(_), Refusal::Ciphertext)) = server.take_apart() else {
+            panic!("a partial record stays")
+        };
+    }
+
+    #[tokio::test]
+    async fn forged_state_and_bad_records_are_errors_not_panics() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let direction = |key: usize| Direction {
+            seq: 0,
+            key: vec![7; key],
+            iv: vec![1; 12],
+        };
+        let forged = |suite, key| Secrets {
+            suite,
+            tx: direction(key),
+            rx: direction(key),
+            alpn: None,
+        };
+        let err = TlsClient::resume(Stream::Unix(a), forged(0x1301, 5))
+            .err()
+            .expect("refused");
+        assert!(err.contains("a key of 5 bytes"), "{err}");
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let err = TlsClient::resume(Stream::Unix(a), forged(0x9999, 16))
+            .err()
+            .expect("refused");
+        assert!(err.contains("unknown"), "{err}");
+        // A record that does not open, and one that is not TLS 1.3's: errors to the reader.
+        for garbage in [
+            &[
+                23u8, 3, 3, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ][..],
+            &[22, 3, 1, 0, 1, 0],
+        ] {
+            let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+            let mut server = TlsClient::resume(Stream::Unix(a), forged(0x1301, 16)).expect("well formed");
+            b.write_all(garbage).await.unwrap();
+            let err = server.read(&mut [0u8; 10]).await.expect_err("refused");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        }
+    }
+
+    #[test]
+    fn aligned_follows_record_boundaries_however_bytes_arrive() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let mut aligned = Aligned::new(Stream::Unix(tokio::net::UnixStream::from_std(a).unwrap()));
+        let records = [&[23u8, 3, 3, 0, 2, 9, 9][..], &[23, 3, 3, 0, 0], &[21, 3, 3, 0, 1, 5]].concat();
+        for split in 1..records.len() {
+            let (head, tail) = records.split_at(split);
+            aligned.follow(head);
+            assert!(!aligned.aligned() || [7, 12].contains(&split), "split at {split}");
+            aligned.follow(tail);
+            assert!(aligned.aligned(), "whole records after split {split}");
         }
     }
 }
