@@ -103,6 +103,21 @@ impl AsyncWrite for Aligned {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
+    /// Passed on: rustls writes its queued records in one vectored write, and a handshake
+    /// that fails gets one last write for its alert (without this, only the first record
+    /// would go, and a refused client would see no alert).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
@@ -579,6 +594,23 @@ impl AsyncWrite for TlsClient {
             TlsClient::Live(s) => Pin::new(&mut **s).poll_write(cx, buf),
             TlsClient::Resumed(r) => Pin::new(&mut **r).poll_write(cx, buf),
         }
+    }
+
+    /// rustls takes a head and its body in one call (hyper writes vectored when told so);
+    /// a resumed connection seals one slice at a time.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TlsClient::Live(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            TlsClient::Resumed(r) => Pin::new(&mut **r).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        matches!(self, TlsClient::Live(_))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
