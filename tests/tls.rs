@@ -814,3 +814,65 @@ async fn baton_check_validates_the_pair_and_its_expiry() {
     let baton = Baton::start(&expired_listener).await;
     assert!(baton.log().contains("TLS certificate has EXPIRED"), "{}", baton.log());
 }
+
+/// The scale: a thousand idle keep-alive TLS clients (each after one request) and a
+/// hundred TLS tunnels move in one handoff; the drain report's time from the verdict to the
+/// old generation drained is printed (docs/benchmarks.md, "TLS connections at a handoff").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_tls_clients_and_a_hundred_tunnels_move_in_one_handoff() {
+    baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
+    let (origin, echo) = (
+        testkit::start_origin().await.expect("origin"),
+        testkit::start_echo().await.expect("echo"),
+    );
+    let pki = Pki::new(0x7401);
+    let config = format!(
+        "{}\n[timeouts]\ndrain = \"10s\"\n[limits]\nmax_connections_per_client = 0\n{}",
+        common::connect_ports(&[echo.port(), origin.port()]),
+        pki.listener()
+    );
+    let baton = Baton::start(&config).await;
+    let secure = secure_addr(&baton).await;
+    let tls = pki.ca.client_offering(&[b"http/1.1"]).expect("client");
+    let url = format!("http://{origin}/bytes?n=10");
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let mut c = ProxyConnection::open_via(secure, Some(&tls)).await.expect("TLS client");
+        assert_eq!(c.get(&url).await.expect("GET").1.len(), 10, "its first request");
+        idle.push(c);
+    }
+    let mut tunnels = Vec::new();
+    for _ in 0..100 {
+        let mut t = testkit::client::open_tunnel_via(secure, echo, Some(&tls))
+            .await
+            .expect("tunnel");
+        // A first round trip: a tunnel relays (and can move) once its first bytes were
+        // read (a tunnel still waiting for them is held by the SNI check, `sni_wait`).
+        ping(&mut t).await;
+        tunnels.push(t);
+    }
+    let report = upgrade_waiting(&baton);
+    let drain = &report["drain"];
+    println!(
+        "1,000 idle TLS clients + 100 TLS tunnels: verdict to drained in {} ms ({report})",
+        drain["drain_ms"]
+    );
+    assert_eq!(drain["tls_moved"], 1100, "every one moved with its keys: {report}");
+    assert_eq!(drain["cut"], 0, "{report}");
+    for c in idle.iter_mut().step_by(50) {
+        assert_eq!(c.get(&url).await.expect("GET after the move").1.len(), 10);
+    }
+    for t in tunnels.iter_mut().step_by(10) {
+        ping(t).await;
+    }
+}
+
+/// One round trip of `ping` through an echo tunnel.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(t: &mut S) {
+    use tokio::io::AsyncWriteExt as _;
+    t.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut back)).await;
+    read.expect("an echo within 10 s").expect("echo");
+    assert_eq!(&back, b"ping", "the tunnel echoes");
+}
