@@ -13,17 +13,22 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{CHUNK, Counters, Handover, Relayed, end_of, idle_for, stream_from_fd, stream_into_fd};
 use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::migrate::{Moved, TlsTunnelRecord, TunnelRecord};
-use crate::tls::moving::{Secrets, TlsClient};
+use crate::tls::moving::{Refusal, Secrets, TlsClient};
 
 /// How long a tunnel that is to move may take to write out what its buffers hold; past it
 /// the tunnel stays (it drains).
 const QUIET_WITHIN: Duration = Duration::from_secs(1);
+/// A tunnel caught with bytes buffered in its TLS layer (a record half read: the client was
+/// sending) relays on and tries again this often, for this long.
+const RETRY_EVERY: Duration = Duration::from_millis(10);
+const MOVE_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The tunnel: the client's TLS connection, the origin's socket, and each direction.
 pub struct TlsRelay {
@@ -168,7 +173,9 @@ impl TlsRelay {
         .await
     }
 
-    /// Relays until the tunnel ends, or moves (once: a hand-over that fails is not retried).
+    /// Relays until the tunnel ends, or moves. A move that found bytes buffered (a record
+    /// half read, plaintext unread) is tried again every [`RETRY_EVERY`] for
+    /// [`MOVE_PATIENCE`]; any other failure, or the last try's, keeps the tunnel here.
     pub async fn run(
         mut self,
         idle: Duration,
@@ -176,10 +183,16 @@ impl TlsRelay {
         counters: Counters,
         mut handover: Option<Handover<'_>>,
     ) -> Relayed {
+        let (mut first_try, mut next_try): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let requested = async {
                 match &handover {
-                    Some(h) => h.migration.requested().await,
+                    Some(h) => {
+                        h.migration.requested().await;
+                        if let Some(at) = next_try {
+                            tokio::time::sleep_until(at).await;
+                        }
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -191,11 +204,16 @@ impl TlsRelay {
                 _ = idle_for(&counters.activity, idle) => "idle timeout",
                 _ = cut.cancelled() => "cut at drain timeout",
                 () = requested => {
-                    let Some(h) = handover.take() else { continue };
-                    match Box::pin(self.hand_over(h, &counters, &cut)).await {
+                    let Some(h) = handover.as_ref() else { continue };
+                    let last = first_try.get_or_insert_with(Instant::now).elapsed() >= MOVE_PATIENCE;
+                    match Box::pin(self.hand_over(h, &counters, &cut, last)).await {
                         Ok(end) => end,
-                        Err(kept) => {
+                        Err((kept, retry)) => {
                             self = *kept;
+                            next_try = Some(Instant::now() + RETRY_EVERY);
+                            if !retry {
+                                handover = None;
+                            }
                             continue;
                         }
                     }
@@ -205,17 +223,19 @@ impl TlsRelay {
         }
     }
 
-    /// Gives the tunnel to the next generation (`Ok("moved")`), or back to relay on here.
+    /// Gives the tunnel to the next generation (`Ok("moved")`), or back to relay on here,
+    /// and whether to try again (not on the `last` try; a reason that stays is counted).
     async fn hand_over(
         mut self,
-        h: Handover<'_>,
+        h: &Handover<'_>,
         counters: &Counters,
         cut: &CancellationToken,
-    ) -> Result<&'static str, Box<TlsRelay>> {
+        last: bool,
+    ) -> Result<&'static str, (Box<TlsRelay>, bool)> {
         if self.up.eof || self.down.eof {
             // Half closed: the record has no room for it.
             h.migration.tls_stayed("closing");
-            return Err(Box::new(self));
+            return Err((Box::new(self), false));
         }
         let quiet = tokio::select! {
             r = tokio::time::timeout(QUIET_WITHIN, self.copy(counters, false)) => r,
@@ -226,7 +246,7 @@ impl TlsRelay {
             Ok(Err(e)) => return Ok(end_of(&e)),
             Err(_) => {
                 h.migration.tls_stayed("busy");
-                return Err(Box::new(self));
+                return Err((Box::new(self), false));
             }
         }
         let TlsRelay {
@@ -239,35 +259,41 @@ impl TlsRelay {
         let (stream, secrets) = match client.take_apart() {
             Ok(apart) => apart,
             Err((kept, why)) => {
-                h.migration.tls_stayed(why.label());
+                let retry = !last && matches!(why, Refusal::Plaintext | Refusal::Ciphertext);
+                if !retry {
+                    h.migration.tls_stayed(why.label());
+                }
                 let Some(client) = kept else {
                     warn!("a TLS tunnel was lost taking it apart: {}", why.label());
                     return Ok("error");
                 };
-                debug!("a TLS tunnel stays in this generation: {}", why.label());
-                return Err(Box::new(TlsRelay {
+                debug!(retry, "a TLS tunnel did not move: {}", why.label());
+                let relay = TlsRelay {
                     client,
                     origin,
                     up,
                     down,
                     pacers,
-                }));
+                };
+                return Err((Box::new(relay), retry));
             }
         };
-        depart(h, counters, stream, origin, secrets).await
+        depart(h, counters, stream, origin, secrets)
+            .await
+            .map_err(|kept| (kept, false))
     }
 }
 
 /// The tunnel's sockets and record on their way out; back as a relay if the successor did
 /// not take them.
 async fn depart(
-    h: Handover<'_>,
+    h: &Handover<'_>,
     counters: &Counters,
     stream: baton_handoff::Stream,
     origin: TcpStream,
     secrets: Secrets,
 ) -> Result<&'static str, Box<TlsRelay>> {
-    let mut tunnel: TunnelRecord = *h.record;
+    let mut tunnel: TunnelRecord = (*h.record).clone();
     tunnel.up = counters.up.load(Ordering::Relaxed);
     tunnel.down = counters.down.load(Ordering::Relaxed);
     tunnel.pipes = [false, false];
