@@ -431,9 +431,9 @@ impl Connections {
             served: idle.served,
             idle_ms: idle.since.elapsed().as_millis() as u64,
         };
-        let (record, tls) = match apart.tls {
-            Some(tls) => (Moved::TlsConnection(TlsConnectionRecord { connection, tls }), true),
-            None => (Moved::Connection(connection), false),
+        let record = match apart.tls {
+            Some(tls) => Moved::TlsConnection(TlsConnectionRecord { connection, tls }),
+            None => Moved::Connection(connection),
         };
         let Err(mut fds) = self.proxy.migration().depart(&record, vec![apart.fd]).await else {
             return true;
@@ -448,7 +448,7 @@ impl Connections {
         let apart = Apart {
             fd,
             unix: apart.unix,
-            tls: secrets.filter(|_| tls),
+            tls: secrets,
         };
         match T::put_together(apart) {
             Ok(stream) => {

@@ -14,7 +14,7 @@
 //! - what is left is a [`Parked`] connection: the bare stream and the bytes hyper had read
 //!   but not parsed. It is served again by a new [`Stretch`]. On a plain socket its fd and
 //!   those bytes are all of it, so it could as well be handed to another process (a
-//!   successor generation); a TLS connection keeps its session state too ([`ClientIo`]).
+//!   successor generation); a TLS connection adds its TLS record state ([`ClientIo::take_apart`]).
 //!
 //! A stretch also ends when hyper ends the connection itself ([`Ended::Done`]: the client
 //! closed, `Connection: close`, or a CONNECT answered 2xx, whose stream becomes the tunnel's).

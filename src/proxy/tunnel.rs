@@ -5,8 +5,9 @@
 //! connection) a buffered copy. Either way: half-close is passed on, an idle tunnel ends
 //! after `idle` (the activity is counted as bytes move), and a drain deadline (`cut`) ends
 //! it at once. A spliced tunnel is nothing but fds, so at a handoff it moves to the next
-//! generation ([`crate::proxy::migrate`]). The access line says how it relayed
-//! (`relay="splice"` or `"copy"`).
+//! generation ([`crate::proxy::migrate`]); a copied one inside a TLS connection to a plain
+//! origin moves too, with its TLS record state, once its buffers are written out
+//! ([`TlsRelay`]). The access line says how it relayed (`relay="splice"` or `"copy"`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
