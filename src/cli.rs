@@ -758,6 +758,9 @@ fn print_status(s: &Status) {
         with_adopted(s.active_connections, s.adopted_connections)
     );
     println!("tunnels     {}", with_adopted(s.active_tunnels, s.adopted_tunnels));
+    if s.adopted_tls > 0 {
+        println!("tls         {} of those moved in with their TLS state", s.adopted_tls);
+    }
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }

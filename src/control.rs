@@ -241,6 +241,10 @@ pub struct Status {
     /// Idle client connections this generation adopted from the previous one.
     #[serde(default)]
     pub adopted_connections: u64,
+    /// Of the adopted tunnels and connections: those on TLS listeners, with their TLS
+    /// record state (absent from older daemons).
+    #[serde(default)]
+    pub adopted_tls: u64,
 }
 
 impl Status {

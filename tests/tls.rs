@@ -490,6 +490,7 @@ async fn idle_tls_connections_move_with_plain_ones() {
     assert_eq!(plain.get(&url).await.expect("GET after the move").1.len(), 100);
     let status = baton.status().await;
     assert_eq!(status["adopted_connections"], 3, "{status}");
+    assert_eq!(status["adopted_tls"], 2, "two of them with their TLS state: {status}");
     // And they move again at the next handoff (a resumed connection takes itself apart).
     let (ok, out) = baton.cli(&["upgrade", "--json", "--wait-drain"]);
     assert!(ok, "{out}");

@@ -483,6 +483,12 @@ impl Generation {
                 .then(|| nix::unistd::getppid().as_raw() as u32),
             adopted_tunnels: self.connections.proxy().migration().adopted.get(MoveKind::Tunnel),
             adopted_connections: self.connections.proxy().migration().adopted.get(MoveKind::Connection),
+            adopted_tls: self
+                .connections
+                .proxy()
+                .migration()
+                .adopted_tls
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

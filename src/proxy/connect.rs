@@ -225,7 +225,8 @@ impl Proxy {
             )),
         };
         metrics::migrated("tunnel", 1);
-        self.migration.count_adopted(migrate::Kind::Tunnel);
+        self.migration
+            .count_adopted(migrate::Kind::Tunnel, matches!(relay, Adopted::Tls(_)));
         let ask = moved_ask(&record)?;
         let ended = Ended::from(&record);
         let admitted = self.recheck(&record, relay.origin_addr().ok()).and_then(|()| {

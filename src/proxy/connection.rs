@@ -244,7 +244,7 @@ impl Connections {
     /// A moved idle connection, plain or TLS, served here from its next request on.
     fn adopt_idle<T: ClientIo>(self: &Arc<Self>, record: ConnectionRecord, stream: T) -> Result<(), String> {
         metrics::migrated("connection", 1);
-        self.proxy.migration().count_adopted(MoveKind::Connection);
+        self.proxy.migration().count_adopted(MoveKind::Connection, T::TLS);
         let peer = record.client.map_or(Peer::Local, Peer::Ip);
         if let Some(addr) = record.client
             && let Err(d) = self.proxy.policy.check_client(addr.ip())

@@ -277,6 +277,8 @@ pub struct Migration {
     pub adopted: ByKind,
     /// Of `moved`: TLS connections and tunnels (with their record state).
     pub tls_moved: AtomicU64,
+    /// Of `adopted`: TLS connections and tunnels.
+    pub adopted_tls: AtomicU64,
     /// TLS connections and tunnels that stayed here (they drain), by why.
     tls_stayed: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -292,6 +294,7 @@ impl Default for Migration {
             stayed: ByKind::default(),
             adopted: ByKind::default(),
             tls_moved: AtomicU64::new(0),
+            adopted_tls: AtomicU64::new(0),
             tls_stayed: Mutex::default(),
         }
     }
@@ -332,9 +335,12 @@ impl Migration {
             .unwrap_or_default()
     }
 
-    /// One more adopted from the previous generation.
-    pub fn count_adopted(&self, kind: Kind) {
+    /// One more adopted from the previous generation (`tls`: with its TLS record state).
+    pub fn count_adopted(&self, kind: Kind, tls: bool) {
         self.adopted.add(kind, 1);
+        if tls {
+            self.adopted_tls.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Called by a connection that stopped (a tunnel that stopped relaying, an idle client

@@ -39,6 +39,11 @@ const MAX_CIPHERTEXT: usize = (1 << 14) + 256;
 /// Plaintext per record written.
 const MAX_PLAINTEXT: usize = 1 << 14;
 const HEADER: usize = 5;
+/// Records per key a resumed connection seals or opens at most: rustls updates its keys
+/// before AES-GCM's confidentiality limit (2^24.5 records, RFC 9147 §4.5.3), which a resumed
+/// connection cannot do (it has no traffic secret), so it closes, with a close_notify,
+/// well before it (128 GiB each way at full records).
+const MAX_RECORDS: u64 = 1 << 23;
 
 /// The socket under rustls: every byte read is followed through the record headers, so
 /// that [`Aligned::aligned`] says whether rustls holds part of a record.
@@ -403,6 +408,10 @@ impl Resumed {
 
     /// Seals one record of `typ` into `out`.
     fn seal(&mut self, typ: ContentType, payload: &[u8]) -> io::Result<()> {
+        // The limit leaves room for the close_notify that ends it.
+        if self.secrets.tx.seq >= MAX_RECORDS + u64::from(typ == ContentType::Alert) {
+            return Err(broken("the moved connection's key reached its record limit"));
+        }
         let msg = OutboundPlainMessage {
             typ,
             version: ProtocolVersion::TLSv1_2,
@@ -460,6 +469,10 @@ impl Resumed {
 
     /// Opens the record of `len` bytes at the start of `inbuf` and acts on what it holds.
     fn open(&mut self, len: usize) -> io::Result<()> {
+        if self.secrets.rx.seq >= MAX_RECORDS {
+            self.queue_close_notify()?;
+            return Err(broken("the moved connection's key reached its record limit"));
+        }
         let mut record: Vec<u8> = self.inbuf.drain(..len).collect();
         if self.inbuf.is_empty() {
             // An idle connection keeps no buffer (the first read made one of 16 KiB).
@@ -557,7 +570,11 @@ impl AsyncWrite for Resumed {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
-        this.seal(ContentType::ApplicationData, &buf[..n])?;
+        if let Err(e) = this.seal(ContentType::ApplicationData, &buf[..n]) {
+            let _ = this.queue_close_notify();
+            let _ = this.poll_out(cx);
+            return Poll::Ready(Err(e));
+        }
         // Started now; flushed by the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_out(cx) {
             return Poll::Ready(Err(e));
@@ -807,6 +824,22 @@ mod tests {
             let err = server.read(&mut [0u8; 10]).await.expect_err("refused");
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_moved_key_ends_at_its_record_limit_with_close_notify() {
+        let (server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+        let (stream, mut secrets) = server.take_apart().map_err(|(_, why)| why).expect("moves");
+        let tx = secrets.tx.seq;
+        secrets.tx.seq = MAX_RECORDS;
+        let mut server = TlsClient::resume(stream, secrets).expect("rebuilt");
+        let err = server.write_all(b"one more").await.expect_err("refused");
+        assert!(err.to_string().contains("record limit"), "{err}");
+        // Its close_notify went out sealed at the limit's number: the client, which counts
+        // from `tx`, cannot open it, and reads an error rather than the data.
+        assert!(tx < MAX_RECORDS, "a fresh connection is far from it");
+        let mut buf = [0u8; 8];
+        assert!(client.read(&mut buf).await.is_err(), "nothing readable past the limit");
     }
 
     #[test]
