@@ -313,6 +313,7 @@ fn bump_ended(ask: &Ask, bump: &Bump, result: &'static str, why: String) {
 fn into_copy(client: TunnelClient) -> Box<dyn CopyIo> {
     match client {
         TunnelClient::Socket(s) => Box::new(s),
+        TunnelClient::Tls(c) => Box::new(c),
         TunnelClient::Other(io) => io,
     }
 }

@@ -32,9 +32,10 @@ use crate::proxy::route::next_hop;
 use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::sni::{self, Peeked};
-use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TunnelClient};
+use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TlsRelay, TunnelClient};
 use crate::proxy::upgrade;
 use crate::proxy::upstream::NextHop;
+use crate::tls::moving::Secrets;
 
 impl Proxy {
     /// Opens the tunnel and leaves it with `client` ([`Proxy::start_tunnel`] relays it once
@@ -211,34 +212,24 @@ impl Proxy {
         &self,
         mut record: TunnelRecord,
         fds: Vec<OwnedFd>,
+        tls: Option<Secrets>,
         admission: &Arc<Admission>,
     ) -> Result<(), String> {
         record.check_fds(&fds)?;
-        let spliced = Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
+        let relay = match tls {
+            None => {
+                Adopted::Spliced(Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?)
+            }
+            Some(tls) => Adopted::Tls(Box::new(
+                tunnel::rebuild_tls(&record, fds, tls).map_err(|e| format!("cannot adopt a TLS tunnel: {e}"))?,
+            )),
+        };
         metrics::migrated("tunnel", 1);
-        self.migration.count_adopted(migrate::Kind::Tunnel);
-        let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
-        // An upgraded connection's line is its request's: `GET` and the absolute URI.
-        let (method, target) = match &record.upgrade {
-            Some(u) => (Method::GET, &u.uri),
-            None => (Method::CONNECT, &record.target),
-        };
-        let ask = Ask {
-            peer: record.client.map_or(Peer::Local, Peer::Ip),
-            target: target
-                .parse::<Uri>()
-                .map_err(|e| format!("bad target {target:?}: {e}"))?,
-            method,
-            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-            // Not a connection of this generation's: the line's bytes come from the record.
-            sent: Arc::default(),
-            user: record.user.clone(),
-            rule: None,
-            // Only plain HTTP/1.1 tunnels move.
-            version: http::Version::HTTP_11,
-        };
+        self.migration
+            .count_adopted(migrate::Kind::Tunnel, matches!(relay, Adopted::Tls(_)));
+        let ask = moved_ask(&record)?;
         let ended = Ended::from(&record);
-        let admitted = self.recheck(&record, &spliced).and_then(|()| {
+        let admitted = self.recheck(&record, relay.origin_addr().ok()).and_then(|()| {
             admission.admit(&ask.peer).map_err(|r| Denial {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: r.reason,
@@ -262,7 +253,7 @@ impl Proxy {
         };
         let counters = Counters::starting_at(record.up, record.down);
         // This generation's buckets for its key: they start full (buckets do not move).
-        let spliced = spliced.throttled(self.limits.throttle(&ask.peer, ask.user.as_deref()));
+        let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         let (idle, cut, migration) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
@@ -275,19 +266,19 @@ impl Proxy {
                 migration: &migration,
                 record,
             };
-            tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await, ended);
+            let relayed = match relay {
+                Adopted::Spliced(s) => s.throttled(throttle).run(idle, cut, counters, Some(handover)).await,
+                Adopted::Tls(t) => Box::pin(t.throttled(throttle).run(idle, cut, counters, Some(handover))).await,
+            };
+            tunnel_ended(&ask, relayed, ended);
         });
         Ok(())
     }
 
     /// This generation's rules, applied to a tunnel another generation opened.
-    fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), Denial> {
+    fn recheck(&self, record: &TunnelRecord, origin: Option<std::net::SocketAddr>) -> Result<(), Denial> {
         // Through a parent, the origin socket leads to the parent: only the name is checked.
-        let origin = if record.via_parent {
-            None
-        } else {
-            spliced.origin_addr().ok()
-        };
+        let origin = if record.via_parent { None } else { origin };
         let peeked = record.sni_checked.then(|| match &record.sni {
             Some(name) => Peeked::Sni(name.clone()),
             None => Peeked::NoSni("it sent no TLS ClientHello with a server name"),
@@ -304,6 +295,46 @@ impl Proxy {
             sni: peeked.as_ref(),
             origin,
         })
+    }
+}
+
+/// The request a moved tunnel answers, for its access line: an upgraded connection's is its
+/// `GET` and absolute URI, a tunnel's its CONNECT; its start as the record says.
+fn moved_ask(record: &TunnelRecord) -> Result<Ask, String> {
+    let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
+    // An upgraded connection's line is its request's: `GET` and the absolute URI.
+    let (method, target) = match &record.upgrade {
+        Some(u) => (Method::GET, &u.uri),
+        None => (Method::CONNECT, &record.target),
+    };
+    Ok(Ask {
+        peer: record.client.map_or(Peer::Local, Peer::Ip),
+        target: target
+            .parse::<Uri>()
+            .map_err(|e| format!("bad target {target:?}: {e}"))?,
+        method,
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        // Not a connection of this generation's: the line's bytes come from the record.
+        sent: Arc::default(),
+        user: record.user.clone(),
+        rule: None,
+        // Only HTTP/1.1 tunnels move.
+        version: http::Version::HTTP_11,
+    })
+}
+
+/// A moved tunnel, as it relays on here.
+enum Adopted {
+    Spliced(Spliced),
+    Tls(Box<TlsRelay>),
+}
+
+impl Adopted {
+    fn origin_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Adopted::Spliced(s) => s.origin_addr(),
+            Adopted::Tls(t) => t.origin_addr(),
+        }
     }
 }
 

@@ -42,15 +42,17 @@ use crate::proxy::access::{AccessLine, Kind, Sent};
 use crate::proxy::admission::{Admission, Refused, Slot};
 use crate::proxy::framing::RequestSignal;
 use crate::proxy::heap;
-use crate::proxy::http1::{ClientIo, Ended, Parked, Stretch, Tracked};
+use crate::proxy::http1::{Apart, ClientIo, Ended, Parked, Stretch, Tracked};
 use crate::proxy::http2;
 use crate::proxy::metrics;
-use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
+use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved, TlsConnectionRecord};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::strict::Fault;
+use crate::proxy::tunnel::stream_from_fd;
 use crate::proxy::upgrade;
 use crate::tls::Handshakes;
 use crate::tls::handshake::Pending;
+use crate::tls::moving::{Aligned, Secrets, TlsClient};
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -172,7 +174,7 @@ impl Connections {
             let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await else {
                 return;
             };
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            if tls.alpn() == Some(b"h2") {
                 // The connection's own place is held until it ends; its tunnels take theirs.
                 let _slot = slot;
                 let c = &connections;
@@ -194,9 +196,15 @@ impl Connections {
                 Err(e) => return warn!("receiving from the previous generation failed: {e}"),
             };
             for item in items {
-                let adopted = match Moved::decode(&item.record) {
-                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds, &self.admission),
-                    Ok(Moved::Connection(record)) => self.adopt_connection(record, item.fds),
+                let mut item = item;
+                let adopted = match Moved::decode(&mut item.record) {
+                    Ok(Moved::Tunnel(record)) => self.proxy.adopt_tunnel(record, item.fds, None, &self.admission),
+                    Ok(Moved::Connection(record)) => self.adopt_connection(record, item.fds, None),
+                    Ok(Moved::TlsTunnel(r)) => {
+                        self.proxy
+                            .adopt_tunnel(r.tunnel, item.fds, Some(r.tls), &self.admission)
+                    }
+                    Ok(Moved::TlsConnection(r)) => self.adopt_connection(r.connection, item.fds, Some(r.tls)),
                     Err(e) => Err(e),
                 };
                 if let Err(why) = adopted {
@@ -213,14 +221,30 @@ impl Connections {
     /// One idle client connection the previous generation handed over: served here from
     /// its next request on, unless this generation's policy no longer admits the client
     /// (closed then, and the line names the rule).
-    fn adopt_connection(self: &Arc<Self>, mut record: ConnectionRecord, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn adopt_connection(
+        self: &Arc<Self>,
+        mut record: ConnectionRecord,
+        mut fds: Vec<OwnedFd>,
+        tls: Option<Secrets>,
+    ) -> Result<(), String> {
         let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
             return Err(format!("a connection has {} fds, not 1", fds.len() + 1));
         };
         record.check_fd(&fd)?;
-        let stream = Stream::from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
+        let stream = stream_from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
+        match tls {
+            None => self.adopt_idle(record, stream),
+            Some(secrets) => {
+                let tls = TlsClient::resume(stream, secrets).map_err(|e| format!("cannot resume its TLS: {e}"))?;
+                self.adopt_idle(record, tls)
+            }
+        }
+    }
+
+    /// A moved idle connection, plain or TLS, served here from its next request on.
+    fn adopt_idle<T: ClientIo>(self: &Arc<Self>, record: ConnectionRecord, stream: T) -> Result<(), String> {
         metrics::migrated("connection", 1);
-        self.proxy.migration().count_adopted(MoveKind::Connection);
+        self.proxy.migration().count_adopted(MoveKind::Connection, T::TLS);
         let peer = record.client.map_or(Peer::Local, Peer::Ip);
         if let Some(addr) = record.client
             && let Err(d) = self.proxy.policy.check_client(addr.ip())
@@ -252,7 +276,17 @@ impl Connections {
             stalled: false,
             stay: false,
         };
-        self.drain.connections().spawn(self.clone().serve(idle, peer, slot));
+        let task = self.clone().serve(idle, peer, slot);
+        if !T::TLS {
+            self.drain.connections().spawn(task);
+            return Ok(());
+        }
+        // Counted with the TLS connections, as it was where it was accepted.
+        let open = OpenTls::count(&self.tls_open);
+        self.drain.connections().spawn(async move {
+            let _open = open;
+            task.await;
+        });
         Ok(())
     }
 
@@ -264,16 +298,16 @@ impl Connections {
         acceptor: &TlsAcceptor,
         stream: Stream,
         peer: Peer,
-    ) -> Option<tokio_rustls::server::TlsStream<Stream>> {
+    ) -> Option<TlsClient> {
         let cut = self.drain.cut_token();
         let result = tokio::select! {
-            r = self.handshakes.complete(pending, acceptor, stream) => r,
+            r = self.handshakes.complete(pending, acceptor, Aligned::new(stream)) => r,
             _ = cut.cancelled() => return None,
         };
         match result {
             Ok(tls) => {
                 metrics::tls_handshake("ok");
-                Some(tls)
+                Some(TlsClient::Live(Box::new(tls)))
             }
             Err(e) => {
                 metrics::tls_handshake(e.label());
@@ -337,7 +371,7 @@ impl Connections {
         if !parked.unread.is_empty() && !idle.stalled {
             return Wake::Readable;
         }
-        let movable = T::MOVABLE && !idle.stay;
+        let movable = !idle.stay;
         let _counted = metrics::IdleConnection::new();
         let deadline = idle.since + self.header_read_timeout;
         let timer = tokio::time::sleep_until(deadline);
@@ -384,14 +418,11 @@ impl Connections {
         };
         idle.stay = true;
         let (stream, unread) = parked.into_parts();
-        let (fd, unix) = match stream.into_fd() {
-            Ok(fd) => fd,
-            Err(e) => {
-                warn!(client = %peer, "cannot take an idle connection apart to move it: {e}");
-                return true;
-            }
+        let apart = match stream.take_apart() {
+            Ok(apart) => apart,
+            Err((kept, why)) => return self.stays(idle, kept, unread, why, peer),
         };
-        let record = Moved::Connection(ConnectionRecord {
+        let connection = ConnectionRecord {
             client: match peer {
                 Peer::Ip(a) => Some(*a),
                 Peer::Local => None,
@@ -399,23 +430,61 @@ impl Connections {
             unread,
             served: idle.served,
             idle_ms: idle.since.elapsed().as_millis() as u64,
-        });
-        let Err(mut fds) = self.proxy.migration().depart(&record, vec![fd]).await else {
+        };
+        let record = match apart.tls {
+            Some(tls) => Moved::TlsConnection(TlsConnectionRecord { connection, tls }),
+            None => Moved::Connection(connection),
+        };
+        let Err(mut fds) = self.proxy.migration().depart(&record, vec![apart.fd]).await else {
             return true;
         };
-        let Moved::Connection(record) = record else {
-            return true;
+        // The successor did not take it: it goes on here, from the same state.
+        let (connection, secrets) = match record {
+            Moved::Connection(c) => (c, None),
+            Moved::TlsConnection(r) => (r.connection, Some(r.tls)),
+            _ => return true,
         };
-        match fds.pop().map(|fd| T::from_fd(fd, unix)) {
-            Some(Ok(stream)) => {
+        let Some(fd) = fds.pop() else { return true };
+        let apart = Apart {
+            fd,
+            unix: apart.unix,
+            tls: secrets,
+        };
+        match T::put_together(apart) {
+            Ok(stream) => {
                 idle.parked = Some(Parked {
                     stream,
-                    unread: record.unread.into_boxed_slice(),
+                    unread: connection.unread.into_boxed_slice(),
                 });
                 false
             }
-            _ => true,
+            Err(_) => true,
         }
+    }
+
+    /// A connection that could not be taken apart stays idle here (`false`), or, if it was
+    /// lost on the way (`true`), ends; a TLS one is counted by why.
+    fn stays<T: ClientIo>(
+        &self,
+        idle: &mut Idle<T>,
+        kept: Option<T>,
+        unread: Vec<u8>,
+        why: &'static str,
+        peer: &Peer,
+    ) -> bool {
+        if T::TLS {
+            self.proxy.migration().tls_stayed(why);
+        }
+        let Some(stream) = kept else {
+            warn!(client = %peer, "cannot take an idle connection apart to move it: {why}");
+            return true;
+        };
+        debug!(client = %peer, "an idle connection stays in this generation: {why}");
+        idle.parked = Some(Parked {
+            stream,
+            unread: unread.into_boxed_slice(),
+        });
+        false
     }
 
     /// Serves the idle connection with hyper until it comes to rest (`true`: `idle` is
@@ -440,7 +509,7 @@ impl Connections {
             self.max_header_bytes,
             service,
         );
-        let may_move = T::MOVABLE && !idle.stay;
+        let may_move = !idle.stay;
         let Some(ended) = self.drive(&mut stretch, &signal, may_move).await else {
             return false;
         };
@@ -829,7 +898,7 @@ mod tests {
             served: true,
             idle_ms: 0,
         };
-        connections.adopt_connection(record, vec![fd]).unwrap();
+        connections.adopt_connection(record, vec![fd], None).unwrap();
         let within = Duration::from_secs(5);
         let first = tokio::time::timeout(within, answer(&mut client))
             .await
@@ -857,14 +926,14 @@ mod tests {
             served: true,
             idle_ms: 0,
         };
-        connections.adopt_connection(record.clone(), vec![fd]).unwrap();
+        connections.adopt_connection(record.clone(), vec![fd], None).unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), answer(&mut client))
             .await
             .expect("an answer: the kernel's peer is loopback, which the policy admits");
         assert!(answer.starts_with("http/1.1 "), "{answer}");
         let (r, _w) = nix::unistd::pipe().unwrap();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&r);
-        let err = connections.adopt_connection(record, vec![r]).unwrap_err();
+        let err = connections.adopt_connection(record, vec![r], None).unwrap_err();
         assert!(
             err.contains(&format!("fd {raw}: a pipe where a socket was expected")),
             "{err}"
