@@ -631,6 +631,8 @@ struct DrainSummary {
     moved: usize,
     cut: usize,
     drain_ms: u64,
+    tls_moved: usize,
+    tls_stayed: std::collections::BTreeMap<String, u64>,
 }
 
 impl UpgradeSummary {
@@ -692,6 +694,8 @@ impl From<DrainOutcome> for DrainSummary {
             moved: d.moved,
             cut: d.cut,
             drain_ms: d.drain_ms,
+            tls_moved: d.tls_moved,
+            tls_stayed: d.tls_stayed,
         }
     }
 }
@@ -704,15 +708,28 @@ fn print_event(ev: &Event, request: Request) {
     match ev {
         Event::Spawned { pid, generation, .. } => println!("new generation {generation} started: pid {pid}"),
         Event::Done(r) => print_done(r),
-        Event::Drained(d) => println!(
-            "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
-            d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
-        ),
+        Event::Drained(d) => print_drained(d),
         Event::Failed { reason } => eprintln!("{what} failed, old generation serves on: {reason}"),
         Event::Refused { reason } => eprintln!("{what} refused: {reason}"),
         Event::Error { reason } => eprintln!("error: {reason}"),
         Event::Stopping => println!("stopping: draining"),
         Event::Unknown => {}
+    }
+}
+
+fn print_drained(d: &DrainOutcome) {
+    println!(
+        "old pid {} drained in {} ms: {} finished, {} moved to the new generation, {} cut at the drain timeout",
+        d.old_pid, d.drain_ms, d.finished, d.moved, d.cut
+    );
+    if d.tls_moved > 0 || !d.tls_stayed.is_empty() {
+        let stayed: Vec<String> = d.tls_stayed.iter().map(|(why, n)| format!("{n} {why}")).collect();
+        let stayed = if stayed.is_empty() {
+            "none".to_string()
+        } else {
+            stayed.join(", ")
+        };
+        println!("  TLS: {} moved; drained here: {stayed}", d.tls_moved);
     }
 }
 
@@ -769,6 +786,9 @@ fn print_status(s: &Status) {
         with_adopted(s.active_connections, s.adopted_connections)
     );
     println!("tunnels     {}", with_adopted(s.active_tunnels, s.adopted_tunnels));
+    if s.adopted_tls > 0 {
+        println!("tls         {} of those moved in with their TLS state", s.adopted_tls);
+    }
     println!(
         "handoff     {}",
         if s.handoff_in_progress { "in progress" } else { "none" }

@@ -180,8 +180,9 @@ pub struct Config {
     /// `workers`: runtime worker threads; `None` (0 in the file): one per CPU this process may
     /// run on. One worker means tokio's single-threaded scheduler (see `main.rs`).
     pub workers: Option<usize>,
-    /// `migrate`: at a handoff, live CONNECT tunnels move to the new generation (else they
-    /// drain here, as before).
+    /// `migrate`: at a handoff, live CONNECT tunnels and idle connections move to the new
+    /// generation, those on TLS listeners with their TLS record state (else they drain
+    /// here, as before).
     pub migrate: bool,
     pub timeouts: Timeouts,
     pub limits: Limits,

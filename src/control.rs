@@ -122,7 +122,8 @@ pub struct UpgradeReport {
     pub draining_connections: usize,
     pub draining_tunnels: usize,
     /// Of `draining_connections`: those on TLS listeners (absent from daemons before TLS).
-    /// They drain like the others; they are never moved to the new generation.
+    /// Those at rest with TLS 1.3 move like plain ones; the others drain (the drain's
+    /// outcome says which, by reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_tls_connections: Option<usize>,
     /// Of `draining_tunnels`: those bumped (TLS inspection), which drain and never move
@@ -146,6 +147,18 @@ pub struct DrainOutcome {
     /// ... and those cut at the drain timeout.
     pub cut: usize,
     pub drain_ms: u64,
+    /// Of `moved`: TLS connections and tunnels, with their record state (absent from
+    /// daemons before they moved).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tls_moved: usize,
+    /// TLS connections and tunnels that could not move and drained, by reason (`tls12`,
+    /// `plaintext_buffered`, `ciphertext_buffered`, `suite`, `closing`, `busy`, `extraction`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tls_stayed: std::collections::BTreeMap<String, u64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl DrainOutcome {
@@ -158,6 +171,8 @@ impl DrainOutcome {
             moved,
             cut: r.cut,
             drain_ms: r.millis,
+            tls_moved: 0,
+            tls_stayed: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -226,6 +241,10 @@ pub struct Status {
     /// Idle client connections this generation adopted from the previous one.
     #[serde(default)]
     pub adopted_connections: u64,
+    /// Of the adopted tunnels and connections: those on TLS listeners, with their TLS
+    /// record state (absent from older daemons).
+    #[serde(default)]
+    pub adopted_tls: u64,
 }
 
 impl Status {

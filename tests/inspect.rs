@@ -440,7 +440,7 @@ async fn one_tunnel(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
+async fn check_refuses_an_inspection_ca_that_is_not_a_ca_and_warns_of_one_expiring() {
     let pki = Pki::new();
     let dir = pki.dir.path();
     let good = dir.join("good.toml");
@@ -450,6 +450,22 @@ async fn check_refuses_an_inspection_ca_that_is_not_a_ca() {
     assert!(
         out.contains("inspection CA") && out.contains("baton inspection CA"),
         "{out}"
+    );
+    assert!(
+        !out.contains("warning: the inspection CA expires"),
+        "the witness for the expiry warning: a CA valid for years gets none: {out}"
+    );
+    // A CA with 10 days left still passes (its leaves are valid until then) but is warned of,
+    // since every client must be given its successor first. Ten and a half days, so that the
+    // whole days counted are 10 whatever the seconds the certificate's time drops.
+    let soon = TestCa::named_until("short-lived CA", SystemTime::now() + 10 * DAY + DAY / 2).expect("CA");
+    soon.write_ca(&pki.inspect_ca_pem).expect("write");
+    soon.write_key(&pki.inspect_ca_key).expect("write");
+    let (ok, out) = common::check_config(&good);
+    assert!(ok, "a CA with 10 days left is still usable: {out}");
+    assert!(
+        out.contains("warning: the inspection CA expires in 10 days"),
+        "under 30 days left is warned of, with the days the check line counts: {out}"
     );
     // A leaf (no basicConstraints CA:TRUE) with its own key, in the CA's place.
     let (from, to) = now_and_in(30 * DAY);
@@ -584,4 +600,68 @@ async fn a_bumped_request_routed_to_a_parent_goes_through_its_connect() {
     })
     .await;
     assert!(seen.contains("method=CONNECT"), "{seen}");
+}
+
+/// A WebSocket inside a bumped tunnel (aiohttp with the proxy configured, trusting only the
+/// inspection CA: `CONNECT`, TLS to baton's leaf, then the upgrade): the origin's 101 over
+/// its own TLS is relayed, 1,000 messages echo in order, and the line is the upgrade's,
+/// with the `https://` URL and the bytes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_inside_the_bump_echoes_and_is_logged_as_its_upgrade() {
+    let pki = Pki::new();
+    let (from, to) = now_and_in(30 * DAY);
+    let leaf = pki.origin_ca.leaf_for(&["localhost"], 8, from, to).expect("leaf");
+    let origin = testkit::websocket::start_tls_echo(&leaf).await.expect("wss origin");
+    let mut baton = Baton::start(&pki.config(&[origin.port()])).await;
+    let proxy = format!("http://{}", baton.proxy);
+    let url = format!("wss://localhost:{}/inside", origin.port());
+    let (script, ca) = (
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ws_client.py"),
+        pki.ca().to_string(),
+    );
+    let aiohttp = |url: String| {
+        let args = [script, proxy.as_str(), url.as_str(), "1000", ca.as_str()].map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new("python3")
+                .args(args)
+                .output()
+                .expect("python3 runs (aiohttp is installed by .ci/run)");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), said)
+        })
+    };
+    let (ok, said) = aiohttp(url).await.unwrap();
+    assert!(
+        ok && said.contains("echoed 1000"),
+        "aiohttp's wss:// through the bump: {said}\n{}",
+        baton.log()
+    );
+    // The rules apply inside: the `paths` rule refuses the upgrade to /admin before any origin.
+    let (ok, said) = aiohttp(format!("wss://localhost:{}/admin/ws", origin.port()))
+        .await
+        .unwrap();
+    assert!(
+        !ok && said.contains("403"),
+        "the no-admin rule refuses the switch: {said}"
+    );
+    let https = format!("https://localhost:{}/inside", origin.port());
+    let line = access_line(&baton, &[&https, "status=101", "outcome="]).await;
+    let bytes = |key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or(0)
+    };
+    // 1,000 messages each way ("aiohttp message N": 17-19 bytes, and a frame head).
+    assert!(
+        bytes("bytes_in=") > 17_000 && bytes("bytes_out=") > 17_000,
+        "the frames are counted both ways on the upgrade's line: {line}"
+    );
+    // The CONNECT's own line says the bump served the upgrade inside it.
+    access_line(&baton, &["bumped localhost", "1 requests served inside"]).await;
+    baton.stop(STOP).await;
 }

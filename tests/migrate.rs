@@ -191,11 +191,11 @@ async fn with_migrate_off_the_new_generation_takes_nothing_and_tunnels_drain() {
 
 /// A successor that passes its predecessor's canary window, offers to take its tunnels, and
 /// dies as the first batch arrives, before acknowledging it: the handoff protocol by hand
-/// (`BATON_READY_FD` gets `ready <pid> canary xfer=2`; `BATON_CHANNEL_FD`, a seqpacket
+/// (`BATON_READY_FD` gets `ready <pid> canary xfer=3`; `BATON_CHANNEL_FD`, a seqpacket
 /// socket, gets a ping every 250 ms until `pass`; the next message is the batch).
 const FAKE_SUCCESSOR: &str = r#"#!/usr/bin/env python3
 import os, socket, sys
-os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=2\n" % os.getpid())
+os.write(int(os.environ["BATON_READY_FD"]), b"ready %d canary xfer=3\n" % os.getpid())
 chan = socket.socket(fileno=int(os.environ["BATON_CHANNEL_FD"]))
 chan.settimeout(0.25)
 passed = False
@@ -220,13 +220,40 @@ sys.exit("no batch within 100 s")
 /// old generation keeps every tunnel and relays on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_dies_mid_transfer_loses_no_tunnel() {
+    dies_mid_transfer(false).await;
+}
+
+/// The same inside TLS: the tunnels taken apart (their TLS record state in the batch) are
+/// rebuilt from their fds and that state, and relay on in the old generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_mid_transfer_loses_no_tls_tunnel() {
+    dies_mid_transfer(true).await;
+}
+
+async fn dies_mid_transfer(tls: bool) {
     let echo = start_echo().await.expect("echo");
     let dir = tempfile::tempdir().expect("tempdir");
     let program = dir.path().join("baton-copy");
     std::fs::copy(common::BATON, &program).expect("copy baton");
-    let config = format!("{}\n[timeouts]\ndrain = \"30s\"\n", connect_ports(&[echo.port()]));
+    let ca = testkit::TestCa::new().expect("CA");
+    let mut config = format!("{}\n[timeouts]\ndrain = \"30s\"\n", connect_ports(&[echo.port()]));
+    if tls {
+        let (cert, key) = ca
+            .write_leaf(dir.path(), "proxy", 9, Duration::from_secs(86_400))
+            .expect("leaf");
+        config += &format!(
+            "[[listener]]\nname = \"secure\"\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            cert.display(),
+            key.display()
+        );
+    }
     let baton = Baton::start_in(dir, &program, &config, &[]).await;
-    let tunnels = LongTunnels::open(baton.proxy, echo, 10, 1024, Duration::from_millis(20))
+    let client = ca.client_offering(&[b"http/1.1"]).expect("client");
+    let (proxy, client) = match tls {
+        true => (common::listener_addr(&baton.status().await, "secure"), Some(&client)),
+        false => (baton.proxy, None),
+    };
+    let tunnels = LongTunnels::open_via(proxy, echo, 10, 1024, Duration::from_millis(20), client)
         .await
         .expect("open tunnels");
     // The next "binary" is the fake successor, installed over the program path.

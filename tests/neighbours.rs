@@ -452,3 +452,42 @@ async fn out_of_file_descriptors_backs_off_quietly_and_recovers() {
     let limit = first.elapsed().as_secs() as usize + 3;
     assert!(accept_failures(&log) <= limit, "more than ~1 line a second:\n{log}");
 }
+
+/// A connection task that panics (a bug in one request's path; debug builds panic on
+/// `BATON_TEST_PANIC_PATH`) unwinds that task only: its client's connection closes without
+/// an answer, the process keeps serving every other client, the panic is in the log, and
+/// the connection count comes back to zero (the task's guards gave back its slot). Twenty
+/// panics in a row change nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_connection_task_leaves_the_process_serving() {
+    let origin = testkit::start_origin().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "");
+    let wrapper = ["env", "BATON_TEST_PANIC_PATH=/panic"];
+    let mut baton = Baton::start_wrapped(dir, &text, &wrapper, None).await;
+    let proxy = format!("http://{}", baton.proxy);
+    let fine = format!("http://{origin}/bytes?n=5");
+    let (ok, body, err) = curl(&["-sS", "-x", &proxy, &fine]);
+    assert!(ok && body.len() == 5, "the witness: a request is served before: {err}");
+    for _ in 0..20 {
+        let (ok, _, err) = curl(&["-sS", "-x", &proxy, &format!("http://{origin}/panic")]);
+        assert!(
+            !ok,
+            "the panicking request gets no answer (its connection closes): {err}"
+        );
+    }
+    let (ok, body, err) = curl(&["-sS", "-x", &proxy, &fine]);
+    assert!(ok && body.len() == 5, "served after 20 panics: {err}\n{}", baton.log());
+    assert!(
+        baton.log().contains("a test asked this connection's task to panic"),
+        "the panic is in the log (stderr): {}",
+        baton.log()
+    );
+    let status = wait_for(Duration::from_secs(5), "no connection counted", || async {
+        let s = baton.status().await;
+        (s["active_connections"] == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(status["pid"], baton.pid(), "the same process serves on: {status}");
+    baton.stop(Duration::from_secs(10)).await;
+}

@@ -447,7 +447,7 @@ async fn a_flood_of_silent_handshakes_does_not_starve_a_real_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_connections_drain_and_are_counted_apart_while_plain_ones_move() {
+async fn idle_tls_connections_move_with_plain_ones() {
     let origin = testkit::start_origin().await.expect("origin");
     let pki = Pki::new(0x7001);
     let baton = Baton::start(&format!(
@@ -460,25 +460,294 @@ async fn tls_connections_drain_and_are_counted_apart_while_plain_ones_move() {
     let tls = pki.ca.client().expect("client");
     let mut over_tls = ProxyConnection::open_via(secure, Some(&tls)).await.expect("TLS");
     let mut plain = ProxyConnection::open(baton.proxy).await.expect("plain");
+    // A second real client: Python's ssl (OpenSSL), on its own keep-alive connection.
+    let mut python = PyClient::start(secure, pki.ca(), "get", &url).await;
     for c in [&mut over_tls, &mut plain] {
         assert_eq!(c.get(&url).await.expect("GET").1.len(), 100);
     }
+    assert_eq!(python.ask("get").await, "ok 200 100", "Python's first GET");
     let (ok, out) = baton.cli(&["upgrade", "--json", "--wait-drain"]);
     assert!(ok, "{out}");
     let report: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    assert_eq!(report["draining_connections"], 2, "{report}");
-    assert_eq!(report["draining_tls_connections"], 1, "{report}");
-    assert_eq!(report["drain"]["cut"], 0, "{report}");
-    assert_eq!(report["drain"]["moved"], 1, "{report}");
-    // The TLS connection was closed by the drain, between requests (its session state
-    // cannot move); the plain one moved, and the new generation serves it.
-    common::wait_for(Duration::from_secs(5), "the drained TLS connection to close", || {
-        let closed = over_tls.is_closed();
-        async move { closed.then_some(()) }
+    assert_eq!(report["draining_connections"], 3, "{report}");
+    assert_eq!(report["draining_tls_connections"], 2, "{report}");
+    assert_eq!(report["drain"]["cut"], 0, "nothing was cut: {report}");
+    assert_eq!(
+        report["drain"]["moved"], 3,
+        "all three idle connections moved: {report}"
+    );
+    assert_eq!(
+        report["drain"]["tls_moved"], 2,
+        "the two TLS ones with their keys: {report}"
+    );
+    // The new generation serves each on the same connection: the TLS ones go on from the
+    // record state the old generation handed over.
+    assert_eq!(
+        over_tls.get(&url).await.expect("rustls GET after the move").1.len(),
+        100
+    );
+    assert_eq!(python.ask("get").await, "ok 200 100", "Python's GET after the move");
+    assert_eq!(plain.get(&url).await.expect("GET after the move").1.len(), 100);
+    let status = baton.status().await;
+    assert_eq!(status["adopted_connections"], 3, "{status}");
+    assert_eq!(status["adopted_tls"], 2, "two of them with their TLS state: {status}");
+    // And they move again at the next handoff (a resumed connection takes itself apart).
+    let (ok, out) = baton.cli(&["upgrade", "--json", "--wait-drain"]);
+    assert!(ok, "{out}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(report["drain"]["tls_moved"], 2, "moved again: {report}");
+    assert_eq!(python.ask("get").await, "ok 200 100", "Python's GET after two moves");
+    assert_eq!(over_tls.get(&url).await.expect("GET after two moves").1.len(), 100);
+    // The client's close_notify is answered with baton's.
+    assert_eq!(python.ask("close").await, "closed notify", "a clean TLS close");
+}
+
+/// A real TLS client in a child process: `tests/fixtures/tls_proxy_client.py` (Python's ssl,
+/// that is OpenSSL), driven one line at a time so that the test hands off between steps.
+struct PyClient {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl PyClient {
+    /// Connects (and, for `tunnel`, opens the tunnel to `target`); waits for its `ready`.
+    async fn start(proxy: SocketAddr, ca: &str, mode: &str, target: &str) -> PyClient {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls_proxy_client.py");
+        let mut child = tokio::process::Command::new("python3")
+            .args([script, &proxy.to_string(), ca, mode, target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 must be installed");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut client = PyClient {
+            _child: child,
+            stdin,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        };
+        let ready = client.answer().await;
+        assert!(ready.starts_with("ready TLSv1.3"), "the client is connected: {ready}");
+        client
+    }
+
+    /// Its next line, within 20 s.
+    async fn answer(&mut self) -> String {
+        let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line()).await;
+        line.expect("the Python client answers within 20 s")
+            .expect("its stdout")
+            .unwrap_or_else(|| "exited".to_string())
+    }
+
+    async fn ask(&mut self, line: &str) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("stdin");
+        self.stdin.flush().await.expect("stdin");
+        self.answer().await
+    }
+}
+
+/// A TLS listener, CONNECT allowed to `echo`'s port, and a 2 s drain.
+fn tunnel_config(pki: &Pki, echo: SocketAddr) -> String {
+    format!(
+        "{}\n[timeouts]\ndrain = \"2s\"\n{}",
+        common::connect_ports(&[echo.port()]),
+        pki.listener()
+    )
+}
+
+/// `baton upgrade --wait-drain --json`: the summary, with the drain.
+fn upgrade_waiting(baton: &Baton) -> serde_json::Value {
+    let (ok, out) = baton.cli(&["upgrade", "--json", "--wait-drain"]);
+    assert!(ok, "{out}");
+    serde_json::from_str(out.trim()).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_inside_tls_moves_intact_across_twenty_handoffs() {
+    let echo = testkit::start_echo().await.expect("echo");
+    let pki = Pki::new(0x7101);
+    let baton = Baton::start(&tunnel_config(&pki, echo)).await;
+    let secure = secure_addr(&baton).await;
+    let mut client = PyClient::start(secure, pki.ca(), "tunnel", &echo.to_string()).await;
+    let mut slowest = Duration::ZERO;
+    for round in 0..20 {
+        let echoed = client.ask("round 65536").await;
+        assert!(
+            echoed.starts_with("ok "),
+            "round {round}: 64 KiB echoed intact: {echoed}"
+        );
+        let old = upgrade(&baton).await.expect("upgrade").old_pid;
+        let verdict = Instant::now();
+        common::wait_for(Duration::from_secs(10), "the old generation to exit", || async {
+            (!common::alive(old)).then_some(())
+        })
+        .await;
+        let took = verdict.elapsed();
+        slowest = slowest.max(took);
+        // With the tunnel moved, nothing is left to drain: it exits long before its 2 s
+        // deadline (a tunnel left behind would hold it there).
+        assert!(
+            took < Duration::from_millis(1500),
+            "round {round}: the old generation exited {took:?} after the verdict\n{}",
+            baton.log()
+        );
+    }
+    println!("20 handoffs: the slowest old generation exited {slowest:?} after its verdict");
+    let echoed = client.ask("round 1000000").await;
+    assert!(echoed.starts_with("ok "), "1 MB through the 21st generation: {echoed}");
+    let status = baton.status().await;
+    assert_eq!(status["generation"], 21, "{status}");
+    assert_eq!(status["adopted_tunnels"], 1, "the last generation adopted it: {status}");
+    // The client's close_notify reaches the echo server as the end of its input; its
+    // end comes back as baton's close_notify.
+    assert_eq!(client.ask("close").await, "closed notify", "a clean TLS close");
+    common::wait_for(Duration::from_secs(5), "the tunnel's access line", || async {
+        let log = baton.log();
+        log.lines()
+            .any(|l| l.contains("CONNECT") && l.contains("outcome=") && l.contains("closed"))
+            .then_some(())
     })
     .await;
-    assert!(!plain.is_closed(), "the plain connection was closed");
-    assert_eq!(plain.get(&url).await.expect("GET after the move").1.len(), 100);
+}
+
+/// A rustls client of the TLS listener speaking only `suite` (and its version).
+fn connector(pki: &Pki, suite: rustls::SupportedCipherSuite) -> tokio_rustls::TlsConnector {
+    let pem = std::fs::read_to_string(&pki.ca_pem).expect("CA");
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert.expect("PEM")).expect("root");
+    }
+    let version = match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+    };
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..rustls::crypto::ring::default_provider()
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+type ClientTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A CONNECT tunnel to `target` inside a TLS connection made by `tls`.
+async fn tls_tunnel(proxy: SocketAddr, tls: &tokio_rustls::TlsConnector, target: SocketAddr) -> ClientTls {
+    use tokio::io::AsyncWriteExt as _;
+    let tcp = tokio::net::TcpStream::connect(proxy).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut s = tls.connect(name, tcp).await.expect("handshake");
+    let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.expect("CONNECT");
+    let answer = testkit::client::read_head(&mut s).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    s
+}
+
+/// Sends `n` bytes through an echo tunnel and reads them back: `Ok` when they are the same.
+async fn echo_round(s: &mut ClientTls, n: usize, seed: u8) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    s.write_all(&data).await?;
+    s.flush().await?;
+    let mut back = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("no echo within 10 s"))??;
+    if back != data {
+        return Err(std::io::Error::other("the echo differs"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_move_with_each_tls13_suite_and_tls12_drains_counted() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let echo = testkit::start_echo().await.expect("echo");
+    let pki = Pki::new(0x7201);
+    let baton = Baton::start(&tunnel_config(&pki, echo)).await;
+    let secure = secure_addr(&baton).await;
+    let suites = [
+        ("AES-128-GCM", cs::TLS13_AES_128_GCM_SHA256),
+        ("AES-256-GCM", cs::TLS13_AES_256_GCM_SHA384),
+        ("ChaCha20-Poly1305", cs::TLS13_CHACHA20_POLY1305_SHA256),
+    ];
+    let mut moving = Vec::new();
+    for (name, suite) in suites {
+        let mut s = tls_tunnel(secure, &connector(&pki, suite), echo).await;
+        echo_round(&mut s, 50_000, 1).await.expect(name);
+        moving.push((name, s));
+    }
+    let tls12 = connector(&pki, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+    let mut old = tls_tunnel(secure, &tls12, echo).await;
+    echo_round(&mut old, 1000, 2).await.expect("TLS 1.2");
+    let report = upgrade_waiting(&baton);
+    let drain = &report["drain"];
+    assert_eq!(drain["moved"], 3, "the three TLS 1.3 tunnels moved: {report}");
+    assert_eq!(drain["tls_moved"], 3, "{report}");
+    assert_eq!(
+        drain["tls_stayed"]["tls12"], 1,
+        "the TLS 1.2 one stayed, counted: {report}"
+    );
+    assert_eq!(drain["cut"], 1, "and was cut at the 2 s drain deadline: {report}");
+    for (i, (name, s)) in moving.iter_mut().enumerate() {
+        echo_round(s, 200_000, 3 + i as u8)
+            .await
+            .unwrap_or_else(|e| panic!("{name} after the move: {e}"));
+    }
+    assert!(
+        echo_round(&mut old, 1000, 9).await.is_err(),
+        "the TLS 1.2 tunnel drained with the old generation and was cut"
+    );
+    // Again: a resumed record layer takes itself apart and moves on.
+    let report = upgrade_waiting(&baton);
+    assert_eq!(report["drain"]["tls_moved"], 3, "{report}");
+    for (i, (name, s)) in moving.iter_mut().enumerate() {
+        echo_round(s, 100_000, 7 + i as u8)
+            .await
+            .unwrap_or_else(|e| panic!("{name} after the second move: {e}"));
+    }
+}
+
+/// A client `KeyUpdate` after the move cannot be applied (the record state handed over is
+/// the key and IV, not the traffic secret the next key derives from): the moved connection
+/// answers it with a close_notify and closes, which the client reads as a clean end. Before
+/// the move, rustls applies it, and the connection moves afterwards with the new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_after_the_move_closes_cleanly() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let echo = testkit::start_echo().await.expect("echo");
+    let pki = Pki::new(0x7301);
+    let baton = Baton::start(&tunnel_config(&pki, echo)).await;
+    let secure = secure_addr(&baton).await;
+    let mut s = tls_tunnel(secure, &connector(&pki, cs::TLS13_AES_128_GCM_SHA256), echo).await;
+    s.get_mut().1.refresh_traffic_keys().expect("KeyUpdate before the move");
+    echo_round(&mut s, 10_000, 1).await.expect("rustls applied it");
+    let report = upgrade_waiting(&baton);
+    assert_eq!(report["drain"]["tls_moved"], 1, "{report}");
+    echo_round(&mut s, 10_000, 2)
+        .await
+        .expect("moved with the updated keys");
+    s.get_mut().1.refresh_traffic_keys().expect("KeyUpdate after the move");
+    let sent = echo_round(&mut s, 10, 3).await;
+    assert!(sent.is_err(), "the moved connection does not go on after a KeyUpdate");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let end = end.expect("closed within 5 s");
+    // rustls reads a close without close_notify as UnexpectedEof: `Ok` is baton's.
+    assert!(end.is_ok(), "a clean end (close_notify), not a truncation: {end:?}");
 }
 
 /// Writes a configuration with one TLS listener using `cert` and `key` and runs `baton check`.
@@ -545,4 +814,66 @@ async fn baton_check_validates_the_pair_and_its_expiry() {
         .replace("proxy.key", "expired.key");
     let baton = Baton::start(&expired_listener).await;
     assert!(baton.log().contains("TLS certificate has EXPIRED"), "{}", baton.log());
+}
+
+/// The scale: a thousand idle keep-alive TLS clients (each after one request) and a
+/// hundred TLS tunnels move in one handoff; the drain report's time from the verdict to the
+/// old generation drained is printed (docs/benchmarks.md, "TLS connections at a handoff").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_tls_clients_and_a_hundred_tunnels_move_in_one_handoff() {
+    baton_handoff::process::raise_open_files_limit().expect("raise RLIMIT_NOFILE");
+    let (origin, echo) = (
+        testkit::start_origin().await.expect("origin"),
+        testkit::start_echo().await.expect("echo"),
+    );
+    let pki = Pki::new(0x7401);
+    let config = format!(
+        "{}\n[timeouts]\ndrain = \"10s\"\n[limits]\nmax_connections_per_client = 0\n{}",
+        common::connect_ports(&[echo.port(), origin.port()]),
+        pki.listener()
+    );
+    let baton = Baton::start(&config).await;
+    let secure = secure_addr(&baton).await;
+    let tls = pki.ca.client_offering(&[b"http/1.1"]).expect("client");
+    let url = format!("http://{origin}/bytes?n=10");
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let mut c = ProxyConnection::open_via(secure, Some(&tls)).await.expect("TLS client");
+        assert_eq!(c.get(&url).await.expect("GET").1.len(), 10, "its first request");
+        idle.push(c);
+    }
+    let mut tunnels = Vec::new();
+    for _ in 0..100 {
+        let mut t = testkit::client::open_tunnel_via(secure, echo, Some(&tls))
+            .await
+            .expect("tunnel");
+        // A first round trip: a tunnel relays (and can move) once its first bytes were
+        // read (a tunnel still waiting for them is held by the SNI check, `sni_wait`).
+        ping(&mut t).await;
+        tunnels.push(t);
+    }
+    let report = upgrade_waiting(&baton);
+    let drain = &report["drain"];
+    println!(
+        "1,000 idle TLS clients + 100 TLS tunnels: verdict to drained in {} ms ({report})",
+        drain["drain_ms"]
+    );
+    assert_eq!(drain["tls_moved"], 1100, "every one moved with its keys: {report}");
+    assert_eq!(drain["cut"], 0, "{report}");
+    for c in idle.iter_mut().step_by(50) {
+        assert_eq!(c.get(&url).await.expect("GET after the move").1.len(), 10);
+    }
+    for t in tunnels.iter_mut().step_by(10) {
+        ping(t).await;
+    }
+}
+
+/// One round trip of `ping` through an echo tunnel.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(t: &mut S) {
+    use tokio::io::AsyncWriteExt as _;
+    t.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut back)).await;
+    read.expect("an echo within 10 s").expect("echo");
+    assert_eq!(&back, b"ping", "the tunnel echoes");
 }

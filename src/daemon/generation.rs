@@ -431,8 +431,11 @@ impl Generation {
     /// Records a handoff's drain in the ledger, tells a `--wait-drain` client, and removes
     /// the draining file (the serving generation stops reporting us).
     async fn drain_finished(&mut self, handed_off: bool, report: &DrainReport) {
-        let (moved, _stayed) = self.connections.proxy().migration().counts();
-        let outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
+        let migration = self.connections.proxy().migration();
+        let (moved, _stayed) = migration.counts();
+        let mut outcome = DrainOutcome::from_report(self.pid, report, moved as usize);
+        outcome.tls_moved = migration.tls_moved.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        outcome.tls_stayed = migration.tls_stayed_by_reason();
         if handed_off {
             self.shared.record(|l| {
                 l.drain.observe(report.millis as f64 / 1000.0);
@@ -488,6 +491,12 @@ impl Generation {
                 .then(|| nix::unistd::getppid().as_raw() as u32),
             adopted_tunnels: self.connections.proxy().migration().adopted.get(MoveKind::Tunnel),
             adopted_connections: self.connections.proxy().migration().adopted.get(MoveKind::Connection),
+            adopted_tls: self
+                .connections
+                .proxy()
+                .migration()
+                .adopted_tls
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

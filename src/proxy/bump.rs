@@ -11,6 +11,10 @@
 //! verification is a 502 inside the bumped TLS naming the reason. A bumped tunnel holds TLS
 //! state in this process: at a handoff it drains (its next answer says
 //! `Connection: close`), it never moves.
+//!
+//! A WebSocket inside (`wss://` through the proxy) switches as an absolute-form one does
+//! (`proxy::upgrade`): the origin's 101 makes the rest of the bumped connection a tunnel to
+//! the origin's TLS connection, copied (TLS at both ends), with the upgrade's access line.
 
 use std::io;
 use std::pin::Pin;
@@ -30,11 +34,13 @@ use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::proxy::access::{Kind, Sent};
+use crate::proxy::admission::Slot;
 use crate::proxy::framing::{Framed, RequestSignal};
 use crate::proxy::metrics;
 use crate::proxy::service::{Ask, Body, Client, Proxy};
 use crate::proxy::target::Inspected;
 use crate::proxy::tunnel::{CopyIo, TunnelClient};
+use crate::proxy::upgrade::SwitchAwaited;
 
 /// How long a draining generation keeps an idle bumped connection for the client's next
 /// request (answered with `Connection: close`), as an idle plain one (`connection`).
@@ -49,8 +55,9 @@ pub(super) struct Bump {
 impl Proxy {
     /// Serves the bumped tunnel over `client` until it ends (`early`: its first bytes, the
     /// ClientHello, which the handshake reads first). `ask` is the CONNECT's, whose line is
-    /// written at the end.
-    pub(super) async fn bump(self: Arc<Self>, client: TunnelClient, early: Vec<u8>, bump: Bump, ask: &Ask) {
+    /// written at the end. `slot`: the tunnel's place under the connection limits, which a
+    /// WebSocket inside keeps.
+    pub(super) async fn bump(self: Arc<Self>, client: TunnelClient, early: Vec<u8>, bump: Bump, ask: &Ask, slot: Slot) {
         let Some(mint) = self.inspection.clone() else {
             return;
         };
@@ -71,14 +78,14 @@ impl Proxy {
             Ok(Ok(tls)) => tls,
         };
         let _open = Open::count(&self.bumped_open);
-        let served = self.clone().serve_bumped(tls, &bump, ask).await;
+        let served = self.clone().serve_bumped(tls, &bump, ask, slot).await;
         bump_ended(ask, &bump, "ok", format!("{served} requests served inside"));
     }
 
     /// hyper's HTTP/1.1 server over the bumped TLS, each request through [`Proxy::serve`];
     /// when the generation drains, answers say `Connection: close`, and an idle connection
     /// is closed after [`IDLE_GRACE`]. The number of requests served.
-    async fn serve_bumped<T>(self: Arc<Self>, tls: T, bump: &Bump, ask: &Ask) -> u64
+    async fn serve_bumped<T>(self: Arc<Self>, tls: T, bump: &Bump, ask: &Ask, slot: Slot) -> u64
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -97,6 +104,7 @@ impl Proxy {
             closing: AtomicBool::new(false),
             served: AtomicUsize::new(0),
             signal: Arc::new(RequestSignal::default()),
+            slot,
         });
         // The requests inside are held to the same framing rules as a plain connection's
         // (a smuggled request would reach the origin inside the bump as well).
@@ -112,7 +120,9 @@ impl Proxy {
             .header_read_timeout(self.settings.header_read)
             .max_buf_size(max_head)
             .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(framed), service);
+        // With upgrades: a 101 hands the stream (its framing passing bytes through) to the
+        // WebSocket's tunnel.
+        let conn = builder.serve_connection(TokioIo::new(framed), service).with_upgrades();
         tokio::pin!(conn);
         let (draining, cut) = (self.drain.draining(), self.drain.cut_token());
         tokio::select! {
@@ -147,6 +157,8 @@ struct Inner {
     served: AtomicUsize,
     /// The framing's word on each request: its fault, and whether it waits for an answer.
     signal: Arc<RequestSignal>,
+    /// The CONNECT's place under the connection limits, for a WebSocket's tunnel inside.
+    slot: Slot,
 }
 
 impl Inner {
@@ -164,23 +176,57 @@ impl Inner {
             Some(fault) => Err((fault.status, fault.reason.to_string())),
             None => self.to_target(&mut req),
         };
+        // The framing waits for an upgrade's answer (a CONNECT inside was refused above).
+        let awaited = self.signal.awaits_answer(index);
+        let mut switch = None;
         let mut resp = match checked {
             Ok(()) => {
+                if awaited {
+                    req.extensions_mut().insert(SwitchAwaited);
+                    switch = Some(hyper::upgrade::on(&mut req));
+                }
                 let Ok(resp) = self.proxy.clone().serve(self.peer, self.client.clone(), req).await;
                 resp
             }
             Err((status, reason)) => self.proxy.refuse_inside(self.peer, &req, status, &reason),
         };
-        // A CONNECT or an upgrade inside is never a tunnel here: what follows it is the next
-        // request (or, after a fault, nothing: the connection closes).
-        if self.signal.awaits_answer(index) {
-            self.signal.answered_connect(false);
+        if awaited {
+            // A 101 (the service left the origin's stream as a tunnel) makes the rest of the
+            // connection the WebSocket's; anything else is followed by the next request.
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let tunnel = if switched { self.client.take_tunnel() } else { None };
+            self.signal.answered_connect(tunnel.is_some());
+            if let (Some(tunnel), Some(switch)) = (tunnel, switch) {
+                self.start_switched(tunnel, switch);
+            }
         }
         if fault.is_some() || self.closing.load(Ordering::Relaxed) {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Ok(resp)
+    }
+
+    /// Relays the WebSocket's tunnel once hyper has written the 101 and given up the stream
+    /// (on the drain's tunnel tracker from the start, as an HTTP/2 CONNECT's).
+    fn start_switched(&self, tunnel: crate::proxy::service::Accepted, switch: hyper::upgrade::OnUpgrade) {
+        let (proxy, slot) = (self.proxy.clone(), self.slot.clone());
+        self.proxy.drain.tunnels().spawn(async move {
+            match switch.await {
+                Ok(stream) => {
+                    let end = TunnelClient::Other(Box::new(TokioIo::new(stream)));
+                    proxy.start_tunnel(tunnel, end, Vec::new(), 0, slot);
+                }
+                Err(e) => {
+                    let reason = format!("tunnel not started: the connection ended before its 101 ({e})");
+                    tunnel
+                        .ask
+                        .line(Kind::Closed, StatusCode::SWITCHING_PROTOCOLS)
+                        .reason(reason)
+                        .write();
+                }
+            }
+        });
     }
 
     /// Makes the request's origin-form target the `https://` one its tunnel names. Its Host
@@ -267,6 +313,7 @@ fn bump_ended(ask: &Ask, bump: &Bump, result: &'static str, why: String) {
 fn into_copy(client: TunnelClient) -> Box<dyn CopyIo> {
     match client {
         TunnelClient::Socket(s) => Box::new(s),
+        TunnelClient::Tls(c) => Box::new(c),
         TunnelClient::Other(io) => io,
     }
 }

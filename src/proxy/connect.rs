@@ -33,9 +33,10 @@ use crate::proxy::rules::Facts;
 use crate::proxy::service::{Accepted, Ask, Body, Client, Proxy, empty};
 use crate::proxy::sni::{self, Peeked};
 use crate::proxy::stash;
-use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TunnelClient};
+use crate::proxy::tunnel::{self, Counters, Early, Handover, Relay, Relayed, Spliced, TlsRelay, TunnelClient};
 use crate::proxy::upgrade;
 use crate::proxy::upstream::NextHop;
+use crate::tls::moving::Secrets;
 
 impl Proxy {
     /// Opens the tunnel and leaves it with `client` ([`Proxy::start_tunnel`] relays it once
@@ -168,14 +169,14 @@ impl Proxy {
         let sni = (self.policy.reads_sni() && record.upgrade.is_none())
             .then(|| (self.policy.clone(), self.settings.sni_wait));
         let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
-        // Only with `[inspect]` can a rule bump: without, tunnels keep nothing for it.
-        let bumper = self
-            .inspection
-            .is_some()
-            .then(|| (self.clone(), self.settings.sni_wait));
+        // Only with `[inspect]` can a rule bump: without, tunnels keep nothing for it. An
+        // upgraded connection is never bumped (it was a request, or is inside a bump).
+        let bumper =
+            (self.inspection.is_some() && record.upgrade.is_none()).then(|| (self.clone(), self.settings.sni_wait));
         self.drain.tunnels().spawn(async move {
-            // The client connection's place under the connection limits, until the tunnel ends.
-            let _slot = slot;
+            // The client connection's place under the connection limits, until the tunnel ends
+            // (a WebSocket inside a bump keeps a share of it for its own tunnel).
+            let slot = slot;
             let (mut client, mut early) = (client, early);
             if let Some((policy, wait)) = sni {
                 match Box::pin(check_sni(&policy, &mut client, &mut early, &mut ask, &mut record, wait)).await {
@@ -190,7 +191,7 @@ impl Proxy {
                     Ok(Some(bump)) => {
                         // Requests inside open their own TLS connections to the origin.
                         drop(origin);
-                        return Box::pin(proxy.bump(client, early.to_origin, bump, &ask)).await;
+                        return Box::pin(proxy.bump(client, early.to_origin, bump, &ask, slot)).await;
                     }
                     Err(d) => return sni_refused(&ask, &d),
                 }
@@ -214,34 +215,24 @@ impl Proxy {
         &self,
         mut record: TunnelRecord,
         fds: Vec<OwnedFd>,
+        tls: Option<Secrets>,
         admission: &Arc<Admission>,
     ) -> Result<(), String> {
         record.check_fds(&fds)?;
-        let spliced = Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?;
+        let relay = match tls {
+            None => {
+                Adopted::Spliced(Spliced::from_fds(&record, fds).map_err(|e| format!("cannot adopt its fds: {e}"))?)
+            }
+            Some(tls) => Adopted::Tls(Box::new(
+                tunnel::rebuild_tls(&record, fds, tls).map_err(|e| format!("cannot adopt a TLS tunnel: {e}"))?,
+            )),
+        };
         metrics::migrated("tunnel", 1);
-        self.migration.count_adopted(migrate::Kind::Tunnel);
-        let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
-        // An upgraded connection's line is its request's: `GET` and the absolute URI.
-        let (method, target) = match &record.upgrade {
-            Some(u) => (Method::GET, &u.uri),
-            None => (Method::CONNECT, &record.target),
-        };
-        let ask = Ask {
-            peer: record.client.map_or(Peer::Local, Peer::Ip),
-            target: target
-                .parse::<Uri>()
-                .map_err(|e| format!("bad target {target:?}: {e}"))?,
-            method,
-            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
-            // Not a connection of this generation's: the line's bytes come from the record.
-            sent: Arc::default(),
-            user: record.user.clone(),
-            rule: None,
-            // Only plain HTTP/1.1 tunnels move.
-            version: http::Version::HTTP_11,
-        };
+        self.migration
+            .count_adopted(migrate::Kind::Tunnel, matches!(relay, Adopted::Tls(_)));
+        let ask = moved_ask(&record)?;
         let ended = Ended::from(&record);
-        let admitted = self.recheck(&record, &spliced).and_then(|()| {
+        let admitted = self.recheck(&record, relay.origin_addr().ok()).and_then(|()| {
             admission.admit(&ask.peer).map_err(|r| Denial {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: r.reason,
@@ -261,7 +252,7 @@ impl Proxy {
                     .wire(ended.answer + record.down)
                     .write();
                 // Closed here, it must leave systemd's store too, which holds copies.
-                spliced.shut();
+                relay.shut();
                 stash::forget(self.stash.as_deref(), record.stashed.as_deref());
                 return Ok(());
             }
@@ -273,7 +264,7 @@ impl Proxy {
         }
         let counters = Counters::starting_at(record.up, record.down);
         // This generation's buckets for its key: they start full (buckets do not move).
-        let spliced = spliced.throttled(self.limits.throttle(&ask.peer, ask.user.as_deref()));
+        let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         let (idle, cut, migration, stash) = (
             self.settings.tunnel_idle,
             self.drain.cut_token(),
@@ -288,19 +279,19 @@ impl Proxy {
                 record,
                 stash,
             };
-            tunnel_ended(&ask, spliced.run(idle, cut, counters, Some(handover)).await, ended);
+            let relayed = match relay {
+                Adopted::Spliced(s) => s.throttled(throttle).run(idle, cut, counters, Some(handover)).await,
+                Adopted::Tls(t) => Box::pin(t.throttled(throttle).run(idle, cut, counters, Some(handover))).await,
+            };
+            tunnel_ended(&ask, relayed, ended);
         });
         Ok(())
     }
 
     /// This generation's rules, applied to a tunnel another generation opened.
-    fn recheck(&self, record: &TunnelRecord, spliced: &Spliced) -> Result<(), Denial> {
+    fn recheck(&self, record: &TunnelRecord, origin: Option<std::net::SocketAddr>) -> Result<(), Denial> {
         // Through a parent, the origin socket leads to the parent: only the name is checked.
-        let origin = if record.via_parent {
-            None
-        } else {
-            spliced.origin_addr().ok()
-        };
+        let origin = if record.via_parent { None } else { origin };
         let peeked = record.sni_checked.then(|| match &record.sni {
             Some(name) => Peeked::Sni(name.clone()),
             None => Peeked::NoSni("it sent no TLS ClientHello with a server name"),
@@ -317,6 +308,54 @@ impl Proxy {
             sni: peeked.as_ref(),
             origin,
         })
+    }
+}
+
+/// The request a moved tunnel answers, for its access line: an upgraded connection's is its
+/// `GET` and absolute URI, a tunnel's its CONNECT; its start as the record says.
+fn moved_ask(record: &TunnelRecord) -> Result<Ask, String> {
+    let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(record.started_ms));
+    // An upgraded connection's line is its request's: `GET` and the absolute URI.
+    let (method, target) = match &record.upgrade {
+        Some(u) => (Method::GET, &u.uri),
+        None => (Method::CONNECT, &record.target),
+    };
+    Ok(Ask {
+        peer: record.client.map_or(Peer::Local, Peer::Ip),
+        target: target
+            .parse::<Uri>()
+            .map_err(|e| format!("bad target {target:?}: {e}"))?,
+        method,
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        // Not a connection of this generation's: the line's bytes come from the record.
+        sent: Arc::default(),
+        user: record.user.clone(),
+        rule: None,
+        // Only HTTP/1.1 tunnels move.
+        version: http::Version::HTTP_11,
+    })
+}
+
+/// A moved tunnel, as it relays on here.
+enum Adopted {
+    Spliced(Spliced),
+    Tls(Box<TlsRelay>),
+}
+
+impl Adopted {
+    fn origin_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Adopted::Spliced(s) => s.origin_addr(),
+            Adopted::Tls(t) => t.origin_addr(),
+        }
+    }
+
+    /// Shut down before it is dropped, since systemd's store may hold copies of a plain
+    /// tunnel's sockets; a TLS tunnel is never stashed, and closes as it is dropped.
+    fn shut(&self) {
+        if let Adopted::Spliced(s) = self {
+            s.shut();
+        }
     }
 }
 
@@ -457,15 +496,8 @@ impl Proxy {
         let on = hyper::upgrade::on(&mut resp);
         let taken = tokio::time::timeout(self.settings.upstream_response, on).await;
         client.lease.discard();
-        // A pooled origin connection is a bare socket; a parent's may be TLS.
         let parts = match taken {
-            Ok(Ok(up)) => match up.downcast::<TokioIo<TcpStream>>() {
-                Ok(p) => Ok((HopStream::Plain(p.io.into_inner()), p.read_buf)),
-                Err(up) => up
-                    .downcast::<TokioIo<HopStream>>()
-                    .map(|p| (p.io.into_inner(), p.read_buf))
-                    .map_err(|_| "not a stream baton opened".to_string()),
-            },
+            Ok(Ok(up)) => hop_stream(up),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the connection was not handed over in time".into()),
         };
@@ -492,7 +524,13 @@ impl Proxy {
 
     fn upgrade_record(&self, ask: &Ask, hop: NextHop<'_>, protocol: &str) -> TunnelRecord {
         let authority = ask.target.authority().map(|a| a.as_str()).unwrap_or_default();
-        let port = ask.target.port_u16().unwrap_or(80);
+        // A WebSocket inside a bump has an `https://` target.
+        let default_port = if ask.target.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        let port = ask.target.port_u16().unwrap_or(default_port);
         let host = ask.target.host().unwrap_or_default();
         TunnelRecord {
             client: match ask.peer {
@@ -528,5 +566,24 @@ impl Proxy {
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *resp.headers_mut() = headers;
         resp
+    }
+}
+
+/// The stream under an origin connection hyper gave up after a 101, with what hyper had read
+/// past the 101: a pooled origin connection is a bare socket, a parent's may be TLS, and a
+/// bumped request's origin connection is TLS (a WebSocket inside a bump).
+fn hop_stream(up: hyper::upgrade::Upgraded) -> Result<(HopStream, Bytes), String> {
+    type OriginTls = tokio_rustls::client::TlsStream<TcpStream>;
+    let up = match up.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => return Ok((HopStream::Plain(p.io.into_inner()), p.read_buf)),
+        Err(up) => up,
+    };
+    let up = match up.downcast::<TokioIo<HopStream>>() {
+        Ok(p) => return Ok((p.io.into_inner(), p.read_buf)),
+        Err(up) => up,
+    };
+    match up.downcast::<TokioIo<OriginTls>>() {
+        Ok(p) => Ok((HopStream::Tls(Box::new(p.io.into_inner())), p.read_buf)),
+        Err(_) => Err("not a stream baton can relay (an origin reached through a parent's tunnel)".into()),
     }
 }

@@ -42,16 +42,18 @@ use crate::proxy::access::{AccessLine, Kind, Sent};
 use crate::proxy::admission::{Admission, Refused, Slot};
 use crate::proxy::framing::RequestSignal;
 use crate::proxy::heap;
-use crate::proxy::http1::{ClientIo, Ended, Parked, Stretch, Tracked};
+use crate::proxy::http1::{Apart, ClientIo, Ended, Parked, Stretch, Tracked};
 use crate::proxy::http2;
 use crate::proxy::metrics;
-use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved};
+use crate::proxy::migrate::{ConnectionRecord, Kind as MoveKind, Moved, TlsConnectionRecord};
 use crate::proxy::service::{Body, Client, ERROR_CONTENT_TYPE, Proxy, error_response};
 use crate::proxy::stash::{self, Entry, Stored};
 use crate::proxy::strict::Fault;
+use crate::proxy::tunnel::stream_from_fd;
 use crate::proxy::upgrade;
 use crate::tls::Handshakes;
 use crate::tls::handshake::Pending;
+use crate::tls::moving::{Aligned, Secrets, TlsClient};
 
 /// Connection-level settings.
 #[derive(Debug, Clone)]
@@ -173,7 +175,7 @@ impl Connections {
             let Some(tls) = connections.handshake(pending, &acceptor, stream, peer).await else {
                 return;
             };
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            if tls.alpn() == Some(b"h2") {
                 // The connection's own place is held until it ends; its tunnels take theirs.
                 let _slot = slot;
                 let c = &connections;
@@ -195,7 +197,8 @@ impl Connections {
                 Err(e) => return warn!("receiving from the previous generation failed: {e}"),
             };
             for item in items {
-                let adopted = Moved::decode(&item.record).and_then(|moved| self.adopt_one(moved, item.fds));
+                let mut item = item;
+                let adopted = Moved::decode(&mut item.record).and_then(|moved| self.adopt_one(moved, item.fds));
                 if let Err(why) = adopted {
                     refused += 1;
                     warn!("a connection from the previous generation was dropped: {why}");
@@ -209,8 +212,10 @@ impl Connections {
 
     fn adopt_one(self: &Arc<Self>, moved: Moved, fds: Vec<OwnedFd>) -> Result<(), String> {
         match moved {
-            Moved::Tunnel(record) => self.proxy.adopt_tunnel(record, fds, &self.admission),
-            Moved::Connection(record) => self.adopt_connection(record, fds),
+            Moved::Tunnel(record) => self.proxy.adopt_tunnel(record, fds, None, &self.admission),
+            Moved::Connection(record) => self.adopt_connection(record, fds, None),
+            Moved::TlsTunnel(r) => self.proxy.adopt_tunnel(r.tunnel, fds, Some(r.tls), &self.admission),
+            Moved::TlsConnection(r) => self.adopt_connection(r.connection, fds, Some(r.tls)),
         }
     }
 
@@ -243,14 +248,30 @@ impl Connections {
     /// One idle client connection the previous generation handed over: served here from
     /// its next request on, unless this generation's policy no longer admits the client
     /// (closed then, and the line names the rule).
-    fn adopt_connection(self: &Arc<Self>, mut record: ConnectionRecord, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn adopt_connection(
+        self: &Arc<Self>,
+        mut record: ConnectionRecord,
+        mut fds: Vec<OwnedFd>,
+        tls: Option<Secrets>,
+    ) -> Result<(), String> {
         let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
             return Err(format!("a connection has {} fds, not 1", fds.len() + 1));
         };
         record.check_fd(&fd)?;
-        let stream = Stream::from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
+        let stream = stream_from_fd(fd, record.client.is_none()).map_err(|e| format!("cannot adopt its fd: {e}"))?;
+        match tls {
+            None => self.adopt_idle(record, stream),
+            Some(secrets) => {
+                let tls = TlsClient::resume(stream, secrets).map_err(|e| format!("cannot resume its TLS: {e}"))?;
+                self.adopt_idle(record, tls)
+            }
+        }
+    }
+
+    /// A moved idle connection, plain or TLS, served here from its next request on.
+    fn adopt_idle<T: ClientIo>(self: &Arc<Self>, record: ConnectionRecord, stream: T) -> Result<(), String> {
         metrics::migrated("connection", 1);
-        self.proxy.migration().count_adopted(MoveKind::Connection);
+        self.proxy.migration().count_adopted(MoveKind::Connection, T::TLS);
         let peer = record.client.map_or(Peer::Local, Peer::Ip);
         if let Some(addr) = record.client
             && let Err(d) = self.proxy.policy.check_client(addr.ip())
@@ -287,7 +308,17 @@ impl Connections {
             stash,
             stash_from: Instant::now(),
         };
-        self.drain.connections().spawn(self.clone().serve(idle, peer, slot));
+        let task = self.clone().serve(idle, peer, slot);
+        if !T::TLS {
+            self.drain.connections().spawn(task);
+            return Ok(());
+        }
+        // Counted with the TLS connections, as it was where it was accepted.
+        let open = OpenTls::count(&self.tls_open);
+        self.drain.connections().spawn(async move {
+            let _open = open;
+            task.await;
+        });
         Ok(())
     }
 
@@ -314,16 +345,16 @@ impl Connections {
         acceptor: &TlsAcceptor,
         stream: Stream,
         peer: Peer,
-    ) -> Option<tokio_rustls::server::TlsStream<Stream>> {
+    ) -> Option<TlsClient> {
         let cut = self.drain.cut_token();
         let result = tokio::select! {
-            r = self.handshakes.complete(pending, acceptor, stream) => r,
+            r = self.handshakes.complete(pending, acceptor, Aligned::new(stream)) => r,
             _ = cut.cancelled() => return None,
         };
         match result {
             Ok(tls) => {
                 metrics::tls_handshake("ok");
-                Some(tls)
+                Some(TlsClient::Live(Box::new(tls)))
             }
             Err(e) => {
                 metrics::tls_handshake(e.label());
@@ -395,7 +426,7 @@ impl Connections {
         if !parked.unread.is_empty() && !idle.stalled {
             return Wake::Readable;
         }
-        let movable = T::MOVABLE && !idle.stay;
+        let movable = !idle.stay;
         let _counted = metrics::IdleConnection::new();
         let deadline = idle.since + self.header_read_timeout;
         let stash_at = self.stash_due(idle).filter(|at| *at < deadline);
@@ -446,14 +477,11 @@ impl Connections {
         };
         idle.stay = true;
         let (stream, unread) = parked.into_parts();
-        let (fd, unix) = match stream.into_fd() {
-            Ok(fd) => fd,
-            Err(e) => {
-                warn!(client = %peer, "cannot take an idle connection apart to move it: {e}");
-                return true;
-            }
+        let apart = match stream.take_apart() {
+            Ok(apart) => apart,
+            Err((kept, why)) => return self.stays(idle, kept, unread, why, peer),
         };
-        let record = Moved::Connection(ConnectionRecord {
+        let connection = ConnectionRecord {
             client: match peer {
                 Peer::Ip(a) => Some(*a),
                 Peer::Local => None,
@@ -462,26 +490,39 @@ impl Connections {
             served: idle.served,
             idle_ms: idle.since.elapsed().as_millis() as u64,
             stashed: idle.stash.as_ref().map(|e| e.name().to_string()),
-        });
-        let Err(mut fds) = self.proxy.migration().depart(&record, vec![fd]).await else {
+        };
+        let record = match apart.tls {
+            Some(tls) => Moved::TlsConnection(TlsConnectionRecord { connection, tls }),
+            None => Moved::Connection(connection),
+        };
+        let Err(mut fds) = self.proxy.migration().depart(&record, vec![apart.fd]).await else {
             // The successor keeps it in the store under its name.
             if let (Some(stash), Some(entry)) = (self.proxy.stash(), idle.stash.take()) {
                 stash.release(entry);
             }
             return true;
         };
-        let Moved::Connection(record) = record else {
-            return true;
+        // The successor did not take it: it goes on here, from the same state.
+        let (connection, secrets) = match record {
+            Moved::Connection(c) => (c, None),
+            Moved::TlsConnection(r) => (r.connection, Some(r.tls)),
+            _ => return true,
         };
-        match fds.pop().map(|fd| T::from_fd(fd, unix)) {
-            Some(Ok(stream)) => {
+        let Some(fd) = fds.pop() else { return true };
+        let apart = Apart {
+            fd,
+            unix: apart.unix,
+            tls: secrets,
+        };
+        match T::put_together(apart) {
+            Ok(stream) => {
                 idle.parked = Some(Parked {
                     stream,
-                    unread: record.unread.into_boxed_slice(),
+                    unread: connection.unread.into_boxed_slice(),
                 });
                 false
             }
-            _ => true,
+            Err(_) => true,
         }
     }
 
@@ -489,7 +530,7 @@ impl Connections {
     /// that can be (a plain socket), not stashed yet, and not while draining.
     fn stash_due<T: ClientIo>(&self, idle: &Idle<T>) -> Option<Instant> {
         let stash = self.proxy.stash()?;
-        let due = T::MOVABLE && idle.stash.is_none() && !idle.stay && !self.drain.is_draining();
+        let due = !T::TLS && idle.stash.is_none() && !idle.stay && !self.drain.is_draining();
         due.then(|| idle.stash_from + stash.after())
     }
 
@@ -546,6 +587,32 @@ impl Connections {
         stash.remove(entry);
     }
 
+    /// A connection that could not be taken apart stays idle here (`false`), or, if it was
+    /// lost on the way (`true`), ends; a TLS one is counted by why.
+    fn stays<T: ClientIo>(
+        &self,
+        idle: &mut Idle<T>,
+        kept: Option<T>,
+        unread: Vec<u8>,
+        why: &'static str,
+        peer: &Peer,
+    ) -> bool {
+        if T::TLS {
+            self.proxy.migration().tls_stayed(why);
+        }
+        let Some(stream) = kept else {
+            warn!(client = %peer, "cannot take an idle connection apart to move it: {why}");
+            self.unstash(idle);
+            return true;
+        };
+        debug!(client = %peer, "an idle connection stays in this generation: {why}");
+        idle.parked = Some(Parked {
+            stream,
+            unread: unread.into_boxed_slice(),
+        });
+        false
+    }
+
     /// Serves the idle connection with hyper until it comes to rest (`true`: `idle` is
     /// the connection idle again) or ends.
     async fn busy<T: ClientIo>(&self, idle: &mut Idle<T>, peer: &Peer, slot: &Slot) -> bool {
@@ -568,7 +635,7 @@ impl Connections {
             self.max_header_bytes,
             service,
         );
-        let may_move = T::MOVABLE && !idle.stay;
+        let may_move = !idle.stay;
         let Some(ended) = self.drive(&mut stretch, &signal, may_move).await else {
             return false;
         };
@@ -965,7 +1032,7 @@ mod tests {
             idle_ms: 0,
             stashed: None,
         };
-        connections.adopt_connection(record, vec![fd]).unwrap();
+        connections.adopt_connection(record, vec![fd], None).unwrap();
         let within = Duration::from_secs(5);
         let first = tokio::time::timeout(within, answer(&mut client))
             .await
@@ -994,14 +1061,14 @@ mod tests {
             idle_ms: 0,
             stashed: None,
         };
-        connections.adopt_connection(record.clone(), vec![fd]).unwrap();
+        connections.adopt_connection(record.clone(), vec![fd], None).unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), answer(&mut client))
             .await
             .expect("an answer: the kernel's peer is loopback, which the policy admits");
         assert!(answer.starts_with("http/1.1 "), "{answer}");
         let (r, _w) = nix::unistd::pipe().unwrap();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&r);
-        let err = connections.adopt_connection(record, vec![r]).unwrap_err();
+        let err = connections.adopt_connection(record, vec![r], None).unwrap_err();
         assert!(
             err.contains(&format!("fd {raw}: a pipe where a socket was expected")),
             "{err}"

@@ -14,7 +14,7 @@
 //! - what is left is a [`Parked`] connection: the bare stream and the bytes hyper had read
 //!   but not parsed. It is served again by a new [`Stretch`]. On a plain socket its fd and
 //!   those bytes are all of it, so it could as well be handed to another process (a
-//!   successor generation); a TLS connection keeps its session state too ([`ClientIo`]).
+//!   successor generation); a TLS connection adds its TLS record state ([`ClientIo::take_apart`]).
 //!
 //! A stretch also ends when hyper ends the connection itself ([`Ended::Done`]: the client
 //! closed, `Connection: close`, or a CONNECT answered 2xx, whose stream becomes the tunnel's).
@@ -34,16 +34,16 @@ use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::access::{Sending, Sent};
 use crate::proxy::framing::{Framed, RequestSignal};
-use crate::proxy::tunnel::TunnelClient;
+use crate::proxy::tunnel::{TunnelClient, stream_from_fd, stream_into_fd};
+use crate::tls::moving::{Secrets, TlsClient};
 
 /// A client connection's stream, as a connection parks and serves it: a plain socket, or
 /// TLS over one.
-pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync + Sized + 'static {
     /// Resolves once a read would not block, without reading (see [`Stream::readable`]).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 
@@ -57,19 +57,29 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// The stream as a CONNECT's tunnel relays it.
     fn into_tunnel(self) -> TunnelClient;
 
-    /// Whether an idle connection can move to another process as its fd.
-    const MOVABLE: bool;
+    /// Whether it is a TLS connection (its move is counted apart, by reason, when it stays).
+    const TLS: bool;
 
-    /// The socket, out of the runtime, and whether it is a Unix socket.
-    fn into_fd(self) -> io::Result<(OwnedFd, bool)>;
+    /// The connection taken apart to move to another process, at rest; else the
+    /// connection back (`None`: it could not be kept either) and why it stays.
+    fn take_apart(self) -> Result<Apart, (Option<Self>, &'static str)>;
 
     /// The socket, borrowed, when it can be kept in systemd's fd store (`proxy::stash`).
     fn stash_fd(&self) -> Option<BorrowedFd<'_>>;
 
-    /// A socket [`ClientIo::into_fd`] gave (here or in another process), in this runtime.
-    /// It is non-blocking already: the flag belongs to the open file description, which
-    /// SCM_RIGHTS shares (no syscalls to set it again, for each of thousands at a handoff).
-    fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Self>;
+    /// A connection [`ClientIo::take_apart`] gave (here or in another process), in this
+    /// runtime. The socket is non-blocking already: the flag belongs to the open file
+    /// description, which SCM_RIGHTS shares (no syscalls to set it again, for each of
+    /// thousands at a handoff).
+    fn put_together(apart: Apart) -> io::Result<Self>;
+}
+
+/// A client connection taken apart to move: its socket, whether that is a Unix socket, and
+/// a TLS connection's record state.
+pub struct Apart {
+    pub fd: OwnedFd,
+    pub unix: bool,
+    pub tls: Option<Secrets>,
 }
 
 impl ClientIo for Stream {
@@ -89,7 +99,7 @@ impl ClientIo for Stream {
         TunnelClient::Socket(self)
     }
 
-    const MOVABLE: bool = true;
+    const TLS: bool = false;
 
     fn stash_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(match self {
@@ -98,35 +108,23 @@ impl ClientIo for Stream {
         })
     }
 
-    fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
-        Ok(match self {
-            Stream::Tcp(s) => (s.into_std()?.into(), false),
-            Stream::Unix(s) => (s.into_std()?.into(), true),
-        })
+    fn take_apart(self) -> Result<Apart, (Option<Self>, &'static str)> {
+        let (fd, unix) = stream_into_fd(self).map_err(|_| (None, "error"))?;
+        Ok(Apart { fd, unix, tls: None })
     }
 
-    fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
-        Ok(if unix {
-            let s = std::os::unix::net::UnixStream::from(fd);
-            Stream::Unix(tokio::net::UnixStream::from_std(s)?)
-        } else {
-            let s = std::net::TcpStream::from(fd);
-            Stream::Tcp(tokio::net::TcpStream::from_std(s)?)
-        })
+    fn put_together(apart: Apart) -> io::Result<Stream> {
+        stream_from_fd(apart.fd, apart.unix)
     }
 }
 
-impl ClientIo for TlsStream<Stream> {
+impl ClientIo for TlsClient {
     /// Readable at once when rustls holds plaintext nobody read (a client's first request
     /// often arrives with its last handshake flight, and is decrypted with it) or a
     /// close_notify: it does not want the socket read then. Otherwise the socket's
     /// readiness (a partial record completes only with more bytes on the socket).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (socket, session) = self.get_ref();
-        if !session.wants_read() {
-            return Poll::Ready(Ok(()));
-        }
-        socket.poll_readable(cx)
+        TlsClient::poll_readable(self, cx)
     }
 
     fn close(mut self, _pipelined: bool, drain: &Drain) {
@@ -139,28 +137,39 @@ impl ClientIo for TlsStream<Stream> {
                 _ = shut => {}
                 () = cut.cancelled() => return,
             }
-            linger(self.into_inner().0, cut).await;
+            linger(self.into_socket(), cut).await;
         });
     }
 
     fn into_tunnel(self) -> TunnelClient {
-        TunnelClient::Other(Box::new(self))
+        TunnelClient::Tls(self)
     }
 
-    /// Its session state lives in this process (kernel TLS would be needed to move it): a
-    /// TLS connection drains.
-    const MOVABLE: bool = false;
+    const TLS: bool = true;
 
+    /// Its record state changes with every record: a TLS connection is not stashed.
     fn stash_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 
-    fn into_fd(self) -> io::Result<(OwnedFd, bool)> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
+    /// At rest, rustls's record state moves with the socket (`tls::moving`); what it cannot
+    /// hand over keeps the connection here, and says why.
+    fn take_apart(self) -> Result<Apart, (Option<Self>, &'static str)> {
+        let (stream, secrets) = TlsClient::take_apart(self).map_err(|(c, why)| (c, why.label()))?;
+        let (fd, unix) = stream_into_fd(stream).map_err(|_| (None, "error"))?;
+        Ok(Apart {
+            fd,
+            unix,
+            tls: Some(secrets),
+        })
     }
 
-    fn from_fd(_: OwnedFd, _: bool) -> io::Result<Self> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
+    fn put_together(apart: Apart) -> io::Result<TlsClient> {
+        let stream = stream_from_fd(apart.fd, apart.unix)?;
+        let secrets = apart
+            .tls
+            .ok_or_else(|| io::Error::other("a TLS connection without its record state"))?;
+        TlsClient::resume(stream, secrets).map_err(io::Error::other)
     }
 }
 

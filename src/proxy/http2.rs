@@ -76,7 +76,9 @@ pub async fn serve<T>(
         // A peer that stops answering PINGs (gone without a FIN) is closed.
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE);
-    let service = service_fn(move |req| stream(proxy.clone(), peer, admission.clone(), req));
+    // Boxed: hyper moves each stream's future into the task it spawns for it, and the
+    // service's future is large (the copies were most of the memcpy per h2 request).
+    let service = service_fn(move |req| Box::pin(stream(proxy.clone(), peer, admission.clone(), req)));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let (draining, cut) = (drain.draining(), drain.cut_token());

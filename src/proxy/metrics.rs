@@ -62,6 +62,9 @@ pub struct Metrics {
     /// Connections adopted from the previous generation at a handoff, by kind.
     pub migrated: Family<KindLabels, Counter>,
     pub tls_handshakes: Family<ResultLabels, Counter>,
+    /// TLS connections and tunnels that stayed at a handoff (they drain), by why
+    /// (`tls::moving::Refusal`).
+    pub tls_not_moved: Family<ReasonLabels, Counter>,
     /// Bumped tunnels by how they ended (`ok`, `client_refused`, `failed`, `timeout`, `mint_failed`).
     pub bumped: Family<ResultLabels, Counter>,
     /// Bumped tunnels whose client refused the minted leaf, by server name.
@@ -88,6 +91,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_connect_errors: Family::default(),
     migrated: Family::default(),
     tls_handshakes: Family::default(),
+    tls_not_moved: Family::default(),
     bumped: Family::default(),
     bump_client_refusals: Family::default(),
     bump_leaves_minted: Counter::default(),
@@ -135,11 +139,7 @@ impl Metrics {
             "Live connections this process adopted from the previous generation at a handoff, by kind",
             self.migrated.clone(),
         );
-        registry.register(
-            "tls_handshakes",
-            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
-            self.tls_handshakes.clone(),
-        );
+        self.register_tls(registry);
         registry.register(
             "bumped_tunnels",
             "Bumped (TLS-inspected) tunnels by result: ok, client_refused (the client refused the minted certificate), failed, timeout, mint_failed",
@@ -171,6 +171,23 @@ impl Metrics {
             "Client connections of this process that are idle: between requests (no HTTP state \
              held, their origin connection back in the pool) or before their first",
             self.idle_connections.clone(),
+        );
+    }
+}
+
+impl Metrics {
+    /// The TLS listeners' own: handshakes, and connections that could not move.
+    fn register_tls(&self, registry: &mut Registry) {
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on TLS listeners, by result (ok, failed, timeout, evicted at max_handshakes)",
+            self.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_not_moved",
+            "TLS connections and tunnels that could not move at a handoff and drain instead, by reason \
+             (tls12, plaintext_buffered, ciphertext_buffered, suite, closing, busy, extraction)",
+            self.tls_not_moved.clone(),
         );
     }
 }
@@ -324,6 +341,11 @@ pub fn bump_client_refused(sni: &str) {
 /// A leaf was minted (not found in the cache).
 pub fn bump_leaf_minted() {
     get().bump_leaves_minted.inc();
+}
+
+/// A TLS connection or tunnel that stays at a handoff, and why.
+pub fn tls_not_moved(reason: &'static str) {
+    get().tls_not_moved.get_or_create(&ReasonLabels { reason }).inc();
 }
 
 pub fn tls_handshake(result: &'static str) {

@@ -7,6 +7,7 @@
 //! batch the successor did not acknowledge). What stays relays on, or is served on, and
 //! drains as before. The successor's side is `Connections::adopt`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::proxy::metrics;
+use crate::tls::moving::Secrets;
 
 /// How long the successor has to acknowledge a batch before the tunnels in it stay here.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,37 +39,95 @@ const GATHER: Duration = Duration::from_millis(2);
 /// know of it. Externally tagged (`{"connection":{...}}`): serde reads that without first
 /// buffering the record, as an internal tag would (measured at 10,000 connections). Both generations run the same build (the transfer's version is agreed at
 /// readiness), so the kinds are known to both.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Moved {
     Tunnel(TunnelRecord),
     Connection(ConnectionRecord),
+    /// A tunnel inside a TLS connection to the proxy, and that connection's record state
+    /// (its fds: the client's socket and the origin's; it never has pipes).
+    TlsTunnel(TlsTunnelRecord),
+    /// An idle connection on a TLS listener, and its record state.
+    TlsConnection(TlsConnectionRecord),
 }
 
 impl Moved {
+    /// The record's bytes. One with TLS keys is written into a buffer measured first, so
+    /// that no reallocation leaves a copy of them behind in freed memory; the transfer
+    /// wipes the buffer once it is sent.
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(self)
+        if !matches!(self, Moved::TlsTunnel(_) | Moved::TlsConnection(_)) {
+            return serde_json::to_vec(self);
+        }
+        let mut measure = Measure(0);
+        serde_json::to_writer(&mut measure, self)?;
+        let mut out = Vec::with_capacity(measure.0);
+        serde_json::to_writer(&mut out, self)?;
+        Ok(out)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Moved, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad record: {e}"))
+    /// A record from its bytes, which are wiped then (they may carry TLS keys).
+    pub fn decode(bytes: &mut [u8]) -> Result<Moved, String> {
+        let moved = serde_json::from_slice(bytes).map_err(|e| format!("bad record: {e}"));
+        baton_handoff::wipe(bytes);
+        moved
     }
 
     /// The name its fds have in systemd's fd store, if it is stashed (`proxy::stash`).
     pub fn stashed(&self) -> Option<&str> {
         match self {
-            Moved::Tunnel(t) => t.stashed.as_deref(),
-            Moved::Connection(c) => c.stashed.as_deref(),
+            Moved::Tunnel(t) | Moved::TlsTunnel(TlsTunnelRecord { tunnel: t, .. }) => t.stashed.as_deref(),
+            Moved::Connection(c) | Moved::TlsConnection(TlsConnectionRecord { connection: c, .. }) => {
+                c.stashed.as_deref()
+            }
         }
     }
 
     pub fn set_stashed(&mut self, name: &str) {
         let stashed = match self {
-            Moved::Tunnel(t) => &mut t.stashed,
-            Moved::Connection(c) => &mut c.stashed,
+            Moved::Tunnel(t) | Moved::TlsTunnel(TlsTunnelRecord { tunnel: t, .. }) => &mut t.stashed,
+            Moved::Connection(c) | Moved::TlsConnection(TlsConnectionRecord { connection: c, .. }) => {
+                &mut c.stashed
+            }
         };
         *stashed = Some(name.to_string());
     }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Moved::Tunnel(_) | Moved::TlsTunnel(_) => Kind::Tunnel,
+            Moved::Connection(_) | Moved::TlsConnection(_) => Kind::Connection,
+        }
+    }
+}
+
+/// Counts the bytes written to it.
+struct Measure(usize);
+
+impl std::io::Write for Measure {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A tunnel inside a TLS connection: the tunnel's record, and the client connection's TLS
+/// record state (keys zeroized when dropped).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TlsTunnelRecord {
+    pub tunnel: TunnelRecord,
+    pub tls: Secrets,
+}
+
+/// An idle TLS client connection: the connection's record, and its TLS record state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TlsConnectionRecord {
+    pub connection: ConnectionRecord,
+    pub tls: Secrets,
 }
 
 /// A client connection idle between requests: one fd, the client socket.
@@ -240,6 +302,12 @@ pub struct Migration {
     pub stayed: ByKind,
     /// Adopted from the previous generation.
     pub adopted: ByKind,
+    /// Of `moved`: TLS connections and tunnels (with their record state).
+    pub tls_moved: AtomicU64,
+    /// Of `adopted`: TLS connections and tunnels.
+    pub adopted_tls: AtomicU64,
+    /// TLS connections and tunnels that stayed here (they drain), by why.
+    tls_stayed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Migration {
@@ -252,6 +320,9 @@ impl Default for Migration {
             moved: ByKind::default(),
             stayed: ByKind::default(),
             adopted: ByKind::default(),
+            tls_moved: AtomicU64::new(0),
+            adopted_tls: AtomicU64::new(0),
+            tls_stayed: Mutex::default(),
         }
     }
 }
@@ -273,9 +344,30 @@ impl Migration {
         (self.moved.total(), self.stayed.total())
     }
 
-    /// One more adopted from the previous generation.
-    pub fn count_adopted(&self, kind: Kind) {
+    /// A TLS connection or tunnel that stays here, and why (`tls::moving::Refusal`'s label,
+    /// or `busy`: a tunnel whose buffers did not empty in time): counted for the drain
+    /// report and the metrics.
+    pub fn tls_stayed(&self, reason: &'static str) {
+        metrics::tls_not_moved(reason);
+        if let Ok(mut stayed) = self.tls_stayed.lock() {
+            *stayed.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// The TLS connections and tunnels that stayed, by why.
+    pub fn tls_stayed_by_reason(&self) -> BTreeMap<String, u64> {
+        self.tls_stayed
+            .lock()
+            .map(|s| s.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    /// One more adopted from the previous generation (`tls`: with its TLS record state).
+    pub fn count_adopted(&self, kind: Kind, tls: bool) {
         self.adopted.add(kind, 1);
+        if tls {
+            self.adopted_tls.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Called by a connection that stopped (a tunnel that stopped relaying, an idle client
@@ -283,10 +375,8 @@ impl Migration {
     /// its fds back.
     pub async fn depart(&self, moved: &Moved, fds: Vec<OwnedFd>) -> Result<(), Vec<OwnedFd>> {
         let (back, answer) = oneshot::channel();
-        let kind = match moved {
-            Moved::Tunnel(_) => Kind::Tunnel,
-            Moved::Connection(_) => Kind::Connection,
-        };
+        let kind = moved.kind();
+        let tls = matches!(moved, Moved::TlsTunnel(_) | Moved::TlsConnection(_));
         // Plain fields, so this cannot fail; were it to, the connection stays here.
         let record = match moved.encode() {
             Ok(r) => r,
@@ -300,7 +390,11 @@ impl Migration {
             return Err(unsent.0.item.fds);
         }
         // The sender answers every departure; if it were gone, so would be the fds.
-        answer.await.unwrap_or_else(|_| Err(Vec::new()))
+        let answered = answer.await.unwrap_or_else(|_| Err(Vec::new()));
+        if tls && answered.is_ok() {
+            self.tls_moved.fetch_add(1, Ordering::Relaxed);
+        }
+        answered
     }
 
     /// Starts moving tunnels over `transfer` (once: a second call does nothing).
@@ -364,8 +458,9 @@ impl Migration {
     }
 
     fn stay(&self, kinds: &[Kind], items: Vec<Item>, backs: Vec<oneshot::Sender<Result<(), Vec<OwnedFd>>>>) {
-        for ((kind, item), back) in kinds.iter().zip(items).zip(backs) {
+        for ((kind, mut item), back) in kinds.iter().zip(items).zip(backs) {
             self.stayed.add(*kind, 1);
+            baton_handoff::wipe(&mut item.record);
             let _ = back.send(Err(item.fds));
         }
     }

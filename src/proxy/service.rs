@@ -261,6 +261,8 @@ impl Proxy {
         client: Arc<Client>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        #[cfg(debug_assertions)]
+        panic_probe(&req);
         let mut ask = Ask::of(peer, &req, client.sent.clone());
         if let Peer::Ip(addr) = peer
             && let Err(d) = self.policy.check_client(addr.ip())
@@ -672,4 +674,17 @@ fn to_parent(parts: &mut http::request::Parts, authority: &str, parent: &Parent)
 /// The request's Content-Length, by the one parser the framing layer held it to already.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     strict::content_length(headers.get(header::CONTENT_LENGTH)?.as_bytes()).ok()
+}
+
+/// Debug builds only (the tests' binary; a release build has no such path): a request whose
+/// path is `BATON_TEST_PANIC_PATH` panics in its connection's task, so a test can show that
+/// a panicking connection leaves the process serving and its counts right (panics unwind:
+/// the task ends, its guards give back its slot).
+#[cfg(debug_assertions)]
+fn panic_probe(req: &Request<Incoming>) {
+    static PATH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let path = PATH.get_or_init(|| std::env::var("BATON_TEST_PANIC_PATH").ok());
+    if path.as_deref() == Some(req.uri().path()) {
+        panic!("BATON_TEST_PANIC_PATH: a test asked this connection's task to panic");
+    }
 }

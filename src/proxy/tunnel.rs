@@ -5,8 +5,9 @@
 //! connection) a buffered copy. Either way: half-close is passed on, an idle tunnel ends
 //! after `idle` (the activity is counted as bytes move), and a drain deadline (`cut`) ends
 //! it at once. A spliced tunnel is nothing but fds, so at a handoff it moves to the next
-//! generation ([`crate::proxy::migrate`]). The access line says how it relayed
-//! (`relay="splice"` or `"copy"`).
+//! generation ([`crate::proxy::migrate`]); a copied one inside a TLS connection to a plain
+//! origin moves too, with its TLS record state, once its buffers are written out
+//! ([`TlsRelay`]). The access line says how it relayed (`relay="splice"` or `"copy"`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -28,6 +29,10 @@ use crate::proxy::connector::HopStream;
 use crate::proxy::limits::{Pacer, Throttle};
 use crate::proxy::migrate::{Migration, Moved, TunnelRecord};
 use crate::proxy::stash::{self, Entry, Stash};
+use crate::tls::moving::TlsClient;
+
+mod tls_relay;
+pub use tls_relay::{TlsRelay, rebuild as rebuild_tls};
 
 /// How a tunnel ended and relayed, with the bytes moved each way (client→origin,
 /// origin→client).
@@ -42,7 +47,10 @@ pub struct Relayed {
 pub enum TunnelClient {
     /// A plain socket: spliced, and movable at a handoff.
     Socket(Stream),
-    /// Anything else (a TLS connection): copied through user-space buffers; it does not
+    /// A connection on a TLS listener: copied through user-space buffers; movable at a
+    /// handoff with its TLS record state when its origin is a plain socket.
+    Tls(TlsClient),
+    /// Anything else (an HTTP/2 stream): copied through user-space buffers; it does not
     /// move.
     Other(Box<dyn CopyIo>),
 }
@@ -52,9 +60,29 @@ impl TunnelClient {
     pub fn reader(&mut self) -> &mut (dyn AsyncRead + Unpin + Send) {
         match self {
             TunnelClient::Socket(s) => s,
+            TunnelClient::Tls(c) => c,
             TunnelClient::Other(io) => &mut **io,
         }
     }
+}
+
+/// A plain stream's socket, out of the runtime, and whether it is a Unix socket.
+pub fn stream_into_fd(stream: Stream) -> io::Result<(OwnedFd, bool)> {
+    Ok(match stream {
+        Stream::Tcp(s) => (s.into_std()?.into(), false),
+        Stream::Unix(s) => (s.into_std()?.into(), true),
+    })
+}
+
+/// A socket [`stream_into_fd`] gave, in this runtime.
+pub fn stream_from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
+    Ok(if unix {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        Stream::Unix(tokio::net::UnixStream::from_std(s)?)
+    } else {
+        let s = std::net::TcpStream::from(fd);
+        Stream::Tcp(tokio::net::TcpStream::from_std(s)?)
+    })
 }
 
 /// A stream a copied tunnel relays over.
@@ -102,6 +130,10 @@ pub async fn relay(
         (TunnelClient::Socket(Stream::Tcp(s)), HopStream::Plain(o)) => (End::Tcp(s), o),
         (TunnelClient::Socket(Stream::Unix(s)), HopStream::Plain(o)) => (End::Unix(s), o),
         (TunnelClient::Socket(s), o) => return Box::pin(copied(Box::new(s), o, early, limits, counters)).await,
+        (TunnelClient::Tls(c), HopStream::Plain(o)) => {
+            return Box::pin(tls_relayed(c, o, early, limits, counters, handover)).await;
+        }
+        (TunnelClient::Tls(c), o) => return Box::pin(copied(Box::new(c), o, early, limits, counters)).await,
         (TunnelClient::Other(io), o) => return Box::pin(copied(io, o, early, limits, counters)).await,
     };
     let Relay { idle, cut, throttle } = limits;
@@ -678,6 +710,32 @@ async fn deliver<W: AsyncWrite + Unpin + ?Sized>(to: &mut W, bytes: &[u8], total
         total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// A tunnel inside a TLS client connection to a plain origin socket: its early bytes
+/// delivered, then relayed by [`TlsRelay`], which can move.
+async fn tls_relayed(
+    mut client: TlsClient,
+    mut origin: TcpStream,
+    early: Early,
+    limits: Relay,
+    counters: Counters,
+    handover: Handover<'_>,
+) -> Relayed {
+    let Relay { idle, cut, throttle } = limits;
+    let delivered = async {
+        deliver(&mut origin, &early.to_origin, &counters.up).await?;
+        deliver(&mut client, &early.to_client, &counters.down).await?;
+        client.flush().await
+    };
+    if let Err(e) = delivered.await {
+        return Relayed::ended(end_of(&e), "copy", &counters);
+    }
+    drop(early);
+    TlsRelay::new(client, origin)
+        .throttled(throttle)
+        .run(idle, cut, counters, Some(handover))
+        .await
 }
 
 /// A tunnel that cannot splice (the client's connection is not a plain socket): copied

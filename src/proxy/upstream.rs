@@ -385,11 +385,15 @@ impl<T> IdlePool<T> {
     fn put(&mut self, key: String, conn: T, alive: impl Fn(Instant, &T) -> bool) -> Vec<T> {
         let mut closed = Vec::new();
         let list = self.by_hop.entry(key.clone()).or_default();
-        // In place: every HTTP/2 stream gives its connection back, so this runs per request
-        // there; the kept entries move only if one before them leaves.
-        for idle in list.extract_if(.., |i| !alive(i.since, &i.conn)) {
-            self.lru.remove(&idle.order);
-            closed.push(idle.conn);
+        // Only a full list is searched for dead entries to make room (the sweeper removes
+        // them otherwise): every HTTP/2 stream gives its connection back, and checking every
+        // kept one each time was about 2,500 instructions per h2 request with 64 kept
+        // (callgrind). In place: the kept entries move only if one before them leaves.
+        if list.len() >= self.bounds.per_host {
+            for idle in list.extract_if(.., |i| !alive(i.since, &i.conn)) {
+                self.lru.remove(&idle.order);
+                closed.push(idle.conn);
+            }
         }
         if list.len() >= self.bounds.per_host || self.bounds.total == 0 {
             closed.push(conn);
@@ -586,6 +590,24 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(p.put("c".into(), 4, |_, c| *c != 3).is_empty());
         assert_eq!(p.take("b", any), Some(3), "b's list was not swept by c's put");
+        // A full list makes room by dropping its dead entries, and keeps the newcomer; one
+        // with room is not searched (the sweeper removes the dead there).
+        let mut p = pool(2, 10);
+        assert!(p.put("a".into(), 1, any).is_empty());
+        assert!(p.put("a".into(), 2, any).is_empty());
+        assert_eq!(
+            p.put("a".into(), 3, |_, c| *c != 1),
+            vec![1],
+            "1 is dead: 3 takes its place"
+        );
+        assert_eq!(p.take("a", any), Some(3), "the newcomer was kept");
+        let mut p = pool(3, 10);
+        assert!(p.put("a".into(), 1, any).is_empty());
+        assert!(
+            p.put("a".into(), 2, |_, c| *c != 1).is_empty(),
+            "room left: nothing searched"
+        );
+        assert_eq!(p.len(), 2);
         let mut none = pool(4, 0);
         assert_eq!(none.put("a".into(), 1, any), vec![1], "idle_total = 0 keeps none");
         assert_eq!(none.len(), 0);

@@ -198,5 +198,8 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.key.clone())));
     config.alpn_protocols = alpn.iter().map(|a| a.id().to_vec()).collect();
     config.ticketer = tickets;
+    // A connection at rest gives its TLS 1.3 keys to the next generation at a handoff
+    // (`tls::moving`); they leave this process only through the transfer's channel.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod handshake;
 pub mod listeners;
 pub mod mint;
+pub mod moving;
 pub mod origin;
 pub mod tickets;
 

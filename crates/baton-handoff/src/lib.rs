@@ -87,6 +87,6 @@ pub use inherit::{FailureReporter, Inherited, ReadySignal};
 pub use listener::{ListenAddr, ListenError, Origin, Peer, Socket, Stream, accept_until, bind};
 pub use process::ChildProcess;
 pub use successor::{HandoffError, PassedFd, PassedListener, Ready, Successor, SuccessorSpec, spawn_successor};
-pub use transfer::{Incoming, Item, TRANSFER_VERSION, Transfer, TransferError, batches};
+pub use transfer::{Incoming, Item, TRANSFER_VERSION, Transfer, TransferError, batches, wipe};
 pub use upgrader::{Options, UpgradeError, Upgraded, Upgrader};
 pub use wire::MAX_FDS_PER_MESSAGE;

@@ -8,7 +8,7 @@
 //! A batch: `XFER`, the protocol version (u16, big-endian), the item count (u16), then per
 //! item its fd count (u16) and record length (u32) and the record; the fds in item order.
 //! The answers are text: `ack <items>` or `nack <reason>`; the old generation ends with
-//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=2`): a successor that
+//! `done`. The version is agreed at readiness (`ready <pid> canary xfer=3`): a successor that
 //! does not offer ours gets no batches, and the old generation drains as before.
 
 use std::io;
@@ -17,11 +17,20 @@ use std::time::Duration;
 
 use crate::wire::{MAX_FDS_PER_MESSAGE, Message, Wire};
 
-/// The version of the transfer this build speaks. 2: the batch format of 1; what changed
-/// is that a server's records may be of more kinds (baton: idle client connections as well
-/// as tunnels), which a server built for 1 would not know: a version-1 successor is sent
-/// nothing, and the old generation drains as before.
-pub const TRANSFER_VERSION: u16 = 2;
+/// The version of the transfer this build speaks. 2 and 3: the batch format of 1; what
+/// changed is that a server's records may be of more kinds (baton: idle client connections
+/// as well as tunnels in 2, TLS connections with their record state in 3), which a server
+/// built for an earlier version would not know: it is sent nothing, and the old generation
+/// drains as before.
+pub const TRANSFER_VERSION: u16 = 3;
+
+/// Overwrites `bytes` with zeroes: records may carry secrets (baton's TLS keys), and every
+/// copy of them the transfer makes is wiped before it is freed. `black_box` keeps the
+/// compiler from dropping the writes to memory about to be freed.
+pub fn wipe(bytes: &mut [u8]) {
+    bytes.fill(0);
+    std::hint::black_box(bytes);
+}
 /// Record bytes per batch at most, well inside the channel's socket buffer.
 pub(crate) const MAX_BATCH_BYTES: usize = 96 * 1024;
 const MAGIC: &[u8; 4] = b"XFER";
@@ -84,7 +93,13 @@ impl Transfer {
             return Err((TransferError::TooBig { fds, bytes }, items));
         }
         match self.exchange(&items, timeout).await {
-            Ok(()) => Ok(items.len()),
+            Ok(()) => {
+                let mut items = items;
+                for item in &mut items {
+                    wipe(&mut item.record);
+                }
+                Ok(items.len())
+            }
             Err(e) => Err((e, items)),
         }
     }
@@ -94,7 +109,10 @@ impl Transfer {
             .iter()
             .flat_map(|i| i.fds.iter().map(AsRawFd::as_raw_fd))
             .collect();
-        self.wire.send(&encode(items), &raw).await?;
+        let mut batch = encode(items);
+        let sent = self.wire.send(&batch, &raw).await;
+        wipe(&mut batch);
+        sent?;
         let answer = tokio::time::timeout(timeout, self.answer())
             .await
             .map_err(|_| TransferError::Timeout(timeout))??;
@@ -170,7 +188,13 @@ fn encode(items: &[Item]) -> Vec<u8> {
 
 /// Parses a batch, handing each item its fds in order. Any inconsistency refuses the whole
 /// batch (its fds close here; the sender still has its copies).
-fn decode(message: Message) -> Result<Vec<Item>, String> {
+fn decode(mut message: Message) -> Result<Vec<Item>, String> {
+    let items = decode_items(&mut message);
+    wipe(&mut message.bytes);
+    items
+}
+
+fn decode_items(message: &mut Message) -> Result<Vec<Item>, String> {
     if message.truncated {
         return Err("truncated (fds beyond RLIMIT_NOFILE, or too many bytes)".into());
     }
@@ -181,7 +205,7 @@ fn decode(message: Message) -> Result<Vec<Item>, String> {
         return Err(format!("version {version}, this build speaks {TRANSFER_VERSION}"));
     }
     let (count, mut rest) = take_u16(rest)?;
-    let mut fds = message.fds.into_iter();
+    let mut fds = std::mem::take(&mut message.fds).into_iter();
     let mut items = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let (nfds, r) = take_u16(rest)?;

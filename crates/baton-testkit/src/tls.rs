@@ -35,9 +35,22 @@ impl TestCa {
 
     /// A CA whose subject's common name is `name` (two CAs of one test told apart).
     pub fn named(name: &str) -> anyhow::Result<TestCa> {
+        TestCa::build(name, None)
+    }
+
+    /// A CA named `name` that expires at `not_after` (an expiry warning's case).
+    pub fn named_until(name: &str, not_after: SystemTime) -> anyhow::Result<TestCa> {
+        TestCa::build(name, Some(not_after))
+    }
+
+    fn build(name: &str, not_after: Option<SystemTime>) -> anyhow::Result<TestCa> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        if let Some(not_after) = not_after {
+            params.not_before = time::OffsetDateTime::from(SystemTime::now() - Duration::from_secs(3600));
+            params.not_after = time::OffsetDateTime::from(not_after);
+        }
         let key = KeyPair::generate()?;
         let pem = params.self_signed(&key)?.pem();
         Ok(TestCa {

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::open_tunnel;
+use crate::client::open_tunnel_via;
 use crate::data::pattern_byte;
+use crate::tls::ProxyTls;
 
 /// How one tunnel did.
 #[derive(Debug, Clone)]
@@ -65,9 +65,22 @@ impl LongTunnels {
         chunk: usize,
         every: Duration,
     ) -> std::io::Result<LongTunnels> {
+        LongTunnels::open_via(proxy, echo, n, chunk, every, None).await
+    }
+
+    /// [`LongTunnels::open`], inside TLS connections to the proxy with `tls` (a TLS
+    /// listener's tunnels move with their TLS record state).
+    pub async fn open_via(
+        proxy: SocketAddr,
+        echo: SocketAddr,
+        n: usize,
+        chunk: usize,
+        every: Duration,
+        tls: Option<&ProxyTls>,
+    ) -> std::io::Result<LongTunnels> {
         let mut streams = Vec::with_capacity(n);
         for _ in 0..n {
-            streams.push(open_tunnel(proxy, echo).await?);
+            streams.push(open_tunnel_via(proxy, echo, tls).await?);
         }
         let stop = CancellationToken::new();
         let round_trips = Arc::new(AtomicU64::new(0));
@@ -118,8 +131,8 @@ impl LongTunnels {
 }
 
 /// One tunnel: round trips of `chunk` pattern bytes (from `offset` on) until stopped.
-async fn run(
-    mut s: TcpStream,
+async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
     offset: u64,
     chunk: usize,
     every: Duration,
@@ -167,7 +180,7 @@ async fn run(
 }
 
 /// Half-closes and reads until the echo server closes too: nothing more may arrive.
-async fn finish(s: &mut TcpStream, received: &mut Sha256) -> Result<(), String> {
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, received: &mut Sha256) -> Result<(), String> {
     s.shutdown().await.map_err(|e| format!("half-close: {e}"))?;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;

@@ -34,19 +34,41 @@ pub async fn start_echo() -> io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(echo(stream));
+        }
+    });
+    Ok(addr)
+}
+
+/// The same echo server over TLS with `leaf` (a `wss://` origin, for a WebSocket inside a
+/// bumped tunnel).
+pub async fn start_tls_echo(leaf: &crate::tls::Leaf) -> anyhow::Result<SocketAddr> {
+    let acceptor = crate::origin::tls_acceptor(leaf)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    echo(tls).await;
                 }
             });
         }
     });
     Ok(addr)
+}
+
+/// Echoes every text or binary message of one connection until it ends.
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: S) {
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Opens `ws://{origin}{path}` through the proxy at `proxy` as an absolute-form request;

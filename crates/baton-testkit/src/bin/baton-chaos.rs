@@ -193,7 +193,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let echo = testkit::start_echo().await?;
     let baton = Launched::start(args, echo).await?;
     let traffic = Traffic::start(baton.proxy, origin, echo, args.workers, baton.tls.clone());
-    let riders = Riders::open(args, baton.proxy, echo).await?;
+    let riders = Riders::open(args, baton.proxy, echo, baton.tls.as_ref()).await?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -262,11 +262,17 @@ struct RidersReport {
 }
 
 impl Riders {
-    async fn open(args: &Args, proxy: SocketAddr, echo: SocketAddr) -> anyhow::Result<Riders> {
+    /// `tls`: the proxy listener speaks TLS, and the long tunnels go inside it.
+    async fn open(
+        args: &Args,
+        proxy: SocketAddr,
+        echo: SocketAddr,
+        tls: Option<&testkit::ProxyTls>,
+    ) -> anyhow::Result<Riders> {
         let every = Duration::from_millis(args.long_tunnel_every_ms);
         let long = match args.long_tunnels {
             0 => None,
-            n => Some(testkit::LongTunnels::open(proxy, echo, n, 4096, every).await?),
+            n => Some(testkit::LongTunnels::open_via(proxy, echo, n, 4096, every, tls).await?),
         };
         let sessions = match args.websockets {
             0 => None,
