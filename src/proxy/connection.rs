@@ -325,7 +325,7 @@ impl Connections {
     /// An adopted connection that was stashed (by the previous generation, or by a crashed
     /// one) stays in the store under its name, with its record in this generation's table;
     /// without a stash here it leaves the store.
-    fn keep_stashed(&self, record: &ConnectionRecord, stream: &Stream) -> Option<Box<Entry>> {
+    fn keep_stashed<T: ClientIo>(&self, record: &ConnectionRecord, stream: &T) -> Option<Box<Entry>> {
         let name = record.stashed.as_deref()?;
         let kept = match (self.proxy.stash(), stream.stash_fd()) {
             (Some(stash), Some(fd)) => stash.keep(name, &Moved::Connection(record.clone()), &[fd]),

@@ -86,9 +86,7 @@ impl Moved {
     pub fn set_stashed(&mut self, name: &str) {
         let stashed = match self {
             Moved::Tunnel(t) | Moved::TlsTunnel(TlsTunnelRecord { tunnel: t, .. }) => &mut t.stashed,
-            Moved::Connection(c) | Moved::TlsConnection(TlsConnectionRecord { connection: c, .. }) => {
-                &mut c.stashed
-            }
+            Moved::Connection(c) | Moved::TlsConnection(TlsConnectionRecord { connection: c, .. }) => &mut c.stashed,
         };
         *stashed = Some(name.to_string());
     }

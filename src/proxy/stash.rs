@@ -61,17 +61,17 @@ pub const NAMES_BUDGET: usize = 100_000;
 const STORES_IN_FLIGHT: usize = 1024;
 
 /// What a slot holds: the connection's name in the store, its fds' identities in the order
-/// the record lays them out, and the record.
+/// the record lays them out, and the record (borrowed, `&Moved`, when written).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Record {
+pub struct Record<M = Moved> {
     pub name: String,
     pub ids: Vec<[u64; 2]>,
-    pub moved: Moved,
+    pub moved: M,
 }
 
 /// A slot's bytes: magic, length, FNV-1a of the body, then the body (JSON). `None`: it
 /// does not fit.
-pub fn encode_slot(record: &Record) -> Option<Vec<u8>> {
+pub fn encode_slot<M: Serialize>(record: &Record<M>) -> Option<Vec<u8>> {
     let body = serde_json::to_vec(record).ok()?;
     if body.len() > SLOT - HEADER {
         return None;
@@ -335,7 +335,7 @@ impl Stash {
         let record = Record {
             name: entry.name.to_string(),
             ids: entry.ids.clone(),
-            moved: moved.clone(),
+            moved,
         };
         let Some(bytes) = encode_slot(&record) else {
             return false;
