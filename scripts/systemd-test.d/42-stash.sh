@@ -143,6 +143,8 @@ stash_round() {   # stash_round SIG: one crash by SIG, and what it must not lose
     eval 'wait_for 10 eval "X journalctl -u \"$UNIT\" _PID=$NEW --no-pager -o cat | grep -q \"taken back from systemd.s fd store\""'
   X journalctl -u "$UNIT" _PID="$NEW" --no-pager -o verbose | grep -E '^ *(TUNNELS|CONNECTIONS|REFUSED|FOUND|UNMATCHED|TORN)=' |
     tr '\n' ' ' | sed 's/^/      taken back: /; s/$/\n/'
+  # Why any was dropped (a refused adoption names its reason).
+  X journalctl -u "$UNIT" _PID="$NEW" --no-pager -o cat | grep -m 5 "dropped" | sed 's/^/      | /'
   touch "$W/stash.go"
   wait "$CLIENT"
   TUN_OK=$(grep -c '^tunnel .* ok ' "$W/stash.out" 2>/dev/null)

@@ -129,10 +129,15 @@ fn fnv(bytes: &[u8]) -> u64 {
     })
 }
 
-/// An fd's identity: the same open socket or pipe has it in every process.
+/// An fd's identity: the same open socket or pipe end has it in every process. A pipe's two
+/// ends share one inode, so the end's access mode (read only, write only; a socket's is read
+/// and write) goes in the first word's top two bits, which no device number uses: without it
+/// a tunnel's pipe ends could come back swapped and the tunnel be refused.
 pub fn identity(fd: BorrowedFd<'_>) -> io::Result<[u64; 2]> {
     let st = nix::sys::stat::fstat(fd)?;
-    Ok([st.st_dev as u64, st.st_ino as u64])
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let mode = (flags & libc::O_ACCMODE) as u64;
+    Ok([st.st_dev as u64 | (mode << 62), st.st_ino as u64])
 }
 
 /// A message for PID 1, sent in order by the notifier thread.

@@ -114,6 +114,14 @@ fn stored_connections_come_back_in_their_records_order() {
         .map(|f| identity(*f).unwrap())
         .collect();
     assert_eq!(ids, want, "the fds in the record's order");
+    let read_only = |f: &OwnedFd| {
+        let flags = nix::fcntl::fcntl(f.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        flags & libc::O_ACCMODE == libc::O_RDONLY
+    };
+    assert!(
+        read_only(&fds[1]) && !read_only(&fds[2]),
+        "the pipe's read end where the record has it, not its write end (they share an inode)"
+    );
     let mut forgotten = forgotten.into_inner();
     forgotten.sort();
     assert_eq!(
@@ -122,6 +130,21 @@ fn stored_connections_come_back_in_their_records_order() {
         "the busy one and the old table leave the store"
     );
     drop(entry);
+}
+
+#[test]
+fn a_pipes_two_ends_have_identities_of_their_own() {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let (ri, wi) = (identity(r.as_fd()).unwrap(), identity(w.as_fd()).unwrap());
+    assert_eq!(ri[1], wi[1], "the witness: both ends share the pipe's inode");
+    assert_ne!(ri, wi, "so the access mode tells them apart");
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dup = a.as_fd().try_clone_to_owned().unwrap();
+    assert_eq!(
+        identity(a.as_fd()).unwrap(),
+        identity(dup.as_fd()).unwrap(),
+        "a copy of an fd (as the store keeps) has its identity"
+    );
 }
 
 /// A restart after a crash gets every stored fd's name in one environment string, which the
