@@ -45,7 +45,8 @@ async def churn(rate, seconds):
 async def hold(n):
     conns = []
     for i in range(n):
-        r, w = await asyncio.open_connection("127.0.0.1", 8080)
+        # From 64 source addresses: the configuration allows 256 connections a client.
+        r, w = await asyncio.open_connection("127.0.0.1", 8080, local_addr=(f"127.0.0.{2 + i % 64}", 0))
         w.write(b"GET http://127.0.0.1:9000/ HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n\r\n")
         await r.readuntil(b"ok")
         conns.append(w)

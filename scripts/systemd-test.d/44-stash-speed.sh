@@ -34,8 +34,8 @@ for round in 1 2 3 4; do
     req=$(echo "$ka" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print(j["requests"], j["failed"])')
     opened=$(echo "$tun" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print(j["per_sec"], j["errors"])')
     echo "      round $round, stash_after = $mode: keep-alive $((${req% *} / 5)) req/s (${req#* } failed), tunnels ${opened% *}/s (${opened#* } errors)"
-    KA[$mode]="${KA[$mode]} $((${req% *} / 5))"
-    TUN[$mode]="${TUN[$mode]} ${opened% *}"
+    KA[$mode]="${KA[$mode]:-} $((${req% *} / 5))"
+    TUN[$mode]="${TUN[$mode]:-} ${opened% *}"
     [ "${req#* }" = 0 ] && [ "${opened#* }" = 0 ] || fail "stash speed: failures with stash_after = $mode"
   done
 done
