@@ -422,3 +422,52 @@ async fn a_client_that_never_rests_gets_connection_close_instead_of_a_cut() {
     assert!(closed_after < Duration::from_secs(10), "{closed_after:?}");
     baton.stop(Duration::from_secs(10)).await;
 }
+
+/// A moved tunnel keeps its idle time (issue 26: timers carry on): quiet for 2.5 s of its
+/// 4 s `tunnel_idle` when the handoff moves it, it is closed by the new generation about 1.5 s
+/// later, not 4 s after the move. The witnesses: it echoed before, and the new generation
+/// adopted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tunnel_keeps_its_idle_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = start_echo().await.expect("echo");
+    let config = format!("{}\n[timeouts]\ntunnel_idle = \"4s\"\n", connect_ports(&[echo.port()]));
+    let baton = Baton::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(baton.proxy).await.expect("connect");
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes())
+        .await
+        .expect("CONNECT");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.expect("the CONNECT answer"), 1, "answered");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    s.write_all(b"ping").await.expect("ping");
+    let mut pong = [0u8; 4];
+    s.read_exact(&mut pong).await.expect("the echo through the tunnel");
+    let quiet = Instant::now();
+    // The quiet time is what is under test: it has to pass, not an event.
+    tokio::time::sleep_until((quiet + Duration::from_millis(2500)).into()).await;
+    upgrade(&baton).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the new generation adopts the tunnel",
+        || async { (baton.status().await["adopted_tunnels"] == 1).then_some(()) },
+    )
+    .await;
+    let mut b = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+    let after = quiet.elapsed();
+    assert!(
+        matches!(end, Ok(Ok(0) | Err(_))),
+        "the idle tunnel is closed within 10 s: {end:?}"
+    );
+    assert!(
+        after >= Duration::from_millis(3900) && after < Duration::from_millis(6000),
+        "closed {after:?} after its last byte: its 4 s tunnel_idle went on across the move \
+         (a timer started again by the move would close it 6.5 s after)\n{}",
+        baton_log(&baton)
+    );
+}

@@ -262,7 +262,7 @@ impl Proxy {
         if self.stash.is_none() {
             stash::forget(None, record.stashed.take().as_deref());
         }
-        let counters = Counters::starting_at(record.up, record.down);
+        let counters = Counters::starting_at(record.up, record.down, record.quiet_ms);
         // This generation's buckets for its key: they start full (buckets do not move).
         let throttle = self.limits.throttle(&ask.peer, ask.user.as_deref());
         let (idle, cut, migration, stash) = (

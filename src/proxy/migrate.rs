@@ -185,6 +185,10 @@ pub struct TunnelRecord {
     /// Bytes so far, client→origin and origin→client (across generations).
     pub up: u64,
     pub down: u64,
+    /// How long no byte had moved when it left (a stashed one: when it was last written),
+    /// so that its idle timer goes on rather than starting again.
+    #[serde(default)]
+    pub quiet_ms: u64,
     pub client_unix: bool,
     /// For the Squid access line, in whichever generation the tunnel ends: the address it
     /// leads to (the target, or the parent), and the bytes of the `200` answer the client was

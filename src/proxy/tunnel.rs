@@ -176,23 +176,44 @@ pub struct Relay {
 }
 
 /// Counts that outlive a hand-over: bytes each way (counted as they leave their sender,
-/// so bytes sitting in a pipe are counted already) and an activity tick for the idle timer.
-#[derive(Default)]
+/// so bytes sitting in a pipe are counted already) and when a byte last moved, for the idle
+/// timer (milliseconds of [`now_ms`]'s clock).
 pub struct Counters {
     pub up: AtomicU64,
     pub down: AtomicU64,
     activity: AtomicU64,
 }
 
+/// A new tunnel's: nothing moved yet, and its idle time starts now.
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters::starting_at(0, 0, 0)
+    }
+}
+
 impl Counters {
-    /// A moved tunnel's counts go on from the last generation's.
-    pub fn starting_at(up: u64, down: u64) -> Counters {
+    /// A moved tunnel's counts go on from the last generation's, and so does its idle time:
+    /// it has been quiet `quiet_ms` already (its record says), so a handoff does not give an
+    /// idle tunnel a new `tunnel_idle`.
+    pub fn starting_at(up: u64, down: u64, quiet_ms: u64) -> Counters {
         Counters {
             up: AtomicU64::new(up),
             down: AtomicU64::new(down),
-            activity: AtomicU64::new(0),
+            activity: AtomicU64::new(now_ms().saturating_sub(quiet_ms)),
         }
     }
+
+    /// How long no byte has moved, in milliseconds.
+    pub fn quiet_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.activity.load(Ordering::Relaxed))
+    }
+}
+
+/// Milliseconds of the coarse monotonic clock (a few ms of resolution, read without a
+/// syscall): a tunnel notes it each time bytes move, so it must be cheap.
+pub fn now_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map_or(0, |t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
 }
 
 impl Spliced {
@@ -285,6 +306,7 @@ impl Spliced {
         let mut record = record.clone();
         record.up = counters.up.load(Ordering::Relaxed);
         record.down = counters.down.load(Ordering::Relaxed);
+        record.quiet_ms = counters.quiet_ms();
         record.client_unix = matches!(self.client, End::Unix(_));
         record.pipes = [self.up.pipe.is_some(), self.down.pipe.is_some()];
         record
@@ -629,7 +651,7 @@ impl OneWay {
                 Ok(n) => {
                     self.in_pipe = n;
                     total.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.fetch_add(1, Ordering::Relaxed);
+                    activity.store(now_ms(), Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -824,7 +846,7 @@ impl<T> Counting<'_, T> {
     fn count(&self, n: usize) {
         if n > 0 {
             self.total.fetch_add(n as u64, Ordering::Relaxed);
-            self.activity.fetch_add(1, Ordering::Relaxed);
+            self.activity.store(now_ms(), Ordering::Relaxed);
         }
     }
 }
@@ -877,16 +899,17 @@ fn stash_due(started_ms: u64, after: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + after.saturating_sub(age)
 }
 
-/// Resolves once no byte has moved through the tunnel for `idle`.
+/// Resolves once no byte has moved through the tunnel for `idle` (`activity`: when one last
+/// did, on [`now_ms`]'s clock). It wakes once per `idle` while bytes move, not per byte.
 async fn idle_for(activity: &AtomicU64, idle: Duration) {
-    let mut seen = activity.load(Ordering::Relaxed);
+    let idle = idle.as_millis() as u64;
     loop {
-        tokio::time::sleep(idle).await;
-        let now = activity.load(Ordering::Relaxed);
-        if now == seen {
+        let due = activity.load(Ordering::Relaxed).saturating_add(idle);
+        let now = now_ms();
+        if now >= due {
             return;
         }
-        seen = now;
+        tokio::time::sleep(Duration::from_millis(due - now)).await;
     }
 }
 

@@ -118,7 +118,7 @@ impl Leg {
             }
             (self.start, self.end) = (0, n);
             total.fetch_add(n as u64, Ordering::Relaxed);
-            activity.fetch_add(1, Ordering::Relaxed);
+            activity.store(super::now_ms(), Ordering::Relaxed);
         }
     }
 }
@@ -296,6 +296,7 @@ async fn depart(
     let mut tunnel: TunnelRecord = (*h.record).clone();
     tunnel.up = counters.up.load(Ordering::Relaxed);
     tunnel.down = counters.down.load(Ordering::Relaxed);
+    tunnel.quiet_ms = counters.quiet_ms();
     tunnel.pipes = [false, false];
     let fds = match (stream_into_fd(stream), origin.into_std()) {
         (Ok((client, unix)), Ok(origin)) => {
