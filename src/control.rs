@@ -122,7 +122,7 @@ pub struct UpgradeReport {
     pub draining_connections: usize,
     pub draining_tunnels: usize,
     /// Of `draining_connections`: those on TLS listeners (absent from daemons before TLS).
-    /// Those at rest with TLS 1.3 move like plain ones; the others drain (the drain's
+    /// Those at rest move like plain ones; the others drain (the drain's
     /// outcome says which, by reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_tls_connections: Option<usize>,
@@ -151,8 +151,8 @@ pub struct DrainOutcome {
     /// daemons before they moved).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tls_moved: usize,
-    /// TLS connections and tunnels that could not move and drained, by reason (`tls12`,
-    /// `plaintext_buffered`, `ciphertext_buffered`, `suite`, `closing`, `busy`, `extraction`).
+    /// TLS connections and tunnels that could not move and drained, by reason
+    /// (`plaintext_buffered`, `ciphertext_buffered`, `suite`, `closing`, `busy`, `extraction`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tls_stayed: std::collections::BTreeMap<String, u64>,
 }

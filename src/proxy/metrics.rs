@@ -186,7 +186,7 @@ impl Metrics {
         registry.register(
             "tls_not_moved",
             "TLS connections and tunnels that could not move at a handoff and drain instead, by reason \
-             (tls12, plaintext_buffered, ciphertext_buffered, suite, closing, busy, extraction)",
+             (plaintext_buffered, ciphertext_buffered, suite, closing, busy, extraction)",
             self.tls_not_moved.clone(),
         );
     }

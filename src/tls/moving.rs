@@ -1,7 +1,8 @@
 //! A TLS client connection that can move to another process at rest (issue 29).
 //!
 //! rustls keeps a connection's record state in this process. At rest (nothing buffered
-//! either way) it hands over its TLS 1.3 traffic keys and sequence numbers
+//! either way) it hands over its traffic keys and sequence numbers (TLS 1.3's, or TLS 1.2's
+//! with their fixed IV and explicit nonce)
 //! (`dangerous_extract_secrets`), and the successor goes on with the record layer alone:
 //! [`Resumed`] frames records and has them sealed and opened by the cipher suite's own
 //! `MessageEncrypter`/`MessageDecrypter` from rustls's *ring* provider (no AEAD code here).
@@ -15,8 +16,9 @@
 //!
 //! What cannot move ([`Refusal`]) stays in this generation and drains as before. A client
 //! `KeyUpdate` on a resumed connection cannot be applied (the extracted secrets are the key
-//! and IV, not the traffic secret the next key derives from): the connection is closed
-//! cleanly, with a close_notify.
+//! and IV, not the traffic secret the next key derives from), nor a TLS 1.2 client's
+//! renegotiation (rustls refuses those too): the connection is closed cleanly, with a
+//! close_notify.
 
 use std::io;
 use std::pin::Pin;
@@ -27,7 +29,7 @@ use rustls::crypto::cipher::{
     AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
 };
 use rustls::crypto::tls13::{HkdfExpander, OkmBlock, OutputLengthError};
-use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, Tls13CipherSuite};
+use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion, SupportedCipherSuite, Tls13CipherSuite};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
@@ -135,8 +137,6 @@ impl AsyncWrite for Aligned {
 /// Why a TLS connection did not move (the label of `baton_tls_not_moved_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// TLS 1.2: only TLS 1.3's record layer is rebuilt.
-    Tls12,
     /// Decrypted bytes nobody read yet.
     Plaintext,
     /// Part of a record read, or records not yet written.
@@ -152,7 +152,6 @@ pub enum Refusal {
 impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
-            Refusal::Tls12 => "tls12",
             Refusal::Plaintext => "plaintext_buffered",
             Refusal::Ciphertext => "ciphertext_buffered",
             Refusal::Suite => "suite",
@@ -183,11 +182,11 @@ impl std::fmt::Debug for Direction {
     }
 }
 
-/// A TLS 1.3 connection's record state, as it travels in a transfer record. Its keys are
+/// A TLS connection's record state, as it travels in a transfer record. Its keys are
 /// zeroized when it is dropped; `Debug` shows none of them.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Secrets {
-    /// The cipher suite's IANA number.
+    /// The cipher suite's IANA number (it says the protocol version too).
     pub suite: u16,
     /// Server to client, and client to server.
     pub tx: Direction,
@@ -210,12 +209,18 @@ impl Secrets {
     }
 }
 
-/// The TLS 1.3 suite of this number in the provider baton uses (*ring*).
-fn suite_of(number: u16) -> Option<&'static Tls13CipherSuite> {
+/// The cipher suite of this number in the provider baton uses (*ring*).
+fn suite_of(number: u16) -> Option<SupportedCipherSuite> {
     rustls::crypto::ring::ALL_CIPHER_SUITES
         .iter()
-        .filter(|s| u16::from(s.suite()) == number)
-        .find_map(|s| s.tls13())
+        .copied()
+        .find(|s| u16::from(s.suite()) == number)
+}
+
+/// Whether the suite of this number is a TLS 1.2 one (its records carry their real content
+/// type, and a handshake record is a renegotiation).
+fn is_tls12(number: u16) -> bool {
+    matches!(suite_of(number), Some(SupportedCipherSuite::Tls12(_)))
 }
 
 /// Gives rustls's key derivation our key bytes as its output: the only public way to make
@@ -244,7 +249,43 @@ type Sealers = (Box<dyn MessageEncrypter>, Box<dyn MessageDecrypter>);
 
 /// The suite's encrypter and decrypter for `secrets`.
 fn rebuild(secrets: &Secrets) -> Result<Sealers, String> {
-    let suite = suite_of(secrets.suite).ok_or_else(|| format!("cipher suite {:#06x} unknown here", secrets.suite))?;
+    match suite_of(secrets.suite) {
+        Some(SupportedCipherSuite::Tls13(suite)) => rebuild13(suite, secrets),
+        Some(SupportedCipherSuite::Tls12(suite)) => rebuild12(suite, secrets),
+        None => Err(format!("cipher suite {:#06x} unknown here", secrets.suite)),
+    }
+}
+
+/// TLS 1.2's: rustls extracts each direction's IV as the fixed part (4 bytes for AES-GCM,
+/// all 12 for ChaCha20) followed by the explicit nonce's start, as its encrypter takes them.
+fn rebuild12(suite: &rustls::Tls12CipherSuite, secrets: &Secrets) -> Result<Sealers, String> {
+    let aead = suite.aead_alg;
+    let shape = aead.key_block_shape();
+    for d in [&secrets.tx, &secrets.rx] {
+        if d.key.len() != shape.enc_key_len || d.iv.len() != 12 || shape.fixed_iv_len > 12 {
+            return Err(format!("a key of {} bytes and an IV of {}", d.key.len(), d.iv.len()));
+        }
+    }
+    let fixed = shape.fixed_iv_len;
+    let (tx, rx) = (&secrets.tx, &secrets.rx);
+    let enc = aead.encrypter(aead_key(&tx.key)?, &tx.iv[..fixed], &tx.iv[fixed..]);
+    let dec = aead.decrypter(aead_key(&rx.key)?, &rx.iv[..fixed]);
+    Ok((enc, dec))
+}
+
+/// An `AeadKey` of exactly `key`'s bytes: rustls makes one of a length other than 32 only
+/// through a TLS 1.3 algorithm's key derivation, so one of that key length cuts it.
+fn aead_key(key: &[u8]) -> Result<AeadKey, String> {
+    let aead = rustls::crypto::ring::ALL_CIPHER_SUITES
+        .iter()
+        .filter_map(|s| s.tls13())
+        .map(|s| s.aead_alg)
+        .find(|a| a.key_len() == key.len())
+        .ok_or_else(|| format!("no AEAD here takes a key of {} bytes", key.len()))?;
+    Ok(rustls::internal::derive_traffic_key(&GivenKey(key), aead))
+}
+
+fn rebuild13(suite: &Tls13CipherSuite, secrets: &Secrets) -> Result<Sealers, String> {
     let aead = suite.aead_alg;
     let parts = |d: &Direction| -> Result<(AeadKey, Iv), String> {
         if d.key.len() != aead.key_len() || d.iv.len() != 12 {
@@ -303,7 +344,9 @@ impl TlsClient {
     /// A connection another generation took apart, going on from its record state.
     pub fn resume(io: Stream, secrets: Secrets) -> Result<TlsClient, String> {
         let (enc, dec) = rebuild(&secrets)?;
+        let tls12 = is_tls12(secrets.suite);
         Ok(TlsClient::Resumed(Box::new(Resumed {
+            tls12,
             io,
             enc,
             dec,
@@ -325,9 +368,6 @@ type KeptLive = (Option<Box<TlsStream<Aligned>>>, Refusal);
 /// rustls's connection taken apart, once the checks rustls does not make passed.
 fn take_live(mut live: Box<TlsStream<Aligned>>) -> Result<(Stream, Secrets), KeptLive> {
     let (aligned, conn) = live.get_mut();
-    if conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
-        return Err((Some(live), Refusal::Tls12));
-    }
     let Some(suite) = conn.negotiated_cipher_suite().map(|s| u16::from(s.suite())) else {
         return Err((Some(live), Refusal::Suite));
     };
@@ -364,7 +404,7 @@ fn take_live(mut live: Box<TlsStream<Aligned>>) -> Result<(Stream, Secrets), Kep
     Ok((aligned.io, secrets))
 }
 
-/// TLS 1.3's record layer over a moved connection's socket, from its [`Secrets`]: records
+/// The record layer (TLS 1.3's or 1.2's) over a moved connection's socket, from its [`Secrets`]: records
 /// framed here, sealed and opened by the suite's own encrypter and decrypter.
 pub struct Resumed {
     io: Stream,
@@ -384,6 +424,8 @@ pub struct Resumed {
     read_closed: bool,
     /// Ours was queued.
     write_closed: bool,
+    /// A TLS 1.2 suite's records (their type in the clear).
+    tls12: bool,
 }
 
 /// An error that ends a resumed connection.
@@ -458,11 +500,11 @@ impl Resumed {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if header[0] != 23 || len > MAX_CIPHERTEXT {
-            return Err(broken(format!(
-                "not a TLS 1.3 record (type {}, {len} bytes)",
-                header[0]
-            )));
+        // TLS 1.3 hides the type (every record says application data); TLS 1.2 shows it:
+        // an alert, a handshake message (a renegotiation) or data.
+        let typed = matches!(header[0], 21 | 22) && self.tls12;
+        if (header[0] != 23 && !typed) || len > MAX_CIPHERTEXT {
+            return Err(broken(format!("not a TLS record (type {}, {len} bytes)", header[0])));
         }
         Ok((self.inbuf.len() >= HEADER + len).then_some(HEADER + len))
     }
@@ -478,11 +520,9 @@ impl Resumed {
             // An idle connection keeps no buffer (the first read made one of 16 KiB).
             self.inbuf = Vec::new();
         }
-        let msg = InboundOpaqueMessage::new(
-            ContentType::ApplicationData,
-            ProtocolVersion::TLSv1_2,
-            &mut record[HEADER..],
-        );
+        // The header's type: TLS 1.2's decrypter authenticates it.
+        let typ = ContentType::from(record[0]);
+        let msg = InboundOpaqueMessage::new(typ, ProtocolVersion::TLSv1_2, &mut record[HEADER..]);
         let plain = self
             .dec
             .decrypt(msg, self.secrets.rx.seq)
@@ -503,6 +543,15 @@ impl Resumed {
                 Ok(())
             }
             ContentType::Alert => Err(broken(format!("the client sent alert {:?}", plain.payload))),
+            ContentType::Handshake if self.tls12 => {
+                // A renegotiation: rustls refuses them, and a moved connection has no
+                // handshake state to carry one out.
+                self.queue_close_notify()?;
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client renegotiated a moved TLS 1.2 connection: closed with close_notify",
+                ))
+            }
             ContentType::Handshake if plain.payload.first() == Some(&24) => {
                 // KeyUpdate: the next key derives from a traffic secret we do not have.
                 self.queue_close_notify()?;
@@ -733,6 +782,9 @@ mod tests {
             cs::TLS13_AES_128_GCM_SHA256,
             cs::TLS13_AES_256_GCM_SHA384,
             cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
         ];
         for suite in suites {
             let (mut server, mut client) = pair(suite).await;
@@ -760,13 +812,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn what_is_buffered_or_tls12_keeps_the_connection_here() {
-        let (mut server, mut client) = pair(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256).await;
-        exchange(&mut server, &mut client, 10).await;
-        let Err((Some(mut server), Refusal::Tls12)) = server.take_apart() else {
-            panic!("TLS 1.2 stays")
-        };
-        exchange(&mut server, &mut client, 10).await;
+    async fn what_is_buffered_keeps_the_connection_here() {
         // Plaintext read by rustls but not by us.
         let (mut server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
         client.write_all(b"0123456789").await.unwrap();
