@@ -144,6 +144,8 @@ pub fn identity(fd: BorrowedFd<'_>) -> io::Result<[u64; 2]> {
 enum Message {
     Store(Box<str>, Vec<OwnedFd>),
     Remove(Box<str>),
+    /// Answered once every message before it went out.
+    Flush(mpsc::SyncSender<()>),
 }
 
 /// One stashed connection's place: its slot, its name, its fds' identities.
@@ -252,10 +254,19 @@ impl Stash {
         self.active.load(Ordering::Acquire)
     }
 
-    /// This generation exits with nothing stashed: its table leaves the store.
+    /// This generation exits with nothing stashed: its table leaves the store. It waits (up
+    /// to a second) until the notifier thread has sent that, and all before it: the process
+    /// exits next, and a removal still queued would leave the table in the store until the
+    /// next crash.
     pub fn retire(&self) {
-        if self.is_active() {
-            self.send(Message::Remove(self.table_name.as_str().into()));
+        if !self.is_active() {
+            return;
+        }
+        self.send(Message::Remove(self.table_name.as_str().into()));
+        let (done, flushed) = mpsc::sync_channel(1);
+        self.send(Message::Flush(done));
+        if flushed.recv_timeout(Duration::from_secs(1)).is_err() {
+            warn!("the stash's last messages to systemd did not go out within a second");
         }
     }
 
@@ -390,6 +401,10 @@ fn notifier(rx: &mpsc::Receiver<Message>, in_flight: &AtomicUsize) {
                 sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &borrowed)
             }
             Message::Remove(name) => sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]),
+            Message::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
         };
         if let Err(e) = sent {
             debug!("a message to systemd's fd store failed: {e}");
