@@ -108,7 +108,7 @@ for t in threads:
     t.join(90)
 open(W + "/stash.out", "w").write("\n".join(out) + "\n")
 EOF
-N "$PY" "$W/echo.py" 443 >/dev/null 2>&1 &
+N "$PY" "$W/echo.py" 443 >/dev/null 2>&1 &   # stopped by the cleanup, with all run from $W
 wait_for 5 N "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 443), 1)' ||
   fail "stash: the echo origin did not start"
 # The tunnels echo random bytes, not TLS: the shipped configuration's [access] no_sni = "deny"
