@@ -382,10 +382,7 @@ impl Spliced {
             pacers,
         } = self;
         std::future::poll_fn(|cx| {
-            let (p_up, p_down) = match pacers.as_deref_mut() {
-                Some([a, b]) => (Some(a), Some(b)),
-                None => (None, None),
-            };
+            let (p_up, p_down) = each_way(pacers);
             let a = up.poll_move(cx, (client, origin), p_up, &counters.activity, &counters.up)?;
             let b = down.poll_move(cx, (origin, client), p_down, &counters.activity, &counters.down)?;
             if a.is_ready() && b.is_ready() {
@@ -897,6 +894,14 @@ impl Stashing {
 fn stash_due(started_ms: u64, after: Duration) -> tokio::time::Instant {
     let age = Duration::from_millis(TunnelRecord::now_ms().saturating_sub(started_ms));
     tokio::time::Instant::now() + after.saturating_sub(age)
+}
+
+/// A throttled tunnel's two pacers, one for each direction (up, down).
+fn each_way(pacers: &mut Option<Box<[Pacer; 2]>>) -> (Option<&mut Pacer>, Option<&mut Pacer>) {
+    match pacers.as_deref_mut() {
+        Some([a, b]) => (Some(a), Some(b)),
+        None => (None, None),
+    }
 }
 
 /// Resolves once no byte has moved through the tunnel for `idle` (`activity`: when one last

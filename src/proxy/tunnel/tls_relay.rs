@@ -151,10 +151,7 @@ impl TlsRelay {
             pacers,
         } = self;
         std::future::poll_fn(|cx| {
-            let (p_up, p_down) = match pacers.as_deref_mut() {
-                Some([a, b]) => (Some(a), Some(b)),
-                None => (None, None),
-            };
+            let (p_up, p_down) = super::each_way(pacers);
             let a = up.poll_move(cx, client, origin, reading, p_up, (&counters.activity, &counters.up))?;
             let b = down.poll_move(
                 cx,
