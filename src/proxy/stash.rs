@@ -135,7 +135,7 @@ fn fnv(bytes: &[u8]) -> u64 {
 /// a tunnel's pipe ends could come back swapped and the tunnel be refused.
 pub fn identity(fd: BorrowedFd<'_>) -> io::Result<[u64; 2]> {
     let st = nix::sys::stat::fstat(fd)?;
-    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = fcntl(fd, FcntlArg::F_GETFL)?;
     let mode = (flags & libc::O_ACCMODE) as u64;
     Ok([st.st_dev as u64 | (mode << 62), st.st_ino as u64])
 }
